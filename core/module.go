@@ -1,0 +1,190 @@
+package core
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"sync"
+
+	"github.com/kilnml/kiln/native"
+)
+
+// Arg describes one argument of a module's forward method.
+type Arg struct {
+	// Name is the argument's name in the TorchScript source, e.g. "x".
+	Name string
+	// Type is its TorchScript type, e.g. "Tensor".
+	Type string
+}
+
+// Module is a TorchScript module loaded on the CPU, in eval mode.
+// Forward is safe for concurrent use; Close waits for calls in flight.
+type Module struct {
+	mu      sync.RWMutex
+	h       native.Module
+	name    string
+	inputs  []Arg
+	output  string
+	schema  string
+	params  int64
+	pbytes  int64
+	cleanup runtime.Cleanup
+}
+
+func newModule(h native.Module, name string) (*Module, error) {
+	m := &Module{h: h, name: name}
+	args, err := h.Inputs()
+	for _, a := range args {
+		m.inputs = append(m.inputs, Arg{Name: a.Name, Type: a.Type})
+	}
+	if err == nil {
+		if m.output, err = h.OutputType(); err == nil {
+			if m.schema, err = h.Schema(); err == nil {
+				m.params, m.pbytes, err = h.ParamStats()
+			}
+		}
+	}
+	if err != nil {
+		h.Free()
+		return nil, fmt.Errorf("kiln: module %s: %w", name, err)
+	}
+	m.cleanup = runtime.AddCleanup(m, func(h native.Module) { h.Free() }, h)
+	return m, nil
+}
+
+// LoadModule loads a TorchScript archive (as written by torch.jit.save).
+func LoadModule(path string) (*Module, error) {
+	if _, err := os.Stat(path); err != nil {
+		return nil, fmt.Errorf("kiln: load module: %w", err)
+	}
+	h, err := native.LoadModule(path)
+	if err != nil {
+		return nil, fmt.Errorf("kiln: load module %s: %w", path, err)
+	}
+	return newModule(h, path)
+}
+
+// LoadModuleBytes loads a TorchScript archive held in memory.
+func LoadModuleBytes(b []byte) (*Module, error) {
+	if len(b) == 0 {
+		return nil, errors.New("kiln: load module: no bytes")
+	}
+	h, err := native.LoadModuleBytes(b)
+	if err != nil {
+		return nil, fmt.Errorf("kiln: load module from %d bytes: %w", len(b), err)
+	}
+	return newModule(h, fmt.Sprintf("<%d bytes>", len(b)))
+}
+
+// Inputs returns the arguments of forward, self excluded.
+func (m *Module) Inputs() []Arg { return append([]Arg(nil), m.inputs...) }
+
+// OutputType returns forward's declared return type, e.g. "Tensor" or
+// "Tuple[Tensor, Tensor]".
+func (m *Module) OutputType() string { return m.output }
+
+// Schema returns the TorchScript schema of forward.
+func (m *Module) Schema() string { return m.schema }
+
+// NumParameters returns the number of parameter elements.
+func (m *Module) NumParameters() int64 { return m.params }
+
+// ParameterBytes returns the size of the parameters in bytes.
+func (m *Module) ParameterBytes() int64 { return m.pbytes }
+
+// String describes the module.
+func (m *Module) String() string { return fmt.Sprintf("Module(%s: %s)", m.name, m.schema) }
+
+func (m *Module) use(f func(h native.Module) error) error {
+	if m == nil {
+		return errors.New("kiln: nil module")
+	}
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	if !m.h.Valid() {
+		return ErrClosed
+	}
+	return f(m.h)
+}
+
+// Forward runs the module on inputs without recording gradients. A module
+// returning a tuple or list of tensors yields one tensor each, in order.
+// The caller owns and must close the results.
+func (m *Module) Forward(inputs ...*Tensor) ([]*Tensor, error) {
+	// Hold every input's read lock so that none is closed mid-call.
+	hs := make([]native.Tensor, len(inputs))
+	for i, t := range inputs {
+		if t == nil {
+			return nil, fmt.Errorf("kiln: forward: input %d is nil", i)
+		}
+		t.mu.RLock()
+		defer t.mu.RUnlock()
+		if !t.h.Valid() {
+			return nil, fmt.Errorf("kiln: forward: input %d: %w", i, ErrClosed)
+		}
+		hs[i] = t.h
+	}
+	var outs []native.Tensor
+	err := m.use(func(h native.Module) (err error) {
+		outs, err = h.Forward(hs)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("kiln: forward %s with %s: %w", m.name, describe(inputs), err)
+	}
+	res := make([]*Tensor, 0, len(outs))
+	for i, o := range outs {
+		t, err := wrap(o)
+		if err != nil {
+			CloseAll(res)
+			for _, rest := range outs[i+1:] {
+				rest.Free()
+			}
+			return nil, err
+		}
+		res = append(res, t)
+	}
+	return res, nil
+}
+
+func describe(ts []*Tensor) string {
+	s := "["
+	for i, t := range ts {
+		if i > 0 {
+			s += ", "
+		}
+		s += fmt.Sprintf("%v%v", t.dtype, t.shape)
+	}
+	return s + "]"
+}
+
+// Save writes the module as a TorchScript archive that torch.jit.load reads.
+func (m *Module) Save(path string) error {
+	err := m.use(func(h native.Module) error { return h.Save(path) })
+	if err != nil {
+		return fmt.Errorf("kiln: save module to %s: %w", path, err)
+	}
+	return nil
+}
+
+// SetTraining switches the module between training and eval mode. Modules
+// load in eval mode.
+func (m *Module) SetTraining(train bool) error {
+	return m.use(func(h native.Module) error { return h.SetTrain(train) })
+}
+
+// Close releases the module. Closing twice is a no-op.
+func (m *Module) Close() error {
+	if m == nil {
+		return nil
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.h.Valid() {
+		m.cleanup.Stop()
+		m.h.Free()
+		m.h = native.Module{}
+	}
+	return nil
+}

@@ -1,0 +1,161 @@
+/*
+ * kiln.h — Kiln's flat C ABI over libtorch.
+ *
+ * C++ lives behind this header; only C crosses it. Rules every entry point
+ * follows:
+ *
+ *   - No C++ exception escapes. A function that can fail returns a kiln_error:
+ *     NULL on success, otherwise a heap string (malloc) holding libtorch's
+ *     message, which the caller owns and frees with kiln_error_free.
+ *   - Results come back through out-parameters, written only on success.
+ *   - Every handle (kiln_tensor, kiln_module) has one owner and is released
+ *     with its *_free function. Freeing NULL is a no-op.
+ *   - Memory kept by libtorch after a call is C memory: buffers handed to
+ *     kiln_tensor_from_blob must not live on a garbage-collected heap.
+ */
+#ifndef KILN_NATIVE_H
+#define KILN_NATIVE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* An error message owned by the caller; NULL means success. */
+typedef char* kiln_error;
+
+/* Frees an error returned by any kiln_* function. */
+void kiln_error_free(kiln_error err);
+
+/* Element types. Values are Kiln's own and stable across libtorch versions. */
+typedef enum {
+  KILN_FLOAT32 = 0,
+  KILN_FLOAT64 = 1,
+  KILN_INT64 = 2,
+  KILN_INT32 = 3,
+  KILN_INT8 = 4,
+  KILN_UINT8 = 5,
+  KILN_BOOL = 6,
+  KILN_FLOAT16 = 7,
+  KILN_BFLOAT16 = 8,
+  KILN_INT16 = 9,
+} kiln_dtype;
+
+/* Opaque handles. */
+typedef struct kiln_tensor kiln_tensor;
+typedef struct kiln_module kiln_module;
+
+/* ---- library ---------------------------------------------------------- */
+
+/* The libtorch version this library was compiled against, e.g. "1.13.0".
+ * Static storage; do not free. */
+const char* kiln_torch_version(void);
+
+/* Intra-op thread count (at::set_num_threads / at::get_num_threads). */
+kiln_error kiln_set_num_threads(int n);
+int kiln_get_num_threads(void);
+
+/* Inter-op thread count; can only be set once, before any inter-op work. */
+kiln_error kiln_set_num_interop_threads(int n);
+int kiln_get_num_interop_threads(void);
+
+/* Seeds libtorch's default CPU generator. */
+void kiln_manual_seed(uint64_t seed);
+
+/* Returns x + 1 and touches nothing else: the cheapest possible call, used
+ * to measure the cost of crossing the cgo boundary. */
+int kiln_noop(int x);
+
+/* ---- tensors ---------------------------------------------------------- */
+
+/* Called by libtorch when the last reference to a from_blob storage dies,
+ * from whichever thread drops it. */
+typedef void (*kiln_release_fn)(void* ctx);
+
+/* Wraps an existing buffer without copying. shape has ndim entries; strides
+ * may be NULL (contiguous) or ndim entries in elements. release (may be NULL)
+ * is called with ctx exactly once when the tensor and every view of it are
+ * gone. On error, release is NOT called: the caller still owns the buffer. */
+kiln_error kiln_tensor_from_blob(void* data, kiln_dtype dtype,
+                                 const int64_t* shape, int ndim,
+                                 const int64_t* strides,
+                                 kiln_release_fn release, void* ctx,
+                                 kiln_tensor** out);
+
+/* Creates a contiguous tensor owning a copy of nbytes at data; nbytes must
+ * equal numel * element size. data may be NULL only when nbytes is 0. */
+kiln_error kiln_tensor_from_copy(const void* data, size_t nbytes,
+                                 kiln_dtype dtype, const int64_t* shape,
+                                 int ndim, kiln_tensor** out);
+
+/* Creates a zero-filled contiguous tensor. */
+kiln_error kiln_tensor_zeros(kiln_dtype dtype, const int64_t* shape, int ndim,
+                             kiln_tensor** out);
+
+/* Releases a tensor handle (the storage lives on while views hold it). */
+void kiln_tensor_free(kiln_tensor* t);
+
+/* Metadata. dtype fails for element types Kiln does not map. */
+kiln_error kiln_tensor_dtype(const kiln_tensor* t, kiln_dtype* out);
+int kiln_tensor_ndim(const kiln_tensor* t);
+/* Copies min(ndim, cap) sizes/strides into out; returns ndim. */
+int kiln_tensor_shape(const kiln_tensor* t, int64_t* out, int cap);
+int kiln_tensor_strides(const kiln_tensor* t, int64_t* out, int cap);
+int64_t kiln_tensor_numel(const kiln_tensor* t);
+int kiln_tensor_is_contiguous(const kiln_tensor* t);
+
+/* Pointer to the first element; fails unless the tensor is contiguous and
+ * on the CPU. Valid while the tensor (or a view sharing its storage) lives. */
+kiln_error kiln_tensor_data_ptr(const kiln_tensor* t, void** out);
+
+/* A contiguous tensor with the same values: a new handle to the same storage
+ * when t is already contiguous, a copy otherwise. */
+kiln_error kiln_tensor_contiguous(const kiln_tensor* t, kiln_tensor** out);
+
+/* Converts to another element type (a new tensor). */
+kiln_error kiln_tensor_to_dtype(const kiln_tensor* t, kiln_dtype dtype,
+                                kiln_tensor** out);
+
+/* ---- TorchScript modules ---------------------------------------------- */
+
+/* Loads a TorchScript archive on the CPU and puts it in eval mode. */
+kiln_error kiln_module_load(const char* path, kiln_module** out);
+kiln_error kiln_module_load_bytes(const void* data, size_t n,
+                                  kiln_module** out);
+void kiln_module_free(kiln_module* m);
+
+/* Saves the module as a TorchScript archive that torch.jit.load reads. */
+kiln_error kiln_module_save(kiln_module* m, const char* path);
+
+/* Switches training mode (train != 0) or eval mode (train == 0). */
+kiln_error kiln_module_set_train(kiln_module* m, int train);
+
+/* Runs forward with n input tensors under inference mode (no autograd
+ * graph). The result may be a tensor, or a tuple/list of tensors (nested
+ * ones flattened in order). On success *outs is a malloc'd array of *nouts
+ * new tensor handles; the caller frees each handle and then the array with
+ * kiln_tensor_array_free (which does not free the handles). */
+kiln_error kiln_module_forward(kiln_module* m, kiln_tensor* const* inputs,
+                               int n, kiln_tensor*** outs, int* nouts);
+void kiln_tensor_array_free(kiln_tensor** arr);
+
+/* The forward method's schema, e.g.
+ * "forward(__torch__.Net self, Tensor x) -> Tensor", and its arguments
+ * (self excluded). Returned strings are malloc'd; free with kiln_string_free. */
+kiln_error kiln_module_schema(kiln_module* m, char** out);
+kiln_error kiln_module_num_inputs(kiln_module* m, int* out);
+kiln_error kiln_module_input(kiln_module* m, int i, char** name, char** type);
+kiln_error kiln_module_output_type(kiln_module* m, char** type);
+void kiln_string_free(char* s);
+
+/* Number of parameters and their total bytes. */
+kiln_error kiln_module_param_stats(kiln_module* m, int64_t* count,
+                                   int64_t* bytes);
+
+#ifdef __cplusplus
+}  /* extern "C" */
+#endif
+
+#endif /* KILN_NATIVE_H */

@@ -1,0 +1,202 @@
+// module.cc — TorchScript modules across the C ABI.
+#include <c10/core/InferenceMode.h>
+#include <torch/csrc/jit/serialization/import.h>
+
+#include <sstream>
+#include <vector>
+
+#include "internal.h"
+
+namespace {
+
+// Appends every tensor in v (a tensor, or tuples/lists of them, nested) to
+// out, in order. Anything else is an error naming what was found.
+void flatten(const c10::IValue& v, std::vector<at::Tensor>* out) {
+  if (v.isTensor()) {
+    out->push_back(v.toTensor());
+  } else if (v.isTuple()) {
+    for (const auto& e : v.toTupleRef().elements()) flatten(e, out);
+  } else if (v.isTensorList()) {
+    for (const at::Tensor& t : v.toTensorVector()) out->push_back(t);
+  } else if (v.isList()) {
+    for (const auto& e : v.toListRef()) flatten(e, out);
+  } else {
+    throw std::runtime_error("forward returned " + v.tagKind() +
+                             "; Kiln accepts a tensor or a tuple/list of tensors");
+  }
+}
+
+// TorchScript wraps an operator's error in a traceback of the scripted
+// source; callers want the operator's message, which is its last line.
+std::string concise(const std::string& msg) {
+  if (msg.find("The following operation failed in the TorchScript interpreter") ==
+      std::string::npos) {
+    return msg;
+  }
+  size_t end = msg.find_last_not_of("\n ");
+  if (end == std::string::npos) return msg;
+  size_t start = msg.rfind('\n', end);
+  return msg.substr(start == std::string::npos ? 0 : start + 1, end - (start == std::string::npos ? 0 : start + 1) + 1);
+}
+
+const c10::FunctionSchema& forward_schema(kiln_module* m) {
+  return m->m.get_method("forward").function().getSchema();
+}
+
+}  // namespace
+
+extern "C" {
+
+kiln_error kiln_module_load(const char* path, kiln_module** out) {
+  KILN_CHECK_ARG(path != nullptr && out != nullptr, "NULL argument");
+  KILN_GUARD_BEGIN
+  torch::jit::Module m = torch::jit::load(std::string(path), torch::kCPU);
+  m.eval();
+  *out = new kiln_module{std::move(m)};
+  KILN_GUARD_END
+}
+
+kiln_error kiln_module_load_bytes(const void* data, size_t n, kiln_module** out) {
+  KILN_CHECK_ARG(out != nullptr, "out is NULL");
+  KILN_CHECK_ARG(data != nullptr && n > 0, "empty model bytes");
+  KILN_GUARD_BEGIN
+  std::istringstream in(std::string(static_cast<const char*>(data), n));
+  torch::jit::Module m = torch::jit::load(in, torch::kCPU);
+  m.eval();
+  *out = new kiln_module{std::move(m)};
+  KILN_GUARD_END
+}
+
+void kiln_module_free(kiln_module* m) {
+  try {
+    delete m;
+  } catch (...) {
+  }
+}
+
+kiln_error kiln_module_save(kiln_module* m, const char* path) {
+  KILN_CHECK_ARG(m != nullptr && path != nullptr, "NULL argument");
+  KILN_GUARD_BEGIN
+  m->m.save(std::string(path));
+  KILN_GUARD_END
+}
+
+kiln_error kiln_module_set_train(kiln_module* m, int train) {
+  KILN_CHECK_ARG(m != nullptr, "module is NULL");
+  KILN_GUARD_BEGIN
+  m->m.train(train != 0);
+  KILN_GUARD_END
+}
+
+kiln_error kiln_module_forward(kiln_module* m, kiln_tensor* const* inputs, int n,
+                               kiln_tensor*** outs, int* nouts) {
+  KILN_CHECK_ARG(m != nullptr && outs != nullptr && nouts != nullptr, "NULL argument");
+  KILN_CHECK_ARG(n >= 0 && (n == 0 || inputs != nullptr), "bad input array");
+  for (int i = 0; i < n; i++) {
+    KILN_CHECK_ARG(inputs[i] != nullptr, "input " + std::to_string(i) + " is NULL");
+  }
+  KILN_GUARD_BEGIN
+  std::vector<at::Tensor> results;
+  try {
+    c10::InferenceMode guard;
+    std::vector<c10::IValue> args;
+    args.reserve(n);
+    for (int i = 0; i < n; i++) args.emplace_back(inputs[i]->t);
+    c10::IValue r = m->m.forward(std::move(args));
+    flatten(r, &results);
+  } catch (const c10::Error& e) {
+    return kiln::make_error(concise(e.what_without_backtrace()));
+  } catch (const std::exception& e) {
+    return kiln::make_error(concise(e.what()));
+  }
+  size_t count = results.size();
+  auto** arr = static_cast<kiln_tensor**>(std::malloc(sizeof(kiln_tensor*) * (count ? count : 1)));
+  if (arr == nullptr) return kiln::make_error("out of memory");
+  size_t made = 0;
+  try {
+    for (; made < count; made++) arr[made] = new kiln_tensor{std::move(results[made])};
+  } catch (...) {
+    for (size_t i = 0; i < made; i++) delete arr[i];
+    std::free(arr);
+    throw;
+  }
+  *outs = arr;
+  *nouts = static_cast<int>(count);
+  KILN_GUARD_END
+}
+
+kiln_error kiln_module_schema(kiln_module* m, char** out) {
+  KILN_CHECK_ARG(m != nullptr && out != nullptr, "NULL argument");
+  KILN_GUARD_BEGIN
+  std::ostringstream s;
+  s << forward_schema(m);
+  *out = kiln::dup_string(s.str());
+  if (*out == nullptr) return kiln::make_error("out of memory");
+  KILN_GUARD_END
+}
+
+kiln_error kiln_module_num_inputs(kiln_module* m, int* out) {
+  KILN_CHECK_ARG(m != nullptr && out != nullptr, "NULL argument");
+  KILN_GUARD_BEGIN
+  const auto& args = forward_schema(m).arguments();
+  // The first argument is self.
+  *out = args.empty() ? 0 : static_cast<int>(args.size()) - 1;
+  KILN_GUARD_END
+}
+
+kiln_error kiln_module_input(kiln_module* m, int i, char** name, char** type) {
+  KILN_CHECK_ARG(m != nullptr && name != nullptr && type != nullptr, "NULL argument");
+  KILN_GUARD_BEGIN
+  const auto& args = forward_schema(m).arguments();
+  int n = args.empty() ? 0 : static_cast<int>(args.size()) - 1;
+  if (i < 0 || i >= n) {
+    return kiln::make_error("input index " + std::to_string(i) + " out of range [0," +
+                            std::to_string(n) + ")");
+  }
+  const auto& a = args[i + 1];
+  char* nm = kiln::dup_string(a.name());
+  char* ty = kiln::dup_string(a.type()->annotation_str());
+  if (nm == nullptr || ty == nullptr) {
+    std::free(nm);
+    std::free(ty);
+    return kiln::make_error("out of memory");
+  }
+  *name = nm;
+  *type = ty;
+  KILN_GUARD_END
+}
+
+kiln_error kiln_module_output_type(kiln_module* m, char** type) {
+  KILN_CHECK_ARG(m != nullptr && type != nullptr, "NULL argument");
+  KILN_GUARD_BEGIN
+  const auto& rets = forward_schema(m).returns();
+  std::string s;
+  if (rets.size() == 1) {
+    s = rets[0].type()->annotation_str();
+  } else {
+    s = "(";
+    for (size_t i = 0; i < rets.size(); i++) {
+      if (i) s += ", ";
+      s += rets[i].type()->annotation_str();
+    }
+    s += ")";
+  }
+  *type = kiln::dup_string(s);
+  if (*type == nullptr) return kiln::make_error("out of memory");
+  KILN_GUARD_END
+}
+
+kiln_error kiln_module_param_stats(kiln_module* m, int64_t* count, int64_t* bytes) {
+  KILN_CHECK_ARG(m != nullptr && count != nullptr && bytes != nullptr, "NULL argument");
+  KILN_GUARD_BEGIN
+  int64_t c = 0, b = 0;
+  for (const at::Tensor& p : m->m.parameters(/*recurse=*/true)) {
+    c += p.numel();
+    b += static_cast<int64_t>(p.nbytes());
+  }
+  *count = c;
+  *bytes = b;
+  KILN_GUARD_END
+}
+
+}  // extern "C"

@@ -1,0 +1,54 @@
+// runtime.cc — library-wide entry points: errors, version, threads, seeds.
+#include <ATen/Parallel.h>
+#include <torch/version.h>
+
+#include "internal.h"
+
+extern "C" {
+
+void kiln_error_free(kiln_error err) { std::free(err); }
+
+void kiln_string_free(char* s) { std::free(s); }
+
+const char* kiln_torch_version(void) { return TORCH_VERSION; }
+
+kiln_error kiln_set_num_threads(int n) {
+  KILN_CHECK_ARG(n >= 1, "thread count must be >= 1");
+  KILN_GUARD_BEGIN
+  at::set_num_threads(n);
+  KILN_GUARD_END
+}
+
+int kiln_get_num_threads(void) {
+  try {
+    return at::get_num_threads();
+  } catch (...) {
+    return -1;
+  }
+}
+
+kiln_error kiln_set_num_interop_threads(int n) {
+  KILN_CHECK_ARG(n >= 1, "inter-op thread count must be >= 1");
+  KILN_GUARD_BEGIN
+  at::set_num_interop_threads(n);
+  KILN_GUARD_END
+}
+
+int kiln_get_num_interop_threads(void) {
+  try {
+    return at::get_num_interop_threads();
+  } catch (...) {
+    return -1;
+  }
+}
+
+void kiln_manual_seed(uint64_t seed) {
+  try {
+    torch::manual_seed(seed);
+  } catch (...) {
+  }
+}
+
+int kiln_noop(int x) { return x + 1; }
+
+}  // extern "C"
