@@ -1,0 +1,54 @@
+# Kiln — build, run, test and benchmark from a fresh machine.
+#
+#   make run     install what is missing, build, run Kiln's main job
+#   make test    install what is missing, build, run every Go and Python test
+#   make bench   install what is missing, build, run the benchmarks
+#
+# LIBTORCH=/path/with/include-and-lib selects another libtorch (for example
+# a pip torch package directory); Debian's libtorch-dev is the default.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := build
+
+# Every recipe line that builds or runs Go/Python code runs in the
+# environment scripts/env.sh computes (cgo flags, PATH, KILN_PYTHON).
+ENV := eval "$$(scripts/env.sh --print)" &&
+PY := .venv/bin/python
+DEMO := build/demo
+
+.PHONY: deps build run test test-go test-python vet bench clean
+
+deps:
+	scripts/install-deps
+
+build: deps
+	$(ENV) go build -o bin/kiln ./cmd/kiln
+
+# Kiln's main job, for now: an end-to-end demo. Python torch trains a small
+# iris classifier and exports it as TorchScript; Kiln loads it and runs
+# batched inference over the held-out rows.
+run: build
+	@test -f $(DEMO)/iris.pt || $(ENV) $(PY) examples/demo/make_model.py $(DEMO)
+	$(ENV) bin/kiln version
+	$(ENV) bin/kiln info $(DEMO)/iris.pt
+	$(ENV) bin/kiln predict --model $(DEMO)/iris.pt --data $(DEMO)/iris_test.csv \
+		--labels $(DEMO)/labels.txt --target species --batch-size 16 --top-k 2
+
+vet: deps
+	$(ENV) go vet ./...
+
+test-go: deps
+	$(ENV) go test -count=1 -timeout 30m ./...
+
+# pytest exits 5 when it collects no test; that is a failure here too.
+test-python: build
+	$(ENV) $(PY) -m pytest -q tests/python
+
+test: vet test-go test-python
+
+bench: build
+	$(ENV) go run ./bench/cgo
+
+clean:
+	rm -rf bin build

@@ -1,0 +1,85 @@
+// Command kiln is Kiln's command line: model inspection and batched
+// prediction today; training and serving as they land.
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kilnml/kiln/core"
+)
+
+func main() {
+	if err := newRoot().Execute(); err != nil {
+		msg := err.Error()
+		if !strings.HasPrefix(msg, "kiln: ") {
+			msg = "kiln: " + msg
+		}
+		fmt.Fprintln(os.Stderr, msg)
+		os.Exit(1)
+	}
+}
+
+func newRoot() *cobra.Command {
+	var threads int
+	var verbose bool
+	root := &cobra.Command{
+		Use:           "kiln",
+		Short:         "Kiln: train, optimize, deploy and serve PyTorch-family models",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
+			level := slog.LevelInfo
+			if verbose {
+				level = slog.LevelDebug
+			}
+			slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})))
+			if threads > 0 {
+				return core.SetNumThreads(threads)
+			}
+			return nil
+		},
+	}
+	root.PersistentFlags().IntVar(&threads, "threads", 0, "libtorch intra-op threads (default: number of CPUs)")
+	root.PersistentFlags().BoolVarP(&verbose, "verbose", "v", false, "debug logging")
+	root.AddCommand(newVersionCmd(), newInfoCmd(), newPredictCmd())
+	return root
+}
+
+func newVersionCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print Kiln's and libtorch's versions and thread counts",
+		Args:  cobra.NoArgs,
+		Run: func(cmd *cobra.Command, args []string) {
+			fmt.Fprintf(cmd.OutOrStdout(), "kiln %s\nlibtorch %s\nintra-op threads %d\ninter-op threads %d\n",
+				core.Version, core.TorchVersion(), core.NumThreads(), core.NumInteropThreads())
+		},
+	}
+}
+
+func newInfoCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "info MODEL.pt",
+		Short: "Describe a TorchScript model: inputs, output type, parameters",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			m, err := core.LoadModule(args[0])
+			if err != nil {
+				return err
+			}
+			defer m.Close()
+			w := cmd.OutOrStdout()
+			fmt.Fprintf(w, "model      %s\nschema     %s\n", args[0], m.Schema())
+			for i, a := range m.Inputs() {
+				fmt.Fprintf(w, "input %-4d %s: %s\n", i, a.Name, a.Type)
+			}
+			fmt.Fprintf(w, "output     %s\nparameters %d (%d bytes)\n", m.OutputType(), m.NumParameters(), m.ParameterBytes())
+			return nil
+		},
+	}
+}
