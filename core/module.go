@@ -188,3 +188,21 @@ func (m *Module) Close() error {
 	}
 	return nil
 }
+
+// AdoptModule wraps a native module handle made elsewhere (for example a
+// network built by core/nn); the Module takes ownership of h and frees it
+// on Close. On error h has been freed.
+func AdoptModule(h native.Module, name string) (*Module, error) {
+	if !h.Valid() {
+		return nil, errors.New("kiln: adopt module: invalid handle")
+	}
+	return newModule(h, name)
+}
+
+// Handle returns the native handle for packages that cross into C
+// themselves (core/train). It stays owned by m and is valid until Close.
+func (m *Module) Handle() native.Module {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.h
+}

@@ -352,3 +352,19 @@ func Malloc(n uintptr) unsafe.Pointer {
 
 // FreeC releases memory from Malloc.
 func FreeC(p unsafe.Pointer) { C.free(p) }
+
+// Ptr returns the C handle (a kiln_tensor*), for cgo packages that extend
+// the C ABI, such as native/trainer. It stays owned by t.
+func (t Tensor) Ptr() unsafe.Pointer { return unsafe.Pointer(t.p) }
+
+// TensorFromPtr adopts a kiln_tensor* made by a package extending the C
+// ABI; the result owns it.
+func TensorFromPtr(p unsafe.Pointer) Tensor { return Tensor{(*C.kiln_tensor)(p)} }
+
+// Ptr returns the C handle (a kiln_module*), for cgo packages that extend
+// the C ABI. It stays owned by m.
+func (m Module) Ptr() unsafe.Pointer { return unsafe.Pointer(m.p) }
+
+// ModuleFromPtr adopts a kiln_module* made by a package extending the C
+// ABI; the result owns it.
+func ModuleFromPtr(p unsafe.Pointer) Module { return Module{(*C.kiln_module)(p)} }

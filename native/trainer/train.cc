@@ -1,0 +1,467 @@
+// train.cc — building TorchScript networks and training them with autograd
+// and torch::optim, behind the C ABI in kiln_train.h.
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/csrc/jit/api/module.h>
+#include <torch/optim/adam.h>
+#include <torch/optim/adamw.h>
+#include <torch/optim/rmsprop.h>
+#include <torch/optim/sgd.h>
+#include <torch/serialize/input-archive.h>
+#include <torch/serialize/output-archive.h>
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "../internal.h"
+#include "kiln_train.h"
+
+struct kiln_trainer {
+  torch::jit::Module m;
+  std::vector<at::Tensor> params;
+  std::unique_ptr<torch::optim::Optimizer> opt;
+  kiln_loss loss = KILN_LOSS_MSE;
+  double huber_delta = 1.0;
+  double label_smoothing = 0.0;
+  at::Tensor class_weights;  // undefined when none
+  double clip = 0.0;
+};
+
+namespace {
+
+// TorchScript wraps an operator's error in a traceback of the scripted
+// source; the operator's message is its last line.
+std::string concise(const std::string& msg) {
+  if (msg.find("The following operation failed in the TorchScript interpreter") ==
+      std::string::npos) {
+    return msg;
+  }
+  size_t end = msg.find_last_not_of("\n ");
+  if (end == std::string::npos) return msg;
+  size_t start = msg.rfind('\n', end);
+  start = start == std::string::npos ? 0 : start + 1;
+  return msg.substr(start, end - start + 1);
+}
+
+std::string shape_str(at::IntArrayRef s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); i++) {
+    if (i) r += ", ";
+    r += std::to_string(s[i]);
+  }
+  return r + "]";
+}
+
+// The target shaped like the output for element-wise losses.
+at::Tensor match_target(const at::Tensor& out, const at::Tensor& y) {
+  if (y.numel() != out.numel()) {
+    throw std::runtime_error("target has shape " + shape_str(y.sizes()) +
+                             " but the model outputs " + shape_str(out.sizes()));
+  }
+  return y.to(out.scalar_type()).reshape(out.sizes());
+}
+
+at::Tensor compute_loss(const kiln_trainer* t, const at::Tensor& out,
+                        const at::Tensor& y) {
+  const int64_t mean = at::Reduction::Mean;
+  switch (t->loss) {
+    case KILN_LOSS_MSE:
+      return at::mse_loss(out, match_target(out, y), mean);
+    case KILN_LOSS_L1:
+      return at::l1_loss(out, match_target(out, y), mean);
+    case KILN_LOSS_HUBER:
+      return at::huber_loss(out, match_target(out, y), mean, t->huber_delta);
+    case KILN_LOSS_BCE_LOGITS:
+      return at::binary_cross_entropy_with_logits(out, match_target(out, y), {}, {}, mean);
+    case KILN_LOSS_CROSS_ENTROPY: {
+      if (out.dim() != 2) {
+        throw std::runtime_error("cross-entropy needs outputs [batch, classes], got " +
+                                 shape_str(out.sizes()));
+      }
+      at::Tensor target = y.reshape({-1});
+      if (target.size(0) != out.size(0)) {
+        throw std::runtime_error("cross-entropy: " + std::to_string(target.size(0)) +
+                                 " targets for " + std::to_string(out.size(0)) + " outputs");
+      }
+      if (target.scalar_type() != at::kLong) target = target.to(at::kLong);
+      int64_t k = out.size(1);
+      if (target.numel() > 0) {
+        int64_t lo = target.min().item<int64_t>(), hi = target.max().item<int64_t>();
+        if (lo < 0 || hi >= k) {
+          throw std::runtime_error("cross-entropy: class index " +
+                                   std::to_string(lo < 0 ? lo : hi) + " outside [0, " +
+                                   std::to_string(k) + ") for a model with " +
+                                   std::to_string(k) + " outputs");
+        }
+      }
+      c10::optional<at::Tensor> w;
+      if (t->class_weights.defined()) {
+        if (t->class_weights.numel() != k) {
+          throw std::runtime_error("cross-entropy: " + std::to_string(t->class_weights.numel()) +
+                                   " class weights for " + std::to_string(k) + " classes");
+        }
+        w = t->class_weights.to(out.scalar_type());
+      }
+      return at::cross_entropy_loss(out, target, w, mean, -100, t->label_smoothing);
+    }
+  }
+  throw std::runtime_error("unknown loss " + std::to_string(static_cast<int>(t->loss)));
+}
+
+at::Tensor run_forward(kiln_trainer* t, const at::Tensor& x) {
+  c10::IValue r = t->m.forward({x});
+  if (!r.isTensor()) throw std::runtime_error("forward returned " + r.tagKind() + ", not a tensor");
+  return r.toTensor();
+}
+
+// Scales gradients so that their joint 2-norm is at most max_norm, as
+// torch.nn.utils.clip_grad_norm_ does.
+void clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm) {
+  at::NoGradGuard ng;
+  std::vector<at::Tensor> norms;
+  for (const at::Tensor& p : params) {
+    if (p.grad().defined()) norms.push_back(p.grad().norm(2));
+  }
+  if (norms.empty()) return;
+  double total = at::stack(norms).norm(2).item<double>();
+  double coef = max_norm / (total + 1e-6);
+  if (coef < 1) {
+    for (const at::Tensor& p : params) {
+      if (p.grad().defined()) p.grad().mul_(coef);
+    }
+  }
+}
+
+double train_step(kiln_trainer* t, const at::Tensor& x, const at::Tensor& y) {
+  t->opt->zero_grad();
+  at::Tensor out = run_forward(t, x);
+  at::Tensor l = compute_loss(t, out, y);
+  l.backward();
+  if (t->clip > 0) clip_grad_norm(t->params, t->clip);
+  t->opt->step();
+  return l.item<double>();
+}
+
+void set_lr(kiln_trainer* t, double lr) {
+  for (auto& g : t->opt->param_groups()) g.options().set_lr(lr);
+}
+
+// Batch boundaries: starts[i]..starts[i+1].
+std::vector<int64_t> batch_starts(int64_t n, int64_t batch) {
+  std::vector<int64_t> s;
+  for (int64_t i = 0; i < n; i += batch) s.push_back(i);
+  if (s.size() >= 2 && n - s.back() == 1) s.pop_back();
+  s.push_back(n);
+  return s;
+}
+
+at::Generator generator(uint64_t seed) {
+  at::Generator g = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return g;
+}
+
+}  // namespace
+
+extern "C" {
+
+kiln_error kiln_nn_new(const char* class_name, kiln_module** out) {
+  KILN_CHECK_ARG(class_name != nullptr && out != nullptr, "NULL argument");
+  KILN_GUARD_BEGIN
+  torch::jit::Module m{c10::QualifiedName(class_name)};
+  m.register_attribute("training", c10::BoolType::get(), true);
+  *out = new kiln_module{std::move(m)};
+  KILN_GUARD_END
+}
+
+kiln_error kiln_nn_add(kiln_module* m, const char* name, kiln_dtype dtype,
+                       const int64_t* shape, int ndim, kiln_init init,
+                       double a, double b, uint64_t seed, int is_param) {
+  KILN_CHECK_ARG(m != nullptr && name != nullptr, "NULL argument");
+  KILN_CHECK_ARG(ndim >= 0 && (ndim == 0 || shape != nullptr), "bad shape");
+  at::ScalarType st;
+  KILN_CHECK_ARG(kiln::to_scalar_type(dtype, &st),
+                 "unknown dtype " + std::to_string(static_cast<int>(dtype)));
+  KILN_GUARD_BEGIN
+  std::vector<int64_t> dims(shape, shape + ndim);
+  at::Tensor t = at::empty(dims, at::TensorOptions().dtype(st));
+  at::Generator g = generator(seed);
+  {
+    at::NoGradGuard ng;
+    switch (init) {
+      case KILN_INIT_ZEROS: t.zero_(); break;
+      case KILN_INIT_ONES: t.fill_(1); break;
+      case KILN_INIT_UNIFORM: t.uniform_(a, b, g); break;
+      case KILN_INIT_NORMAL: t.normal_(a, b, g); break;
+      default:
+        return kiln::make_error("unknown init " + std::to_string(static_cast<int>(init)));
+    }
+  }
+  if (is_param) {
+    t.set_requires_grad(true);
+    m->m.register_parameter(name, t, /*is_buffer=*/false);
+  } else {
+    m->m.register_buffer(name, t);
+  }
+  KILN_GUARD_END
+}
+
+kiln_error kiln_nn_add_value(kiln_module* m, const char* name,
+                             const kiln_tensor* value, int is_param) {
+  KILN_CHECK_ARG(m != nullptr && name != nullptr && value != nullptr, "NULL argument");
+  KILN_GUARD_BEGIN
+  at::Tensor t = value->t.detach().clone().contiguous();
+  if (is_param) {
+    t.set_requires_grad(true);
+    m->m.register_parameter(name, t, false);
+  } else {
+    m->m.register_buffer(name, t);
+  }
+  KILN_GUARD_END
+}
+
+kiln_error kiln_nn_define(kiln_module* m, const char* source) {
+  KILN_CHECK_ARG(m != nullptr && source != nullptr, "NULL argument");
+  KILN_GUARD_BEGIN
+  m->m.define(source);
+  KILN_GUARD_END
+}
+
+kiln_error kiln_nn_deepcopy(kiln_module* m, kiln_module** out) {
+  KILN_CHECK_ARG(m != nullptr && out != nullptr, "NULL argument");
+  KILN_GUARD_BEGIN
+  torch::jit::Module c = m->m.deepcopy();
+  *out = new kiln_module{std::move(c)};
+  KILN_GUARD_END
+}
+
+kiln_error kiln_nn_flat_state(kiln_module* m, kiln_tensor** out) {
+  KILN_CHECK_ARG(m != nullptr && out != nullptr, "NULL argument");
+  KILN_GUARD_BEGIN
+  at::NoGradGuard ng;
+  std::vector<at::Tensor> parts;
+  for (const auto& p : m->m.named_attributes(/*recurse=*/true)) {
+    if (!p.value.isTensor()) continue;
+    parts.push_back(p.value.toTensor().detach().reshape({-1}).to(at::kDouble));
+  }
+  at::Tensor flat = parts.empty() ? at::empty({0}, at::kDouble) : at::cat(parts);
+  *out = new kiln_tensor{flat};
+  KILN_GUARD_END
+}
+
+kiln_error kiln_nn_require_grad(kiln_module* m) {
+  KILN_CHECK_ARG(m != nullptr, "NULL argument");
+  KILN_GUARD_BEGIN
+  for (at::Tensor p : m->m.parameters(true)) p.set_requires_grad(true);
+  KILN_GUARD_END
+}
+
+kiln_error kiln_nn_num_params(kiln_module* m, int64_t* out) {
+  KILN_CHECK_ARG(m != nullptr && out != nullptr, "NULL argument");
+  KILN_GUARD_BEGIN
+  int64_t n = 0;
+  for (const at::Tensor& p : m->m.parameters(true)) n += p.numel();
+  *out = n;
+  KILN_GUARD_END
+}
+
+kiln_error kiln_trainer_new(kiln_module* m, const kiln_train_options* o,
+                            kiln_trainer** out) {
+  KILN_CHECK_ARG(m != nullptr && o != nullptr && out != nullptr, "NULL argument");
+  KILN_CHECK_ARG(o->lr > 0, "learning rate must be > 0, got " + std::to_string(o->lr));
+  KILN_CHECK_ARG(o->label_smoothing >= 0 && o->label_smoothing < 1,
+                 "label smoothing must be in [0, 1), got " + std::to_string(o->label_smoothing));
+  KILN_GUARD_BEGIN
+  auto t = std::make_unique<kiln_trainer>();
+  t->m = m->m;  // shares the module's object
+  for (at::Tensor p : t->m.parameters(true)) {
+    p.set_requires_grad(true);
+    t->params.push_back(p);
+  }
+  if (t->params.empty()) return kiln::make_error("the module has no parameters to train");
+  t->loss = o->loss;
+  t->huber_delta = o->huber_delta > 0 ? o->huber_delta : 1.0;
+  t->label_smoothing = o->label_smoothing;
+  if (o->class_weights != nullptr) t->class_weights = o->class_weights->t.detach().clone();
+  t->clip = o->clip_grad_norm;
+  double eps = o->eps > 0 ? o->eps : 1e-8;
+  double b1 = o->beta1 > 0 ? o->beta1 : 0.9, b2 = o->beta2 > 0 ? o->beta2 : 0.999;
+  switch (o->optimizer) {
+    case KILN_OPT_SGD:
+      t->opt = std::make_unique<torch::optim::SGD>(
+          t->params, torch::optim::SGDOptions(o->lr)
+                         .momentum(o->momentum)
+                         .nesterov(o->nesterov != 0)
+                         .weight_decay(o->weight_decay));
+      break;
+    case KILN_OPT_ADAM:
+      t->opt = std::make_unique<torch::optim::Adam>(
+          t->params, torch::optim::AdamOptions(o->lr).betas({b1, b2}).eps(eps).weight_decay(
+                         o->weight_decay));
+      break;
+    case KILN_OPT_ADAMW:
+      t->opt = std::make_unique<torch::optim::AdamW>(
+          t->params, torch::optim::AdamWOptions(o->lr).betas({b1, b2}).eps(eps).weight_decay(
+                         o->weight_decay));
+      break;
+    case KILN_OPT_RMSPROP:
+      t->opt = std::make_unique<torch::optim::RMSprop>(
+          t->params, torch::optim::RMSpropOptions(o->lr)
+                         .alpha(o->alpha > 0 ? o->alpha : 0.99)
+                         .eps(eps)
+                         .weight_decay(o->weight_decay)
+                         .momentum(o->momentum));
+      break;
+    default:
+      return kiln::make_error("unknown optimizer " + std::to_string(static_cast<int>(o->optimizer)));
+  }
+  *out = t.release();
+  KILN_GUARD_END
+}
+
+void kiln_trainer_free(kiln_trainer* t) {
+  try {
+    delete t;
+  } catch (...) {
+  }
+}
+
+kiln_error kiln_trainer_set_lr(kiln_trainer* t, double lr) {
+  KILN_CHECK_ARG(t != nullptr, "NULL trainer");
+  KILN_CHECK_ARG(lr >= 0, "learning rate must be >= 0");
+  KILN_GUARD_BEGIN
+  set_lr(t, lr);
+  KILN_GUARD_END
+}
+
+kiln_error kiln_trainer_step(kiln_trainer* t, const kiln_tensor* x,
+                             const kiln_tensor* y, double* loss) {
+  KILN_CHECK_ARG(t != nullptr && x != nullptr && y != nullptr && loss != nullptr,
+                 "NULL argument");
+  KILN_GUARD_BEGIN
+  try {
+    t->m.train(true);
+    *loss = train_step(t, x->t, y->t);
+  } catch (const c10::Error& e) {
+    return kiln::make_error(concise(e.what_without_backtrace()));
+  }
+  KILN_GUARD_END
+}
+
+int64_t kiln_epoch_steps(int64_t n, int64_t batch) {
+  if (n <= 0 || batch <= 0) return 0;
+  return static_cast<int64_t>(batch_starts(n, batch).size()) - 1;
+}
+
+kiln_error kiln_trainer_epoch(kiln_trainer* t, const kiln_tensor* x,
+                              const kiln_tensor* y, const int64_t* perm,
+                              int64_t n, int64_t batch, const double* lrs,
+                              int64_t every, kiln_progress_fn progress,
+                              void* ctx, double* loss_sum, int64_t* seen,
+                              int* stopped) {
+  KILN_CHECK_ARG(t != nullptr && x != nullptr && y != nullptr && perm != nullptr &&
+                     lrs != nullptr && loss_sum != nullptr && seen != nullptr &&
+                     stopped != nullptr,
+                 "NULL argument");
+  KILN_CHECK_ARG(n > 0, "no samples to train on");
+  KILN_CHECK_ARG(batch > 0, "batch size must be > 0");
+  KILN_GUARD_BEGIN
+  *loss_sum = 0;
+  *seen = 0;
+  *stopped = 0;
+  const at::Tensor& X = x->t;
+  const at::Tensor& Y = y->t;
+  int64_t rows = X.size(0);
+  if (Y.size(0) != rows) {
+    return kiln::make_error("features have " + std::to_string(rows) + " rows but targets " +
+                            std::to_string(Y.size(0)));
+  }
+  for (int64_t i = 0; i < n; i++) {
+    if (perm[i] < 0 || perm[i] >= rows) {
+      return kiln::make_error("sample index " + std::to_string(perm[i]) + " outside [0, " +
+                              std::to_string(rows) + ")");
+    }
+  }
+  std::vector<int64_t> starts = batch_starts(n, batch);
+  int64_t nsteps = static_cast<int64_t>(starts.size()) - 1;
+  at::Tensor idx_all = at::from_blob(const_cast<int64_t*>(perm), {n}, at::kLong);
+  try {
+    t->m.train(true);
+    for (int64_t s = 0; s < nsteps; s++) {
+      int64_t b0 = starts[s], b1 = starts[s + 1];
+      at::Tensor idx = idx_all.slice(0, b0, b1);
+      at::Tensor xb = X.index_select(0, idx);
+      at::Tensor yb = Y.index_select(0, idx);
+      set_lr(t, lrs[s]);
+      double l = train_step(t, xb, yb);
+      *loss_sum += l * static_cast<double>(b1 - b0);
+      *seen += b1 - b0;
+      if (progress != nullptr && ((every > 0 && (s + 1) % every == 0) || s + 1 == nsteps)) {
+        if (progress(ctx, s + 1, nsteps, *loss_sum, *seen) != 0) {
+          *stopped = 1;
+          break;
+        }
+      }
+    }
+  } catch (const c10::Error& e) {
+    return kiln::make_error(concise(e.what_without_backtrace()));
+  }
+  KILN_GUARD_END
+}
+
+kiln_error kiln_trainer_evaluate(kiln_trainer* t, const kiln_tensor* x,
+                                 const kiln_tensor* y, int64_t batch,
+                                 double* loss, kiln_tensor** outputs) {
+  KILN_CHECK_ARG(t != nullptr && x != nullptr && loss != nullptr && outputs != nullptr,
+                 "NULL argument");
+  KILN_CHECK_ARG(batch > 0, "batch size must be > 0");
+  KILN_GUARD_BEGIN
+  try {
+    at::NoGradGuard ng;
+    t->m.train(false);
+    int64_t rows = x->t.size(0);
+    std::vector<at::Tensor> outs;
+    for (int64_t i = 0; i < rows; i += batch) {
+      outs.push_back(run_forward(t, x->t.slice(0, i, std::min(rows, i + batch))));
+    }
+    if (outs.empty()) return kiln::make_error("no samples to evaluate");
+    at::Tensor all = outs.size() == 1 ? outs[0] : at::cat(outs);
+    *loss = y != nullptr ? compute_loss(t, all, y->t).item<double>() : 0.0;
+    *outputs = new kiln_tensor{all.contiguous()};
+  } catch (const c10::Error& e) {
+    return kiln::make_error(concise(e.what_without_backtrace()));
+  }
+  KILN_GUARD_END
+}
+
+kiln_error kiln_trainer_save_state(kiln_trainer* t, const char* path) {
+  KILN_CHECK_ARG(t != nullptr && path != nullptr, "NULL argument");
+  KILN_GUARD_BEGIN
+  torch::serialize::OutputArchive ar;
+  t->opt->save(ar);
+  at::Generator g = at::detail::getDefaultCPUGenerator();
+  at::Tensor state;
+  {
+    std::lock_guard<std::mutex> lock(g.mutex());
+    state = g.get_state();
+  }
+  ar.write("kiln_rng_state", state, /*is_buffer=*/true);
+  ar.save_to(path);
+  KILN_GUARD_END
+}
+
+kiln_error kiln_trainer_load_state(kiln_trainer* t, const char* path) {
+  KILN_CHECK_ARG(t != nullptr && path != nullptr, "NULL argument");
+  KILN_GUARD_BEGIN
+  torch::serialize::InputArchive ar;
+  ar.load_from(path);
+  t->opt->load(ar);
+  at::Tensor state;
+  ar.read("kiln_rng_state", state, /*is_buffer=*/true);
+  at::Generator g = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(g.mutex());
+  g.set_state(state);
+  KILN_GUARD_END
+}
+
+}  // extern "C"
