@@ -197,7 +197,6 @@ func layerCode(info LayerInfo, l Layer) ([]string, []param) {
 	panic("nn: layer type passed inference but has no code: " + info.Type)
 }
 
-
 // BuildWithPrelude builds s behind a prelude (preprocessing) that maps
 // p.Inputs raw columns to p.Features network features.
 func BuildWithPrelude(s Spec, p Prelude, seed uint64) (*Net, error) {
