@@ -279,3 +279,13 @@ func CloseAll(ts []*Tensor) {
 		t.Close()
 	}
 }
+
+// AdoptTensor wraps a native tensor handle made elsewhere (for example by
+// native/trainer); the Tensor takes ownership of h. On error h has been
+// freed.
+func AdoptTensor(h native.Tensor) (*Tensor, error) {
+	if !h.Valid() {
+		return nil, errors.New("kiln: adopt tensor: invalid handle")
+	}
+	return wrap(h)
+}

@@ -56,6 +56,11 @@ kiln_error kiln_nn_deepcopy(kiln_module* m, kiln_module** out);
  * order into one float64 tensor (for comparing weights bit for bit). */
 kiln_error kiln_nn_flat_state(kiln_module* m, kiln_tensor** out);
 
+/* Copies every parameter and buffer of src into dst's tensors in place;
+ * both must have the same attribute names and shapes (a deepcopy, or the
+ * same network loaded from a checkpoint). */
+kiln_error kiln_nn_copy_state(kiln_module* dst, kiln_module* src);
+
 /* Marks every parameter as requiring grad (after loading a checkpoint). */
 kiln_error kiln_nn_require_grad(kiln_module* m);
 

@@ -249,6 +249,33 @@ kiln_error kiln_nn_flat_state(kiln_module* m, kiln_tensor** out) {
   KILN_GUARD_END
 }
 
+kiln_error kiln_nn_copy_state(kiln_module* dst, kiln_module* src) {
+  KILN_CHECK_ARG(dst != nullptr && src != nullptr, "NULL argument");
+  KILN_GUARD_BEGIN
+  at::NoGradGuard ng;
+  std::vector<std::pair<std::string, at::Tensor>> from;
+  for (const auto& a : src->m.named_attributes(/*recurse=*/true)) {
+    if (a.value.isTensor()) from.emplace_back(a.name, a.value.toTensor());
+  }
+  size_t i = 0;
+  for (const auto& a : dst->m.named_attributes(/*recurse=*/true)) {
+    if (!a.value.isTensor()) continue;
+    if (i >= from.size() || from[i].first != a.name) {
+      return kiln::make_error("state mismatch at " + a.name + ": the source has " +
+                              (i < from.size() ? from[i].first : std::string("nothing")));
+    }
+    at::Tensor d = a.value.toTensor();
+    if (!d.sizes().equals(from[i].second.sizes())) {
+      return kiln::make_error("state mismatch: " + a.name + " is " + shape_str(d.sizes()) +
+                              " here but " + shape_str(from[i].second.sizes()) + " in the source");
+    }
+    d.copy_(from[i].second);
+    i++;
+  }
+  if (i != from.size()) return kiln::make_error("the source has more tensors than the destination");
+  KILN_GUARD_END
+}
+
 kiln_error kiln_nn_require_grad(kiln_module* m) {
   KILN_CHECK_ARG(m != nullptr, "NULL argument");
   KILN_GUARD_BEGIN

@@ -116,6 +116,11 @@ func FlatState(m native.Module) (native.Tensor, error) {
 	return native.TensorFromPtr(unsafe.Pointer(out)), nil
 }
 
+// CopyState copies src's parameters and buffers into dst's, in place.
+func CopyState(dst, src native.Module) error {
+	return takeErr(C.kiln_nn_copy_state(mod(dst), mod(src)))
+}
+
 // RequireGrad marks every parameter as requiring gradients.
 func RequireGrad(m native.Module) error { return takeErr(C.kiln_nn_require_grad(mod(m))) }
 

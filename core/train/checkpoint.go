@@ -1,0 +1,226 @@
+package train
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/kilnml/kiln/native"
+	"github.com/kilnml/kiln/native/trainer"
+)
+
+// A checkpoint is a directory CheckpointDir/ckpt-NNNNNN holding
+//
+//	model.pt    the network (TorchScript) after epoch NNNNNN
+//	optim.pt    optimizer state and libtorch's generator state
+//	best.pt     the best epoch's weights so far (early stopping only)
+//	state.json  epoch, Go shuffling RNG state, history, early-stopping state
+//
+// written into a temporary directory and renamed into place; the file
+// LATEST names the newest one and is itself replaced by rename, so a run
+// killed at any moment leaves the previous checkpoint intact.
+
+const latestFile = "LATEST"
+
+type ckptState struct {
+	Epoch     int          `json:"epoch"`
+	RNG       []byte       `json:"rng"`
+	History   []EpochStats `json:"history"`
+	BestEpoch int          `json:"best_epoch"`
+	Best      Metrics      `json:"best,omitempty"`
+	BestValue float64      `json:"best_value"`
+	Bad       int          `json:"bad_epochs"`
+	HasBest   bool         `json:"has_best"`
+	// StopReason is set when early stopping ended the run at Epoch.
+	StopReason string `json:"stop_reason,omitempty"`
+	// Fingerprint ties the checkpoint to the hyper-parameters that shape
+	// the run (not epochs or checkpoint settings).
+	Fingerprint string `json:"fingerprint"`
+}
+
+func (c Config) fingerprint() string {
+	c.Epochs, c.CheckpointDir, c.CheckpointEvery, c.Resume, c.ProgressEvery, c.MaxSeconds = 0, "", 0, false, 0, 0
+	b, _ := json.Marshal(c)
+	return string(b)
+}
+
+func syncFile(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
+}
+
+// checkpoint writes the state after `epoch` epochs atomically.
+func (r *run) checkpoint(epoch int) (err error) {
+	dir := r.cfg.CheckpointDir
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("kiln: checkpoint: %w", err)
+	}
+	tmp, err := os.MkdirTemp(dir, ".tmp-ckpt-")
+	if err != nil {
+		return fmt.Errorf("kiln: checkpoint: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			os.RemoveAll(tmp)
+		}
+	}()
+	if err := r.net.Save(filepath.Join(tmp, "model.pt")); err != nil {
+		return fmt.Errorf("kiln: checkpoint: %w", err)
+	}
+	if err := r.tr.SaveState(filepath.Join(tmp, "optim.pt")); err != nil {
+		return fmt.Errorf("kiln: checkpoint: optimizer state: %w", err)
+	}
+	if r.best.Valid() {
+		if err := r.best.Save(filepath.Join(tmp, "best.pt")); err != nil {
+			return fmt.Errorf("kiln: checkpoint: best weights: %w", err)
+		}
+	}
+	rng, err := r.src.MarshalBinary()
+	if err != nil {
+		return fmt.Errorf("kiln: checkpoint: rng: %w", err)
+	}
+	st := ckptState{Epoch: epoch, RNG: rng, History: r.res.History, BestEpoch: r.res.BestEpoch,
+		Best: r.res.Best, BestValue: r.bestValue, Bad: r.bad, HasBest: r.best.Valid(), StopReason: stopReason(r.res.StopReason),
+		Fingerprint: r.cfg.fingerprint()}
+	b, err := json.MarshalIndent(st, "", "  ")
+	if err != nil {
+		return fmt.Errorf("kiln: checkpoint: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(tmp, "state.json"), b, 0o644); err != nil {
+		return fmt.Errorf("kiln: checkpoint: %w", err)
+	}
+	for _, f := range []string{"model.pt", "optim.pt", "best.pt", "state.json"} {
+		if err := syncFile(filepath.Join(tmp, f)); err != nil && !os.IsNotExist(err) {
+			return fmt.Errorf("kiln: checkpoint: %w", err)
+		}
+	}
+	name := fmt.Sprintf("ckpt-%06d", epoch)
+	final := filepath.Join(dir, name)
+	if err := os.RemoveAll(final); err != nil {
+		return fmt.Errorf("kiln: checkpoint: %w", err)
+	}
+	if err := os.Rename(tmp, final); err != nil {
+		return fmt.Errorf("kiln: checkpoint: %w", err)
+	}
+	if err := writeAtomic(filepath.Join(dir, latestFile), []byte(name+"\n")); err != nil {
+		return fmt.Errorf("kiln: checkpoint: %w", err)
+	}
+	// Older checkpoints are no longer needed.
+	old, _ := filepath.Glob(filepath.Join(dir, "ckpt-*"))
+	for _, o := range old {
+		if filepath.Base(o) != name {
+			os.RemoveAll(o)
+		}
+	}
+	return nil
+}
+
+// writeAtomic replaces path with b via a temporary file and a rename.
+func writeAtomic(path string, b []byte) error {
+	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-"+filepath.Base(path)+"-")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	_, err = f.Write(b)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+	}
+	return err
+}
+
+// LatestCheckpoint returns the directory of the newest complete checkpoint
+// in dir and its epoch, or "" when there is none.
+func LatestCheckpoint(dir string) (string, int, error) {
+	b, err := os.ReadFile(filepath.Join(dir, latestFile))
+	if os.IsNotExist(err) {
+		return "", 0, nil
+	}
+	if err != nil {
+		return "", 0, fmt.Errorf("kiln: checkpoint: %w", err)
+	}
+	name := strings.TrimSpace(string(b))
+	var epoch int
+	if _, err := fmt.Sscanf(name, "ckpt-%06d", &epoch); err != nil {
+		return "", 0, fmt.Errorf("kiln: checkpoint: %s names %q, not a checkpoint", latestFile, name)
+	}
+	return filepath.Join(dir, name), epoch, nil
+}
+
+// resume restores the newest checkpoint, if any, and returns the number of
+// epochs it had completed.
+func (r *run) resume() (int, error) {
+	path, _, err := LatestCheckpoint(r.cfg.CheckpointDir)
+	if err != nil || path == "" {
+		return 0, err
+	}
+	b, err := os.ReadFile(filepath.Join(path, "state.json"))
+	if err != nil {
+		return 0, fmt.Errorf("kiln: resume: %w", err)
+	}
+	var st ckptState
+	if err := json.Unmarshal(b, &st); err != nil {
+		return 0, fmt.Errorf("kiln: resume: %s: %w", path, err)
+	}
+	if st.Fingerprint != r.cfg.fingerprint() {
+		return 0, fmt.Errorf("kiln: resume: the checkpoint in %s was written with other hyper-parameters:\n  checkpoint %s\n  this run   %s",
+			path, st.Fingerprint, r.cfg.fingerprint())
+	}
+	if err := loadInto(r.net.Handle(), filepath.Join(path, "model.pt")); err != nil {
+		return 0, fmt.Errorf("kiln: resume: %w", err)
+	}
+	if err := r.tr.LoadState(filepath.Join(path, "optim.pt")); err != nil {
+		return 0, fmt.Errorf("kiln: resume: optimizer state: %w", err)
+	}
+	if st.HasBest {
+		m, err := native.LoadModule(filepath.Join(path, "best.pt"))
+		if err != nil {
+			return 0, fmt.Errorf("kiln: resume: best weights: %w", err)
+		}
+		r.freeBest()
+		r.best = m
+	}
+	if err := r.src.UnmarshalBinary(st.RNG); err != nil {
+		return 0, fmt.Errorf("kiln: resume: rng: %w", err)
+	}
+	r.res.History, r.res.BestEpoch, r.res.Best = st.History, st.BestEpoch, st.Best
+	r.bestValue, r.bad, r.res.ResumedFrom = st.BestValue, st.Bad, st.Epoch
+	if st.StopReason != "" {
+		// Early stopping had ended that run: train no further.
+		r.res.StopReason = st.StopReason
+		return r.cfg.Epochs, nil
+	}
+	return st.Epoch, nil
+}
+
+// loadInto copies the weights saved at path into m.
+func loadInto(m native.Module, path string) error {
+	src, err := native.LoadModule(path)
+	if err != nil {
+		return err
+	}
+	defer src.Free()
+	return trainer.CopyState(m, src)
+}
+
+func stopReason(s string) string {
+	if s == "early_stopping" {
+		return s
+	}
+	return ""
+}

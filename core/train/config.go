@@ -1,0 +1,198 @@
+// Package train trains Kiln networks (core/nn) on in-memory data
+// (core/data) in the Go core: one C call per epoch runs forward, loss,
+// backward, clipping and the optimizer step over every batch, with
+// validation each epoch, early stopping, atomic checkpoints that resume
+// with optimizer and RNG state, progress events, cancellation through a
+// context, and saving as a Kiln model package (TorchScript with the
+// preprocessing folded into forward, plus a manifest).
+package train
+
+import (
+	"fmt"
+	"math"
+	"strings"
+
+	"github.com/kilnml/kiln/native/trainer"
+)
+
+// Loss configures the training loss.
+type Loss struct {
+	// Type is mse, l1, huber, bce_with_logits or cross_entropy.
+	Type string `json:"type"`
+	// HuberDelta is huber's threshold (default 1).
+	HuberDelta float64 `json:"huber_delta,omitempty"`
+	// LabelSmoothing of cross_entropy, in [0, 1).
+	LabelSmoothing float64 `json:"label_smoothing,omitempty"`
+	// ClassWeights of cross_entropy, one per class; empty means equal.
+	ClassWeights []float64 `json:"class_weights,omitempty"`
+}
+
+// Optimizer configures the optimizer.
+type Optimizer struct {
+	// Type is sgd, adam, adamw or rmsprop.
+	Type string `json:"type"`
+	// LR is the base learning rate (required, > 0).
+	LR float64 `json:"lr"`
+	// Momentum of sgd and rmsprop.
+	Momentum float64 `json:"momentum,omitempty"`
+	// Nesterov momentum for sgd.
+	Nesterov bool `json:"nesterov,omitempty"`
+	// WeightDecay (L2 for sgd, adam and rmsprop; decoupled for adamw).
+	WeightDecay float64 `json:"weight_decay,omitempty"`
+	// Beta1, Beta2 and Eps of adam and adamw (defaults 0.9, 0.999, 1e-8).
+	Beta1 float64 `json:"beta1,omitempty"`
+	Beta2 float64 `json:"beta2,omitempty"`
+	Eps   float64 `json:"eps,omitempty"`
+	// Alpha is rmsprop's smoothing constant (default 0.99).
+	Alpha float64 `json:"alpha,omitempty"`
+}
+
+// Schedule configures the learning rate over training.
+type Schedule struct {
+	// Type is "" or none (constant), step or cosine.
+	Type string `json:"type,omitempty"`
+	// StepEpochs and Gamma: step multiplies the rate by Gamma every
+	// StepEpochs epochs (defaults 10 and 0.1).
+	StepEpochs int     `json:"step_epochs,omitempty"`
+	Gamma      float64 `json:"gamma,omitempty"`
+	// MinLR is where cosine ends.
+	MinLR float64 `json:"min_lr,omitempty"`
+	// WarmupEpochs ramps the rate linearly from near 0 over the first
+	// epochs (fractions allowed), before any schedule.
+	WarmupEpochs float64 `json:"warmup_epochs,omitempty"`
+}
+
+// EarlyStopping stops when the monitored validation metric has not
+// improved for Patience epochs, and restores the best epoch's weights.
+type EarlyStopping struct {
+	Patience int `json:"patience"`
+	// Metric is a validation metric name (loss, accuracy, f1, precision,
+	// recall, mse, mae, r2); default loss.
+	Metric string `json:"metric,omitempty"`
+	// MinDelta is the smallest change counted as improvement.
+	MinDelta float64 `json:"min_delta,omitempty"`
+}
+
+// Config holds training's hyper-parameters.
+type Config struct {
+	Epochs    int       `json:"epochs"`
+	BatchSize int       `json:"batch_size"`
+	Seed      uint64    `json:"seed"`
+	Loss      Loss      `json:"loss"`
+	Optimizer Optimizer `json:"optimizer"`
+	Schedule  Schedule  `json:"schedule,omitempty"`
+	// ClipGradNorm clips the gradients' joint 2-norm (0: off).
+	ClipGradNorm  float64        `json:"clip_grad_norm,omitempty"`
+	EarlyStopping *EarlyStopping `json:"early_stopping,omitempty"`
+	// ProgressEvery emits a step event every this many steps (default:
+	// about 10 per epoch).
+	ProgressEvery int `json:"progress_every,omitempty"`
+	// CheckpointDir, when set, receives a checkpoint every
+	// CheckpointEvery epochs (default 1); Resume continues from the
+	// latest one there.
+	CheckpointDir   string `json:"checkpoint_dir,omitempty"`
+	CheckpointEvery int    `json:"checkpoint_every,omitempty"`
+	Resume          bool   `json:"resume,omitempty"`
+	// MaxSeconds, if > 0, ends training after the epoch during which it
+	// passes (model selection's time budget).
+	MaxSeconds float64 `json:"max_seconds,omitempty"`
+}
+
+func (c Config) validate() error {
+	if c.Epochs <= 0 {
+		return fmt.Errorf("kiln: train: epochs must be > 0, got %d", c.Epochs)
+	}
+	if c.BatchSize <= 0 {
+		return fmt.Errorf("kiln: train: batch_size must be > 0, got %d", c.BatchSize)
+	}
+	if !(c.Optimizer.LR > 0) {
+		return fmt.Errorf("kiln: train: optimizer lr must be > 0, got %v", c.Optimizer.LR)
+	}
+	if _, err := lossKind(c.Loss.Type); err != nil {
+		return err
+	}
+	if _, err := optKind(c.Optimizer.Type); err != nil {
+		return err
+	}
+	switch norm(c.Schedule.Type) {
+	case "", "none", "constant", "step", "cosine":
+	default:
+		return fmt.Errorf("kiln: train: unknown schedule %q (want step, cosine or none)", c.Schedule.Type)
+	}
+	if c.EarlyStopping != nil {
+		if c.EarlyStopping.Patience <= 0 {
+			return fmt.Errorf("kiln: train: early_stopping patience must be > 0")
+		}
+		if _, err := higherIsBetter(c.EarlyStopping.Metric); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func norm(s string) string {
+	return strings.NewReplacer("-", "_", " ", "_").Replace(strings.ToLower(strings.TrimSpace(s)))
+}
+
+func lossKind(s string) (trainer.Loss, error) {
+	switch norm(s) {
+	case "mse":
+		return trainer.LossMSE, nil
+	case "l1", "mae":
+		return trainer.LossL1, nil
+	case "huber", "smooth_l1":
+		return trainer.LossHuber, nil
+	case "bce_with_logits", "bcewithlogits", "binary_cross_entropy_with_logits":
+		return trainer.LossBCEWithLogit, nil
+	case "cross_entropy", "crossentropy", "ce":
+		return trainer.LossCrossEntropy, nil
+	}
+	return 0, fmt.Errorf("kiln: train: unknown loss %q (want mse, l1, huber, bce_with_logits or cross_entropy)", s)
+}
+
+func optKind(s string) (trainer.Optimizer, error) {
+	switch norm(s) {
+	case "sgd":
+		return trainer.SGD, nil
+	case "adam":
+		return trainer.Adam, nil
+	case "adamw":
+		return trainer.AdamW, nil
+	case "rmsprop":
+		return trainer.RMSprop, nil
+	}
+	return 0, fmt.Errorf("kiln: train: unknown optimizer %q (want sgd, adam, adamw or rmsprop)", s)
+}
+
+// LR returns the learning rate at global step `step` (0-based) of a run of
+// `epochs` epochs with stepsPerEpoch steps each.
+func (c Config) LR(step, stepsPerEpoch int64) float64 {
+	base := c.Optimizer.LR
+	s := c.Schedule
+	total := int64(c.Epochs) * stepsPerEpoch
+	warm := int64(math.Round(s.WarmupEpochs * float64(stepsPerEpoch)))
+	if warm > 0 && step < warm {
+		return base * float64(step+1) / float64(warm)
+	}
+	switch norm(s.Type) {
+	case "step":
+		every := s.StepEpochs
+		if every <= 0 {
+			every = 10
+		}
+		g := s.Gamma
+		if g == 0 {
+			g = 0.1
+		}
+		epoch := step / stepsPerEpoch
+		return base * math.Pow(g, float64(epoch/int64(every)))
+	case "cosine":
+		span := total - warm
+		if span <= 0 {
+			return base
+		}
+		t := float64(step-warm) / float64(span)
+		return s.MinLR + (base-s.MinLR)*(1+math.Cos(math.Pi*t))/2
+	}
+	return base
+}

@@ -1,0 +1,497 @@
+package train
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"math/rand/v2"
+	"time"
+
+	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/core/data"
+	"github.com/kilnml/kiln/core/nn"
+	"github.com/kilnml/kiln/native"
+	"github.com/kilnml/kiln/native/trainer"
+)
+
+// Event reports training progress: Kind "step" every Config.ProgressEvery
+// steps, "epoch" after each epoch (with validation metrics), "done" at the
+// end.
+type Event struct {
+	Kind   string
+	Epoch  int // 1-based
+	Epochs int
+	Step   int64 // steps done in this epoch
+	Steps  int64 // steps per epoch
+	// Loss is the mean training loss so far in this epoch.
+	Loss float64
+	// LR is the current learning rate.
+	LR float64
+	// Metrics are the validation metrics (epoch and done events).
+	Metrics Metrics
+	// SamplesPerSec is the training throughput of this run so far.
+	SamplesPerSec float64
+	Elapsed       time.Duration
+	// ETA is the estimated time left for the remaining epochs.
+	ETA time.Duration
+}
+
+// EpochStats is the record of one epoch.
+type EpochStats struct {
+	Epoch     int     `json:"epoch"`
+	TrainLoss float64 `json:"train_loss"`
+	Val       Metrics `json:"val,omitempty"`
+	LR        float64 `json:"lr"`
+	Seconds   float64 `json:"seconds"`
+}
+
+// Result is what Fit did.
+type Result struct {
+	History []EpochStats `json:"history"`
+	// BestEpoch is the epoch whose weights the network holds at the end
+	// (the last one without early stopping); Best its validation metrics.
+	BestEpoch int     `json:"best_epoch"`
+	Best      Metrics `json:"best,omitempty"`
+	// StopReason is "epochs", "early_stopping" or "time_budget".
+	StopReason    string  `json:"stop_reason"`
+	SamplesPerSec float64 `json:"samples_per_sec"`
+	Seconds       float64 `json:"seconds"`
+	// ResumedFrom is the epoch of the checkpoint training resumed from
+	// (0: a fresh run).
+	ResumedFrom int `json:"resumed_from,omitempty"`
+}
+
+// head is how outputs turn into predictions.
+type head int
+
+const (
+	regression head = iota
+	binary
+	multiclass
+)
+
+func headOf(l trainer.Loss) head {
+	switch l {
+	case trainer.LossCrossEntropy:
+		return multiclass
+	case trainer.LossBCEWithLogit:
+		return binary
+	}
+	return regression
+}
+
+func options(cfg Config) (trainer.Options, *core.Tensor, error) {
+	lk, err := lossKind(cfg.Loss.Type)
+	if err != nil {
+		return trainer.Options{}, nil, err
+	}
+	ok, err := optKind(cfg.Optimizer.Type)
+	if err != nil {
+		return trainer.Options{}, nil, err
+	}
+	o := cfg.Optimizer
+	opts := trainer.Options{
+		Loss: lk, HuberDelta: cfg.Loss.HuberDelta, LabelSmoothing: cfg.Loss.LabelSmoothing,
+		Optimizer: ok, LR: o.LR, Momentum: o.Momentum, Nesterov: o.Nesterov,
+		WeightDecay: o.WeightDecay, Beta1: o.Beta1, Beta2: o.Beta2, Eps: o.Eps, Alpha: o.Alpha,
+		ClipGradNorm: cfg.ClipGradNorm,
+	}
+	if ok == trainer.AdamW && o.WeightDecay == 0 {
+		opts.WeightDecay = 0.01 // PyTorch's AdamW default
+	}
+	var w *core.Tensor
+	if len(cfg.Loss.ClassWeights) > 0 {
+		if lk != trainer.LossCrossEntropy {
+			return trainer.Options{}, nil, errors.New("kiln: train: class_weights apply to cross_entropy only")
+		}
+		v := make([]float32, len(cfg.Loss.ClassWeights))
+		for i, x := range cfg.Loss.ClassWeights {
+			v[i] = float32(x)
+		}
+		if w, err = core.NewTensor(v); err != nil {
+			return trainer.Options{}, nil, err
+		}
+		opts.ClassWeights = w.Handle()
+	}
+	return opts, w, nil
+}
+
+// newTrainer makes a native trainer for net; the caller frees it.
+func newTrainer(net *nn.Net, cfg Config) (trainer.Trainer, error) {
+	opts, w, err := options(cfg)
+	if err != nil {
+		return trainer.Trainer{}, err
+	}
+	if w != nil {
+		defer w.Close() // the trainer keeps its own copy
+	}
+	h := net.Handle()
+	if !h.Valid() {
+		return trainer.Trainer{}, fmt.Errorf("kiln: train: %w", core.ErrClosed)
+	}
+	tr, err := trainer.NewTrainer(h, opts)
+	if err != nil {
+		return trainer.Trainer{}, fmt.Errorf("kiln: train: %w", err)
+	}
+	return tr, nil
+}
+
+// checkTargets verifies targets against the loss before any C call, so
+// that errors name the problem.
+func checkTargets(ds *data.Dataset, h head, outputs []int64, what string) error {
+	k := int64(1)
+	for _, d := range outputs {
+		k *= d
+	}
+	switch h {
+	case multiclass:
+		if len(outputs) != 1 {
+			return fmt.Errorf("kiln: train: cross_entropy needs a network with [classes] outputs, it has %v", outputs)
+		}
+		for i, y := range ds.Y {
+			if y != float32(math.Trunc(float64(y))) || y < 0 || int64(y) >= k {
+				return fmt.Errorf("kiln: train: %s row %d has class %v but the network has %d outputs", what, i, y, k)
+			}
+		}
+	case binary:
+		if k != 1 {
+			return fmt.Errorf("kiln: train: bce_with_logits needs one output, the network has %v", outputs)
+		}
+		for i, y := range ds.Y {
+			if y < 0 || y > 1 {
+				return fmt.Errorf("kiln: train: %s row %d has target %v; bce_with_logits needs 0..1", what, i, y)
+			}
+		}
+	default:
+		if k != 1 {
+			return fmt.Errorf("kiln: train: regression with one target column needs one output, the network has %v", outputs)
+		}
+	}
+	return nil
+}
+
+// scoreOutputs computes metrics from the network's outputs.
+func scoreOutputs(out native.Tensor, y []float32, h head) (Metrics, error) {
+	t, err := core.AdoptTensor(out)
+	if err != nil {
+		return nil, err
+	}
+	defer t.Close()
+	v, err := core.Data[float32](t)
+	if err != nil {
+		return nil, err
+	}
+	n := len(y)
+	switch h {
+	case multiclass:
+		k := len(v) / n
+		pred, truth := make([]int, n), make([]int, n)
+		for i := range n {
+			row := v[i*k : (i+1)*k]
+			best := 0
+			for c := range row {
+				if row[c] > row[best] {
+					best = c
+				}
+			}
+			pred[i], truth[i] = best, int(y[i])
+		}
+		return ClassMetrics(pred, truth, k), nil
+	case binary:
+		pred, truth := make([]int, n), make([]int, n)
+		for i := range n {
+			if v[i] > 0 {
+				pred[i] = 1
+			}
+			if y[i] >= 0.5 {
+				truth[i] = 1
+			}
+		}
+		return ClassMetrics(pred, truth, 2), nil
+	}
+	pred, truth := make([]float64, n), make([]float64, n)
+	for i := range n {
+		pred[i], truth[i] = float64(v[i]), float64(y[i])
+	}
+	return RegressionMetrics(pred, truth), nil
+}
+
+// evaluate runs the network over ds in eval mode and scores it.
+func evaluate(tr trainer.Trainer, ds *data.Dataset, h head, batch int) (Metrics, error) {
+	x, y, err := ds.Tensors()
+	if err != nil {
+		return nil, err
+	}
+	defer x.Close()
+	defer y.Close()
+	out, loss, err := tr.Evaluate(x.Handle(), y.Handle(), int64(max(batch, 256)))
+	if err != nil {
+		return nil, fmt.Errorf("kiln: evaluate: %w", err)
+	}
+	m, err := scoreOutputs(out, ds.Y, h)
+	if err != nil {
+		return nil, err
+	}
+	m["loss"] = loss
+	return m, nil
+}
+
+// Evaluate computes the loss and metrics of net on ds under cfg's loss.
+func Evaluate(net *nn.Net, ds *data.Dataset, cfg Config) (Metrics, error) {
+	if ds == nil || ds.Len() == 0 {
+		return nil, errors.New("kiln: evaluate: the data set is empty")
+	}
+	lk, err := lossKind(cfg.Loss.Type)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkTargets(ds, headOf(lk), net.Outputs, "evaluation"); err != nil {
+		return nil, err
+	}
+	if cfg.Optimizer.LR <= 0 {
+		cfg.Optimizer = Optimizer{Type: "sgd", LR: 1}
+	}
+	tr, err := newTrainer(net, cfg)
+	if err != nil {
+		return nil, err
+	}
+	defer tr.Free()
+	return evaluate(tr, ds, headOf(lk), cfg.BatchSize)
+}
+
+// Fit trains net on trainSet, validating on valSet (may be nil) after
+// every epoch. At the end net holds the best epoch's weights under early
+// stopping, else the last epoch's, and is in eval mode. net must stay
+// open during the call. onEvent (may be nil) receives progress on the
+// calling goroutine. Cancelling ctx stops within one progress interval;
+// Fit then returns ctx's error (and the checkpoints written so far).
+func Fit(ctx context.Context, net *nn.Net, trainSet, valSet *data.Dataset, cfg Config, onEvent func(Event)) (res *Result, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			res, err = nil, fmt.Errorf("kiln: train: internal error: %v", r)
+		}
+	}()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	if trainSet == nil || trainSet.Len() == 0 {
+		return nil, errors.New("kiln: train: the training set is empty")
+	}
+	if int64(trainSet.Features) != net.Inputs {
+		return nil, fmt.Errorf("kiln: train: the data has %d feature columns but the network takes %d", trainSet.Features, net.Inputs)
+	}
+	if valSet != nil && valSet.Len() == 0 {
+		valSet = nil
+	}
+	if cfg.EarlyStopping != nil && valSet == nil {
+		return nil, errors.New("kiln: train: early stopping needs a validation set")
+	}
+	lk, _ := lossKind(cfg.Loss.Type)
+	h := headOf(lk)
+	if err := checkTargets(trainSet, h, net.Outputs, "training"); err != nil {
+		return nil, err
+	}
+	if valSet != nil {
+		if err := checkTargets(valSet, h, net.Outputs, "validation"); err != nil {
+			return nil, err
+		}
+	}
+	if onEvent == nil {
+		onEvent = func(Event) {}
+	}
+
+	tr, err := newTrainer(net, cfg)
+	if err != nil {
+		return nil, err
+	}
+	defer tr.Free()
+	x, y, err := trainSet.Tensors()
+	if err != nil {
+		return nil, err
+	}
+	defer x.Close()
+	defer y.Close()
+
+	r := &run{cfg: cfg, net: net, tr: tr, h: h, res: &Result{StopReason: "epochs"}}
+	defer r.freeBest()
+	r.src = rand.NewPCG(cfg.Seed, 0x5eed)
+	core.ManualSeed(cfg.Seed)
+	start := 0
+	if cfg.Resume && cfg.CheckpointDir != "" {
+		if start, err = r.resume(); err != nil {
+			return nil, err
+		}
+	}
+	rng := rand.New(r.src)
+	n := int64(trainSet.Len())
+	steps := trainer.EpochSteps(n, int64(cfg.BatchSize))
+	every := int64(cfg.ProgressEvery)
+	if every <= 0 {
+		every = max(1, steps/10)
+	}
+	t0 := time.Now()
+	var samples int64
+	for epoch := start; epoch < cfg.Epochs; epoch++ {
+		if err := ctx.Err(); err != nil {
+			return r.res, fmt.Errorf("kiln: train: %w", err)
+		}
+		e0 := time.Now()
+		perm := trainSet.Shuffle(rng)
+		lrs := make([]float64, steps)
+		for i := range lrs {
+			lrs[i] = cfg.LR(int64(epoch)*steps+int64(i), steps)
+		}
+		ev := Event{Kind: "step", Epoch: epoch + 1, Epochs: cfg.Epochs, Steps: steps}
+		progress := func(step, nsteps int64, lossSum float64, seen int64) bool {
+			if ctx.Err() != nil {
+				return false
+			}
+			el := time.Since(t0)
+			ev.Step, ev.Loss, ev.LR = step, lossSum/float64(seen), lrs[step-1]
+			ev.Elapsed = el
+			ev.SamplesPerSec = float64(samples+seen) / el.Seconds()
+			left := float64(cfg.Epochs-epoch)*float64(n) - float64(seen)
+			ev.ETA = time.Duration(left / ev.SamplesPerSec * float64(time.Second))
+			onEvent(ev)
+			return true
+		}
+		er, err := tr.Epoch(x.Handle(), y.Handle(), perm, int64(cfg.BatchSize), lrs, every, progress)
+		if err != nil {
+			return r.res, fmt.Errorf("kiln: train: epoch %d: %w", epoch+1, err)
+		}
+		samples += er.Seen
+		if er.Stopped {
+			if err := ctx.Err(); err != nil {
+				return r.res, fmt.Errorf("kiln: train: %w", err)
+			}
+			return r.res, errors.New("kiln: train: stopped by the progress callback")
+		}
+		st := EpochStats{Epoch: epoch + 1, TrainLoss: er.LossSum / float64(er.Seen), LR: lrs[len(lrs)-1]}
+		if math.IsNaN(st.TrainLoss) || math.IsInf(st.TrainLoss, 0) {
+			return r.res, fmt.Errorf("kiln: train: the training loss diverged (%v) in epoch %d; lower the learning rate or clip gradients", st.TrainLoss, epoch+1)
+		}
+		if valSet != nil {
+			if st.Val, err = evaluate(tr, valSet, h, cfg.BatchSize); err != nil {
+				return r.res, err
+			}
+		}
+		st.Seconds = time.Since(e0).Seconds()
+		r.res.History = append(r.res.History, st)
+		stop, err := r.track(st)
+		if err != nil {
+			return r.res, err
+		}
+		if !stop && cfg.MaxSeconds > 0 && time.Since(t0).Seconds() >= cfg.MaxSeconds && epoch+1 < cfg.Epochs {
+			stop, r.res.StopReason = true, "time_budget"
+		}
+		if cfg.CheckpointDir != "" {
+			ce := max(cfg.CheckpointEvery, 1)
+			if (epoch+1)%ce == 0 || epoch+1 == cfg.Epochs || stop {
+				if err := r.checkpoint(epoch + 1); err != nil {
+					return r.res, err
+				}
+			}
+		}
+		el := time.Since(t0)
+		ev = Event{Kind: "epoch", Epoch: epoch + 1, Epochs: cfg.Epochs, Step: steps, Steps: steps,
+			Loss: st.TrainLoss, LR: st.LR, Metrics: st.Val, Elapsed: el,
+			SamplesPerSec: float64(samples) / el.Seconds()}
+		ev.ETA = time.Duration(el.Seconds() / float64(epoch+1-start) * float64(cfg.Epochs-epoch-1) * float64(time.Second))
+		onEvent(ev)
+		slog.Debug("kiln: epoch", "epoch", epoch+1, "train_loss", st.TrainLoss, "val", st.Val)
+		if stop {
+			break
+		}
+	}
+	if r.best.Valid() {
+		if err := trainer.CopyState(net.Handle(), r.best); err != nil {
+			return r.res, fmt.Errorf("kiln: train: restoring the best epoch's weights: %w", err)
+		}
+	}
+	if err := net.SetTraining(false); err != nil {
+		return r.res, err
+	}
+	r.res.Seconds = time.Since(t0).Seconds()
+	if r.res.Seconds > 0 {
+		r.res.SamplesPerSec = float64(samples) / r.res.Seconds
+	}
+	if r.res.BestEpoch == 0 && len(r.res.History) > 0 {
+		last := r.res.History[len(r.res.History)-1]
+		r.res.BestEpoch, r.res.Best = last.Epoch, last.Val
+	}
+	onEvent(Event{Kind: "done", Epoch: len(r.res.History) + r.res.ResumedFrom, Epochs: cfg.Epochs,
+		Metrics: r.res.Best, Elapsed: time.Since(t0), SamplesPerSec: r.res.SamplesPerSec})
+	return r.res, nil
+}
+
+// run is the state of one Fit call.
+type run struct {
+	cfg Config
+	net *nn.Net
+	tr  trainer.Trainer
+	h   head
+	src *rand.PCG
+	res *Result
+	// best holds a copy of the best epoch's weights (early stopping).
+	best      native.Module
+	bestValue float64
+	bad       int
+}
+
+func (r *run) freeBest() {
+	if r.best.Valid() {
+		r.best.Free()
+		r.best = native.Module{}
+	}
+}
+
+// track updates early stopping after an epoch; true means stop.
+func (r *run) track(st EpochStats) (bool, error) {
+	es := r.cfg.EarlyStopping
+	if es == nil {
+		return false, nil
+	}
+	name := es.Metric
+	if name == "" {
+		name = "loss"
+	}
+	v, ok := st.Val[name]
+	if !ok {
+		return false, fmt.Errorf("kiln: train: early stopping monitors %q, which this task does not compute (it has %v)", name, keys(st.Val))
+	}
+	up, _ := higherIsBetter(name)
+	better := r.res.BestEpoch == 0
+	if !better {
+		if up {
+			better = v > r.bestValue+es.MinDelta
+		} else {
+			better = v < r.bestValue-es.MinDelta
+		}
+	}
+	if better {
+		c, err := trainer.DeepCopy(r.net.Handle())
+		if err != nil {
+			return false, fmt.Errorf("kiln: train: keeping the best weights: %w", err)
+		}
+		r.freeBest()
+		r.best, r.bestValue, r.bad = c, v, 0
+		r.res.BestEpoch, r.res.Best = st.Epoch, st.Val
+		return false, nil
+	}
+	r.bad++
+	if r.bad >= es.Patience {
+		r.res.StopReason = "early_stopping"
+		return true, nil
+	}
+	return false, nil
+}
+
+func keys(m Metrics) []string {
+	var k []string
+	for n := range m {
+		k = append(k, n)
+	}
+	return k
+}

@@ -1,0 +1,318 @@
+package train
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/core/data"
+	"github.com/kilnml/kiln/core/nn"
+)
+
+// Job is a complete training run, as a `kiln train` spec file declares it
+// (JSON or YAML):
+//
+//	model: {layers: [...], input_shape: [...]}   # core/nn Spec
+//	data:  {target: label, impute: mean, scale: standard, ...}
+//	split: {val: 0.15, test: 0.15, stratify: true}
+//	train: {epochs: 30, batch_size: 32, seed: 1, optimizer: {type: adam, lr: 0.001}, ...}
+//
+// The last linear layer may leave out `out`: it becomes the number of
+// classes (cross_entropy) or 1.
+type Job struct {
+	Model nn.Spec           `json:"model"`
+	Data  data.Options      `json:"data"`
+	Split data.SplitOptions `json:"split"`
+	Train Config            `json:"train"`
+}
+
+// ParseJob reads a Job from JSON or YAML.
+func ParseJob(b []byte) (Job, error) {
+	var j Job
+	if err := nn.Decode(b, &j); err != nil {
+		return Job{}, fmt.Errorf("kiln: training spec: %w", err)
+	}
+	return j, nil
+}
+
+// withDefaults fills what the job leaves out, given the task.
+func (j Job) withDefaults(p *data.Preprocessor) Job {
+	t := &j.Train
+	if t.Epochs == 0 {
+		t.Epochs = 20
+	}
+	if t.BatchSize == 0 {
+		t.BatchSize = 32
+	}
+	if t.Loss.Type == "" {
+		t.Loss.Type = "mse"
+		if p.Task == data.Classification {
+			t.Loss.Type = "cross_entropy"
+		}
+	}
+	if t.Optimizer.Type == "" {
+		t.Optimizer.Type = "adam"
+	}
+	if t.Optimizer.LR == 0 {
+		t.Optimizer.LR = 1e-3
+	}
+	layers := append([]nn.Layer(nil), j.Model.Layers...)
+	for i := len(layers) - 1; i >= 0; i-- {
+		if norm(layers[i].Type) == "linear" {
+			if layers[i].Out == 0 {
+				layers[i].Out = 1
+				if lk, _ := lossKind(t.Loss.Type); headOf(lk) == multiclass {
+					layers[i].Out = int64(len(p.Labels))
+				}
+			}
+			break
+		}
+	}
+	j.Model.Layers = layers
+	return j
+}
+
+// Prepared is a job's data after splitting and preprocessing.
+type Prepared struct {
+	Job              Job
+	Pre              *data.Preprocessor
+	Train, Val, Test *data.Dataset
+	Table            *data.Table
+}
+
+// Prepare splits t (seeded by the job's seed, stratified on the target
+// when asked), fits preprocessing on the training rows and encodes the
+// three splits.
+func Prepare(j Job, t *data.Table) (*Prepared, error) {
+	if t.Rows() == 0 {
+		return nil, fmt.Errorf("kiln: the data set is empty (no rows)")
+	}
+	if j.Data.Target == "" {
+		return nil, fmt.Errorf("kiln: no target column given")
+	}
+	target, err := t.Column(j.Data.Target)
+	if err != nil {
+		return nil, fmt.Errorf("%w (target)", err)
+	}
+	var strata []int
+	if j.Split.Stratify {
+		ids := map[string]int{}
+		strata = make([]int, t.Rows())
+		for i := range strata {
+			k := fmt.Sprint(target.Missing(i), cell(target, i))
+			if _, ok := ids[k]; !ok {
+				ids[k] = len(ids)
+			}
+			strata[i] = ids[k]
+		}
+	}
+	tr, va, te, err := data.Split(t.Rows(), strata, j.Split, j.Train.Seed)
+	if err != nil {
+		return nil, err
+	}
+	pre, err := data.Fit(t, tr, j.Data)
+	if err != nil {
+		return nil, err
+	}
+	p := &Prepared{Job: j.withDefaults(pre), Pre: pre, Table: t}
+	enc := func(rows []int) (*data.Dataset, error) {
+		if len(rows) == 0 {
+			return nil, nil
+		}
+		x, err := pre.EncodeFeatures(t, rows)
+		if err != nil {
+			return nil, err
+		}
+		y, err := pre.EncodeTarget(t, rows)
+		if err != nil {
+			return nil, err
+		}
+		return data.NewDataset(x, pre.NumInputs(), y)
+	}
+	if p.Train, err = enc(tr); err != nil {
+		return nil, err
+	}
+	if p.Val, err = enc(va); err != nil {
+		return nil, err
+	}
+	if p.Test, err = enc(te); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+func cell(c *data.Column, i int) string {
+	if c.Categorical {
+		return c.Str[i]
+	}
+	return fmt.Sprint(c.Num[i])
+}
+
+// Build builds the job's network behind its preprocessing, seeded by the
+// job's seed.
+func (p *Prepared) Build() (*nn.Net, error) {
+	return nn.BuildWithPrelude(p.Job.Model, p.Pre.Prelude(), p.Job.Train.Seed)
+}
+
+// Report is the outcome of Run.
+type Report struct {
+	Result *Result `json:"result"`
+	// Val and Test are the final network's metrics on those splits.
+	Val  Metrics `json:"val,omitempty"`
+	Test Metrics `json:"test,omitempty"`
+	// Dir is the model package written, if any.
+	Dir string `json:"dir,omitempty"`
+}
+
+// Run prepares the data, builds and trains the network, evaluates it on
+// the validation and test splits, and, when out is not empty, saves a
+// model package there (see SavePackage).
+func Run(ctx context.Context, j Job, t *data.Table, source, out string, onEvent func(Event)) (*Report, error) {
+	p, err := Prepare(j, t)
+	if err != nil {
+		return nil, err
+	}
+	net, err := p.Build()
+	if err != nil {
+		return nil, err
+	}
+	defer net.Close()
+	res, err := Fit(ctx, net, p.Train, p.Val, p.Job.Train, onEvent)
+	if err != nil {
+		return nil, err
+	}
+	rep := &Report{Result: res}
+	if p.Val != nil {
+		if rep.Val, err = Evaluate(net, p.Val, p.Job.Train); err != nil {
+			return nil, err
+		}
+	}
+	if p.Test != nil {
+		if rep.Test, err = Evaluate(net, p.Test, p.Job.Train); err != nil {
+			return nil, err
+		}
+	}
+	if out != "" {
+		if err := SavePackage(out, net, p, rep, source); err != nil {
+			return nil, err
+		}
+		rep.Dir = out
+	}
+	return rep, nil
+}
+
+// TensorInfo describes one input or output of a packaged model.
+type TensorInfo struct {
+	Name  string  `json:"name"`
+	DType string  `json:"dtype"`
+	Shape []int64 `json:"shape"` // -1: the batch dimension
+	// Columns describes each raw input column (inputs only).
+	Columns []data.FeatureInfo `json:"columns,omitempty"`
+	// Meaning of the values (outputs only), e.g. "logits".
+	Meaning string `json:"meaning,omitempty"`
+}
+
+// Lineage records where a model came from.
+type Lineage struct {
+	DataSHA256      string    `json:"data_sha256"`
+	DataSource      string    `json:"data_source,omitempty"`
+	Rows            int       `json:"rows"`
+	SplitRows       [3]int    `json:"split_rows"` // train, val, test
+	Seed            uint64    `json:"seed"`
+	Hyperparameters Config    `json:"hyperparameters"`
+	Created         time.Time `json:"created"`
+	KilnVersion     string    `json:"kiln_version"`
+	TorchVersion    string    `json:"torch_version"`
+}
+
+// Manifest is manifest.json of a Kiln model package.
+type Manifest struct {
+	Format        string             `json:"format"`
+	Name          string             `json:"name,omitempty"`
+	Task          data.Task          `json:"task"`
+	Model         string             `json:"model"`
+	Inputs        []TensorInfo       `json:"inputs"`
+	Outputs       []TensorInfo       `json:"outputs"`
+	Labels        []string           `json:"labels,omitempty"`
+	Metrics       map[string]Metrics `json:"metrics"`
+	Parameters    int64              `json:"parameters"`
+	Spec          nn.Spec            `json:"spec"`
+	Preprocessing *data.Preprocessor `json:"preprocessing"`
+	Training      *Result            `json:"training"`
+	Lineage       Lineage            `json:"lineage"`
+}
+
+// ManifestFormat identifies Kiln model packages.
+const ManifestFormat = "kiln-model/1"
+
+func rows(d *data.Dataset) int {
+	if d == nil {
+		return 0
+	}
+	return d.Len()
+}
+
+// SavePackage writes a Kiln model package into dir: model.pt, the trained
+// network as TorchScript with the preprocessing at the start of forward
+// (raw feature columns in, outputs out; torch.jit.load reads it and
+// core.LoadModule serves it), and manifest.json (see Manifest). Each file
+// is written to a temporary name and renamed into place.
+func SavePackage(dir string, net *nn.Net, p *Prepared, rep *Report, source string) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("kiln: save package: %w", err)
+	}
+	if err := net.SetTraining(false); err != nil {
+		return err
+	}
+	tmp := filepath.Join(dir, ".tmp-model.pt")
+	if err := net.Save(tmp); err != nil {
+		return fmt.Errorf("kiln: save package: %w", err)
+	}
+	if err := syncFile(tmp); err != nil {
+		return fmt.Errorf("kiln: save package: %w", err)
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, "model.pt")); err != nil {
+		return fmt.Errorf("kiln: save package: %w", err)
+	}
+	meaning := "prediction"
+	lk, _ := lossKind(p.Job.Train.Loss.Type)
+	switch headOf(lk) {
+	case multiclass:
+		meaning = "logits (class scores in labels order; softmax for probabilities)"
+	case binary:
+		meaning = "logit of labels[1] (sigmoid for its probability)"
+	}
+	metrics := map[string]Metrics{}
+	if rep.Val != nil {
+		metrics["val"] = rep.Val
+	}
+	if rep.Test != nil {
+		metrics["test"] = rep.Test
+	}
+	m := Manifest{
+		Format: ManifestFormat, Name: p.Job.Model.Name, Task: p.Pre.Task, Model: "model.pt",
+		Inputs: []TensorInfo{{Name: "x", DType: "float32", Shape: []int64{-1, net.Inputs}, Columns: p.Pre.Features}},
+		Outputs: []TensorInfo{{Name: "y", DType: "float32", Shape: append([]int64{-1}, net.Outputs...),
+			Meaning: meaning}},
+		Labels: p.Pre.Labels, Metrics: metrics, Parameters: net.Params, Spec: p.Job.Model,
+		Preprocessing: p.Pre, Training: rep.Result,
+		Lineage: Lineage{
+			DataSHA256: p.Table.Fingerprint, DataSource: source, Rows: p.Table.Rows(),
+			SplitRows: [3]int{rows(p.Train), rows(p.Val), rows(p.Test)},
+			Seed:      p.Job.Train.Seed, Hyperparameters: p.Job.Train,
+			Created: time.Now().UTC(), KilnVersion: core.Version, TorchVersion: core.TorchVersion(),
+		},
+	}
+	b, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return fmt.Errorf("kiln: save package: manifest: %w", err)
+	}
+	if err := writeAtomic(filepath.Join(dir, "manifest.json"), append(b, '\n')); err != nil {
+		return fmt.Errorf("kiln: save package: %w", err)
+	}
+	return nil
+}
