@@ -40,6 +40,12 @@ inline kiln_error make_error(const std::string& msg) {
 }
 
 bool to_scalar_type(kiln_dtype d, at::ScalarType* out);
+
+// Applies the thread count last set with kiln_set_num_threads to the
+// calling OS thread. libtorch's OpenMP thread count is per OS thread, and
+// Go runs cgo calls on whichever thread it likes, so every entry point
+// that computes calls this first; it costs one comparison when in sync.
+void sync_threads();
 bool from_scalar_type(at::ScalarType s, kiln_dtype* out);
 
 }  // namespace kiln

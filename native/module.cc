@@ -96,6 +96,7 @@ kiln_error kiln_module_forward(kiln_module* m, kiln_tensor* const* inputs, int n
     KILN_CHECK_ARG(inputs[i] != nullptr, "input " + std::to_string(i) + " is NULL");
   }
   KILN_GUARD_BEGIN
+  kiln::sync_threads();
   std::vector<at::Tensor> results;
   try {
     c10::InferenceMode guard;

@@ -4,6 +4,21 @@
 
 #include "internal.h"
 
+#include <atomic>
+
+namespace kiln {
+namespace {
+// The thread count set through the C ABI; 0 until set.
+std::atomic<int> g_threads{0};
+}  // namespace
+
+void sync_threads() {
+  int n = g_threads.load(std::memory_order_relaxed);
+  if (n > 0 && at::get_num_threads() != n) at::set_num_threads(n);
+}
+
+}  // namespace kiln
+
 extern "C" {
 
 void kiln_error_free(kiln_error err) { std::free(err); }
@@ -16,11 +31,14 @@ kiln_error kiln_set_num_threads(int n) {
   KILN_CHECK_ARG(n >= 1, "thread count must be >= 1");
   KILN_GUARD_BEGIN
   at::set_num_threads(n);
+  kiln::g_threads.store(n, std::memory_order_relaxed);
   KILN_GUARD_END
 }
 
 int kiln_get_num_threads(void) {
   try {
+    int n = kiln::g_threads.load(std::memory_order_relaxed);
+    if (n > 0) return n;
     return at::get_num_threads();
   } catch (...) {
     return -1;

@@ -285,3 +285,18 @@ func addBuffer(h native.Module, b Buffer) error {
 	defer t.Close()
 	return trainer.AddValue(h, b.Name, t.Handle(), false)
 }
+
+// State returns every parameter and buffer, concatenated in registration
+// order as float64: for comparing weights bit for bit.
+func (n *Net) State() ([]float64, error) {
+	h, err := trainer.FlatState(n.Handle())
+	if err != nil {
+		return nil, fmt.Errorf("kiln: network state: %w", err)
+	}
+	t, err := core.AdoptTensor(h)
+	if err != nil {
+		return nil, err
+	}
+	defer t.Close()
+	return core.CopyData[float64](t)
+}

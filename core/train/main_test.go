@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -60,3 +61,5 @@ func loadCSV(t *testing.T, name string) *data.Table {
 	require.NoError(t, err)
 	return tb
 }
+
+func stringsReader(s string) *strings.Reader { return strings.NewReader(s) }

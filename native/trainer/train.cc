@@ -366,6 +366,7 @@ kiln_error kiln_trainer_step(kiln_trainer* t, const kiln_tensor* x,
   KILN_CHECK_ARG(t != nullptr && x != nullptr && y != nullptr && loss != nullptr,
                  "NULL argument");
   KILN_GUARD_BEGIN
+  kiln::sync_threads();
   try {
     t->m.train(true);
     *loss = train_step(t, x->t, y->t);
@@ -411,6 +412,7 @@ kiln_error kiln_trainer_epoch(kiln_trainer* t, const kiln_tensor* x,
   }
   std::vector<int64_t> starts = batch_starts(n, batch);
   int64_t nsteps = static_cast<int64_t>(starts.size()) - 1;
+  kiln::sync_threads();
   at::Tensor idx_all = at::from_blob(const_cast<int64_t*>(perm), {n}, at::kLong);
   try {
     t->m.train(true);
@@ -443,6 +445,7 @@ kiln_error kiln_trainer_evaluate(kiln_trainer* t, const kiln_tensor* x,
                  "NULL argument");
   KILN_CHECK_ARG(batch > 0, "batch size must be > 0");
   KILN_GUARD_BEGIN
+  kiln::sync_threads();
   try {
     at::NoGradGuard ng;
     t->m.train(false);

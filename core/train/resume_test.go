@@ -1,0 +1,111 @@
+package train_test
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/core/data"
+	"github.com/kilnml/kiln/core/nn"
+	"github.com/kilnml/kiln/core/train"
+)
+
+// resumeJob is the run the kill -9 test interrupts: the digits MLP with
+// dropout, so that both the shuffling RNG and libtorch's RNG matter.
+func resumeJob(ckpt string) train.Job {
+	return train.Job{
+		Model: nn.Sequential(nn.Linear(64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(0)),
+		Data:  data.Options{Target: "digit", Task: data.Classification},
+		Split: data.SplitOptions{Val: 0.15, Test: 0.2, Stratify: true},
+		Train: train.Config{Epochs: 12, BatchSize: 32, Seed: 3, CheckpointDir: ckpt, Resume: true,
+			Optimizer: train.Optimizer{Type: "sgd", LR: 0.05, Momentum: 0.9},
+			Schedule:  train.Schedule{Type: "cosine"}},
+	}
+}
+
+// TestKillChild is the child process of TestKillAndResume: it trains with
+// checkpoints, slowly, until it is killed. It is skipped in normal runs.
+func TestKillChild(t *testing.T) {
+	if os.Getenv("KILN_TRAIN_CHILD") == "" {
+		t.Skip("child process of TestKillAndResume only")
+	}
+	tb, err := data.ReadCSVFile(os.Getenv("KILN_TRAIN_DATA"))
+	require.NoError(t, err)
+	_, err = train.Run(context.Background(), resumeJob(os.Getenv("KILN_TRAIN_CKPT")), tb, "", "", func(e train.Event) {
+		if e.Kind == "step" {
+			time.Sleep(20 * time.Millisecond) // stretch each epoch so the parent can kill mid-way
+		}
+	})
+	require.NoError(t, err)
+}
+
+func TestKillAndResume(t *testing.T) {
+	prev := core.NumThreads()
+	require.NoError(t, core.SetNumThreads(1))
+	defer core.SetNumThreads(prev)
+	csv := filepath.Join(dataDir, "digits.csv")
+	tb := loadCSV(t, "digits.csv")
+
+	// The uninterrupted run.
+	full, err := train.Run(context.Background(), resumeJob(filepath.Join(t.TempDir(), "ckpt")), tb, "", "", nil)
+	require.NoError(t, err)
+
+	ckpt := filepath.Join(t.TempDir(), "ckpt")
+	cmd := exec.Command(os.Args[0], "-test.run=^TestKillChild$", "-test.count=1")
+	cmd.Env = append(os.Environ(), "KILN_TRAIN_CHILD=1", "KILN_NUM_THREADS=1",
+		"KILN_TRAIN_DATA="+csv, "KILN_TRAIN_CKPT="+ckpt)
+	require.NoError(t, cmd.Start())
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	killedAt := 0
+	deadline := time.After(60 * time.Second)
+wait:
+	for {
+		select {
+		case err := <-done:
+			t.Fatalf("the child finished before it was killed: %v", err)
+		case <-deadline:
+			cmd.Process.Kill()
+			t.Fatal("no checkpoint of epoch 4 within 60 s")
+		case <-time.After(20 * time.Millisecond):
+			if _, e, _ := train.LatestCheckpoint(ckpt); e >= 4 {
+				killedAt = e
+				require.NoError(t, cmd.Process.Signal(os.Kill)) // kill -9
+				<-done
+				break wait
+			}
+		}
+	}
+	_, atKill, err := train.LatestCheckpoint(ckpt)
+	require.NoError(t, err)
+	require.Less(t, atKill, 12, "killed mid-way")
+	require.GreaterOrEqual(t, atKill, killedAt)
+
+	resumed, err := train.Run(context.Background(), resumeJob(ckpt), tb, "", "", nil)
+	require.NoError(t, err)
+	assert.Equal(t, atKill, resumed.Result.ResumedFrom, "resumes from the last checkpoint")
+	assert.Len(t, resumed.Result.History, 12, "history carries over")
+	t.Logf("killed after epoch %d; test accuracy uninterrupted %.4f, resumed %.4f",
+		atKill, full.Test["accuracy"], resumed.Test["accuracy"])
+	assert.InDelta(t, full.Test["accuracy"], resumed.Test["accuracy"], 0.005, "same final metric ±0.5 pt")
+	assert.InDelta(t, full.Val["loss"], resumed.Val["loss"], 1e-4)
+}
+
+func TestResumeRejectsOtherHyperparameters(t *testing.T) {
+	tb := loadCSV(t, "digits.csv")
+	ckpt := filepath.Join(t.TempDir(), "ckpt")
+	j := resumeJob(ckpt)
+	j.Train.Epochs = 1
+	_, err := train.Run(context.Background(), j, tb, "", "", nil)
+	require.NoError(t, err)
+	j.Train.Optimizer.LR = 0.1
+	_, err = train.Run(context.Background(), j, tb, "", "", nil)
+	assert.ErrorContains(t, err, "written with other hyper-parameters")
+}
