@@ -289,3 +289,7 @@ func AdoptTensor(h native.Tensor) (*Tensor, error) {
 	}
 	return wrap(h)
 }
+
+// Use runs f with the native handle while holding the tensor open, so
+// that Close waits for f: for packages that cross into C themselves.
+func (t *Tensor) Use(f func(h native.Tensor) error) error { return t.use(f) }

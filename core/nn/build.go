@@ -300,3 +300,32 @@ func (n *Net) State() ([]float64, error) {
 	defer t.Close()
 	return core.CopyData[float64](t)
 }
+
+// Forward runs the network on a batch x ([batch, Inputs]) without
+// recording gradients, in the current mode (SetTraining(false) for
+// predictions). Unlike core.Module.Forward it works on a network that has
+// trained in this process. The caller closes the result, which is the
+// single output in a slice for symmetry with core.Module.
+func (n *Net) Forward(inputs ...*core.Tensor) ([]*core.Tensor, error) {
+	if len(inputs) != 1 || inputs[0] == nil {
+		return nil, fmt.Errorf("kiln: network forward takes one input tensor, got %d", len(inputs))
+	}
+	var out native.Tensor
+	err := inputs[0].Use(func(x native.Tensor) error {
+		h := n.Handle()
+		if !h.Valid() {
+			return core.ErrClosed
+		}
+		var err error
+		out, err = trainer.Forward(h, x)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("kiln: forward %s: %w", n.Module, err)
+	}
+	t, err := core.AdoptTensor(out)
+	if err != nil {
+		return nil, err
+	}
+	return []*core.Tensor{t}, nil
+}

@@ -60,20 +60,27 @@ func (j Job) withDefaults(p *data.Preprocessor) Job {
 	if t.Optimizer.LR == 0 {
 		t.Optimizer.LR = 1e-3
 	}
-	layers := append([]nn.Layer(nil), j.Model.Layers...)
+	j.Model = autoOut(j.Model, p, t.Loss.Type)
+	return j
+}
+
+// autoOut gives the last linear layer, when it leaves out `out`, one
+// output per class (cross_entropy) or a single one.
+func autoOut(s nn.Spec, p *data.Preprocessor, loss string) nn.Spec {
+	layers := append([]nn.Layer(nil), s.Layers...)
 	for i := len(layers) - 1; i >= 0; i-- {
 		if norm(layers[i].Type) == "linear" {
 			if layers[i].Out == 0 {
 				layers[i].Out = 1
-				if lk, _ := lossKind(t.Loss.Type); headOf(lk) == multiclass {
+				if lk, _ := lossKind(loss); headOf(lk) == multiclass {
 					layers[i].Out = int64(len(p.Labels))
 				}
 			}
 			break
 		}
 	}
-	j.Model.Layers = layers
-	return j
+	s.Layers = layers
+	return s
 }
 
 // Prepared is a job's data after splitting and preprocessing.

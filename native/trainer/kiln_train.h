@@ -67,6 +67,11 @@ kiln_error kiln_nn_require_grad(kiln_module* m);
 /* Number of parameters (elements) that require grad. */
 kiln_error kiln_nn_num_params(kiln_module* m, int64_t* out);
 
+/* Runs forward(x) without gradients (NoGradGuard, not inference mode: a
+ * module that has trained holds autodiff plans that inference mode
+ * rejects) and returns the output tensor. */
+kiln_error kiln_nn_forward(kiln_module* m, const kiln_tensor* x, kiln_tensor** out);
+
 /* ---- training --------------------------------------------------------- */
 
 typedef enum {

@@ -276,6 +276,21 @@ kiln_error kiln_nn_copy_state(kiln_module* dst, kiln_module* src) {
   KILN_GUARD_END
 }
 
+kiln_error kiln_nn_forward(kiln_module* m, const kiln_tensor* x, kiln_tensor** out) {
+  KILN_CHECK_ARG(m != nullptr && x != nullptr && out != nullptr, "NULL argument");
+  KILN_GUARD_BEGIN
+  kiln::sync_threads();
+  try {
+    at::NoGradGuard ng;
+    c10::IValue r = m->m.forward({x->t});
+    if (!r.isTensor()) return kiln::make_error("forward returned " + r.tagKind() + ", not a tensor");
+    *out = new kiln_tensor{r.toTensor()};
+  } catch (const c10::Error& e) {
+    return kiln::make_error(concise(e.what_without_backtrace()));
+  }
+  KILN_GUARD_END
+}
+
 kiln_error kiln_nn_require_grad(kiln_module* m) {
   KILN_CHECK_ARG(m != nullptr, "NULL argument");
   KILN_GUARD_BEGIN

@@ -121,6 +121,15 @@ func CopyState(dst, src native.Module) error {
 	return takeErr(C.kiln_nn_copy_state(mod(dst), mod(src)))
 }
 
+// Forward runs forward(x) without gradients; the caller owns the result.
+func Forward(m native.Module, x native.Tensor) (native.Tensor, error) {
+	var out *C.kiln_tensor
+	if err := takeErr(C.kiln_nn_forward(mod(m), ten(x), &out)); err != nil {
+		return native.Tensor{}, err
+	}
+	return native.TensorFromPtr(unsafe.Pointer(out)), nil
+}
+
 // RequireGrad marks every parameter as requiring gradients.
 func RequireGrad(m native.Module) error { return takeErr(C.kiln_nn_require_grad(mod(m))) }
 
