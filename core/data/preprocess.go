@@ -81,9 +81,9 @@ func Fit(t *Table, rows []int, o Options) (*Preprocessor, error) {
 	if o.Target == "" {
 		return nil, fmt.Errorf("kiln: no target column given")
 	}
-	target, err := t.Column(o.Target)
+	target, err := t.Lookup(o.Target, "target column")
 	if err != nil {
-		return nil, fmt.Errorf("%w (target)", err)
+		return nil, err
 	}
 	switch o.Impute {
 	case "", "mean", "median", "constant":
@@ -116,7 +116,7 @@ func Fit(t *Table, rows []int, o Options) (*Preprocessor, error) {
 		if n == o.Target {
 			return nil, fmt.Errorf("kiln: column %q is both the target and a feature", n)
 		}
-		c, err := t.Column(n)
+		c, err := t.Lookup(n, "feature column")
 		if err != nil {
 			return nil, err
 		}
@@ -364,9 +364,9 @@ func (p *Preprocessor) EncodeFeatures(t *Table, rows []int) ([]float32, error) {
 // float32) for classification, values for regression. A missing or unseen
 // label is an error naming the column and row.
 func (p *Preprocessor) EncodeTarget(t *Table, rows []int) ([]float32, error) {
-	c, err := t.Column(p.Options.Target)
+	c, err := t.Lookup(p.Options.Target, "target column")
 	if err != nil {
-		return nil, fmt.Errorf("%w (target)", err)
+		return nil, err
 	}
 	out := make([]float32, len(rows))
 	idx := make(map[string]int, len(p.Labels))

@@ -73,7 +73,11 @@ func (t *Table) Names() []string {
 
 // Column returns the named column, or an error naming it and listing the
 // columns there are.
-func (t *Table) Column(name string) (*Column, error) {
+func (t *Table) Column(name string) (*Column, error) { return t.Lookup(name, "column") }
+
+// Lookup is Column with the column's role named in the error, e.g.
+// `target column "price" not found`.
+func (t *Table) Lookup(name, role string) (*Column, error) {
 	for _, c := range t.Columns {
 		if c.Name == name {
 			return c, nil
@@ -83,7 +87,7 @@ func (t *Table) Column(name string) (*Column, error) {
 	if len(names) > 12 {
 		names = append(names[:12], fmt.Sprintf("... (%d in all)", len(t.Columns)))
 	}
-	return nil, fmt.Errorf("kiln: column %q not found; the data has columns %s", name, strings.Join(names, ", "))
+	return nil, fmt.Errorf("kiln: %s %q not found; the data has columns %s", role, name, strings.Join(names, ", "))
 }
 
 // missingToken reports whether a CSV cell means "no value".

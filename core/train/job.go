@@ -101,9 +101,9 @@ func Prepare(j Job, t *data.Table) (*Prepared, error) {
 	if j.Data.Target == "" {
 		return nil, fmt.Errorf("kiln: no target column given")
 	}
-	target, err := t.Column(j.Data.Target)
+	target, err := t.Lookup(j.Data.Target, "target column")
 	if err != nil {
-		return nil, fmt.Errorf("%w (target)", err)
+		return nil, err
 	}
 	var strata []int
 	if j.Split.Stratify {

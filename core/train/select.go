@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
-		"runtime"
+	"runtime"
 	"slices"
 	"sort"
 	"sync"

@@ -1,0 +1,200 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"sort"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kilnml/kiln/core/data"
+	"github.com/kilnml/kiln/core/train"
+)
+
+type trainOptions struct {
+	spec, data, target, out string
+	epochs                  int
+	seed                    int64
+	checkpointDir           string
+	resume, quiet, jsonOut  bool
+}
+
+func newTrainCmd() *cobra.Command {
+	var o trainOptions
+	cmd := &cobra.Command{
+		Use:   "train --spec SPEC.yaml --data DATA.csv --target COL --out DIR",
+		Short: "Train a network on tabular data and save it as a Kiln model package",
+		Long: `Reads a training spec (YAML or JSON: model, data, split and train sections;
+see core/train.Job), loads the CSV data, splits it (seeded, optionally
+stratified), fits the preprocessing on the training split, trains with
+validation each epoch and saves DIR/model.pt (TorchScript taking raw
+feature columns) and DIR/manifest.json. Progress goes to stderr; the final
+metrics to stdout. Ctrl-C stops after the current progress interval; with
+--checkpoint-dir, --resume continues a killed run.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return runTrain(ctx, cmd.OutOrStdout(), cmd.ErrOrStderr(), o)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.spec, "spec", "", "training spec, YAML or JSON (required)")
+	f.StringVar(&o.data, "data", "", "CSV file with a header row (required)")
+	f.StringVar(&o.target, "target", "", "column to predict (overrides the spec's data.target)")
+	f.StringVar(&o.out, "out", "", "directory for the model package (required)")
+	f.IntVar(&o.epochs, "epochs", 0, "epochs (overrides the spec)")
+	f.Int64Var(&o.seed, "seed", -1, "seed for the split, initialization, dropout and shuffling (overrides the spec)")
+	f.StringVar(&o.checkpointDir, "checkpoint-dir", "", "write a checkpoint here every epoch")
+	f.BoolVar(&o.resume, "resume", false, "continue from the latest checkpoint in --checkpoint-dir")
+	f.BoolVarP(&o.quiet, "quiet", "q", false, "no progress bar")
+	f.BoolVar(&o.jsonOut, "json", false, "print the report as JSON")
+	cmd.MarkFlagRequired("spec")
+	cmd.MarkFlagRequired("data")
+	cmd.MarkFlagRequired("out")
+	return cmd
+}
+
+// loadTable reads training data; CSV today (Arrow and Parquet come with
+// the Arrow issue).
+func loadTable(path string) (*data.Table, error) {
+	switch strings.ToLower(filepath.Ext(path)) {
+	case ".csv", ".txt", "":
+		return data.ReadCSVFile(path)
+	case ".arrow", ".feather", ".parquet", ".ipc":
+		return nil, fmt.Errorf("kiln: %s: Arrow and Parquet input is not supported yet; export the data as CSV", path)
+	}
+	return nil, fmt.Errorf("kiln: %s: unknown data format %q (want .csv)", path, filepath.Ext(path))
+}
+
+func runTrain(ctx context.Context, stdout, stderr io.Writer, o trainOptions) error {
+	raw, err := os.ReadFile(o.spec)
+	if err != nil {
+		return fmt.Errorf("kiln: train: %w", err)
+	}
+	job, err := train.ParseJob(raw)
+	if err != nil {
+		return fmt.Errorf("%w (in %s)", err, o.spec)
+	}
+	if o.target != "" {
+		job.Data.Target = o.target
+	}
+	if o.epochs > 0 {
+		job.Train.Epochs = o.epochs
+	}
+	if o.seed >= 0 {
+		job.Train.Seed = uint64(o.seed)
+	}
+	if o.checkpointDir != "" {
+		job.Train.CheckpointDir = o.checkpointDir
+	}
+	if o.resume {
+		if job.Train.CheckpointDir == "" {
+			return fmt.Errorf("kiln: train: --resume needs --checkpoint-dir (or train.checkpoint_dir in the spec)")
+		}
+		job.Train.Resume = true
+	}
+	tb, err := loadTable(o.data)
+	if err != nil {
+		return err
+	}
+	bar := newProgressBar(stderr, o.quiet)
+	rep, err := train.Run(ctx, job, tb, o.data, o.out, bar.event)
+	bar.finish()
+	if err != nil {
+		return err
+	}
+	if o.jsonOut {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(rep)
+	}
+	r := rep.Result
+	fmt.Fprintf(stdout, "trained %d epochs (best %d, stopped: %s) in %.1fs, %.0f samples/s\n",
+		len(r.History), r.BestEpoch, r.StopReason, r.Seconds, r.SamplesPerSec)
+	if rep.Val != nil {
+		fmt.Fprintf(stdout, "validation  %s\n", formatMetrics(rep.Val))
+	}
+	if rep.Test != nil {
+		fmt.Fprintf(stdout, "test        %s\n", formatMetrics(rep.Test))
+	}
+	fmt.Fprintf(stdout, "saved       %s (model.pt, manifest.json)\n", o.out)
+	return nil
+}
+
+// formatMetrics prints metrics in a stable order.
+func formatMetrics(m train.Metrics) string {
+	names := make([]string, 0, len(m))
+	for k := range m {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	parts := make([]string, len(names))
+	for i, k := range names {
+		parts[i] = fmt.Sprintf("%s %.4f", k, m[k])
+	}
+	return strings.Join(parts, "  ")
+}
+
+// progressBar draws training progress on a terminal (redrawn in place) or,
+// when stderr is not a terminal, prints one line per epoch.
+type progressBar struct {
+	w      io.Writer
+	quiet  bool
+	tty    bool
+	drawn  bool
+	lastAt time.Time
+}
+
+func newProgressBar(w io.Writer, quiet bool) *progressBar {
+	tty := false
+	if f, ok := w.(*os.File); ok {
+		if st, err := f.Stat(); err == nil {
+			tty = st.Mode()&os.ModeCharDevice != 0
+		}
+	}
+	return &progressBar{w: w, quiet: quiet, tty: tty}
+}
+
+func (b *progressBar) event(e train.Event) {
+	if b.quiet {
+		return
+	}
+	switch e.Kind {
+	case "step":
+		if !b.tty || time.Since(b.lastAt) < 100*time.Millisecond {
+			return
+		}
+		b.lastAt = time.Now()
+		const width = 24
+		done := int(float64(width) * float64(e.Step) / float64(max(e.Steps, 1)))
+		fmt.Fprintf(b.w, "\r\x1b[Kepoch %d/%d [%s%s] %d/%d loss %.4f lr %.2g %.0f samples/s ETA %s",
+			e.Epoch, e.Epochs, strings.Repeat("=", done), strings.Repeat(" ", width-done),
+			e.Step, e.Steps, e.Loss, e.LR, e.SamplesPerSec, e.ETA.Round(time.Second))
+		b.drawn = true
+	case "epoch":
+		if b.tty {
+			fmt.Fprint(b.w, "\r\x1b[K")
+		}
+		line := fmt.Sprintf("epoch %d/%d loss %.4f", e.Epoch, e.Epochs, e.Loss)
+		if len(e.Metrics) > 0 {
+			line += "  val " + formatMetrics(e.Metrics)
+		}
+		fmt.Fprintf(b.w, "%s  %.0f samples/s ETA %s\n", line, e.SamplesPerSec, e.ETA.Round(time.Second))
+		b.drawn = false
+	}
+}
+
+func (b *progressBar) finish() {
+	if b.drawn && b.tty {
+		fmt.Fprint(b.w, "\r\x1b[K")
+	}
+}
