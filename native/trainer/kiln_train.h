@@ -134,7 +134,9 @@ typedef int (*kiln_progress_fn)(void* ctx, int64_t step, int64_t nsteps,
  * before it, since batch norm cannot train on one sample), the learning
  * rate of step i being lrs[i] (lrs holds one rate per step: see
  * kiln_epoch_steps). progress (may be NULL) runs every `every` steps and
- * after the last. On return *loss_sum and *seen cover the steps done, and
+ * after the last. The epoch's samples are gathered once, in perm order (a
+ * copy of those rows), and batches are slices of that copy. On return
+ * *loss_sum and *seen cover the steps done, and
  * *stopped is 1 when progress asked to stop. */
 kiln_error kiln_trainer_epoch(kiln_trainer* t, const kiln_tensor* x,
                               const kiln_tensor* y, const int64_t* perm,
