@@ -49,6 +49,7 @@ test: vet test-go test-python
 
 bench: build
 	$(ENV) go run ./bench/cgo
+	$(ENV) go run ./bench/train
 
 clean:
 	rm -rf bin build

@@ -208,7 +208,9 @@ func BuildWithPrelude(s Spec, p Prelude, seed uint64) (*Net, error) {
 		return nil, err
 	}
 	var body []string
-	body = append(body, "x = x.float()")
+	// Inputs of another dtype are converted; float32 ones pass without a
+	// dispatch (6 is torch.float32's ScalarType).
+	body = append(body, "if x.dtype != 6:", "    x = x.float()")
 	body = append(body, p.Code...)
 	if len(s.InputShape) > 1 {
 		dims := []string{"-1"}

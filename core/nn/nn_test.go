@@ -175,4 +175,17 @@ func TestSavedNetLoadsBack(t *testing.T) {
 	va, _ := core.Data[float32](a)
 	vb, _ := core.Data[float32](b[0])
 	assert.Equal(t, va, vb)
+
+	// float64 input is converted inside forward.
+	x64 := make([]float64, len(x))
+	for i, v := range x {
+		x64[i] = float64(v)
+	}
+	in64, _ := core.NewTensor(x64, 2, 3)
+	defer in64.Close()
+	c, err := m.Forward(in64)
+	require.NoError(t, err)
+	defer core.CloseAll(c)
+	vc, _ := core.Data[float32](c[0])
+	assert.Equal(t, va, vc)
 }

@@ -227,6 +227,11 @@ func Select(ctx context.Context, j SelectJob, t *data.Table, source, out string,
 			defer wg.Done()
 			sem <- struct{}{}
 			defer func() { <-sem }()
+			defer func() {
+				if r := recover(); r != nil {
+					entries[i].Err = fmt.Sprintf("internal error: %v", r)
+				}
+			}()
 			if ctx.Err() != nil {
 				entries[i].Err = ctx.Err().Error()
 				return

@@ -68,11 +68,25 @@ at::Tensor match_target(const at::Tensor& out, const at::Tensor& y) {
     throw std::runtime_error("target has shape " + shape_str(y.sizes()) +
                              " but the model outputs " + shape_str(out.sizes()));
   }
-  return y.to(out.scalar_type()).reshape(out.sizes());
+  at::Tensor t = y.scalar_type() == out.scalar_type() ? y : y.to(out.scalar_type());
+  return t.sizes() == out.sizes() ? t : t.reshape(out.sizes());
 }
 
+// Fails unless every class index in target (int64) is in [0, k).
+void check_classes(const at::Tensor& target, int64_t k) {
+  if (target.numel() == 0) return;
+  int64_t lo = target.min().item<int64_t>(), hi = target.max().item<int64_t>();
+  if (lo < 0 || hi >= k) {
+    throw std::runtime_error("cross-entropy: class index " + std::to_string(lo < 0 ? lo : hi) +
+                             " outside [0, " + std::to_string(k) + ") for a model with " +
+                             std::to_string(k) + " outputs");
+  }
+}
+
+// The mean loss of out against y. check validates class indices
+// (cross-entropy); an epoch checks all its targets once instead.
 at::Tensor compute_loss(const kiln_trainer* t, const at::Tensor& out,
-                        const at::Tensor& y) {
+                        const at::Tensor& y, bool check = true) {
   const int64_t mean = at::Reduction::Mean;
   switch (t->loss) {
     case KILN_LOSS_MSE:
@@ -95,15 +109,7 @@ at::Tensor compute_loss(const kiln_trainer* t, const at::Tensor& out,
       }
       if (target.scalar_type() != at::kLong) target = target.to(at::kLong);
       int64_t k = out.size(1);
-      if (target.numel() > 0) {
-        int64_t lo = target.min().item<int64_t>(), hi = target.max().item<int64_t>();
-        if (lo < 0 || hi >= k) {
-          throw std::runtime_error("cross-entropy: class index " +
-                                   std::to_string(lo < 0 ? lo : hi) + " outside [0, " +
-                                   std::to_string(k) + ") for a model with " +
-                                   std::to_string(k) + " outputs");
-        }
-      }
+      if (check) check_classes(target, k);
       c10::optional<at::Tensor> w;
       if (t->class_weights.defined()) {
         if (t->class_weights.numel() != k) {
@@ -195,10 +201,16 @@ void sgd_step(kiln_trainer* t) {
   }
 }
 
-double train_step(kiln_trainer* t, const at::Tensor& x, const at::Tensor& y) {
+// One optimization step. check: see compute_loss. all_y, when defined,
+// holds every target of the epoch, checked against the first output.
+double train_step(kiln_trainer* t, const at::Tensor& x, const at::Tensor& y,
+                  bool check = true, const at::Tensor& all_y = at::Tensor()) {
   clear_grads(t);
   at::Tensor out = run_forward(t, x);
-  at::Tensor l = compute_loss(t, out, y);
+  if (all_y.defined() && t->loss == KILN_LOSS_CROSS_ENTROPY && out.dim() == 2) {
+    check_classes(all_y, out.size(1));
+  }
+  at::Tensor l = compute_loss(t, out, y, check);
   l.backward();
   if (t->clip > 0) clip_grad_norm(t->params, t->clip);
   if (t->sgd) {
@@ -527,12 +539,15 @@ kiln_error kiln_trainer_epoch(kiln_trainer* t, const kiln_tensor* x,
     // contiguous slice (a view): no per-step copy or gather.
     at::Tensor Xp = X.index_select(0, idx_all);
     at::Tensor Yp = Y.index_select(0, idx_all);
+    // Class targets become int64 once per epoch, and are range-checked
+    // once, at the first step.
+    if (t->loss == KILN_LOSS_CROSS_ENTROPY && Yp.scalar_type() != at::kLong) Yp = Yp.to(at::kLong);
     for (int64_t s = 0; s < nsteps; s++) {
       int64_t b0 = starts[s], b1 = starts[s + 1];
       at::Tensor xb = Xp.slice(0, b0, b1);
       at::Tensor yb = Yp.slice(0, b0, b1);
       set_lr(t, lrs[s]);
-      double l = train_step(t, xb, yb);
+      double l = s == 0 ? train_step(t, xb, yb, false, Yp) : train_step(t, xb, yb, false);
       *loss_sum += l * static_cast<double>(b1 - b0);
       *seen += b1 - b0;
       if (progress != nullptr && ((every > 0 && (s + 1) % every == 0) || s + 1 == nsteps)) {
