@@ -111,7 +111,9 @@ func Dropout(p float64) Layer { return Layer{Type: "dropout", P: p} }
 // Flatten flattens each sample to one dimension.
 func Flatten() Layer { return Layer{Type: "flatten"} }
 
-// Embedding maps integer indices in [0, num) to learned vectors of size out.
+// Embedding maps integer indices in [0, num) to learned vectors of size
+// out. Its input values are used as indices, so train it on unscaled
+// columns (core/data Options.Scale "none").
 func Embedding(num, out int64) Layer { return Layer{Type: "embedding", Num: num, Out: out} }
 
 // ReLU is max(x, 0).

@@ -109,3 +109,29 @@ func TestResumeRejectsOtherHyperparameters(t *testing.T) {
 	_, err = train.Run(context.Background(), j, tb, "", "", nil)
 	assert.ErrorContains(t, err, "written with other hyper-parameters")
 }
+
+func TestResumeKeepsEarlyStoppingState(t *testing.T) {
+	tb := loadCSV(t, "digits.csv")
+	ckpt := filepath.Join(t.TempDir(), "ckpt")
+	j := resumeJob(ckpt)
+	j.Train.EarlyStopping = &train.EarlyStopping{Patience: 50, Metric: "accuracy"}
+	j.Train.Epochs = 3
+	first, err := train.Run(context.Background(), j, tb, "", "", nil)
+	require.NoError(t, err)
+	dir, epoch, err := train.LatestCheckpoint(ckpt)
+	require.NoError(t, err)
+	assert.Equal(t, 3, epoch)
+	assert.FileExists(t, filepath.Join(dir, "best.pt"))
+
+	j.Train.Epochs = 5 // more epochs: the run continues from epoch 3
+	second, err := train.Run(context.Background(), j, tb, "", "", nil)
+	require.NoError(t, err)
+	assert.Equal(t, 3, second.Result.ResumedFrom)
+	assert.Len(t, second.Result.History, 5)
+	assert.Equal(t, first.Result.History, second.Result.History[:3])
+	best := second.Result.History[second.Result.BestEpoch-1].Val["accuracy"]
+	for _, h := range second.Result.History {
+		assert.LessOrEqual(t, h.Val["accuracy"], best, "the best epoch is the best one across the resume")
+	}
+	assert.InDelta(t, best, second.Val["accuracy"], 1e-9, "the net holds the best epoch's weights")
+}
