@@ -267,6 +267,9 @@ func Evaluate(net *nn.Net, ds *data.Dataset, cfg Config) (Metrics, error) {
 // open during the call. onEvent (may be nil) receives progress on the
 // calling goroutine. Cancelling ctx stops within one progress interval;
 // Fit then returns ctx's error (and the checkpoints written so far).
+// Fit seeds libtorch's default generator (dropout) with cfg.Seed and
+// shuffles with its own generator seeded likewise; with one libtorch
+// thread the same network, data and config give bit-identical weights.
 func Fit(ctx context.Context, net *nn.Net, trainSet, valSet *data.Dataset, cfg Config, onEvent func(Event)) (res *Result, err error) {
 	defer func() {
 		if r := recover(); r != nil {
