@@ -10,7 +10,7 @@
 package native
 
 /*
-#cgo CXXFLAGS: -std=c++17 -O2 -Wall -I/usr/include/torch/csrc/api/include
+#cgo CXXFLAGS: -O2 -Wall -I/usr/include/torch/csrc/api/include
 #cgo LDFLAGS: -ltorch -ltorch_cpu -lc10 -lstdc++
 #include <stdlib.h>
 #include "kiln.h"
