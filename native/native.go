@@ -27,6 +27,9 @@ static kiln_error kiln_go_from_blob(void* data, kiln_dtype dtype,
                                handle ? kilnGoRelease : NULL,
                                (void*)handle, out);
 }
+
+// An address received from another runtime, as a pointer (see AddrPointer).
+static void* kiln_go_addr(uintptr_t a) { return (void*)a; }
 */
 import "C"
 
@@ -352,3 +355,9 @@ func Malloc(n uintptr) unsafe.Pointer {
 
 // FreeC releases memory from Malloc.
 func FreeC(p unsafe.Pointer) { C.free(p) }
+
+// AddrPointer turns the address of memory owned outside Go (a numpy array's
+// data, an Arrow C Data Interface buffer) received as an integer from
+// another runtime into a pointer. The caller vouches that the address is
+// valid C memory.
+func AddrPointer(addr uintptr) unsafe.Pointer { return C.kiln_go_addr(C.uintptr_t(addr)) }
