@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"runtime/debug"
 
+	"github.com/kilnml/kiln/arrowio"
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/native"
 )
@@ -110,6 +111,11 @@ func (m *Model) Predict(inputsJSON string) (_ *Output, err error) {
 		}
 		ins = append(ins, t)
 	}
+	return m.forward(ins)
+}
+
+// forward runs the model and makes every output contiguous.
+func (m *Model) forward(ins []*core.Tensor) (*Output, error) {
 	outs, err := m.m.Forward(ins...)
 	if err != nil {
 		return nil, err
@@ -165,3 +171,42 @@ func (o *Output) ShapeJSON(i int) string {
 
 // Close releases every output tensor.
 func (o *Output) Close() { core.CloseAll(o.ts) }
+
+// PredictArrow runs forward on the columns of a record batch that the
+// caller exported through the Arrow C Data Interface (pyarrow's
+// RecordBatch._export_to_c) into the ArrowArray and ArrowSchema structs at
+// arrayAddr and schemaAddr; Kiln takes ownership of the batch and releases
+// it. columnsJSON lists, per model input, the column names that feed it:
+// one column (a fixed_shape_tensor or numeric column, viewed without
+// copying) or several numeric columns stacked into a [rows, k] feature
+// matrix (one copy).
+func (m *Model) PredictArrow(arrayAddr, schemaAddr uint64, columnsJSON string) (_ *Output, err error) {
+	defer guard(&err)
+	rec, err := arrowio.ImportRecordBatch(uintptr(arrayAddr), uintptr(schemaAddr))
+	if err != nil {
+		return nil, fmt.Errorf("kiln: predict: import Arrow batch: %w", err)
+	}
+	defer rec.Release()
+	var cols [][]string
+	if err := json.Unmarshal([]byte(columnsJSON), &cols); err != nil {
+		return nil, fmt.Errorf("kiln: predict: bad column description: %w", err)
+	}
+	ins := make([]*core.Tensor, 0, len(cols))
+	defer func() { core.CloseAll(ins) }()
+	for i, names := range cols {
+		var t *core.Tensor
+		switch len(names) {
+		case 0:
+			return nil, fmt.Errorf("kiln: predict: input %d has no columns", i)
+		case 1:
+			t, err = arrowio.ColumnToTensor(rec, names[0])
+		default:
+			t, err = arrowio.StackColumns(rec, names)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("kiln: predict: input %d from columns %v: %w", i, names, err)
+		}
+		ins = append(ins, t)
+	}
+	return m.forward(ins)
+}

@@ -54,6 +54,20 @@ def _wrap_output(out, i: int, keep) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
+def _is_arrow(x) -> bool:
+    return type(x).__module__.startswith("pyarrow") and type(x).__name__ in ("Table", "RecordBatch")
+
+
+def _is_pandas(x) -> bool:
+    return type(x).__module__.startswith("pandas") and type(x).__name__ == "DataFrame"
+
+
+def _pandas_to_arrow(df):
+    import pyarrow as pa
+
+    return pa.Table.from_pandas(df, preserve_index=False)
+
+
 class _Owner:
     """Closes a Go Output exactly once, when the last array viewing it dies."""
 
@@ -93,10 +107,19 @@ class Model:
     def predict(self, *inputs: ArrayLike):
         """Runs forward on the inputs without recording gradients.
 
-        Returns one array when the model returns one tensor, else a tuple
-        (nested tuples of tensors are flattened in order)."""
+        Inputs are numpy arrays (or array-likes), one per forward argument;
+        or a single pyarrow Table/RecordBatch or pandas DataFrame, whose
+        columns named like the model's inputs feed them (a model with one
+        input takes a fixed_shape_tensor column as is, or all numeric
+        columns stacked as features). Returns one array when the model
+        returns one tensor, else a tuple (nested tuples flattened in order).
+        """
         if self._h is None:
             raise KilnError("model is closed")
+        if len(inputs) == 1 and _is_pandas(inputs[0]):
+            inputs = (_pandas_to_arrow(inputs[0]),)
+        if len(inputs) == 1 and _is_arrow(inputs[0]):
+            return self._predict_arrow(inputs[0])
         arrays = [_as_input(x, i) for i, x in enumerate(inputs)]
         spec = json.dumps(
             [{"addr": a.ctypes.data, "dtype": _DTYPES[a.dtype.newbyteorder("=")], "shape": list(a.shape)} for a in arrays]
@@ -110,6 +133,41 @@ class Model:
         return res[0] if len(res) == 1 else res
 
     __call__ = predict
+
+    def _arrow_columns(self, names: List[str]) -> List[List[str]]:
+        """Which columns feed which input: columns named like the inputs,
+        else every column into a single-input model."""
+        wanted = [n for n, _ in self.inputs]
+        if wanted and all(n in names for n in wanted):
+            return [[n] for n in wanted]
+        if len(wanted) == 1:
+            return [list(names)]
+        raise ValueError(f"the model's inputs {wanted} are not all among the columns {names}")
+
+    def _predict_arrow(self, data):
+        import pyarrow as pa
+
+        if isinstance(data, pa.Table):
+            batches = data.combine_chunks().to_batches()
+            if not batches:
+                raise ValueError("the table has no rows")
+        else:
+            batches = [data]
+        columns = json.dumps(self._arrow_columns(batches[0].schema.names))
+        results = []
+        for b in batches:
+            # The C Data Interface structs (ArrowArray: 80 bytes, ArrowSchema:
+            # 72) live here; Go imports the batch from them and releases it.
+            arr, sch = ctypes.create_string_buffer(80), ctypes.create_string_buffer(72)
+            b._export_to_c(ctypes.addressof(arr), ctypes.addressof(sch))
+            try:
+                out = self._h.PredictArrow(ctypes.addressof(arr), ctypes.addressof(sch), columns)
+            except RuntimeError as e:
+                raise translate(e, InferenceError) from None
+            owner = _Owner(out, [b])
+            results.append(tuple(_wrap_output(out, i, owner) for i in range(out.Count())))
+        res = results[0] if len(results) == 1 else tuple(np.concatenate(parts) for parts in zip(*results))
+        return res[0] if len(res) == 1 else res
 
     def close(self) -> None:
         """Releases the model's native memory now (idempotent)."""

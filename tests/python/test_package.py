@@ -151,3 +151,46 @@ def test_predict_loop_keeps_rss_flat(fixtures):
     gc.collect()
     after = _rss()
     assert after <= before * 1.10, (before, after)
+
+
+def test_predict_pyarrow_tables(fixtures):
+    import pyarrow as pa
+
+    m = kiln.load(fixtures / "mlp.pt")
+    x = raw(fixtures, "mlp", "in", 0, np.float32, (5, 8))
+    want = m.predict(x)
+    # Numeric columns are stacked into the single input's feature matrix.
+    table = pa.table({f"f{i}": x[:, i] for i in range(8)})
+    np.testing.assert_array_equal(m.predict(table), want)
+    # A fixed_shape_tensor column named like the input feeds it as is.
+    col = pa.FixedShapeTensorArray.from_numpy_ndarray(x)
+    np.testing.assert_array_equal(m.predict(pa.table({"x": col})), want)
+    # Several chunks give one result per row, in order.
+    chunked = pa.concat_tables([pa.table({"x": col.slice(0, 2)}), pa.table({"x": col.slice(2)})])
+    np.testing.assert_array_equal(m.predict(chunked), want)
+    np.testing.assert_array_equal(m.predict(pa.record_batch({"x": col})), want)
+
+
+def test_pyarrow_column_is_not_copied(fixtures):
+    import pyarrow as pa
+
+    m = kiln.load(fixtures / "identity.pt")
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    col = pa.FixedShapeTensorArray.from_numpy_ndarray(x)
+    y = m.predict(pa.table({"x": col}))
+    assert y.ctypes.data == col.storage.values.buffers()[1].address
+    np.testing.assert_array_equal(y, x)
+
+
+def test_pyarrow_bad_columns(fixtures):
+    import pyarrow as pa
+
+    two = kiln.load(fixtures / "two_inputs.pt")
+    with pytest.raises(ValueError, match="features"):
+        two.predict(pa.table({"a": [1.0], "b": [2.0]}))
+    m = kiln.load(fixtures / "mlp.pt")
+    with pytest.raises(kiln.InferenceError, match="f0.*utf8"):
+        m.predict(pa.table({"f0": ["a", "b"]}))
+    with pytest.raises(kiln.InferenceError, match="5x2"):
+        m.predict(pa.table({"f0": np.zeros(5, np.float32), "f1": np.zeros(5, np.float32)}))
+    assert m.predict(np.zeros((1, 8), np.float32)).shape == (1, 3)
