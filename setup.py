@@ -51,12 +51,44 @@ def build_env() -> dict:
     return env
 
 
+def generate_grpc_stubs(dest: pathlib.Path) -> None:
+    """Generates the KServe v2 gRPC stubs for kiln.Client from proto/ into
+    dest (the kiln._proto package) with the build's grpcio-tools."""
+    from grpc_tools import protoc
+
+    dest.mkdir(parents=True, exist_ok=True)
+    protos = ["model_config.proto", "grpc_service.proto"]
+    include = pathlib.Path(protoc.__file__).parent / "_proto"
+    args = ["grpc_tools.protoc", f"-I{ROOT / 'proto'}", f"-I{include}",
+            f"--python_out={dest}", f"--grpc_python_out={dest}", *protos]
+    if protoc.main(args) != 0:
+        raise RuntimeError("kiln: generating gRPC stubs from proto/ failed")
+    # protoc writes top-level imports between the generated modules; make
+    # them relative so that they resolve inside the package.
+    # tritonclient registers the same protocol (package "inference") in
+    # protobuf's default descriptor pool; ours goes into a private pool so
+    # that both clients can live in one process.
+    for f in dest.glob("*_pb2*.py"):
+        text = f.read_text()
+        for mod in ("model_config_pb2", "grpc_service_pb2"):
+            text = text.replace(f"import {mod} as", f"from . import {mod} as")
+        if "_descriptor_pool.Default()" in text:
+            text = text.replace("_descriptor_pool.Default()", "_KILN_POOL")
+            text = text.replace("from google.protobuf.internal import builder as _builder\n",
+                                "from google.protobuf.internal import builder as _builder\n"
+                                "from . import POOL as _KILN_POOL\n", 1)
+        f.write_text(text)
+    shutil.copy2(ROOT / "python" / "kiln" / "_proto" / "__init__.py", dest / "__init__.py")
+
+
 class GopyBuildExt(build_ext):
-    """Runs `go tool gopy build` and places its output in kiln/_native."""
+    """Runs `go tool gopy build` and places its output in kiln/_native;
+    generates the gRPC stubs into kiln/_proto."""
 
     def run(self):
         for ext in self.extensions:
             self.build_gopy(ext)
+            generate_grpc_stubs(pathlib.Path(self.get_ext_fullpath(ext.name)).parent.parent / "_proto")
 
     def build_gopy(self, ext):
         if shutil.which("go") is None and not pathlib.Path("/usr/local/go/bin/go").exists():
@@ -90,9 +122,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     package_dir={"": "python"},
-    packages=["kiln", "kiln._native"],
+    packages=["kiln", "kiln._native", "kiln._proto"],
     ext_modules=[Extension(f"kiln._native._{GOPY_NAME}", sources=[])],
     cmdclass={"build_ext": GopyBuildExt},
-    install_requires=["numpy>=1.21"],
+    install_requires=["numpy>=1.21", "grpcio>=1.71", "protobuf>=6.30,<7"],
     zip_safe=False,
 )

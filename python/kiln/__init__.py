@@ -6,6 +6,7 @@
 """
 from ._errors import KilnError, ModelLoadError, InferenceError
 from ._model import Model, load
+from .client import Client, ServerError
 from ._runtime import get_num_threads, set_num_threads, torch_version, __version__
 
 __all__ = [
@@ -13,6 +14,8 @@ __all__ = [
     "ModelLoadError",
     "InferenceError",
     "Model",
+    "Client",
+    "ServerError",
     "load",
     "get_num_threads",
     "set_num_threads",
