@@ -17,7 +17,7 @@ ENV := eval "$$(scripts/env.sh --print)" &&
 PY := .venv/bin/python
 DEMO := build/demo
 
-.PHONY: deps build run test test-go test-python vet bench clean
+.PHONY: deps build python run test test-go test-python vet bench clean
 
 deps:
 	scripts/install-deps
@@ -41,8 +41,13 @@ vet: deps
 test-go: deps
 	$(ENV) go test -count=1 -timeout 30m ./...
 
+# The kiln Python package (gopy over bindings/), installed into .venv the
+# way a user installs it: pip install .
+python: deps
+	$(ENV) .venv/bin/pip install --no-build-isolation --no-deps -q .
+
 # pytest exits 5 when it collects no test; that is a failure here too.
-test-python: build
+test-python: build python
 	$(ENV) $(PY) -m pytest -q tests/python
 
 test: vet test-go test-python
@@ -52,4 +57,4 @@ bench: build
 	$(ENV) go run ./bench/train
 
 clean:
-	rm -rf bin build
+	rm -rf bin build python/kiln/_native/*.so

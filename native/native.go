@@ -10,7 +10,7 @@
 package native
 
 /*
-#cgo CXXFLAGS: -std=c++17 -O2 -Wall -I/usr/include/torch/csrc/api/include
+#cgo CXXFLAGS: -O2 -Wall -I/usr/include/torch/csrc/api/include
 #cgo LDFLAGS: -ltorch -ltorch_cpu -lc10 -lstdc++
 #include <stdlib.h>
 #include "kiln.h"
@@ -27,6 +27,9 @@ static kiln_error kiln_go_from_blob(void* data, kiln_dtype dtype,
                                handle ? kilnGoRelease : NULL,
                                (void*)handle, out);
 }
+
+// An address received from another runtime, as a pointer (see AddrPointer).
+static void* kiln_go_addr(uintptr_t a) { return (void*)a; }
 */
 import "C"
 
@@ -368,3 +371,9 @@ func (m Module) Ptr() unsafe.Pointer { return unsafe.Pointer(m.p) }
 // ModuleFromPtr adopts a kiln_module* made by a package extending the C
 // ABI; the result owns it.
 func ModuleFromPtr(p unsafe.Pointer) Module { return Module{(*C.kiln_module)(p)} }
+
+// AddrPointer turns the address of memory owned outside Go (a numpy array's
+// data, an Arrow C Data Interface buffer) received as an integer from
+// another runtime into a pointer. The caller vouches that the address is
+// valid C memory.
+func AddrPointer(addr uintptr) unsafe.Pointer { return C.kiln_go_addr(C.uintptr_t(addr)) }

@@ -1,0 +1,24 @@
+"""Kiln: a model-as-a-service engine with a Go core over libtorch.
+
+>>> import kiln
+>>> model = kiln.load("model.pt")          # a TorchScript file
+>>> probs = model.predict(features)        # numpy in, numpy out, no copies
+"""
+from ._errors import KilnError, ModelLoadError, InferenceError
+from ._model import Model, load
+from .client import Client, ServerError
+from ._runtime import get_num_threads, set_num_threads, torch_version, __version__
+
+__all__ = [
+    "KilnError",
+    "ModelLoadError",
+    "InferenceError",
+    "Model",
+    "Client",
+    "ServerError",
+    "load",
+    "get_num_threads",
+    "set_num_threads",
+    "torch_version",
+    "__version__",
+]

@@ -1,0 +1,1 @@
+"""gopy-generated bindings over Kiln's Go core (bindings/)."""

@@ -1,0 +1,419 @@
+// Package grpcserver implements the KServe v2 / Triton gRPC inference
+// service (inference.GRPCInferenceService) over a model manager.
+package grpcserver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/kilnml/kiln/serving/batcher"
+	pb "github.com/kilnml/kiln/serving/inferencepb"
+	"github.com/kilnml/kiln/serving/manager"
+	"github.com/kilnml/kiln/serving/repository"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// Extensions are the protocol extensions the service supports.
+var Extensions = []string{"classification", "model_repository", "model_configuration", "statistics"}
+
+// Options configure a Service.
+type Options struct {
+	// Name and Version are reported by ServerMetadata.
+	Name, Version string
+	// Ready reports server readiness; nil means the manager's readiness.
+	Ready func() bool
+	// Logger receives the service's logs; nil means slog.Default().
+	Logger *slog.Logger
+	// MaxStreamInFlight bounds the requests of one ModelStreamInfer stream
+	// that run at once (0: 64).
+	MaxStreamInFlight int
+}
+
+// Service is the GRPCInferenceService over a model manager.
+type Service struct {
+	pb.UnimplementedGRPCInferenceServiceServer
+	mgr  *manager.Manager
+	opts Options
+	log  *slog.Logger
+}
+
+// New returns the service for mgr.
+func New(mgr *manager.Manager, opts Options) *Service {
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.Ready == nil {
+		opts.Ready = mgr.Ready
+	}
+	if opts.MaxStreamInFlight <= 0 {
+		opts.MaxStreamInFlight = 64
+	}
+	return &Service{mgr: mgr, opts: opts, log: opts.Logger}
+}
+
+// Register adds the service to g.
+func (s *Service) Register(g *grpc.Server) { pb.RegisterGRPCInferenceServiceServer(g, s) }
+
+// toStatus maps manager and batcher errors to gRPC statuses.
+func toStatus(err error) error {
+	if err == nil {
+		return nil
+	}
+	if _, ok := status.FromError(err); ok {
+		return err
+	}
+	var ee *batcher.ExecError
+	switch {
+	case errors.Is(err, manager.ErrNotFound):
+		return status.Error(codes.NotFound, err.Error())
+	case errors.Is(err, manager.ErrUnavailable), errors.Is(err, batcher.ErrClosed):
+		return status.Error(codes.Unavailable, err.Error())
+	case errors.Is(err, batcher.ErrQueueFull):
+		return status.Error(codes.ResourceExhausted, err.Error())
+	case errors.Is(err, context.DeadlineExceeded):
+		return status.Error(codes.DeadlineExceeded, err.Error())
+	case errors.Is(err, context.Canceled):
+		return status.Error(codes.Canceled, err.Error())
+	case errors.As(err, &ee):
+		return status.Error(codes.Internal, err.Error())
+	}
+	return status.Error(codes.InvalidArgument, err.Error())
+}
+
+// ServerLive reports that the server is live.
+func (s *Service) ServerLive(context.Context, *pb.ServerLiveRequest) (*pb.ServerLiveResponse, error) {
+	return &pb.ServerLiveResponse{Live: true}, nil
+}
+
+// ServerReady reports whether every model is loaded.
+func (s *Service) ServerReady(context.Context, *pb.ServerReadyRequest) (*pb.ServerReadyResponse, error) {
+	return &pb.ServerReadyResponse{Ready: s.opts.Ready()}, nil
+}
+
+// ModelReady reports whether a model version serves.
+func (s *Service) ModelReady(_ context.Context, req *pb.ModelReadyRequest) (*pb.ModelReadyResponse, error) {
+	v, err := s.mgr.Acquire(req.GetName(), req.GetVersion())
+	if err != nil {
+		if errors.Is(err, manager.ErrNotFound) || errors.Is(err, manager.ErrUnavailable) {
+			return &pb.ModelReadyResponse{Ready: false}, nil
+		}
+		return nil, toStatus(err)
+	}
+	v.Release()
+	return &pb.ModelReadyResponse{Ready: true}, nil
+}
+
+// ServerMetadata describes the server.
+func (s *Service) ServerMetadata(context.Context, *pb.ServerMetadataRequest) (*pb.ServerMetadataResponse, error) {
+	return &pb.ServerMetadataResponse{Name: s.opts.Name, Version: s.opts.Version, Extensions: Extensions}, nil
+}
+
+// ModelMetadata describes a model's inputs and outputs.
+func (s *Service) ModelMetadata(_ context.Context, req *pb.ModelMetadataRequest) (*pb.ModelMetadataResponse, error) {
+	v, err := s.mgr.Acquire(req.GetName(), req.GetVersion())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	defer v.Release()
+	cfg := v.Config()
+	resp := &pb.ModelMetadataResponse{Name: v.Name(), Platform: cfg.Platform}
+	for _, n := range s.mgr.Versions(v.Name()) {
+		resp.Versions = append(resp.Versions, strconv.FormatInt(n, 10))
+	}
+	for _, t := range cfg.Inputs {
+		resp.Inputs = append(resp.Inputs, &pb.ModelMetadataResponse_TensorMetadata{Name: t.Name, Datatype: string(t.DataType), Shape: expectedShape(cfg, t)})
+	}
+	for _, t := range cfg.Outputs {
+		resp.Outputs = append(resp.Outputs, &pb.ModelMetadataResponse_TensorMetadata{Name: t.Name, Datatype: string(t.DataType), Shape: expectedShape(cfg, t)})
+	}
+	return resp, nil
+}
+
+// ModelConfig returns a model's configuration in the protocol's form.
+func (s *Service) ModelConfig(_ context.Context, req *pb.ModelConfigRequest) (*pb.ModelConfigResponse, error) {
+	v, err := s.mgr.Acquire(req.GetName(), req.GetVersion())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	defer v.Release()
+	return &pb.ModelConfigResponse{Config: ConfigProto(v.Config())}, nil
+}
+
+var protoTypes = map[repository.DataType]pb.DataType{
+	repository.Bool: pb.DataType_TYPE_BOOL, repository.Uint8: pb.DataType_TYPE_UINT8,
+	repository.Uint16: pb.DataType_TYPE_UINT16, repository.Uint32: pb.DataType_TYPE_UINT32,
+	repository.Uint64: pb.DataType_TYPE_UINT64, repository.Int8: pb.DataType_TYPE_INT8,
+	repository.Int16: pb.DataType_TYPE_INT16, repository.Int32: pb.DataType_TYPE_INT32,
+	repository.Int64: pb.DataType_TYPE_INT64, repository.FP16: pb.DataType_TYPE_FP16,
+	repository.FP32: pb.DataType_TYPE_FP32, repository.FP64: pb.DataType_TYPE_FP64,
+	repository.BF16: pb.DataType_TYPE_BF16, repository.Bytes: pb.DataType_TYPE_STRING,
+}
+
+// ConfigProto converts a repository configuration to the protocol's
+// ModelConfig.
+func ConfigProto(c *repository.Config) *pb.ModelConfig {
+	mc := &pb.ModelConfig{
+		Name: c.Name, Platform: "pytorch_libtorch", Backend: "kiln",
+		MaxBatchSize:         int32(c.MaxBatchSize),
+		DefaultModelFilename: c.ModelFile,
+		InstanceGroup:        []*pb.ModelInstanceGroup{{Name: c.Name, Count: int32(c.Instances()), Kind: pb.ModelInstanceGroup_KIND_CPU}},
+		Parameters:           map[string]*pb.ModelParameter{"kiln_platform": {StringValue: c.Platform}},
+	}
+	if mc.DefaultModelFilename == "" {
+		mc.DefaultModelFilename = repository.DefaultModelFile
+	}
+	for _, t := range c.Inputs {
+		mc.Input = append(mc.Input, &pb.ModelInput{Name: t.Name, DataType: protoTypes[t.DataType], Dims: t.Dims})
+	}
+	for _, t := range c.Outputs {
+		mc.Output = append(mc.Output, &pb.ModelOutput{Name: t.Name, DataType: protoTypes[t.DataType], Dims: t.Dims, LabelFilename: t.Labels})
+	}
+	p := c.VersionPolicy
+	switch {
+	case p.All:
+		mc.VersionPolicy = &pb.ModelVersionPolicy{PolicyChoice: &pb.ModelVersionPolicy_All_{All: &pb.ModelVersionPolicy_All{}}}
+	case len(p.Specific) > 0:
+		mc.VersionPolicy = &pb.ModelVersionPolicy{PolicyChoice: &pb.ModelVersionPolicy_Specific_{Specific: &pb.ModelVersionPolicy_Specific{Versions: p.Specific}}}
+	default:
+		mc.VersionPolicy = &pb.ModelVersionPolicy{PolicyChoice: &pb.ModelVersionPolicy_Latest_{Latest: &pb.ModelVersionPolicy_Latest{NumVersions: uint32(max(p.Latest, 1))}}}
+	}
+	if d := c.DynamicBatching; d != nil {
+		db := &pb.ModelDynamicBatching{MaxQueueDelayMicroseconds: uint64(d.MaxQueueDelayUS)}
+		for _, s := range d.PreferredBatchSizes {
+			db.PreferredBatchSize = append(db.PreferredBatchSize, int32(s))
+		}
+		if d.MaxQueueSize > 0 {
+			db.DefaultQueuePolicy = &pb.ModelQueuePolicy{MaxQueueSize: uint32(d.MaxQueueSize)}
+		}
+		mc.SchedulingChoice = &pb.ModelConfig_DynamicBatching{DynamicBatching: db}
+	}
+	return mc
+}
+
+// ModelInfer runs one inference.
+func (s *Service) ModelInfer(ctx context.Context, req *pb.ModelInferRequest) (*pb.ModelInferResponse, error) {
+	resp, err := s.infer(ctx, req)
+	return resp, toStatus(err)
+}
+
+func (s *Service) infer(ctx context.Context, req *pb.ModelInferRequest) (*pb.ModelInferResponse, error) {
+	start := time.Now()
+	v, err := s.mgr.Acquire(req.GetModelName(), req.GetModelVersion())
+	if err != nil {
+		return nil, err
+	}
+	defer v.Release()
+	resp, err := s.run(ctx, v, req)
+	v.Stats().RecordRequest(err == nil, time.Since(start))
+	if err != nil {
+		s.log.Debug("inference failed", "model", v.Name(), "version", v.Number(), "id", req.GetId(), "err", err)
+	}
+	return resp, err
+}
+
+type wanted struct {
+	index int // into the config's outputs
+	top   int // classification: top k; 0 for the tensor itself
+}
+
+func (s *Service) run(ctx context.Context, v *manager.Version, req *pb.ModelInferRequest) (*pb.ModelInferResponse, error) {
+	cfg := v.Config()
+	ins, err := decodeInputs(v.Name(), cfg, req)
+	if err != nil {
+		return nil, err
+	}
+	var want []wanted
+	if len(req.GetOutputs()) == 0 {
+		for i := range cfg.Outputs {
+			want = append(want, wanted{index: i})
+		}
+	}
+	for _, o := range req.GetOutputs() {
+		idx := -1
+		for i, c := range cfg.Outputs {
+			if c.Name == o.GetName() {
+				idx = i
+			}
+		}
+		if idx < 0 {
+			names := make([]string, len(cfg.Outputs))
+			for i, c := range cfg.Outputs {
+				names[i] = c.Name
+			}
+			return nil, invalid("model %q: unknown output %q (the model has %s)", v.Name(), o.GetName(), strings.Join(names, ", "))
+		}
+		w := wanted{index: idx}
+		if p, ok := o.GetParameters()["classification"]; ok {
+			var k int64
+			switch x := p.GetParameterChoice().(type) {
+			case *pb.InferParameter_Int64Param:
+				k = x.Int64Param
+			case *pb.InferParameter_Uint64Param:
+				k = int64(min(x.Uint64Param, 1<<31))
+			case *pb.InferParameter_StringParam:
+				k, _ = strconv.ParseInt(x.StringParam, 10, 64)
+			}
+			if k < 1 {
+				return nil, invalid("output %q: classification needs a positive class count", o.GetName())
+			}
+			w.top = int(min(k, 1<<20))
+		}
+		want = append(want, w)
+	}
+	outs, err := v.Infer(ctx, ins)
+	if err != nil {
+		return nil, err
+	}
+	if err := manager.CheckOutputs(cfg, outs); err != nil {
+		return nil, &batcher.ExecError{Err: err}
+	}
+	resp := &pb.ModelInferResponse{ModelName: v.Name(), ModelVersion: strconv.FormatInt(v.Number(), 10), Id: req.GetId()}
+	for _, w := range want {
+		c := cfg.Outputs[w.index]
+		t := outs[w.index]
+		if w.top > 0 {
+			shape, data, err := classify(t, w.top, v.Labels(c.Name), cfg.MaxBatchSize > 0)
+			if err != nil {
+				return nil, invalid("output %q: classification: %v", c.Name, err)
+			}
+			resp.Outputs = append(resp.Outputs, &pb.ModelInferResponse_InferOutputTensor{Name: c.Name, Datatype: string(repository.Bytes), Shape: shape})
+			resp.RawOutputContents = append(resp.RawOutputContents, data)
+			continue
+		}
+		resp.Outputs = append(resp.Outputs, &pb.ModelInferResponse_InferOutputTensor{Name: c.Name, Datatype: string(c.DataType), Shape: t.Shape})
+		resp.RawOutputContents = append(resp.RawOutputContents, t.Data)
+	}
+	return resp, nil
+}
+
+// ModelStreamInfer runs the inferences of a stream, several at once;
+// responses carry their request's id and may come out of order. A failed
+// request answers with error_message and the stream goes on.
+func (s *Service) ModelStreamInfer(stream pb.GRPCInferenceService_ModelStreamInferServer) error {
+	ctx := stream.Context()
+	var sendMu sync.Mutex
+	var sendErr error
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, s.opts.MaxStreamInFlight)
+	defer wg.Wait()
+	for {
+		req, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			resp, err := s.infer(ctx, req)
+			msg := &pb.ModelStreamInferResponse{InferResponse: resp}
+			if err != nil {
+				msg.ErrorMessage = status.Convert(toStatus(err)).Message()
+				msg.InferResponse = &pb.ModelInferResponse{ModelName: req.GetModelName(), ModelVersion: req.GetModelVersion(), Id: req.GetId()}
+			}
+			sendMu.Lock()
+			defer sendMu.Unlock()
+			if sendErr == nil {
+				sendErr = stream.Send(msg)
+			}
+		})
+	}
+}
+
+func duration(d batcher.Duration) *pb.StatisticDuration {
+	return &pb.StatisticDuration{Count: d.Count, Ns: d.NS}
+}
+
+// ModelStatistics returns the statistics of the loaded versions of one
+// model, or of every model when no name is given.
+func (s *Service) ModelStatistics(_ context.Context, req *pb.ModelStatisticsRequest) (*pb.ModelStatisticsResponse, error) {
+	var versions []*manager.Version
+	if req.GetName() == "" {
+		versions = s.mgr.Loaded()
+	} else {
+		v, err := s.mgr.Acquire(req.GetName(), req.GetVersion())
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		v.Release()
+		for _, v := range s.mgr.Loaded() {
+			if v.Name() == req.GetName() && (req.GetVersion() == "" || strconv.FormatInt(v.Number(), 10) == req.GetVersion()) {
+				versions = append(versions, v)
+			}
+		}
+	}
+	resp := &pb.ModelStatisticsResponse{}
+	for _, v := range versions {
+		st := v.Stats().Snapshot()
+		ms := &pb.ModelStatistics{
+			Name: v.Name(), Version: strconv.FormatInt(v.Number(), 10),
+			InferenceCount: st.InferenceCount, ExecutionCount: st.ExecutionCount,
+			InferenceStats: &pb.InferStatistics{
+				Success: duration(st.Success), Fail: duration(st.Fail), Queue: duration(st.Queue),
+				ComputeInput: duration(st.ComputeInput), ComputeInfer: duration(st.ComputeInfer),
+				ComputeOutput: duration(st.ComputeOutput), CacheHit: &pb.StatisticDuration{}, CacheMiss: &pb.StatisticDuration{},
+			},
+		}
+		if !st.LastInference.IsZero() {
+			ms.LastInference = uint64(st.LastInference.UnixMilli())
+		}
+		for _, b := range st.Batches {
+			ms.BatchStats = append(ms.BatchStats, &pb.InferBatchStatistics{
+				BatchSize: uint64(b.Size), ComputeInput: duration(b.ComputeInput),
+				ComputeInfer: duration(b.ComputeInfer), ComputeOutput: duration(b.ComputeOutput),
+			})
+		}
+		resp.ModelStats = append(resp.ModelStats, ms)
+	}
+	return resp, nil
+}
+
+// RepositoryIndex lists the repository's models and their state.
+func (s *Service) RepositoryIndex(_ context.Context, req *pb.RepositoryIndexRequest) (*pb.RepositoryIndexResponse, error) {
+	idx, err := s.mgr.Index(req.GetReady())
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	resp := &pb.RepositoryIndexResponse{}
+	for _, e := range idx {
+		resp.Models = append(resp.Models, &pb.RepositoryIndexResponse_ModelIndex{Name: e.Name, Version: e.Version, State: e.State, Reason: e.Reason})
+	}
+	return resp, nil
+}
+
+// RepositoryModelLoad loads or reloads a model from the repository.
+func (s *Service) RepositoryModelLoad(_ context.Context, req *pb.RepositoryModelLoadRequest) (*pb.RepositoryModelLoadResponse, error) {
+	if len(req.GetParameters()) > 0 {
+		return nil, invalid("model %q: load parameters (config or file overrides) are not supported", req.GetModelName())
+	}
+	if err := s.mgr.Load(req.GetModelName()); err != nil {
+		if errors.Is(err, manager.ErrNotFound) {
+			return nil, status.Error(codes.NotFound, err.Error())
+		}
+		return nil, status.Error(codes.Internal, fmt.Sprintf("failed to load %q: %v", req.GetModelName(), err))
+	}
+	return &pb.RepositoryModelLoadResponse{}, nil
+}
+
+// RepositoryModelUnload unloads a model, waiting for its requests in flight.
+func (s *Service) RepositoryModelUnload(_ context.Context, req *pb.RepositoryModelUnloadRequest) (*pb.RepositoryModelUnloadResponse, error) {
+	if err := s.mgr.Unload(req.GetModelName()); err != nil {
+		return nil, toStatus(err)
+	}
+	return &pb.RepositoryModelUnloadResponse{}, nil
+}

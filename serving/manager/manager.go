@@ -1,0 +1,574 @@
+// Package manager loads the models of a repository and keeps track of the
+// versions that serve: loads are atomic (a new version loads and warms up
+// before it takes traffic; a version that fails to load leaves the old one
+// serving and records why), unloads wait for requests in flight, and each
+// version keeps statistics.
+package manager
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/serving/batcher"
+	"github.com/kilnml/kiln/serving/repository"
+)
+
+// ErrNotFound is wrapped by errors about unknown models and versions.
+var ErrNotFound = errors.New("not found")
+
+// ErrUnavailable is wrapped by errors about models that exist but have no
+// version able to serve.
+var ErrUnavailable = errors.New("unavailable")
+
+// States of a model version in the repository index.
+const (
+	StateReady       = "READY"
+	StateUnavailable = "UNAVAILABLE"
+	StateLoading     = "LOADING"
+)
+
+// Version is one loaded, serving version of a model.
+type Version struct {
+	model   *repository.Model
+	number  int64
+	module  *core.Module
+	batcher *batcher.Batcher
+
+	mu       sync.Mutex
+	refs     int
+	retiring bool
+	idle     *sync.Cond
+}
+
+// Name returns the model's name.
+func (v *Version) Name() string { return v.model.Name }
+
+// Number returns the version number.
+func (v *Version) Number() int64 { return v.number }
+
+// Config returns the configuration the version was loaded with.
+func (v *Version) Config() *repository.Config { return v.model.Config }
+
+// Labels returns the labels of output name's classes, or nil.
+func (v *Version) Labels(output string) []string { return v.model.Labels[output] }
+
+// Stats returns the version's statistics.
+func (v *Version) Stats() *batcher.Stats { return v.batcher.Stats() }
+
+// QueueLen returns the number of requests waiting for execution.
+func (v *Version) QueueLen() int { return v.batcher.QueueLen() }
+
+// Infer runs one request through the version's batcher; see
+// batcher.Batcher.Submit.
+func (v *Version) Infer(ctx context.Context, inputs []batcher.Tensor) ([]batcher.Tensor, error) {
+	return v.batcher.Submit(ctx, inputs)
+}
+
+// Release ends a use of the version that Manager.Acquire began.
+func (v *Version) Release() {
+	v.mu.Lock()
+	v.refs--
+	if v.refs == 0 {
+		v.idle.Broadcast()
+	}
+	v.mu.Unlock()
+}
+
+func (v *Version) acquire() bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.retiring {
+		return false
+	}
+	v.refs++
+	return true
+}
+
+// retire waits for uses in flight, then stops the batcher and frees the
+// module.
+func (v *Version) retire() {
+	v.mu.Lock()
+	v.retiring = true
+	for v.refs > 0 {
+		v.idle.Wait()
+	}
+	v.mu.Unlock()
+	v.batcher.Close()
+	v.module.Close()
+}
+
+type entry struct {
+	loadMu sync.Mutex // serializes loads and unloads of the model
+
+	mu       sync.RWMutex
+	loading  bool
+	versions map[int64]*Version
+	failed   map[int64]string // versions that failed their last load
+	reason   string           // why the last load failed as a whole
+	unloaded bool
+}
+
+// Options configure a Manager.
+type Options struct {
+	// Logger receives the manager's logs; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// Manager holds the loaded models of one repository. It is safe for
+// concurrent use.
+type Manager struct {
+	repo *repository.Repository
+	log  *slog.Logger
+
+	mu      sync.RWMutex
+	models  map[string]*entry
+	retired sync.WaitGroup
+	closed  bool
+}
+
+// New returns a manager for repo with nothing loaded.
+func New(repo *repository.Repository, opts Options) *Manager {
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Manager{repo: repo, log: log, models: map[string]*entry{}}
+}
+
+// Repository returns the manager's repository.
+func (m *Manager) Repository() *repository.Repository { return m.repo }
+
+func (m *Manager) entry(name string, create bool) *entry {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	e := m.models[name]
+	if e == nil && create && !m.closed {
+		e = &entry{versions: map[int64]*Version{}, failed: map[int64]string{}}
+		m.models[name] = e
+	}
+	return e
+}
+
+// LoadAll loads every model of the repository and returns the failures
+// joined.
+func (m *Manager) LoadAll() error {
+	names, err := m.repo.Names()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, n := range names {
+		if err := m.Load(n); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Load loads or reloads model name from the repository: every version its
+// policy selects is loaded and warmed up, then all of them replace the
+// serving versions at once. A version that fails keeps its previous
+// instance serving, if any; the error lists each failure.
+func (m *Manager) Load(name string) error {
+	e := m.entry(name, true)
+	if e == nil {
+		return errors.New("model manager is closed")
+	}
+	e.loadMu.Lock()
+	defer e.loadMu.Unlock()
+	e.mu.Lock()
+	e.loading = true
+	e.mu.Unlock()
+	defer func() {
+		e.mu.Lock()
+		e.loading = false
+		e.mu.Unlock()
+	}()
+
+	start := time.Now()
+	rm, err := m.repo.Model(name)
+	if err != nil {
+		e.mu.Lock()
+		e.reason = err.Error()
+		e.mu.Unlock()
+		m.log.Error("model load failed", "model", name, "err", err)
+		if errors.Is(err, repository.ErrNotFound) {
+			return fmt.Errorf("%w: %w", ErrNotFound, err)
+		}
+		return err
+	}
+	fresh := map[int64]*Version{}
+	failed := map[int64]string{}
+	var errs []error
+	for _, v := range rm.Selected() {
+		ver, err := m.loadVersion(rm, v)
+		if err != nil {
+			failed[v] = err.Error()
+			errs = append(errs, fmt.Errorf("version %d: %w", v, err))
+			m.log.Error("model version load failed", "model", name, "version", v, "err", err)
+			continue
+		}
+		fresh[v] = ver
+	}
+
+	e.mu.Lock()
+	old := e.versions
+	next := map[int64]*Version{}
+	maps.Copy(next, fresh)
+	for v := range failed {
+		if o, ok := old[v]; ok {
+			next[v] = o // keep the previous instance serving
+		}
+	}
+	if len(next) == 0 && len(old) > 0 {
+		next = old // nothing loaded: keep everything that served
+	}
+	e.versions = next
+	e.failed = failed
+	e.unloaded = false
+	e.reason = ""
+	if len(errs) > 0 {
+		e.reason = errors.Join(errs...).Error()
+	}
+	e.mu.Unlock()
+	for v, o := range old {
+		if next[v] != o {
+			m.retireAsync(o)
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("model %q: %w", name, errors.Join(errs...))
+	}
+	m.log.Info("model loaded", "model", name, "versions", slices.Sorted(maps.Keys(fresh)), "duration", time.Since(start))
+	return nil
+}
+
+func (m *Manager) retireAsync(v *Version) {
+	m.retired.Add(1)
+	go func() {
+		defer m.retired.Done()
+		v.retire()
+		m.log.Info("model version retired", "model", v.Name(), "version", v.number)
+	}()
+}
+
+// loadVersion loads and warms up one version.
+func (m *Manager) loadVersion(rm *repository.Model, v int64) (*Version, error) {
+	cfg := rm.Config
+	mod, err := core.LoadModule(rm.ModelPath(v))
+	if err != nil {
+		return nil, err
+	}
+	if args := mod.Inputs(); len(args) != len(cfg.Inputs) {
+		mod.Close()
+		names := make([]string, len(args))
+		for i, a := range args {
+			names[i] = a.Name
+		}
+		return nil, fmt.Errorf("forward takes %d inputs (%s), the config declares %d", len(args), strings.Join(names, ", "), len(cfg.Inputs))
+	}
+	opts := batcher.Options{
+		MaxBatchSize: cfg.MaxBatchSize,
+		Instances:    cfg.Instances(),
+		Logger:       m.log.With("model", rm.Name, "version", v),
+	}
+	if d := cfg.DynamicBatching; d != nil {
+		opts.Dynamic = true
+		opts.MaxQueueDelay = time.Duration(d.MaxQueueDelayUS) * time.Microsecond
+		opts.PreferredBatchSizes = d.PreferredBatchSizes
+		opts.MaxQueueSize = d.MaxQueueSize
+	}
+	b, err := batcher.New(func(ins []*core.Tensor) ([]*core.Tensor, error) { return mod.Forward(ins...) }, opts)
+	if err != nil {
+		mod.Close()
+		return nil, err
+	}
+	ver := &Version{model: rm, number: v, module: mod, batcher: b}
+	ver.idle = sync.NewCond(&ver.mu)
+	if cfg.WarmupEnabled() {
+		if err := warmup(ver); err != nil {
+			b.Close()
+			mod.Close()
+			return nil, fmt.Errorf("warmup: %w", err)
+		}
+	}
+	return ver, nil
+}
+
+// warmup runs the version once on zeros (variable dims as 1, a batch of 1)
+// and checks the outputs against the configuration.
+func warmup(v *Version) error {
+	cfg := v.Config()
+	ins := make([]batcher.Tensor, len(cfg.Inputs))
+	for i, in := range cfg.Inputs {
+		dt, _ := in.DataType.DType()
+		var shape []int64
+		if cfg.MaxBatchSize > 0 {
+			shape = append(shape, 1)
+		}
+		n := int64(1)
+		for _, d := range in.Dims {
+			if d < 0 {
+				d = 1
+			}
+			shape = append(shape, d)
+			n *= d
+		}
+		ins[i] = batcher.Tensor{DType: dt, Shape: shape, Data: make([]byte, n*int64(dt.Size()))}
+	}
+	outs, err := v.batcher.Submit(context.Background(), ins)
+	if err != nil {
+		return err
+	}
+	v.batcher.Stats().Reset()
+	return CheckOutputs(cfg, outs)
+}
+
+// CheckOutputs checks a model's outputs against its configuration: their
+// number, datatypes and fixed dims.
+func CheckOutputs(cfg *repository.Config, outs []batcher.Tensor) error {
+	if len(outs) != len(cfg.Outputs) {
+		return fmt.Errorf("the model returns %d outputs, the config declares %d", len(outs), len(cfg.Outputs))
+	}
+	for i, o := range cfg.Outputs {
+		got, err := repository.FromDType(outs[i].DType)
+		if err != nil {
+			return fmt.Errorf("output %q: %w", o.Name, err)
+		}
+		if got != o.DataType {
+			return fmt.Errorf("output %q: the model returns %s, the config declares %s", o.Name, got, o.DataType)
+		}
+		shape := outs[i].Shape
+		if cfg.MaxBatchSize > 0 {
+			if len(shape) == 0 {
+				return fmt.Errorf("output %q: the model returns a scalar, the config declares a batch dimension", o.Name)
+			}
+			shape = shape[1:]
+		}
+		if !ShapeMatches(o.Dims, shape) {
+			return fmt.Errorf("output %q: the model returns shape %v, the config declares dims %v", o.Name, shape, o.Dims)
+		}
+	}
+	return nil
+}
+
+// ShapeMatches reports whether shape fits dims, where -1 matches any size.
+func ShapeMatches(dims, shape []int64) bool {
+	if len(dims) != len(shape) {
+		return false
+	}
+	for i, d := range dims {
+		if d != -1 && d != shape[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// Unload stops serving model name; it returns once requests in flight have
+// finished.
+func (m *Manager) Unload(name string) error {
+	e := m.entry(name, false)
+	if e == nil {
+		if _, err := m.repo.Model(name); errors.Is(err, repository.ErrNotFound) {
+			return fmt.Errorf("%w: model %q", ErrNotFound, name)
+		}
+		return nil // known to the repository, not loaded: nothing to do
+	}
+	e.loadMu.Lock()
+	defer e.loadMu.Unlock()
+	e.mu.Lock()
+	old := e.versions
+	e.versions = map[int64]*Version{}
+	e.failed = map[int64]string{}
+	e.reason = ""
+	e.unloaded = true
+	e.mu.Unlock()
+	for _, v := range old {
+		v.retire()
+	}
+	m.log.Info("model unloaded", "model", name)
+	return nil
+}
+
+// Acquire returns a serving version of model name: version "" is the
+// highest loaded one. The caller must call Release when done.
+func (m *Manager) Acquire(name, version string) (*Version, error) {
+	e := m.entry(name, false)
+	if e == nil {
+		return nil, fmt.Errorf("%w: unknown model %q", ErrNotFound, name)
+	}
+	var want int64
+	if version != "" {
+		n, err := strconv.ParseInt(version, 10, 64)
+		if err != nil || n < 1 {
+			return nil, fmt.Errorf("%w: model %q has no version %q", ErrNotFound, name, version)
+		}
+		want = n
+	}
+	for {
+		e.mu.RLock()
+		var v *Version
+		if want != 0 {
+			v = e.versions[want]
+		} else if len(e.versions) > 0 {
+			v = e.versions[slices.Max(slices.Collect(maps.Keys(e.versions)))]
+		}
+		reason, unloaded, loading := e.reason, e.unloaded, e.loading
+		e.mu.RUnlock()
+		switch {
+		case v != nil:
+			if v.acquire() {
+				return v, nil
+			}
+			continue // swapped out meanwhile: look again
+		case want != 0:
+			return nil, fmt.Errorf("%w: version %d of model %q is not loaded", ErrNotFound, want, name)
+		case unloaded:
+			return nil, fmt.Errorf("%w: model %q is not loaded", ErrNotFound, name)
+		case reason != "":
+			return nil, fmt.Errorf("%w: model %q is not ready: %s", ErrUnavailable, name, reason)
+		case loading:
+			return nil, fmt.Errorf("%w: model %q is loading", ErrUnavailable, name)
+		}
+		return nil, fmt.Errorf("%w: unknown model %q", ErrNotFound, name)
+	}
+}
+
+// Versions returns the loaded version numbers of model name, ascending.
+func (m *Manager) Versions(name string) []int64 {
+	e := m.entry(name, false)
+	if e == nil {
+		return nil
+	}
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	return slices.Sorted(maps.Keys(e.versions))
+}
+
+// Ready reports whether every model the manager has been asked to load
+// (and not to unload) has a serving version.
+func (m *Manager) Ready() bool {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	if m.closed {
+		return false
+	}
+	for _, e := range m.models {
+		e.mu.RLock()
+		ok := e.unloaded || len(e.versions) > 0
+		e.mu.RUnlock()
+		if !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// IndexEntry is one model version in the repository index.
+type IndexEntry struct {
+	// Name is the model's name.
+	Name string
+	// Version is the version, "" for a model never loaded.
+	Version string
+	// State is READY, UNAVAILABLE, LOADING or "" (never loaded).
+	State string
+	// Reason says why the version is not ready, if known.
+	Reason string
+}
+
+// Index lists the repository's models and the state of their versions.
+func (m *Manager) Index(readyOnly bool) ([]IndexEntry, error) {
+	names, err := m.repo.Names()
+	if err != nil {
+		return nil, err
+	}
+	m.mu.RLock()
+	for n := range m.models {
+		if !slices.Contains(names, n) {
+			names = append(names, n)
+		}
+	}
+	m.mu.RUnlock()
+	slices.Sort(names)
+	var out []IndexEntry
+	for _, n := range names {
+		e := m.entry(n, false)
+		if e == nil {
+			if !readyOnly {
+				out = append(out, IndexEntry{Name: n})
+			}
+			continue
+		}
+		e.mu.RLock()
+		var rows []IndexEntry
+		for v := range e.versions {
+			rows = append(rows, IndexEntry{Name: n, Version: strconv.FormatInt(v, 10), State: StateReady})
+		}
+		if !readyOnly {
+			for v, why := range e.failed {
+				if _, ok := e.versions[v]; !ok {
+					rows = append(rows, IndexEntry{Name: n, Version: strconv.FormatInt(v, 10), State: StateUnavailable, Reason: why})
+				}
+			}
+			if len(rows) == 0 {
+				switch {
+				case e.loading:
+					rows = append(rows, IndexEntry{Name: n, State: StateLoading})
+				case e.unloaded:
+					rows = append(rows, IndexEntry{Name: n, State: StateUnavailable, Reason: "unloaded"})
+				default:
+					rows = append(rows, IndexEntry{Name: n, State: StateUnavailable, Reason: e.reason})
+				}
+			}
+		}
+		e.mu.RUnlock()
+		slices.SortFunc(rows, func(a, b IndexEntry) int {
+			x, _ := strconv.ParseInt(a.Version, 10, 64)
+			y, _ := strconv.ParseInt(b.Version, 10, 64)
+			return cmp.Compare(x, y)
+		})
+		out = append(out, rows...)
+	}
+	return out, nil
+}
+
+// Loaded returns every serving version, by model name then version. The
+// versions are not acquired: use them only for statistics and metadata.
+func (m *Manager) Loaded() []*Version {
+	m.mu.RLock()
+	names := slices.Sorted(maps.Keys(m.models))
+	m.mu.RUnlock()
+	var out []*Version
+	for _, n := range names {
+		e := m.entry(n, false)
+		e.mu.RLock()
+		for _, v := range slices.Sorted(maps.Keys(e.versions)) {
+			out = append(out, e.versions[v])
+		}
+		e.mu.RUnlock()
+	}
+	return out
+}
+
+// Close unloads every model, waiting for requests in flight.
+func (m *Manager) Close() {
+	m.mu.Lock()
+	m.closed = true
+	names := slices.Collect(maps.Keys(m.models))
+	m.mu.Unlock()
+	for _, n := range names {
+		_ = m.Unload(n)
+	}
+	m.retired.Wait()
+}

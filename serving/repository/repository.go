@@ -1,0 +1,466 @@
+// Package repository reads a Kiln model repository: a directory holding one
+// directory per model,
+//
+//	<repo>/<model>/config.yaml     (or config.yml, config.json)
+//	<repo>/<model>/<version>/model.pt
+//	<repo>/<model>/labels.txt      (optional, named by an output's "labels")
+//
+// where each <version> is a positive integer and model.pt a TorchScript
+// archive. A config names the model's inputs and outputs with v2 datatypes
+// ("FP32", "INT64", ...) and dims (-1 for a variable-size dimension), its
+// batching, instance count and version policy:
+//
+//	name: mlp
+//	platform: pytorch_torchscript
+//	max_batch_size: 32
+//	inputs:
+//	  - {name: x, datatype: FP32, dims: [8]}
+//	outputs:
+//	  - {name: logits, datatype: FP32, dims: [3], labels: labels.txt}
+//	dynamic_batching:
+//	  max_queue_delay_us: 500
+//	  preferred_batch_sizes: [8, 16]
+//	  max_queue_size: 256
+//	instance_count: 2
+//	version_policy: {latest: 1}   # or {all: true} or {specific: [1, 3]}
+//
+// With max_batch_size > 0 every input and output has an implicit leading
+// batch dimension that dims leave out, as in the v2 protocol.
+package repository
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+
+	yaml "go.yaml.in/yaml/v3"
+)
+
+// Platform is the platform of a TorchScript model.
+const Platform = "pytorch_torchscript"
+
+// ConfigFiles are the names a model's configuration file may have, in the
+// order they are looked for.
+var ConfigFiles = []string{"config.yaml", "config.yml", "config.json"}
+
+// DefaultModelFile is the model file name inside a version directory.
+const DefaultModelFile = "model.pt"
+
+// ErrNotFound is wrapped by errors about a model the repository lacks.
+var ErrNotFound = errors.New("not found")
+
+// Tensor describes one input or output of a model.
+type Tensor struct {
+	// Name is the tensor's name in requests and responses.
+	Name string `json:"name" yaml:"name"`
+	// DataType is the v2 element type, e.g. "FP32".
+	DataType DataType `json:"datatype" yaml:"datatype"`
+	// Dims is the shape without the batch dimension; -1 is variable.
+	Dims []int64 `json:"dims" yaml:"dims"`
+	// Labels, on an output, names a file in the model's directory with one
+	// class label per line, used by the classification extension.
+	Labels string `json:"labels,omitempty" yaml:"labels,omitempty"`
+}
+
+// DynamicBatching configures the dynamic batcher.
+type DynamicBatching struct {
+	// MaxQueueDelayUS is the longest a request waits for others to join its
+	// batch, in microseconds.
+	MaxQueueDelayUS int64 `json:"max_queue_delay_us" yaml:"max_queue_delay_us"`
+	// PreferredBatchSizes are batch sizes that are dispatched as soon as
+	// they can be formed.
+	PreferredBatchSizes []int `json:"preferred_batch_sizes,omitempty" yaml:"preferred_batch_sizes,omitempty"`
+	// MaxQueueSize bounds the queued requests; 0 means unbounded. A request
+	// arriving at a full queue is refused.
+	MaxQueueSize int `json:"max_queue_size,omitempty" yaml:"max_queue_size,omitempty"`
+}
+
+// VersionPolicy selects the versions served. At most one field is set;
+// none means the latest version.
+type VersionPolicy struct {
+	// Latest serves the Latest highest versions.
+	Latest int `json:"latest,omitempty" yaml:"latest,omitempty"`
+	// All serves every version.
+	All bool `json:"all,omitempty" yaml:"all,omitempty"`
+	// Specific serves the listed versions.
+	Specific []int64 `json:"specific,omitempty" yaml:"specific,omitempty"`
+}
+
+// Config is a model's configuration file.
+type Config struct {
+	// Name is the model's name; it must equal its directory's name (empty
+	// means that name).
+	Name string `json:"name" yaml:"name"`
+	// Platform must be "pytorch_torchscript" (empty means that).
+	Platform string `json:"platform" yaml:"platform"`
+	// MaxBatchSize is the largest batch along dimension 0; 0 means the
+	// model does not batch and dims are whole shapes.
+	MaxBatchSize int `json:"max_batch_size" yaml:"max_batch_size"`
+	// Inputs are the forward method's arguments, in order.
+	Inputs []Tensor `json:"inputs" yaml:"inputs"`
+	// Outputs are the tensors forward returns (tuples flattened), in order.
+	Outputs []Tensor `json:"outputs" yaml:"outputs"`
+	// DynamicBatching, when set, merges requests into batches; it needs
+	// MaxBatchSize > 0.
+	DynamicBatching *DynamicBatching `json:"dynamic_batching,omitempty" yaml:"dynamic_batching,omitempty"`
+	// InstanceCount is the number of executions that run at once (0: 1).
+	InstanceCount int `json:"instance_count,omitempty" yaml:"instance_count,omitempty"`
+	// VersionPolicy selects the versions served.
+	VersionPolicy VersionPolicy `json:"version_policy" yaml:"version_policy"`
+	// ModelFile is the model's file name in each version directory
+	// (empty: model.pt).
+	ModelFile string `json:"model_file,omitempty" yaml:"model_file,omitempty"`
+	// Warmup, when true (the default), runs one forward pass on zeros before
+	// a version takes traffic, and checks its outputs against Outputs.
+	Warmup *bool `json:"warmup,omitempty" yaml:"warmup,omitempty"`
+}
+
+// Instances returns the number of concurrent executions, at least 1.
+func (c *Config) Instances() int { return max(c.InstanceCount, 1) }
+
+// WarmupEnabled reports whether versions are warmed up before serving.
+func (c *Config) WarmupEnabled() bool { return c.Warmup == nil || *c.Warmup }
+
+// Model is a model's directory in a repository, read and validated.
+type Model struct {
+	// Name is the model's name.
+	Name string
+	// Dir is the model's directory.
+	Dir string
+	// Config is its validated configuration.
+	Config *Config
+	// Labels holds, for each output with a labels file, its labels.
+	Labels map[string][]string
+	// Versions lists every version directory, ascending.
+	Versions []int64
+}
+
+// Selected returns the versions the version policy serves, ascending.
+func (m *Model) Selected() []int64 {
+	p := m.Config.VersionPolicy
+	switch {
+	case p.All:
+		return slices.Clone(m.Versions)
+	case len(p.Specific) > 0:
+		var out []int64
+		for _, v := range m.Versions {
+			if slices.Contains(p.Specific, v) {
+				out = append(out, v)
+			}
+		}
+		return out
+	}
+	n := max(p.Latest, 1)
+	if n > len(m.Versions) {
+		n = len(m.Versions)
+	}
+	return slices.Clone(m.Versions[len(m.Versions)-n:])
+}
+
+// ModelPath returns the model file of version v.
+func (m *Model) ModelPath(v int64) string {
+	f := m.Config.ModelFile
+	if f == "" {
+		f = DefaultModelFile
+	}
+	return filepath.Join(m.Dir, strconv.FormatInt(v, 10), f)
+}
+
+// Repository is a model repository directory.
+type Repository struct {
+	root string
+}
+
+// Open opens the repository at root, which must be a directory.
+func Open(root string) (*Repository, error) {
+	st, err := os.Stat(root)
+	if err != nil {
+		return nil, fmt.Errorf("model repository: %w", err)
+	}
+	if !st.IsDir() {
+		return nil, fmt.Errorf("model repository %s: not a directory", root)
+	}
+	return &Repository{root: root}, nil
+}
+
+// Root returns the repository's directory.
+func (r *Repository) Root() string { return r.root }
+
+// Names lists the models: the directories under the root that hold a
+// configuration file, sorted.
+func (r *Repository) Names() ([]string, error) {
+	ents, err := os.ReadDir(r.root)
+	if err != nil {
+		return nil, fmt.Errorf("model repository: %w", err)
+	}
+	var names []string
+	for _, e := range ents {
+		if !e.IsDir() || strings.HasPrefix(e.Name(), ".") {
+			continue
+		}
+		if _, err := findConfig(filepath.Join(r.root, e.Name())); err == nil {
+			names = append(names, e.Name())
+		}
+	}
+	return names, nil
+}
+
+var validName = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.\-]*$`)
+
+// Model reads and validates model name's directory.
+func (r *Repository) Model(name string) (*Model, error) {
+	if !validName.MatchString(name) {
+		return nil, fmt.Errorf("model %q: invalid model name: %w", name, ErrNotFound)
+	}
+	dir := filepath.Join(r.root, name)
+	if st, err := os.Stat(dir); err != nil || !st.IsDir() {
+		return nil, fmt.Errorf("model %q: no such model in repository %s: %w", name, r.root, ErrNotFound)
+	}
+	cfgPath, err := findConfig(dir)
+	if err != nil {
+		return nil, fmt.Errorf("model %q: %w", name, err)
+	}
+	raw, err := os.ReadFile(cfgPath)
+	if err != nil {
+		return nil, fmt.Errorf("model %q: %w", name, err)
+	}
+	cfg, err := ParseConfig(raw, filepath.Ext(cfgPath) == ".json")
+	if err != nil {
+		return nil, fmt.Errorf("model %q: %s: %w", name, filepath.Base(cfgPath), err)
+	}
+	if cfg.Name == "" {
+		cfg.Name = name
+	}
+	if cfg.Name != name {
+		return nil, fmt.Errorf("model %q: %s: name %q differs from the directory's name", name, filepath.Base(cfgPath), cfg.Name)
+	}
+	m := &Model{Name: name, Dir: dir, Config: cfg, Labels: map[string][]string{}}
+	for _, o := range cfg.Outputs {
+		if o.Labels == "" {
+			continue
+		}
+		labels, err := readLabels(filepath.Join(dir, o.Labels))
+		if err != nil {
+			return nil, fmt.Errorf("model %q: output %q: labels: %w", name, o.Name, err)
+		}
+		m.Labels[o.Name] = labels
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("model %q: %w", name, err)
+	}
+	for _, e := range ents {
+		if !e.IsDir() {
+			continue
+		}
+		v, err := strconv.ParseInt(e.Name(), 10, 64)
+		if err != nil || v < 1 || strconv.FormatInt(v, 10) != e.Name() {
+			continue // not a version directory
+		}
+		m.Versions = append(m.Versions, v)
+	}
+	slices.Sort(m.Versions)
+	if len(m.Versions) == 0 {
+		return nil, fmt.Errorf("model %q: no version directories (1/, 2/, ...) in %s", name, dir)
+	}
+	if len(m.Selected()) == 0 {
+		return nil, fmt.Errorf("model %q: version policy %s selects none of the versions %v", name, describePolicy(cfg.VersionPolicy), m.Versions)
+	}
+	return m, nil
+}
+
+func describePolicy(p VersionPolicy) string {
+	switch {
+	case p.All:
+		return "all"
+	case len(p.Specific) > 0:
+		return fmt.Sprintf("specific %v", p.Specific)
+	}
+	return fmt.Sprintf("latest %d", max(p.Latest, 1))
+}
+
+func findConfig(dir string) (string, error) {
+	for _, f := range ConfigFiles {
+		p := filepath.Join(dir, f)
+		if st, err := os.Stat(p); err == nil && !st.IsDir() {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("no %s in %s", strings.Join(ConfigFiles, " or "), dir)
+}
+
+func readLabels(path string) ([]string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var labels []string
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		labels = append(labels, strings.TrimSpace(sc.Text()))
+	}
+	if err := sc.Err(); err != nil {
+		return nil, err
+	}
+	for len(labels) > 0 && labels[len(labels)-1] == "" {
+		labels = labels[:len(labels)-1]
+	}
+	if len(labels) == 0 {
+		return nil, fmt.Errorf("%s holds no labels", path)
+	}
+	return labels, nil
+}
+
+// ParseConfig decodes a configuration (YAML, or JSON when isJSON), rejecting
+// unknown fields, and validates it.
+func ParseConfig(raw []byte, isJSON bool) (*Config, error) {
+	var c Config
+	if isJSON {
+		dec := json.NewDecoder(bytes.NewReader(raw))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&c); err != nil {
+			return nil, fmt.Errorf("invalid JSON: %w", err)
+		}
+		if dec.More() {
+			return nil, errors.New("invalid JSON: data after the configuration object")
+		}
+	} else {
+		dec := yaml.NewDecoder(bytes.NewReader(raw))
+		dec.KnownFields(true)
+		if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) {
+			return nil, fmt.Errorf("invalid YAML: %w", err)
+		}
+	}
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// Validate checks the configuration and fills in defaults (platform).
+func (c *Config) Validate() error {
+	if c.Name != "" && !validName.MatchString(c.Name) {
+		return fmt.Errorf("invalid model name %q", c.Name)
+	}
+	switch c.Platform {
+	case "":
+		c.Platform = Platform
+	case Platform, "pytorch_libtorch":
+		c.Platform = Platform
+	default:
+		return fmt.Errorf("platform %q is not supported (want %q)", c.Platform, Platform)
+	}
+	if c.MaxBatchSize < 0 {
+		return fmt.Errorf("max_batch_size is negative (%d)", c.MaxBatchSize)
+	}
+	if len(c.Inputs) == 0 {
+		return errors.New("no inputs")
+	}
+	if len(c.Outputs) == 0 {
+		return errors.New("no outputs")
+	}
+	seen := map[string]bool{}
+	check := func(kind string, t Tensor) error {
+		if t.Name == "" {
+			return fmt.Errorf("%s without a name", kind)
+		}
+		if seen[kind+"/"+t.Name] {
+			return fmt.Errorf("%s %q is declared twice", kind, t.Name)
+		}
+		seen[kind+"/"+t.Name] = true
+		if !t.DataType.Known() {
+			return fmt.Errorf("%s %q: unknown datatype %q (want one of BOOL, UINT8, INT8, INT16, INT32, INT64, FP16, BF16, FP32, FP64)", kind, t.Name, t.DataType)
+		}
+		if _, ok := t.DataType.DType(); !ok {
+			return fmt.Errorf("%s %q: datatype %s has no TorchScript tensor type", kind, t.Name, t.DataType)
+		}
+		if t.Dims == nil {
+			return fmt.Errorf("%s %q: no dims (use [] for a scalar per batch element)", kind, t.Name)
+		}
+		if c.MaxBatchSize == 0 && len(t.Dims) == 0 {
+			return fmt.Errorf("%s %q: dims [] without batching would be a scalar; give max_batch_size or dims", kind, t.Name)
+		}
+		for i, d := range t.Dims {
+			if d < -1 {
+				return fmt.Errorf("%s %q: dims[%d] is %d (want -1 for variable, or a size ≥ 0)", kind, t.Name, i, d)
+			}
+		}
+		if t.Labels != "" {
+			if kind != "output" {
+				return fmt.Errorf("input %q: labels belong to outputs", t.Name)
+			}
+			if filepath.IsAbs(t.Labels) || strings.Contains(filepath.ToSlash(t.Labels), "..") {
+				return fmt.Errorf("output %q: labels %q must be a file inside the model's directory", t.Name, t.Labels)
+			}
+		}
+		return nil
+	}
+	for _, t := range c.Inputs {
+		if err := check("input", t); err != nil {
+			return err
+		}
+	}
+	for _, t := range c.Outputs {
+		if err := check("output", t); err != nil {
+			return err
+		}
+	}
+	if b := c.DynamicBatching; b != nil {
+		if c.MaxBatchSize == 0 {
+			return errors.New("dynamic_batching needs max_batch_size > 0")
+		}
+		if b.MaxQueueDelayUS < 0 {
+			return fmt.Errorf("dynamic_batching.max_queue_delay_us is negative (%d)", b.MaxQueueDelayUS)
+		}
+		if b.MaxQueueSize < 0 {
+			return fmt.Errorf("dynamic_batching.max_queue_size is negative (%d)", b.MaxQueueSize)
+		}
+		for _, s := range b.PreferredBatchSizes {
+			if s < 1 || s > c.MaxBatchSize {
+				return fmt.Errorf("dynamic_batching.preferred_batch_sizes: %d is not within 1..max_batch_size (%d)", s, c.MaxBatchSize)
+			}
+		}
+	}
+	if c.InstanceCount < 0 {
+		return fmt.Errorf("instance_count is negative (%d)", c.InstanceCount)
+	}
+	p := c.VersionPolicy
+	set := 0
+	if p.Latest != 0 {
+		set++
+		if p.Latest < 0 {
+			return fmt.Errorf("version_policy.latest is negative (%d)", p.Latest)
+		}
+	}
+	if p.All {
+		set++
+	}
+	if p.Specific != nil {
+		set++
+		if len(p.Specific) == 0 {
+			return errors.New("version_policy.specific lists no versions")
+		}
+		for _, v := range p.Specific {
+			if v < 1 {
+				return fmt.Errorf("version_policy.specific: version %d is not ≥ 1", v)
+			}
+		}
+	}
+	if set > 1 {
+		return errors.New("version_policy: give only one of latest, all, specific")
+	}
+	if c.ModelFile != "" && (c.ModelFile != filepath.Base(c.ModelFile) || c.ModelFile == "." || c.ModelFile == "..") {
+		return fmt.Errorf("model_file %q must be a plain file name", c.ModelFile)
+	}
+	return nil
+}
