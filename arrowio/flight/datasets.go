@@ -1,0 +1,360 @@
+package flight
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/ipc"
+	"github.com/apache/arrow-go/v18/arrow/memory"
+)
+
+// DatasetExt is the file name extension of a stored dataset: dataset NAME is
+// the Arrow IPC file DataDir/NAME.arrow.
+const DatasetExt = ".arrow"
+
+// metaExt is the extension of a dataset's summary, written next to it.
+const metaExt = ".meta.json"
+
+// tmpPrefix starts the names of files being written; dataset names cannot
+// start with a dot, so they never collide with them.
+const tmpPrefix = ".put-"
+
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
+
+// ValidDatasetName reports why name is not a valid dataset name, or nil.
+// A name is 1 to 128 letters, digits, '.', '_' or '-', starting with a
+// letter or digit, so it never names a path outside the data directory nor
+// a hidden file.
+func ValidDatasetName(name string) error {
+	if !nameRE.MatchString(name) {
+		return fmt.Errorf("invalid dataset name %q: want 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit", name)
+	}
+	return nil
+}
+
+// DatasetInfo describes a stored dataset.
+type DatasetInfo struct {
+	// Name is the dataset's name.
+	Name string `json:"name"`
+	// Path is its Arrow IPC file.
+	Path string `json:"path"`
+	// Schema is its schema.
+	Schema *arrow.Schema `json:"-"`
+	// Rows is its total number of rows.
+	Rows int64 `json:"rows"`
+	// Batches is its number of record batches.
+	Batches int64 `json:"batches"`
+	// Bytes is the size of its file.
+	Bytes int64 `json:"bytes"`
+}
+
+// datasetMeta is the summary stored next to a dataset so that listing need
+// not read every batch; it is trusted only when Bytes matches the file.
+type datasetMeta struct {
+	Rows    int64 `json:"rows"`
+	Batches int64 `json:"batches"`
+	Bytes   int64 `json:"bytes"`
+}
+
+// store holds the datasets of a data directory.
+type store struct {
+	dir string
+	mem memory.Allocator
+
+	mu    sync.Mutex
+	cache map[string]datasetMeta // by file name, validated by size
+}
+
+func newStore(dir string, mem memory.Allocator) (*store, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("data directory: %w", err)
+	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, fmt.Errorf("data directory: %w", err)
+	}
+	// Files left by a server that stopped in the middle of a DoPut are
+	// never visible; remove them.
+	if ents, err := os.ReadDir(abs); err == nil {
+		for _, e := range ents {
+			if strings.HasPrefix(e.Name(), tmpPrefix) {
+				_ = os.Remove(filepath.Join(abs, e.Name()))
+			}
+		}
+	}
+	return &store{dir: abs, mem: mem, cache: map[string]datasetMeta{}}, nil
+}
+
+// Path returns the file of dataset name, which need not exist.
+func (s *store) path(name string) string { return filepath.Join(s.dir, name+DatasetExt) }
+
+// info describes dataset name; errors wrap os.ErrNotExist for a dataset
+// that is not stored.
+func (s *store) info(name string) (DatasetInfo, error) {
+	if err := ValidDatasetName(name); err != nil {
+		return DatasetInfo{}, err
+	}
+	p := s.path(name)
+	f, err := os.Open(p)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return DatasetInfo{}, fmt.Errorf("dataset %q: %w", name, os.ErrNotExist)
+		}
+		return DatasetInfo{}, fmt.Errorf("dataset %q: %w", name, err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return DatasetInfo{}, fmt.Errorf("dataset %q: %w", name, err)
+	}
+	rdr, err := ipc.NewFileReader(f, ipc.WithAllocator(s.mem))
+	if err != nil {
+		return DatasetInfo{}, fmt.Errorf("dataset %q: reading %s: %w", name, p, err)
+	}
+	defer rdr.Close()
+	info := DatasetInfo{Name: name, Path: p, Schema: rdr.Schema(), Batches: int64(rdr.NumRecords()), Bytes: st.Size()}
+	if m, ok := s.meta(name, st.Size()); ok && m.Batches == info.Batches {
+		info.Rows = m.Rows
+		return info, nil
+	}
+	// No usable summary: count the rows batch by batch.
+	for i := 0; i < rdr.NumRecords(); i++ {
+		rec, err := rdr.RecordBatch(i)
+		if err != nil {
+			return DatasetInfo{}, fmt.Errorf("dataset %q: batch %d: %w", name, i, err)
+		}
+		info.Rows += rec.NumRows()
+	}
+	s.setMeta(name, datasetMeta{Rows: info.Rows, Batches: info.Batches, Bytes: info.Bytes})
+	return info, nil
+}
+
+func (s *store) meta(name string, size int64) (datasetMeta, bool) {
+	s.mu.Lock()
+	m, ok := s.cache[name]
+	s.mu.Unlock()
+	if ok && m.Bytes == size {
+		return m, true
+	}
+	raw, err := os.ReadFile(filepath.Join(s.dir, name+metaExt))
+	if err != nil || json.Unmarshal(raw, &m) != nil || m.Bytes != size {
+		return datasetMeta{}, false
+	}
+	s.setMeta(name, m)
+	return m, true
+}
+
+func (s *store) setMeta(name string, m datasetMeta) {
+	s.mu.Lock()
+	s.cache[name] = m
+	s.mu.Unlock()
+}
+
+// list describes every stored dataset, by name.
+func (s *store) list() ([]DatasetInfo, error) {
+	ents, err := os.ReadDir(s.dir)
+	if err != nil {
+		return nil, fmt.Errorf("listing datasets: %w", err)
+	}
+	var out []DatasetInfo
+	for _, e := range ents {
+		name, ok := strings.CutSuffix(e.Name(), DatasetExt)
+		if !ok || !e.Type().IsRegular() || ValidDatasetName(name) != nil {
+			continue
+		}
+		info, err := s.info(name)
+		if errors.Is(err, os.ErrNotExist) {
+			continue // deleted meanwhile
+		}
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, info)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, nil
+}
+
+// PutProgress is what a DoPut has made durable so far.
+type PutProgress struct {
+	// Batches is the number of record batches written and synced.
+	Batches int64 `json:"batches"`
+	// Rows is their number of rows.
+	Rows int64 `json:"rows"`
+	// Bytes is the size of the file written so far.
+	Bytes int64 `json:"bytes"`
+	// Committed is set on the last acknowledgement, sent once the whole
+	// dataset is stored and visible.
+	Committed bool `json:"committed,omitempty"`
+}
+
+// errInvalidStream marks errors caused by the client's data rather than by
+// the server.
+var errInvalidStream = errors.New("invalid stream")
+
+// countingWriter counts the bytes written through it.
+type countingWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// put stores the record batches of rdr as dataset name. Each batch is written
+// and fsync'd before durable is called with the progress so far. The dataset
+// becomes visible, atomically, only once the whole stream is stored; on any
+// error nothing of it remains.
+func (s *store) put(ctx context.Context, name string, rdr recordSource, durable func(PutProgress)) (info DatasetInfo, err error) {
+	if err := ValidDatasetName(name); err != nil {
+		return DatasetInfo{}, err
+	}
+	f, err := os.CreateTemp(s.dir, tmpPrefix+"*")
+	if err != nil {
+		return DatasetInfo{}, fmt.Errorf("dataset %q: creating temporary file: %w", name, err)
+	}
+	tmp := f.Name()
+	committed := false
+	defer func() {
+		if !committed {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	cw := &countingWriter{w: f}
+	bw := bufio.NewWriterSize(cw, 64<<10)
+	schema := rdr.Schema()
+	fw, err := ipc.NewFileWriter(bw, ipc.WithSchema(schema), ipc.WithAllocator(s.mem))
+	if err != nil {
+		return DatasetInfo{}, fmt.Errorf("dataset %q: %w", name, err)
+	}
+	var prog PutProgress
+	sync := func() error {
+		if err := bw.Flush(); err != nil {
+			return err
+		}
+		return f.Sync()
+	}
+	for {
+		if err := ctx.Err(); err != nil {
+			return DatasetInfo{}, fmt.Errorf("dataset %q: stream ended after %d batches: %w", name, prog.Batches, err)
+		}
+		rec, err := rdr.Read()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return DatasetInfo{}, fmt.Errorf("dataset %q: after %d batches: %w", name, prog.Batches, err)
+		}
+		if err := validateRecord(rec); err != nil {
+			return DatasetInfo{}, fmt.Errorf("dataset %q: batch %d: %w: %w", name, prog.Batches, errInvalidStream, err)
+		}
+		if err := writeRecord(fw, rec); err != nil {
+			return DatasetInfo{}, fmt.Errorf("dataset %q: writing batch %d: %w", name, prog.Batches, err)
+		}
+		if err := sync(); err != nil {
+			return DatasetInfo{}, fmt.Errorf("dataset %q: syncing batch %d: %w", name, prog.Batches, err)
+		}
+		prog.Batches++
+		prog.Rows += rec.NumRows()
+		prog.Bytes = cw.n
+		if durable != nil {
+			durable(prog)
+		}
+	}
+	if err := fw.Close(); err != nil {
+		return DatasetInfo{}, fmt.Errorf("dataset %q: writing footer: %w", name, err)
+	}
+	if err := sync(); err != nil {
+		return DatasetInfo{}, fmt.Errorf("dataset %q: syncing: %w", name, err)
+	}
+	if err := f.Close(); err != nil {
+		return DatasetInfo{}, fmt.Errorf("dataset %q: closing: %w", name, err)
+	}
+	meta := datasetMeta{Rows: prog.Rows, Batches: prog.Batches, Bytes: cw.n}
+	if err := writeFileSync(filepath.Join(s.dir, name+metaExt), meta); err != nil {
+		return DatasetInfo{}, fmt.Errorf("dataset %q: %w", name, err)
+	}
+	if err := ctx.Err(); err != nil {
+		return DatasetInfo{}, fmt.Errorf("dataset %q: stream ended before commit: %w", name, err)
+	}
+	if err := os.Rename(tmp, s.path(name)); err != nil {
+		return DatasetInfo{}, fmt.Errorf("dataset %q: committing: %w", name, err)
+	}
+	committed = true
+	s.setMeta(name, meta)
+	if err := syncDir(s.dir); err != nil {
+		return DatasetInfo{}, fmt.Errorf("dataset %q: syncing data directory: %w", name, err)
+	}
+	return DatasetInfo{Name: name, Path: s.path(name), Schema: schema, Rows: prog.Rows, Batches: prog.Batches, Bytes: cw.n}, nil
+}
+
+// writeRecord writes rec, turning a panic of the IPC encoder on malformed
+// data into an error.
+func writeRecord(fw *ipc.FileWriter, rec arrow.RecordBatch) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("%w: encoding failed: %v", errInvalidStream, p)
+		}
+	}()
+	return fw.Write(rec)
+}
+
+// writeFileSync writes v as JSON to path through a synced temporary file.
+func writeFileSync(path string, v any) error {
+	raw, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	f, err := os.CreateTemp(filepath.Dir(path), tmpPrefix+"*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.Write(raw); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), path)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil && !errors.Is(err, syscall.EINVAL) {
+		return err
+	}
+	return nil
+}
+
+// recordSource yields record batches of one schema; a batch is valid until
+// the next Read. Read returns io.EOF at the end.
+type recordSource interface {
+	Schema() *arrow.Schema
+	Read() (arrow.RecordBatch, error)
+}

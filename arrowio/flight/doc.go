@@ -1,0 +1,87 @@
+// Package flight is Kiln's Arrow Flight service: it stores datasets sent
+// with DoPut, serves them back with ListFlights, GetFlightInfo and DoGet,
+// runs streaming batch inference with DoExchange through the same model
+// manager and dynamic batcher as the KServe gRPC service, and starts and
+// tracks training jobs with DoAction. It listens on :8815 by default,
+// started alone or next to the gRPC service in `kiln serve`:
+//
+//	srv, err := flight.New(flight.Options{
+//		DataDir: "data",
+//		Models:  flight.ManagerModels(servingServer.Manager()),
+//	})
+//	if err != nil { ... }
+//	if err := srv.Start(ctx); err != nil { ... }
+//	...
+//	err = srv.Shutdown(ctx)
+//
+// # Datasets
+//
+// DoPut with the path descriptor ["datasets", NAME] stores the stream as the
+// Arrow IPC file DATA_DIR/NAME.arrow (see ValidDatasetName for the names
+// allowed). Every record batch is written and fsync'd before the PutResult
+// that acknowledges it; a PutResult's app_metadata is the JSON PutProgress
+// of every batch durable so far (acknowledgements that the client has not
+// read yet are merged), and the last one, sent once the dataset is visible,
+// has "committed": true. The stream is written to a temporary file renamed
+// over NAME.arrow only once it has ended well: a stream that breaks (the
+// client goes away, a malformed IPC message, a second schema) leaves the
+// data directory as it was and fails with CANCELLED or INVALID_ARGUMENT.
+//
+// ListFlights lists the datasets (a criteria expression keeps the names
+// with that prefix), GetFlightInfo describes one (schema, total records and
+// bytes, one endpoint whose ticket is "datasets/NAME") and DoGet streams it
+// back in the record batches it was put in, bit for bit.
+//
+// # Inference
+//
+// DoExchange with the path descriptor ["models", NAME] or ["models", NAME,
+// VERSION] (the highest serving version when omitted) reads record batches
+// of inputs and answers each with one record batch of predictions, in
+// order, echoing the input batch's app_metadata. Input batches are
+// pipelined, and each is split into requests of at most the model's
+// max_batch_size rows that the dynamic batcher merges with other clients'
+// (gRPC or Flight) requests; the version's statistics count them as the
+// gRPC service does.
+//
+// An input is the column named as the model input, of exactly the input's
+// datatype, holding one value per row: a numeric column for an input with
+// dims [] or [1], a FixedSizeList of numbers for dims [k], or an
+// arrow.fixed_shape_tensor (without permutation) of the input's dims, -1
+// matching any size. For a model without batching (max_batch_size 0) the
+// rows of the batch are the input's first dimension and the column gives
+// the rest. Nulls are refused.
+//
+// Feature stacking: when the model has exactly one input, whose per-row
+// dims are [k] (or [-1]), and the batch has no column of that name, numeric
+// columns are stacked into the input's [rows, k] features: the columns the
+// schema metadata "kiln.features" names (a JSON array or a comma-separated
+// list), in that order, or else every column of the schema in schema
+// order, which must then number exactly k. Every stacked column must have
+// the input's datatype; stacking copies the values once.
+//
+// Each model output becomes a column named after it: a numeric column for
+// outputs with one value per row, a fixed_shape_tensor of the per-row shape
+// otherwise. Outputs must have one row per input row, and one shape for the
+// whole stream.
+//
+// Errors end the stream with a status: INVALID_ARGUMENT for a descriptor,
+// schema or batch that does not fit the model (missing input columns, wrong
+// datatypes or shapes, nulls, malformed IPC), NOT_FOUND for an unknown model
+// or version, UNAVAILABLE for a model that does not serve, INTERNAL for a
+// failed model execution. The server keeps serving other calls.
+//
+// # Training jobs
+//
+// DoAction `train` with a JSON body {"dataset": NAME, ...} starts a job that
+// runs the configured Trainer on the dataset's file in the background and
+// returns {"job_id": ID}; `job-status` and `cancel` take the id (bare, as a
+// JSON string or as {"job_id": ID}) and return the job's JobStatus JSON,
+// with its progress; `list-jobs` returns them all. Without a Trainer these
+// actions fail with UNIMPLEMENTED: this package trains nothing itself.
+//
+// # Security
+//
+// Options.Auth requires bearer tokens, static or issued by the Flight
+// basic-auth handshake (see Auth); Options.TLSConfig or CertFile and
+// KeyFile serve TLS.
+package flight

@@ -1,0 +1,704 @@
+package flight
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
+	"github.com/apache/arrow-go/v18/arrow/flight"
+	"github.com/apache/arrow-go/v18/arrow/ipc"
+	"github.com/apache/arrow-go/v18/arrow/memory"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/kilnml/kiln/arrowio"
+	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/serving/batcher"
+	"github.com/kilnml/kiln/serving/repository"
+)
+
+// FeaturesMetadataKey is the schema metadata key that names, as a JSON
+// array of strings or a comma-separated list, the columns to stack into a
+// model's single feature input (see the package documentation).
+const FeaturesMetadataKey = "kiln.features"
+
+// exchangeDepth is the number of input batches a DoExchange stream has in
+// flight at once: while one batch's outputs are written, the next ones are
+// already queued in the batcher.
+const exchangeDepth = 4
+
+// maxChunksInFlight bounds the requests one input batch has queued at once.
+const maxChunksInFlight = 64
+
+func invalidArg(format string, args ...any) error {
+	return status.Errorf(codes.InvalidArgument, format, args...)
+}
+
+func shapeString(s []int64) string {
+	parts := make([]string, len(s))
+	for i, d := range s {
+		parts[i] = strconv.FormatInt(d, 10)
+	}
+	return "[" + strings.Join(parts, ",") + "]"
+}
+
+// inputSource says where a model input's values come from in a record batch.
+type inputSource struct {
+	name     string     // the model input
+	dt       core.DType // its element type
+	cols     []int      // one column, or the columns stacked as features
+	rowShape []int64    // shape of one row's value
+	rowElems int64      // product of rowShape
+	stacked  bool       // cols are features stacked into one input
+}
+
+// plan maps the columns of an input schema to a model's inputs.
+type plan struct {
+	model   string
+	batched bool // max_batch_size > 0
+	maxRows int  // max_batch_size
+	dims    [][]int64
+	inputs  []inputSource
+}
+
+// rowType returns the element type and per-row shape of a column type:
+// numeric primitives (shape []), FixedSizeLists of numbers (shape [size]) and
+// fixed_shape_tensor without permutation (its shape).
+func rowType(dt arrow.DataType) (arrow.DataType, []int64, error) {
+	switch t := dt.(type) {
+	case *arrowio.FixedShapeTensorType:
+		if p := t.Permutation(); p != nil {
+			for i, v := range p {
+				if int64(i) != v {
+					return nil, nil, fmt.Errorf("fixed_shape_tensor with permutation %v: send the tensors in row-major (logical) order", p)
+				}
+			}
+		}
+		return t.ValueType(), t.Shape(), nil
+	case *arrow.FixedSizeListType:
+		return t.Elem(), []int64{int64(t.Len())}, nil
+	}
+	return dt, nil, nil
+}
+
+func dtypeOf(dt arrow.DataType) (core.DType, repository.DataType, error) {
+	d, err := arrowio.DTypeOf(dt)
+	if err != nil {
+		return 0, "", err
+	}
+	v2, err := repository.FromDType(d)
+	return d, v2, err
+}
+
+func product(s []int64) int64 {
+	n := int64(1)
+	for _, d := range s {
+		n *= d
+	}
+	return n
+}
+
+// fits reports whether shape matches dims, where -1 matches any size.
+func fits(dims, shape []int64) bool {
+	if len(dims) != len(shape) {
+		return false
+	}
+	for i, d := range dims {
+		if d != -1 && d != shape[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// featureColumns returns the columns to stack for a feature input of width
+// k (-1: any width), by the rule of the package documentation.
+func featureColumns(schema *arrow.Schema, k int64) ([]int, error) {
+	var names []string
+	if raw, ok := schema.Metadata().GetValue(FeaturesMetadataKey); ok {
+		if err := json.Unmarshal([]byte(raw), &names); err != nil {
+			names = strings.Split(raw, ",")
+			for i := range names {
+				names[i] = strings.TrimSpace(names[i])
+			}
+		}
+		cols := make([]int, len(names))
+		for i, n := range names {
+			idx := schema.FieldIndices(n)
+			if len(idx) != 1 {
+				return nil, fmt.Errorf("metadata %s names column %q, which the schema has %d times", FeaturesMetadataKey, n, len(idx))
+			}
+			cols[i] = idx[0]
+		}
+		return cols, nil
+	}
+	cols := make([]int, schema.NumFields())
+	for i := range cols {
+		cols[i] = i
+	}
+	if k >= 0 && int64(len(cols)) != k {
+		return nil, fmt.Errorf("the schema has %d columns, the feature width is %d", len(cols), k)
+	}
+	return cols, nil
+}
+
+// newPlan checks an input schema against a model's configuration.
+func newPlan(model string, cfg *repository.Config, schema *arrow.Schema) (*plan, error) {
+	p := &plan{model: model, batched: cfg.MaxBatchSize > 0, maxRows: cfg.MaxBatchSize}
+	want := func(c repository.Tensor) string {
+		if p.batched {
+			return fmt.Sprintf("%s %s per row", c.DataType, shapeString(c.Dims))
+		}
+		return fmt.Sprintf("%s %s with the rows as dimension 0", c.DataType, shapeString(c.Dims))
+	}
+	for _, c := range cfg.Inputs {
+		src := inputSource{name: c.Name}
+		dt, ok := c.DataType.DType()
+		if !ok {
+			return nil, invalidArg("model %q: input %q has datatype %s, which Arrow columns cannot carry", model, c.Name, c.DataType)
+		}
+		src.dt = dt
+		// The per-row dims: the configured dims for a batching model, the
+		// configured shape less its first (row) dimension otherwise.
+		rowDims := c.Dims
+		if !p.batched {
+			if len(c.Dims) == 0 {
+				return nil, invalidArg("model %q: input %q is a scalar, which a column of rows cannot carry", model, c.Name)
+			}
+			rowDims = c.Dims[1:]
+		}
+		idx := schema.FieldIndices(c.Name)
+		switch {
+		case len(idx) > 1:
+			return nil, invalidArg("model %q: input column %q appears %d times", model, c.Name, len(idx))
+		case len(idx) == 1:
+			f := schema.Field(idx[0])
+			et, shape, err := rowType(f.Type)
+			if err != nil {
+				return nil, invalidArg("model %q: input column %q: %v", model, c.Name, err)
+			}
+			_, v2, err := dtypeOf(et)
+			if err != nil || v2 != c.DataType {
+				return nil, invalidArg("model %q: input column %q has type %s, expected %s (a numeric column, FixedSizeList or fixed_shape_tensor of %s)", model, c.Name, f.Type, want(c), c.DataType)
+			}
+			if len(shape) == 0 && len(rowDims) == 1 && (rowDims[0] == 1 || rowDims[0] == -1) {
+				shape = []int64{1} // a plain column feeds a [1] input
+			}
+			if !fits(rowDims, shape) {
+				return nil, invalidArg("model %q: input column %q holds %s per row, expected %s", model, c.Name, shapeString(shape), want(c))
+			}
+			src.cols, src.rowShape = idx, shape
+		case len(cfg.Inputs) == 1 && len(rowDims) == 1:
+			// Stack numeric columns as the features of the only input.
+			cols, err := featureColumns(schema, rowDims[0])
+			if err != nil {
+				return nil, invalidArg("model %q: no input column %q, and the columns cannot be stacked as its features: %v (expected %s)", model, c.Name, err, want(c))
+			}
+			if len(cols) == 0 {
+				return nil, invalidArg("model %q: no input column %q (expected %s)", model, c.Name, want(c))
+			}
+			for _, ci := range cols {
+				f := schema.Field(ci)
+				_, v2, err := dtypeOf(f.Type)
+				if err != nil || v2 != c.DataType {
+					return nil, invalidArg("model %q: no input column %q, and column %q (%s) cannot be stacked as one of its %s features", model, c.Name, f.Name, f.Type, c.DataType)
+				}
+			}
+			src.cols, src.rowShape, src.stacked = cols, []int64{int64(len(cols))}, true
+		default:
+			names := make([]string, len(cfg.Inputs))
+			for i, in := range cfg.Inputs {
+				names[i] = in.Name
+			}
+			return nil, invalidArg("model %q: missing input column %q (expected %s); the model takes columns %s", model, c.Name, want(c), strings.Join(names, ", "))
+		}
+		src.rowElems = product(src.rowShape)
+		p.inputs = append(p.inputs, src)
+		p.dims = append(p.dims, c.Dims)
+	}
+	return p, nil
+}
+
+// columnBytes returns the little-endian values of rows of a numeric column
+// (primitive, FixedSizeList or fixed_shape_tensor), without copying.
+func columnBytes(col arrow.Array, elemSize int, rowElems int64) ([]byte, error) {
+	if col.NullN() > 0 {
+		return nil, errors.New("has nulls")
+	}
+	d := col.Data()
+	first := int64(d.Offset())
+	if len(d.Children()) == 1 { // FixedSizeList storage
+		ch := d.Children()[0]
+		if ch.NullN() > 0 {
+			return nil, errors.New("has null elements")
+		}
+		first = first*rowElems + int64(ch.Offset())
+		d = ch
+	}
+	buf := d.Buffers()[1]
+	n := int64(col.Len()) * rowElems * int64(elemSize)
+	start := first * int64(elemSize)
+	if buf == nil {
+		if n == 0 {
+			return nil, nil
+		}
+		return nil, errors.New("has no values buffer")
+	}
+	if int64(buf.Len()) < start+n {
+		return nil, fmt.Errorf("values buffer of %d bytes is shorter than %d", buf.Len(), start+n)
+	}
+	return buf.Bytes()[start : start+n], nil
+}
+
+// gather returns the values of one input for every row of rec, row-major.
+// A single column is not copied; stacked columns are interleaved into a new
+// buffer.
+func (src *inputSource) gather(rec arrow.RecordBatch) ([]byte, error) {
+	size := src.dt.Size()
+	if !src.stacked {
+		b, err := columnBytes(rec.Column(src.cols[0]), size, src.rowElems)
+		if err != nil {
+			return nil, invalidArg("input column %q: %v", src.name, err)
+		}
+		return b, nil
+	}
+	rows, k := int(rec.NumRows()), len(src.cols)
+	out := make([]byte, rows*k*size)
+	for j, ci := range src.cols {
+		b, err := columnBytes(rec.Column(ci), size, 1)
+		if err != nil {
+			return nil, invalidArg("feature column %q: %v", rec.Schema().Field(ci).Name, err)
+		}
+		for r := 0; r < rows; r++ {
+			copy(out[(r*k+j)*size:(r*k+j+1)*size], b[r*size:(r+1)*size])
+		}
+	}
+	return out, nil
+}
+
+// outputSpec is the Arrow form of a model output, fixed for a stream.
+type outputSpec struct {
+	name     string
+	dt       core.DType
+	rowShape []int64
+	field    arrow.Field
+}
+
+func makeOutputSpec(name string, dt core.DType, rowShape []int64) (outputSpec, error) {
+	at, err := arrowio.ArrowTypeOf(dt)
+	if err != nil {
+		return outputSpec{}, fmt.Errorf("output %q: %w", name, err)
+	}
+	spec := outputSpec{name: name, dt: dt, rowShape: slices.Clone(rowShape), field: arrow.Field{Name: name, Type: at}}
+	if len(rowShape) > 0 {
+		typ, err := arrowio.NewFixedShapeTensorType(at, slices.Clone(rowShape))
+		if err != nil {
+			return outputSpec{}, fmt.Errorf("output %q: %w", name, err)
+		}
+		spec.field.Type = typ
+	}
+	return spec, nil
+}
+
+// array wraps data, rows of the output's values, as an Arrow array.
+func (o *outputSpec) array(data []byte, rows int) (arrow.Array, error) {
+	at, _ := arrowio.ArrowTypeOf(o.dt)
+	buf := memory.NewBufferBytes(data)
+	vals := array.NewData(at, rows*int(product(o.rowShape)), []*memory.Buffer{nil, buf}, nil, 0, 0)
+	defer vals.Release()
+	va := array.MakeFromData(vals)
+	if len(o.rowShape) == 0 {
+		return va, nil
+	}
+	defer va.Release()
+	a, err := arrowio.NewFixedShapeTensorArray(o.field.Type.(*arrowio.FixedShapeTensorType), va)
+	if err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
+// exchange holds the state of one DoExchange stream.
+type exchange struct {
+	s       *Server
+	name    string
+	version string
+
+	mu      sync.Mutex
+	outputs []outputSpec // fixed by the first result
+}
+
+// result is the outcome of one input batch.
+type result struct {
+	done chan struct{}
+	rec  arrow.RecordBatch
+	meta []byte
+	err  error
+}
+
+// DoExchange runs streaming inference: see the package documentation.
+func (s *Server) DoExchange(stream flight.FlightService_DoExchangeServer) (err error) {
+	defer recoverStatus(&err, "DoExchange")
+	ctx, cancel := context.WithCancel(stream.Context())
+	defer cancel()
+	rdr, err := flight.NewRecordReader(stream, ipc.WithAllocator(s.mem))
+	if err != nil {
+		return statusFromReadErr(ctx, "DoExchange: reading the input schema", err)
+	}
+	defer rdr.Release()
+	name, version, err := modelDescriptor(rdr.LatestFlightDescriptor())
+	if err != nil {
+		return err
+	}
+	x := &exchange{s: s, name: name, version: version}
+	// Check the model and the schema before any data.
+	m, err := s.acquire(name, version)
+	if err != nil {
+		return err
+	}
+	cfg := m.Config()
+	m.Release()
+	if _, err := newPlan(name, cfg, rdr.Schema()); err != nil {
+		return err
+	}
+	if specs, ok := staticOutputs(cfg); ok {
+		x.outputs = specs
+	}
+
+	pending := make(chan *result, exchangeDepth)
+	readErr := make(chan error, 1)
+	go func() {
+		defer close(pending)
+		readErr <- x.readLoop(ctx, rdr, pending)
+	}()
+	var w *flight.Writer
+	defer func() {
+		if w != nil {
+			w.Close()
+		}
+	}()
+	startWriter := func() {
+		if w == nil {
+			w = flight.NewRecordWriter(stream, ipc.WithSchema(x.schema()), ipc.WithAllocator(s.mem))
+		}
+	}
+	var firstErr error
+	for r := range pending {
+		if firstErr != nil {
+			<-r.done
+			if r.rec != nil {
+				r.rec.Release()
+			}
+			continue
+		}
+		<-r.done
+		if r.err != nil {
+			firstErr = r.err
+			cancel()
+			continue
+		}
+		startWriter()
+		if len(r.meta) > 0 {
+			err = w.WriteWithAppMetadata(r.rec, r.meta)
+		} else {
+			err = w.Write(r.rec)
+		}
+		r.rec.Release()
+		if err != nil {
+			firstErr = status.Errorf(codes.Unavailable, "DoExchange %s: sending predictions: %v", x.label(), err)
+			cancel()
+		}
+	}
+	if rerr := <-readErr; firstErr == nil && rerr != nil {
+		firstErr = rerr
+	}
+	if firstErr != nil {
+		return toStatus(firstErr)
+	}
+	if x.known() {
+		startWriter() // an empty exchange still answers with the schema
+	}
+	return nil
+}
+
+func (x *exchange) label() string {
+	if x.version == "" {
+		return fmt.Sprintf("model %q", x.name)
+	}
+	return fmt.Sprintf("model %q version %s", x.name, x.version)
+}
+
+func (x *exchange) known() bool {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	return x.outputs != nil
+}
+
+func (x *exchange) schema() *arrow.Schema {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	fields := make([]arrow.Field, len(x.outputs))
+	for i, o := range x.outputs {
+		fields[i] = o.field
+	}
+	return arrow.NewSchema(fields, nil)
+}
+
+// staticOutputs returns the output columns of a batching model whose
+// outputs' dims are all fixed, known before any inference.
+func staticOutputs(cfg *repository.Config) ([]outputSpec, bool) {
+	if cfg.MaxBatchSize <= 0 {
+		return nil, false
+	}
+	specs := make([]outputSpec, len(cfg.Outputs))
+	for i, o := range cfg.Outputs {
+		dt, ok := o.DataType.DType()
+		if !ok || slices.Contains(o.Dims, -1) {
+			return nil, false
+		}
+		spec, err := makeOutputSpec(o.Name, dt, o.Dims)
+		if err != nil {
+			return nil, false
+		}
+		specs[i] = spec
+	}
+	return specs, true
+}
+
+// readLoop reads input batches and starts their inference, queueing their
+// results in order on pending.
+func (x *exchange) readLoop(ctx context.Context, rdr *flight.Reader, pending chan<- *result) error {
+	for {
+		rec, err := rdr.Read()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return statusFromReadErr(ctx, "DoExchange: reading input batches", err)
+		}
+		if err := validateRecord(rec); err != nil {
+			return invalidArg("DoExchange: %v", err)
+		}
+		rec.Retain()
+		r := &result{done: make(chan struct{}), meta: slices.Clone(rdr.LatestAppMetadata())}
+		select {
+		case pending <- r:
+		case <-ctx.Done():
+			rec.Release()
+			return nil
+		}
+		go func() {
+			defer close(r.done)
+			defer rec.Release()
+			r.rec, r.err = x.infer(ctx, rec)
+		}()
+	}
+}
+
+// infer runs one input batch through the model, split into requests of at
+// most max_batch_size rows that the dynamic batcher may merge with others.
+func (x *exchange) infer(ctx context.Context, rec arrow.RecordBatch) (arrow.RecordBatch, error) {
+	m, err := x.s.acquire(x.name, x.version)
+	if err != nil {
+		return nil, err
+	}
+	defer m.Release()
+	p, err := newPlan(x.name, m.Config(), rec.Schema())
+	if err != nil {
+		return nil, err
+	}
+	rows := int(rec.NumRows())
+	data := make([][]byte, len(p.inputs))
+	for i := range p.inputs {
+		if data[i], err = p.inputs[i].gather(rec); err != nil {
+			return nil, err
+		}
+	}
+	chunk := rows
+	if p.batched {
+		chunk = p.maxRows
+	} else {
+		for i, in := range p.inputs {
+			if d := p.dims[i][0]; d != -1 && d != int64(rows) {
+				return nil, invalidArg("model %q: input %q has %d rows in its first dimension, this batch %d", x.name, in.name, d, rows)
+			}
+		}
+	}
+	if rows == 0 {
+		if !p.batched {
+			chunk = 0
+		} else {
+			return x.emptyResult()
+		}
+	}
+	nchunks := 1
+	if chunk > 0 {
+		nchunks = (rows + chunk - 1) / chunk
+	}
+	outs := make([][]batcher.Tensor, nchunks)
+	errs := make([]error, nchunks)
+	sem := make(chan struct{}, maxChunksInFlight)
+	var wg sync.WaitGroup
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	for c := 0; c < nchunks; c++ {
+		lo, hi := c*chunk, min((c+1)*chunk, rows)
+		if chunk == 0 {
+			lo, hi = 0, 0
+		}
+		inputs := make([]batcher.Tensor, len(p.inputs))
+		for i, in := range p.inputs {
+			per := int(in.rowElems) * in.dt.Size()
+			inputs[i] = batcher.Tensor{DType: in.dt, Shape: append([]int64{int64(hi - lo)}, in.rowShape...), Data: data[i][lo*per : hi*per]}
+		}
+		select {
+		case sem <- struct{}{}:
+		case <-cctx.Done():
+			wg.Wait()
+			return nil, cctx.Err()
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			outs[c], errs[c] = x.submit(cctx, m, inputs)
+			if errs[c] != nil {
+				cancel()
+			}
+		}()
+	}
+	wg.Wait()
+	for _, e := range errs {
+		if e != nil && !errors.Is(e, context.Canceled) {
+			return nil, e
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return x.assemble(m, rows, outs)
+}
+
+// submit queues one request, waiting and retrying while the queue is full,
+// and records its outcome in the version's statistics.
+func (x *exchange) submit(ctx context.Context, m Model, inputs []batcher.Tensor) ([]batcher.Tensor, error) {
+	delay := 100 * time.Microsecond
+	for {
+		start := time.Now()
+		out, err := m.Infer(ctx, inputs)
+		if errors.Is(err, batcher.ErrQueueFull) {
+			select {
+			case <-time.After(delay):
+				delay = min(2*delay, 20*time.Millisecond)
+				continue
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+		}
+		if err == nil {
+			err = checkOutputs(m.Config(), out)
+		}
+		m.Stats().RecordRequest(err == nil, time.Since(start))
+		return out, err
+	}
+}
+
+// checkOutputs checks that a model returned what its configuration names.
+func checkOutputs(cfg *repository.Config, outs []batcher.Tensor) error {
+	if len(outs) != len(cfg.Outputs) {
+		return &batcher.ExecError{Err: fmt.Errorf("the model returned %d outputs, its configuration names %d", len(outs), len(cfg.Outputs))}
+	}
+	return nil
+}
+
+func (x *exchange) emptyResult() (arrow.RecordBatch, error) {
+	if !x.known() {
+		return nil, invalidArg("model %q: an empty batch before any rows: the output shapes are not known yet", x.name)
+	}
+	schema := x.schema()
+	cols := make([]arrow.Array, len(x.outputs))
+	for i := range x.outputs {
+		a, err := x.outputs[i].array(nil, 0)
+		if err != nil {
+			return nil, err
+		}
+		defer a.Release()
+		cols[i] = a
+	}
+	return array.NewRecordBatch(schema, cols, 0), nil
+}
+
+// assemble concatenates the outputs of a batch's requests into columns.
+func (x *exchange) assemble(m Model, rows int, outs [][]batcher.Tensor) (arrow.RecordBatch, error) {
+	cfg := m.Config()
+	specs := make([]outputSpec, len(cfg.Outputs))
+	for i, o := range cfg.Outputs {
+		first := outs[0][i]
+		if len(first.Shape) == 0 {
+			return nil, status.Errorf(codes.FailedPrecondition, "model %q: output %q is a scalar, which cannot be a column of rows", x.name, o.Name)
+		}
+		spec, err := makeOutputSpec(o.Name, first.DType, first.Shape[1:])
+		if err != nil {
+			return nil, status.Errorf(codes.Unimplemented, "model %q: %v", x.name, err)
+		}
+		specs[i] = spec
+	}
+	x.mu.Lock()
+	if x.outputs == nil {
+		x.outputs = specs
+	}
+	fixed := x.outputs
+	x.mu.Unlock()
+	for i := range specs {
+		if specs[i].dt != fixed[i].dt || !slices.Equal(specs[i].rowShape, fixed[i].rowShape) {
+			return nil, status.Errorf(codes.FailedPrecondition, "model %q: output %q is %v %s per row, earlier in this stream it was %v %s; send batches whose outputs have one shape per stream",
+				x.name, specs[i].name, specs[i].dt, shapeString(specs[i].rowShape), fixed[i].dt, shapeString(fixed[i].rowShape))
+		}
+	}
+	cols := make([]arrow.Array, len(specs))
+	defer func() {
+		for _, c := range cols {
+			if c != nil {
+				c.Release()
+			}
+		}
+	}()
+	for i := range specs {
+		per := int(product(specs[i].rowShape)) * specs[i].dt.Size()
+		var data []byte
+		if len(outs) == 1 {
+			data = outs[0][i].Data
+		} else {
+			data = make([]byte, 0, rows*per)
+			for _, o := range outs {
+				data = append(data, o[i].Data...)
+			}
+		}
+		n := 0
+		for _, o := range outs {
+			t := o[i]
+			if t.DType != specs[i].dt || len(t.Shape) == 0 || !slices.Equal(t.Shape[1:], specs[i].rowShape) {
+				return nil, status.Errorf(codes.FailedPrecondition, "model %q: output %q changed shape between requests of one batch", x.name, specs[i].name)
+			}
+			n += int(t.Shape[0])
+		}
+		if n != rows || len(data) != rows*per {
+			return nil, status.Errorf(codes.FailedPrecondition, "model %q: output %q has %d rows (%d bytes) for %d input rows; only outputs with one row per input row can be columns", x.name, specs[i].name, n, len(data), rows)
+		}
+		a, err := specs[i].array(data, rows)
+		if err != nil {
+			return nil, status.Errorf(codes.Internal, "model %q: output %q: %v", x.name, specs[i].name, err)
+		}
+		cols[i] = a
+	}
+	return array.NewRecordBatch(x.schema(), cols, int64(rows)), nil
+}
