@@ -6,6 +6,14 @@
 """
 from ._errors import KilnError, ModelLoadError, InferenceError
 from ._model import Model, load
+from . import layers
+
+
+def Sequential(layers_):
+    """An untrained network from a list of layer specs (see kiln.layers)."""
+    return Model.from_spec({"layers": list(layers_)})
+
+
 from .client import Client, ServerError
 from ._runtime import get_num_threads, set_num_threads, torch_version, __version__
 
@@ -14,6 +22,8 @@ __all__ = [
     "ModelLoadError",
     "InferenceError",
     "Model",
+    "Sequential",
+    "layers",
     "Client",
     "ServerError",
     "load",

@@ -4,7 +4,7 @@ import ctypes
 import json
 import os
 import weakref
-from typing import List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -84,10 +84,68 @@ class Model:
     address, without copying.
     """
 
-    def __init__(self, handle, path: str):
+    def __init__(self, handle=None, path: str = "", spec: Optional[dict] = None, manifest: Optional[dict] = None):
         self._h = handle
         self.path = path
-        self._inputs = json.loads(handle.InputsJSON() or "null") or []
+        self.spec = spec
+        self.manifest = manifest
+        self._package = None
+        self._inputs = json.loads(handle.InputsJSON() or "null") or [] if handle is not None else []
+
+    @classmethod
+    def from_spec(cls, spec) -> "Model":
+        """A new, untrained network from a core/nn spec: a dict, or JSON or
+        YAML text, e.g. {"layers": [{"type": "linear", "out": 32},
+        {"type": "relu"}, {"type": "linear"}]} (the last linear layer's
+        ``out`` defaults to the number of classes, or 1)."""
+        if isinstance(spec, str):
+            import yaml
+
+            spec = yaml.safe_load(spec)
+        if not isinstance(spec, dict) or not isinstance(spec.get("layers"), list):
+            raise ValueError("a model spec is a mapping with a 'layers' list")
+        return cls(spec=dict(spec))
+
+    def fit(self, x, y, epochs: int = 10, batch_size: int = 32, validation_split: float = 0.2,
+            optimizer: str = "adam", lr: float = 1e-3, loss: Optional[str] = None, seed: int = 0,
+            early_stopping: Optional[dict] = None, verbose: int = 1, callbacks=()) -> dict:
+        """Trains in Kiln's Go core (the GIL is released while it works) and
+        returns the history: per-epoch loss and validation metrics. Class
+        targets may be any labels (kept as ``classes_``); Ctrl-C cancels."""
+        from ._train import fit
+
+        return fit(self, x, y, epochs=epochs, batch_size=batch_size, validation_split=validation_split,
+                   optimizer=optimizer, lr=lr, loss=loss, seed=seed, early_stopping=early_stopping,
+                   verbose=verbose, callbacks=callbacks)
+
+    def evaluate(self, x, y) -> Dict[str, float]:
+        """Metrics of the trained model on (x, y): accuracy for a classifier,
+        mse/mae/r2 for a regressor."""
+        from ._train import evaluate
+
+        return evaluate(self, x, y)
+
+    def save(self, path) -> None:
+        """Writes the Kiln model package (model.pt + manifest.json) to the
+        directory path, which kiln.load reads back."""
+        import shutil
+
+        if self._package is None:
+            raise KilnError("only a model trained by fit (or loaded from a package) can be saved")
+        shutil.copytree(self._package, os.fspath(path), dirs_exist_ok=True)
+
+    def export_torchscript(self, path) -> None:
+        """Writes the TorchScript module alone; torch.jit.load reads it."""
+        import shutil
+
+        if self._package is None:
+            raise KilnError("only a model trained by fit (or loaded from a package) can be exported")
+        shutil.copy2(os.path.join(self._package, "model.pt"), os.fspath(path))
+
+    @property
+    def classes_(self) -> Optional[list]:
+        """Class labels of a classifier, in output order."""
+        return (self.manifest or {}).get("labels")
 
     @property
     def inputs(self) -> List[Tuple[str, str]]:
@@ -115,7 +173,7 @@ class Model:
         returns one tensor, else a tuple (nested tuples flattened in order).
         """
         if self._h is None:
-            raise KilnError("model is closed")
+            raise KilnError("model is closed" if self.spec is None or self._package else "model is not trained: call fit first")
         if len(inputs) == 1 and _is_pandas(inputs[0]):
             inputs = (_pandas_to_arrow(inputs[0]),)
         if len(inputs) == 1 and _is_arrow(inputs[0]):
@@ -188,17 +246,33 @@ class Model:
             pass
 
     def __repr__(self) -> str:
+        if self._h is None:
+            return f"kiln.Model(untrained, {len(self.spec.get('layers', [])) if self.spec else 0} layers)"
         args = ", ".join(f"{n}: {t}" for n, t in self.inputs)
         return f"kiln.Model({os.path.basename(self.path)!r}, forward({args}), {self.num_parameters} parameters)"
 
 
 def load(path: Union[str, os.PathLike]) -> Model:
-    """Loads a TorchScript file (as written by torch.jit.save)."""
+    """Loads a Kiln model package (a directory with model.pt and
+    manifest.json, as fit/save and `kiln train` write) or a TorchScript
+    file (as torch.jit.save writes)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ModelLoadError(f"kiln: no model at {path}")
+    manifest = None
+    file = path
+    if os.path.isdir(path):
+        try:
+            with open(os.path.join(path, "manifest.json")) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"kiln: {path} is not a Kiln model package: {e}") from None
+        file = os.path.join(path, manifest.get("model", "model.pt"))
     try:
-        h = _b.LoadModel(os.path.abspath(path))
+        h = _b.LoadModel(os.path.abspath(file))
     except RuntimeError as e:
         raise translate(e, ModelLoadError) from None
-    return Model(h, path)
+    m = Model(h, path, spec=(manifest or {}).get("spec"), manifest=manifest)
+    if manifest is not None:
+        m._package = os.path.abspath(path)
+    return m

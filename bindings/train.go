@@ -1,0 +1,143 @@
+package bindings
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"sync"
+	"time"
+	"unsafe"
+
+	"github.com/kilnml/kiln/core/data"
+	"github.com/kilnml/kiln/core/train"
+	"github.com/kilnml/kiln/native"
+)
+
+// TrainJob is a training run in a goroutine; Python polls it, so the GIL is
+// free while Go trains and Ctrl-C can cancel it.
+type TrainJob struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+
+	mu     sync.Mutex
+	events []train.Event
+	report *train.Report
+	err    error
+}
+
+// StartTraining copies rows×cols float32 features at xAddr and rows
+// float32 targets at yAddr (numpy buffers, read during this call only) into
+// a table with feature columns f0..f{cols-1} and target column "target",
+// and trains the job described by jobJSON (a `kiln train` spec as JSON; its
+// data.target is set to "target") in the background, writing the model
+// package to outDir.
+func StartTraining(jobJSON string, xAddr uint64, rows, cols int, yAddr uint64, outDir string) (_ *TrainJob, err error) {
+	defer guard(&err)
+	if rows <= 0 || cols <= 0 {
+		return nil, fmt.Errorf("kiln: fit: need at least one row and one feature, got %d×%d", rows, cols)
+	}
+	j, err := train.ParseJob([]byte(jobJSON))
+	if err != nil {
+		return nil, err
+	}
+	j.Data.Target = "target"
+	x := unsafe.Slice((*float32)(native.AddrPointer(uintptr(xAddr))), rows*cols)
+	y := unsafe.Slice((*float32)(native.AddrPointer(uintptr(yAddr))), rows)
+	names := make([]string, cols+1)
+	for c := range cols {
+		names[c] = fmt.Sprintf("f%d", c)
+	}
+	names[cols] = "target"
+	vals := make([]float64, rows*(cols+1))
+	for r := range rows {
+		row := vals[r*(cols+1) : (r+1)*(cols+1)]
+		for c := range cols {
+			row[c] = float64(x[r*cols+c])
+		}
+		row[cols] = float64(y[r])
+	}
+	t, err := data.NewTable(names, vals)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	job := &TrainJob{cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(job.done)
+		defer func() {
+			if r := recover(); r != nil {
+				job.mu.Lock()
+				job.err = fmt.Errorf("kiln: fit: internal error: %v", r)
+				job.mu.Unlock()
+			}
+		}()
+		rep, err := train.Run(ctx, j, t, "numpy", outDir, func(e train.Event) {
+			job.mu.Lock()
+			job.events = append(job.events, e)
+			job.mu.Unlock()
+		})
+		job.mu.Lock()
+		job.report, job.err = rep, err
+		job.mu.Unlock()
+	}()
+	return job, nil
+}
+
+// eventJSON is one progress event for Python.
+type eventJSON struct {
+	Kind          string             `json:"kind"`
+	Epoch         int                `json:"epoch"`
+	Epochs        int                `json:"epochs"`
+	Step          int64              `json:"step"`
+	Steps         int64              `json:"steps"`
+	Loss          float64            `json:"loss"`
+	LR            float64            `json:"lr"`
+	Metrics       map[string]float64 `json:"metrics,omitempty"`
+	SamplesPerSec float64            `json:"samples_per_sec"`
+	ETASeconds    float64            `json:"eta_s"`
+}
+
+// Poll waits up to timeoutMs for the job to finish and returns the progress
+// events since the last Poll as a JSON list, and whether the job is done.
+// The result is a JSON object {"done": bool, "events": [...]}.
+func (j *TrainJob) Poll(timeoutMs int) string {
+	select {
+	case <-j.done:
+	case <-time.After(time.Duration(timeoutMs) * time.Millisecond):
+	}
+	j.mu.Lock()
+	evs := j.events
+	j.events = nil
+	j.mu.Unlock()
+	out := struct {
+		Done   bool        `json:"done"`
+		Events []eventJSON `json:"events"`
+	}{Events: []eventJSON{}}
+	select {
+	case <-j.done:
+		out.Done = true
+	default:
+	}
+	for _, e := range evs {
+		out.Events = append(out.Events, eventJSON{e.Kind, e.Epoch, e.Epochs, e.Step, e.Steps, e.Loss, e.LR,
+			e.Metrics, e.SamplesPerSec, e.ETA.Seconds()})
+	}
+	b, _ := json.Marshal(out)
+	return string(b)
+}
+
+// Cancel stops the job; Report then returns its cancellation error.
+func (j *TrainJob) Cancel() { j.cancel() }
+
+// Report waits for the job and returns its report as JSON, or its error.
+func (j *TrainJob) Report() (_ string, err error) {
+	defer guard(&err)
+	<-j.done
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.err != nil {
+		return "", j.err
+	}
+	b, err := json.Marshal(j.report)
+	return string(b), err
+}

@@ -1,0 +1,114 @@
+"""Training kiln.Model networks in the Go core, with progress in Python."""
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from ._errors import InferenceError, KilnError, translate
+from ._native import bindings as _b
+
+
+def _progress(total, verbose):
+    if not verbose:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress is optional
+        return None
+    return tqdm(total=total, unit="epoch", desc="kiln fit")
+
+
+def fit(model, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss, seed, early_stopping,
+        verbose, callbacks):
+    from ._model import load
+
+    if model.spec is None:
+        raise KilnError("this model has no spec to train (load a package or use kiln.Model.from_spec)")
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D [rows, features], got shape {x.shape}")
+    y = np.asarray(y)
+    if len(y) != len(x):
+        raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
+    labels = None
+    if y.dtype.kind in "OUSb" or (y.dtype.kind in "iu" and loss in (None, "cross_entropy")):
+        labels, codes = np.unique(y, return_inverse=True)
+        y = codes
+    y = np.ascontiguousarray(y, dtype=np.float32)
+    if not 0 <= validation_split < 1:
+        raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
+    job = {
+        "model": model.spec,
+        "data": {"target": "target", "task": "classification" if labels is not None else "regression"},
+        "split": {"val": validation_split, "test": 0, "stratify": labels is not None},
+        "train": {"epochs": epochs, "batch_size": batch_size, "seed": seed,
+                  "optimizer": {"type": optimizer, "lr": lr}},
+    }
+    if loss:
+        job["train"]["loss"] = {"type": loss}
+    if early_stopping:
+        job["train"]["early_stopping"] = early_stopping
+    out = tempfile.mkdtemp(prefix="kiln-model-")
+    try:
+        h = _b.StartTraining(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out)
+    except RuntimeError as e:
+        raise translate(e, InferenceError) from None
+    history = {"loss": []}
+    bar = _progress(epochs, verbose)
+    try:
+        while True:
+            st = json.loads(h.Poll(200))
+            for e in st["events"]:
+                if e["kind"] != "epoch":
+                    continue
+                history["loss"].append(e["loss"])
+                for k, v in (e.get("metrics") or {}).items():
+                    history.setdefault("val_" + k, []).append(v)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{e['loss']:.4f}", sps=f"{e['samples_per_sec']:.0f}")
+                for cb in callbacks:
+                    cb(e)
+            if st["done"]:
+                break
+    except KeyboardInterrupt:
+        h.Cancel()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    try:
+        report = json.loads(h.Report())
+    except RuntimeError as e:
+        raise translate(e, KilnError) from None
+    trained = load(report.get("dir") or out)
+    model._h, model.path, model.manifest, model._package = trained._h, out, trained.manifest, out
+    model._inputs = trained._inputs
+    trained._h = None
+    if labels is not None:
+        # Go saw class codes 0..k-1; the package records the caller's labels.
+        model.manifest["labels"] = [l.item() if hasattr(l, "item") else l for l in labels]
+        with open(os.path.join(out, "manifest.json"), "w") as f:
+            json.dump(model.manifest, f, indent=1)
+    history["report"] = report
+    return history
+
+
+def evaluate(model, x, y):
+    pred = model.predict(np.asarray(x, dtype=np.float32))
+    y = np.asarray(y)
+    labels = model.classes_
+    if labels is not None:
+        names = list(labels)
+        if pred.ndim == 2 and pred.shape[1] > 1:
+            idx = pred.argmax(axis=1)
+        else:  # one logit: binary
+            idx = (pred.reshape(-1) > 0).astype(int)
+        truth = np.array([names.index(v.item() if hasattr(v, "item") else v) for v in y])
+        return {"accuracy": float((idx == truth).mean())}
+    p = pred.reshape(-1).astype(np.float64)
+    t = y.reshape(-1).astype(np.float64)
+    ss = ((t - t.mean()) ** 2).sum()
+    return {"mse": float(((p - t) ** 2).mean()), "mae": float(np.abs(p - t).mean()),
+            "r2": float(1 - ((p - t) ** 2).sum() / ss) if ss else float("nan")}
