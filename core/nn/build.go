@@ -207,18 +207,7 @@ func BuildWithPrelude(s Spec, p Prelude, seed uint64) (*Net, error) {
 	if err != nil {
 		return nil, err
 	}
-	var body []string
-	// Inputs of another dtype are converted; float32 ones pass without a
-	// dispatch (6 is torch.float32's ScalarType).
-	body = append(body, "if x.dtype != 6:", "    x = x.float()")
-	body = append(body, p.Code...)
-	if len(s.InputShape) > 1 {
-		dims := []string{"-1"}
-		for _, d := range s.InputShape {
-			dims = append(dims, fmt.Sprint(d))
-		}
-		body = append(body, fmt.Sprintf("x = x.reshape([%s])", strings.Join(dims, ", ")))
-	}
+	body := ForwardPreamble(s, p)
 	var params []param
 	var total int64
 	for i, info := range infos {
