@@ -225,15 +225,18 @@ type TensorInfo struct {
 
 // Lineage records where a model came from.
 type Lineage struct {
-	DataSHA256      string    `json:"data_sha256"`
-	DataSource      string    `json:"data_source,omitempty"`
-	Rows            int       `json:"rows"`
-	SplitRows       [3]int    `json:"split_rows"` // train, val, test
-	Seed            uint64    `json:"seed"`
-	Hyperparameters Config    `json:"hyperparameters"`
-	Created         time.Time `json:"created"`
-	KilnVersion     string    `json:"kiln_version"`
-	TorchVersion    string    `json:"torch_version"`
+	DataSHA256 string `json:"data_sha256"`
+	DataSource string `json:"data_source,omitempty"`
+	Rows       int    `json:"rows"`
+	SplitRows  [3]int `json:"split_rows"` // train, val, test
+	// Split is how the rows were split (with Seed it reproduces the
+	// splits; absent from packages written before it was recorded).
+	Split           *data.SplitOptions `json:"split,omitempty"`
+	Seed            uint64             `json:"seed"`
+	Hyperparameters Config             `json:"hyperparameters"`
+	Created         time.Time          `json:"created"`
+	KilnVersion     string             `json:"kiln_version"`
+	TorchVersion    string             `json:"torch_version"`
 }
 
 // Manifest is manifest.json of a Kiln model package.
@@ -309,8 +312,8 @@ func SavePackage(dir string, net *nn.Net, p *Prepared, rep *Report, source strin
 		Preprocessing: p.Pre, Training: rep.Result,
 		Lineage: Lineage{
 			DataSHA256: p.Table.Fingerprint, DataSource: source, Rows: p.Table.Rows(),
-			SplitRows: [3]int{rows(p.Train), rows(p.Val), rows(p.Test)},
-			Seed:      p.Job.Train.Seed, Hyperparameters: p.Job.Train,
+			SplitRows: [3]int{rows(p.Train), rows(p.Val), rows(p.Test)}, Split: &p.Job.Split,
+			Seed: p.Job.Train.Seed, Hyperparameters: p.Job.Train,
 			Created: time.Now().UTC(), KilnVersion: core.Version, TorchVersion: core.TorchVersion(),
 		},
 	}
