@@ -1,0 +1,115 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kilnml/kiln/core/data"
+	"github.com/kilnml/kiln/core/optimize"
+)
+
+type optimizeOptions struct {
+	model, data, out, quantize, engine, norm, calibrate string
+	prune                                               float64
+	structured, global, jsonOut                         bool
+	finetune, steps                                     int
+	val, test                                           float64
+	stratify                                            bool
+}
+
+func newOptimizeCmd() *cobra.Command {
+	var o optimizeOptions
+	cmd := &cobra.Command{
+		Use:   "optimize --model DIR --data DATA.csv [--prune 0.5 [--structured]] [--quantize int8|fp16|bf16] --out DIR",
+		Short: "Prune and quantize a Kiln model package, measuring size, accuracy and latency",
+		Long: `Opens the model package DIR (from kiln train), re-creates its train,
+validation and test splits from the data it was trained on (checked by
+fingerprint), prunes (unstructured magnitude pruning, per layer or --global;
+or --structured: whole Linear neurons removed and a smaller dense network
+rebuilt), fine-tunes after pruning with the package's hyper-parameters, and
+quantizes (int8: dynamic int8 Linear layers for the chosen quantized engine;
+fp16, bf16: weight-only). Writes a model package to --out with the
+optimization recorded in manifest.json, and prints the report.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runOptimize(cmd, cmd.OutOrStdout(), o)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.model, "model", "", "model package directory (required)")
+	f.StringVar(&o.data, "data", "", "CSV the model was trained on (required)")
+	f.StringVar(&o.out, "out", "", "directory for the optimized package (required)")
+	f.Float64Var(&o.prune, "prune", 0, "fraction of weights (or neurons with --structured) to remove, in [0, 1)")
+	f.BoolVar(&o.structured, "structured", false, "remove whole Linear neurons and rebuild smaller dense layers")
+	f.BoolVar(&o.global, "global", false, "rank weights across all layers (unstructured)")
+	f.StringVar(&o.norm, "norm", "l2", "neuron ranking for --structured: l1 or l2")
+	f.IntVar(&o.steps, "steps", 1, "prune in this many steps, fine-tuning after each")
+	f.IntVar(&o.finetune, "finetune-epochs", 10, "fine-tuning epochs after each pruning step (0: none)")
+	f.StringVar(&o.quantize, "quantize", "", "int8 (dynamic), fp16 or bf16 (weight-only)")
+	f.StringVar(&o.engine, "engine", "", "quantized engine for int8 (default: fbgemm, else qnnpack, else onednn)")
+	f.StringVar(&o.calibrate, "calibrate", "", "calibration data for static int8 (not implemented yet)")
+	f.Float64Var(&o.val, "val", -1, "validation fraction, for packages whose manifest lacks the split")
+	f.Float64Var(&o.test, "test", -1, "test fraction, for packages whose manifest lacks the split")
+	f.BoolVar(&o.stratify, "stratify", false, "the split was stratified (with --val/--test)")
+	f.BoolVar(&o.jsonOut, "json", false, "print the report as JSON")
+	cmd.MarkFlagRequired("model")
+	cmd.MarkFlagRequired("data")
+	cmd.MarkFlagRequired("out")
+	return cmd
+}
+
+func runOptimize(cmd *cobra.Command, stdout io.Writer, o optimizeOptions) error {
+	if o.calibrate != "" {
+		return fmt.Errorf("kiln: optimize: static int8 with --calibrate is not implemented yet; use --quantize int8 (dynamic)")
+	}
+	ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	src, err := optimize.Open(o.model)
+	if err != nil {
+		return err
+	}
+	defer src.Close()
+	tb, err := loadTable(o.data)
+	if err != nil {
+		return err
+	}
+	var split *data.SplitOptions
+	if o.val >= 0 || o.test >= 0 {
+		split = &data.SplitOptions{Val: max(o.val, 0), Test: max(o.test, 0), Stratify: o.stratify}
+	}
+	sp, err := src.Splits(tb, split)
+	if err != nil {
+		return err
+	}
+	res, err := optimize.Run(ctx, src, sp, optimize.Options{
+		Prune: o.prune, Structured: o.structured, Global: o.global, Norm: optimize.Norm(o.norm),
+		Steps: o.steps, FineTuneEpochs: o.finetune, Quantize: o.quantize, Engine: o.engine,
+	})
+	if err != nil {
+		return err
+	}
+	defer res.Module.Close()
+	if err := optimize.SavePackage(o.out, src, sp, res); err != nil {
+		return err
+	}
+	if o.jsonOut {
+		b, err := json.MarshalIndent(res.Record.Report, "", "  ")
+		if err != nil {
+			return err
+		}
+		_, err = fmt.Fprintln(stdout, string(b))
+		return err
+	}
+	if err := res.Record.Report.WriteText(stdout); err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(stdout, "wrote %s\n", filepath.Join(o.out, "model.pt"))
+	return err
+}
