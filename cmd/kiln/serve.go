@@ -15,6 +15,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/kilnml/kiln/arrowio/flight"
 	"github.com/kilnml/kiln/serving"
 )
 
@@ -38,6 +39,8 @@ type serveOptions struct {
 	maxMsgBytes   int
 	logFormat     string
 	shutdownGrace time.Duration
+	flightPort    int
+	dataDir       string
 }
 
 func newServeCmd() *cobra.Command {
@@ -60,6 +63,11 @@ repository every --repository-poll-secs and reloads what changed;
 "explicit" loads only --load-model models, clients load the rest with the
 repository API. --auth-token guards that API (index, load, unload) with a
 bearer token; --tls-cert/--tls-key serve gRPC and HTTP over TLS.
+
+Arrow Flight on --flight-port shares the models and batchers: DoPut stores
+datasets under --data-dir, DoExchange streams predictions, DoAction "train"
+trains a model on a stored dataset into the repository as its next version
+and loads it. --auth-token and TLS apply to Flight as well.
 
 --threads (libtorch intra-op threads) defaults to CPUs / instance_count.`,
 		Args: cobra.NoArgs,
@@ -89,6 +97,8 @@ bearer token; --tls-cert/--tls-key serve gRPC and HTTP over TLS.
 	f.StringVar(&o.tlsKey, "tls-key", "", "PEM private key for TLS on gRPC and HTTP")
 	f.IntVar(&o.maxMsgBytes, "max-message-bytes", serving.DefaultMaxMessageBytes, "largest gRPC message / HTTP body in bytes")
 	f.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
+	f.IntVar(&o.flightPort, "flight-port", 8815, "Arrow Flight port: datasets, batch inference, training jobs (-1: off, 0: any free port)")
+	f.StringVar(&o.dataDir, "data-dir", "kiln-data", "directory of the datasets uploaded over Flight")
 	f.DurationVar(&o.shutdownGrace, "shutdown-timeout", 0, "longest wait for requests in flight on shutdown (0: no limit)")
 	return cmd
 }
@@ -194,18 +204,19 @@ func runServe(ctx context.Context, stdout, stderr io.Writer, o serveOptions, thr
 		}
 		fmt.Fprintf(stdout, "kiln serve: %s; SIGTERM or Ctrl-C stops it\n", ready)
 	}
-	if o.shutdownGrace > 0 {
-		return serveWithGrace(ctx, opts, started, o.shutdownGrace)
+	flightAddr, err := listenAddr(o.host, o.flightPort)
+	if err != nil {
+		return fmt.Errorf("serve: --flight-port: %w", err)
 	}
-	if err := serving.Serve(ctx, opts, started); err != nil {
-		return fmt.Errorf("serve: %w", err)
-	}
-	return nil
+	return serveAll(ctx, opts, started, o, flightAddr, stdout, log)
 }
 
-// serveWithGrace is serving.Serve with a bound on the wait for requests in
-// flight at shutdown.
-func serveWithGrace(ctx context.Context, opts serving.Options, started func(*serving.Server), grace time.Duration) error {
+// serveAll runs the inference server and, unless flightAddr is empty, the
+// Arrow Flight service over the same models, until ctx ends; then it stops
+// Flight first (the manager must outlive it), then the server, waiting at
+// most --shutdown-timeout (when set) for requests in flight.
+func serveAll(ctx context.Context, opts serving.Options, started func(*serving.Server), o serveOptions,
+	flightAddr string, stdout io.Writer, log *slog.Logger) error {
 	s, err := serving.New(opts)
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
@@ -213,10 +224,50 @@ func serveWithGrace(ctx context.Context, opts serving.Options, started func(*ser
 	if err := s.Start(ctx); err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
-	started(s)
+	shutdownCtx := func() (context.Context, context.CancelFunc) {
+		if o.shutdownGrace > 0 {
+			return context.WithTimeout(context.Background(), o.shutdownGrace)
+		}
+		return context.WithCancel(context.Background())
+	}
+	var fs *flight.Server
+	if flightAddr != "" {
+		trainer, err := flight.NewModelTrainer(flight.ModelTrainerOptions{
+			Repository: opts.ModelRepository,
+			Load:       s.Manager().Load,
+		})
+		if err == nil {
+			fopts := flight.Options{
+				DataDir: o.dataDir, Addr: flightAddr, Models: flight.ManagerModels(s.Manager()),
+				Trainer: trainer, CertFile: o.tlsCert, KeyFile: o.tlsKey,
+				MaxMessageBytes: o.maxMsgBytes, Logger: log,
+			}
+			if opts.AuthToken != "" {
+				fopts.Auth = &flight.Auth{Tokens: map[string]string{opts.AuthToken: "kiln"}}
+			}
+			if fs, err = flight.New(fopts); err == nil {
+				err = fs.Start(ctx)
+			}
+		}
+		if err != nil {
+			sctx, cancel := shutdownCtx()
+			defer cancel()
+			s.Shutdown(sctx)
+			return fmt.Errorf("serve: flight: %w", err)
+		}
+	}
+	if fs != nil {
+		fmt.Fprintf(stdout, "kiln serve: Flight   grpc://%s (datasets in %s)\n", fs.Addr(), o.dataDir)
+	}
+	started(s) // last: its final line says the server is up
 	<-ctx.Done()
-	sctx, cancel := context.WithTimeout(context.Background(), grace)
+	sctx, cancel := shutdownCtx()
 	defer cancel()
+	if fs != nil {
+		if err := fs.Shutdown(sctx); err != nil {
+			log.Warn("flight shutdown", "err", err)
+		}
+	}
 	if err := s.Shutdown(sctx); err != nil {
 		return fmt.Errorf("serve: shutdown: %w", err)
 	}

@@ -29,9 +29,11 @@ def demo_repo(tmp_path_factory):
 
 def start_serve(kiln_bin, repo, log_path, *extra):
     """Starts kiln serve on free loopback ports; returns (proc, addresses)."""
+    data_dir = pathlib.Path(log_path).parent / "kiln-data"
     proc = subprocess.Popen(
         [str(kiln_bin), "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
-         "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0", *extra],
+         "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
+         "--flight-port", "0", "--data-dir", str(data_dir), *extra],
         stdout=subprocess.PIPE, stderr=open(log_path, "w"), text=True)
     addrs = {}
     deadline = time.time() + 120
@@ -55,7 +57,8 @@ def host_port(url):
 def served(kiln_bin, demo_repo, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     proc, addrs = start_serve(kiln_bin, demo_repo, log)
-    yield {"proc": proc, "http": host_port(addrs["HTTP"]), "grpc": addrs["gRPC"], "metrics": addrs["metrics"], "log": log}
+    yield {"proc": proc, "http": host_port(addrs["HTTP"]), "grpc": addrs["gRPC"], "metrics": addrs["metrics"],
+           "flight": addrs["Flight"], "log": log}
     if proc.poll() is None:
         proc.kill()
         proc.wait()
@@ -147,3 +150,37 @@ def test_bad_flags(kiln_bin, tmp_path):
     r = subprocess.run([str(kiln_bin), "serve", "--model-repository", str(tmp_path), "--model-control-mode", "sometimes"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "sometimes" in r.stderr
+
+
+def test_flight_is_served_over_the_same_models(served):
+    """kiln serve mounts Arrow Flight: a dataset uploaded with DoPut lists
+    and reads back, and DoExchange predicts what gRPC predicts."""
+    import pyarrow as pa
+    import pyarrow.flight as fl
+
+    loc = served["flight"].removeprefix("grpc://").split(" ")[0]
+    client = fl.connect(f"grpc://{loc}")
+    x = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]], dtype=np.float32)
+    table = pa.table({"features": pa.FixedShapeTensorArray.from_numpy_ndarray(x)})
+    writer, _ = client.do_put(fl.FlightDescriptor.for_path("datasets", "iris_rows"), table.schema)
+    writer.write_table(table)
+    writer.close()
+    names = [f.descriptor.path for f in client.list_flights()]
+    assert [b"datasets", b"iris_rows"] in names
+    info = client.get_flight_info(fl.FlightDescriptor.for_path("datasets", "iris_rows"))
+    assert client.do_get(info.endpoints[0].ticket).read_all().equals(table)
+
+    writer, reader = client.do_exchange(fl.FlightDescriptor.for_path("models", "iris"))
+    writer.begin(table.schema)
+    writer.write_table(table)
+    writer.done_writing()
+    out = reader.read_all()
+    writer.close()
+    probs = np.stack(out.column(0).combine_chunks().to_numpy_ndarray()) if isinstance(
+        out.column(0).type, pa.FixedShapeTensorType) else np.asarray(out.column(0).to_pylist(), dtype=np.float32)
+
+    c = grpcclient.InferenceServerClient(url=served["grpc"])
+    inp = grpcclient.InferInput("features", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    want = c.infer("iris", [inp]).as_numpy("probabilities")
+    np.testing.assert_allclose(probs.reshape(want.shape), want, atol=1e-6)
