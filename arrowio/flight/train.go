@@ -504,3 +504,43 @@ func writeFileAtomic(path string, b []byte) error {
 }
 
 var _ Trainer = (*ModelTrainer)(nil)
+
+// Install copies the Kiln model package in pkgDir (model.pt and
+// manifest.json, as core/train writes it) into the model repository as the
+// next version of model, writing the model's config.yaml (and labels.txt)
+// when it has none, exactly as the train action does; it returns the
+// version. Python's Model.deploy uses it.
+func (t *ModelTrainer) Install(pkgDir, model string) (int64, error) {
+	raw, err := os.ReadFile(filepath.Join(pkgDir, "manifest.json"))
+	if err != nil {
+		return 0, fmt.Errorf("install %s: %w", pkgDir, err)
+	}
+	var man train.Manifest
+	if err := json.Unmarshal(raw, &man); err != nil {
+		return 0, fmt.Errorf("install %s: manifest.json: %w", pkgDir, err)
+	}
+	req := TrainRequest{Model: model}
+	if err := validModelName(model); err != nil {
+		return 0, err
+	}
+	modelDir := filepath.Join(t.opts.Repository, model)
+	if err := os.MkdirAll(modelDir, 0o755); err != nil {
+		return 0, fmt.Errorf("model %q: %w", model, err)
+	}
+	tmp, err := os.MkdirTemp(modelDir, ".installing-")
+	if err != nil {
+		return 0, fmt.Errorf("model %q: %w", model, err)
+	}
+	defer os.RemoveAll(tmp) // gone after the rename; cleans up on error
+	for _, f := range []string{"model.pt", "manifest.json"} {
+		b, err := os.ReadFile(filepath.Join(pkgDir, f))
+		if err != nil {
+			return 0, fmt.Errorf("install %s: %w", pkgDir, err)
+		}
+		if err := writeFileAtomic(filepath.Join(tmp, f), b); err != nil {
+			return 0, err
+		}
+	}
+	v, _, err := t.install(req, modelDir, tmp, &man)
+	return v, err
+}
