@@ -1,6 +1,6 @@
 # Kiln — build, run, test and benchmark from a fresh machine.
 #
-#   make run     install what is missing, build, run Kiln's main job
+#   make run     install what is missing, build, run Kiln's main job (kiln serve)
 #   make test    install what is missing, build, run every Go and Python test
 #   make bench   install what is missing, build, run the benchmarks
 #
@@ -17,7 +17,7 @@ ENV := eval "$$(scripts/env.sh --print)" &&
 PY := .venv/bin/python
 DEMO := build/demo
 
-.PHONY: deps build python run test test-go test-python vet bench clean
+.PHONY: deps build python run demo test test-go test-python vet bench bench-serve clean
 
 deps:
 	scripts/install-deps
@@ -25,10 +25,19 @@ deps:
 build: deps
 	$(ENV) go build -o bin/kiln ./cmd/kiln
 
-# Kiln's main job, for now: an end-to-end demo. Python torch trains a small
-# iris classifier and exports it as TorchScript; Kiln loads it and runs
-# batched inference over the held-out rows.
+# Kiln's main job: the model server. On first run Python torch trains the
+# demo repository's models (iris MLP, digits CNN) on data sets bundled with
+# scikit-learn; then `kiln serve` serves it in the foreground: gRPC :8001,
+# HTTP :8000, metrics :8002 (examples/repository/README.md has queries).
+REPO := build/repository
 run: build
+	@test -f $(REPO)/digits/1/model.pt || $(ENV) $(PY) examples/repository/make_repo.py $(REPO)
+	$(ENV) bin/kiln serve --model-repository $(REPO)
+
+# The end-to-end batch prediction demo: Python torch trains a small iris
+# classifier and exports it as TorchScript; Kiln loads it and runs batched
+# inference over the held-out rows.
+demo: build
 	@test -f $(DEMO)/iris.pt || $(ENV) $(PY) examples/demo/make_model.py $(DEMO)
 	$(ENV) bin/kiln version
 	$(ENV) bin/kiln info $(DEMO)/iris.pt
@@ -55,6 +64,9 @@ test: vet test-go test-python
 bench: build
 	$(ENV) go run ./bench/cgo
 	$(ENV) go run ./bench/train
+
+bench-serve: build
+	$(ENV) go run ./bench/serve
 
 clean:
 	rm -rf bin build python/kiln/_native/*.so

@@ -226,7 +226,7 @@ func TestServerEndToEnd(t *testing.T) {
 	assert.Equal(t, uint64(1), st.ModelStats[0].InferenceStats.Success.Count)
 	all, err := c.ModelStatistics(ctx, &pb.ModelStatisticsRequest{})
 	require.NoError(t, err)
-	assert.Len(t, all.ModelStats, 4) // affine 1, 2, classifier 1, int_ops 1
+	assert.Len(t, all.ModelStats, 5) // affine 1, 2, classifier 1, int_ops 1, probs 1
 	_, err = c.ModelStatistics(ctx, &pb.ModelStatisticsRequest{Name: "nope"})
 	requireCode(t, err, codes.NotFound, "nope")
 
@@ -421,11 +421,42 @@ func TestLargeMessage(t *testing.T) {
 func TestStartErrors(t *testing.T) {
 	_, err := New(Options{})
 	require.Error(t, err)
-	_, err = New(Options{ModelRepository: t.TempDir(), ModelControl: "poll"})
-	require.ErrorContains(t, err, `unknown model control mode "poll"`)
+	_, err = New(Options{ModelRepository: t.TempDir(), ModelControl: "sometimes"})
+	require.ErrorContains(t, err, `unknown model control mode "sometimes"`)
+	_, err = New(Options{ModelRepository: t.TempDir(), StartupModels: []string{"affine"}})
+	require.ErrorContains(t, err, "explicit")
+	_, err = New(Options{ModelRepository: t.TempDir(), TLSCertFile: "cert.pem"})
+	require.ErrorContains(t, err, "both a certificate and a key")
+	_, err = New(Options{ModelRepository: t.TempDir(), TLSCertFile: "missing.pem", TLSKeyFile: "missing.key"})
+	require.ErrorContains(t, err, "missing.pem")
 	root := t.TempDir()
 	require.NoError(t, os.CopyFS(root, os.DirFS(built)))
 	srv, err := New(Options{ModelRepository: root, GRPCAddr: "127.0.0.1:0", StrictModelLoad: true})
 	require.NoError(t, err)
 	require.ErrorContains(t, srv.Start(context.Background()), "corrupt")
+}
+
+// TestShutdownEndsIdleStreams: a client that keeps a ModelStreamInfer
+// stream open does not hold a graceful shutdown up; the stream ends with OK.
+func TestShutdownEndsIdleStreams(t *testing.T) {
+	root := t.TempDir()
+	require.NoError(t, os.CopyFS(root, os.DirFS(built)))
+	srv, err := New(Options{ModelRepository: root, GRPCAddr: "127.0.0.1:0", Logger: slog.New(slog.DiscardHandler)})
+	require.NoError(t, err)
+	require.NoError(t, srv.Start(context.Background()))
+	conn, err := grpc.NewClient(srv.GRPCAddr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	require.NoError(t, err)
+	defer conn.Close()
+	stream, err := pb.NewGRPCInferenceServiceClient(conn).ModelStreamInfer(context.Background())
+	require.NoError(t, err)
+	require.NoError(t, stream.Send(affineReq("1", 1, 1, 2, 3, 4)))
+	msg, err := stream.Recv()
+	require.NoError(t, err)
+	require.Empty(t, msg.ErrorMessage)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	require.NoError(t, srv.Shutdown(ctx), "shutdown must not wait for the idle stream's client")
+	_, err = stream.Recv()
+	assert.ErrorIs(t, err, io.EOF, "the stream ends with OK")
 }

@@ -77,7 +77,13 @@
 // returns {"job_id": ID}; `job-status` and `cancel` take the id (bare, as a
 // JSON string or as {"job_id": ID}) and return the job's JobStatus JSON,
 // with its progress; `list-jobs` returns them all. Without a Trainer these
-// actions fail with UNIMPLEMENTED: this package trains nothing itself.
+// actions fail with UNIMPLEMENTED. ModelTrainer is Kiln's trainer (core/train
+// on the dataset read with arrowio.ReadTable): its `train` body is a
+// TrainRequest (dataset, target, an inline `kiln train` spec, hyper-parameter
+// overrides, the model name), and it writes the trained model package as the
+// next version of a model repository, with a config.yaml the serving
+// repository accepts, reporting epochs, loss and validation metrics as
+// progress.
 //
 // # Security
 //

@@ -16,6 +16,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"syscall"
 	"time"
 
 	"github.com/kilnml/kiln/core"
@@ -67,6 +68,16 @@ func python() string {
 func main() {
 	threads := flag.Int("threads", runtime.NumCPU(), "libtorch intra-op threads, both sides")
 	flag.Parse()
+	// libtorch's thread count does not reach OpenBLAS, whose idle workers
+	// otherwise compete with libtorch's on small machines; OpenBLAS reads
+	// OPENBLAS_NUM_THREADS when it loads, so both sides get it through a
+	// re-exec (the Python peer inherits it).
+	if want := fmt.Sprint(*threads); os.Getenv("OPENBLAS_NUM_THREADS") != want {
+		os.Setenv("OPENBLAS_NUM_THREADS", want)
+		exe, err := os.Executable()
+		must(err)
+		must(syscall.Exec(exe, os.Args, os.Environ()))
+	}
 	must(core.SetNumThreads(*threads))
 
 	dir, err := os.MkdirTemp("", "kiln-bench-cgo-")
@@ -113,7 +124,7 @@ func main() {
 	var peer map[string]any
 	must(json.Unmarshal(out, &peer))
 
-	fmt.Printf("bench/cgo: libtorch %s (Go side) / torch %v (Python side), %d intra-op threads, %s/%s, %d CPUs\n\n",
+	fmt.Printf("bench/cgo: libtorch %s (Go side) / torch %v (Python side), %d intra-op and OpenBLAS threads, %s/%s, %d CPUs\n\n",
 		core.TorchVersion(), peer["torch"], *threads, runtime.GOOS, runtime.GOARCH, runtime.NumCPU())
 	fmt.Printf("%-42s %14s %14s %8s\n", "operation", "Kiln (Go)", "PyTorch (Py)", "Py/Kiln")
 	rows := []struct{ key, name string }{

@@ -15,6 +15,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/kilnml/kiln/arrowio"
 	"github.com/kilnml/kiln/core/data"
 	"github.com/kilnml/kiln/core/train"
 )
@@ -30,10 +31,11 @@ type trainOptions struct {
 func newTrainCmd() *cobra.Command {
 	var o trainOptions
 	cmd := &cobra.Command{
-		Use:   "train --spec SPEC.yaml --data DATA.csv --target COL --out DIR",
+		Use:   "train --spec SPEC.yaml --data DATA.csv|DATA.arrow|DATA.parquet --target COL --out DIR",
 		Short: "Train a network on tabular data and save it as a Kiln model package",
 		Long: `Reads a training spec (YAML or JSON: model, data, split and train sections;
-see core/train.Job), loads the CSV data, splits it (seeded, optionally
+see core/train.Job), loads the data (CSV, Arrow IPC or Parquet: numeric
+and boolean columns are numeric, string and dictionary columns categorical), splits it (seeded, optionally
 stratified), fits the preprocessing on the training split, trains with
 validation each epoch and saves DIR/model.pt (TorchScript taking raw
 feature columns) and DIR/manifest.json. Progress goes to stderr; the final
@@ -48,7 +50,7 @@ metrics to stdout. Ctrl-C stops after the current progress interval; with
 	}
 	f := cmd.Flags()
 	f.StringVar(&o.spec, "spec", "", "training spec, YAML or JSON (required)")
-	f.StringVar(&o.data, "data", "", "CSV file with a header row (required)")
+	f.StringVar(&o.data, "data", "", "training data: CSV with a header row, Arrow IPC (.arrow, .feather, .ipc, .arrows) or Parquet (.parquet) (required)")
 	f.StringVar(&o.target, "target", "", "column to predict (overrides the spec's data.target)")
 	f.StringVar(&o.out, "out", "", "directory for the model package (required)")
 	f.IntVar(&o.epochs, "epochs", 0, "epochs (overrides the spec)")
@@ -63,16 +65,34 @@ metrics to stdout. Ctrl-C stops after the current progress interval; with
 	return cmd
 }
 
-// loadTable reads training data; CSV today (Arrow and Parquet come with
-// the Arrow issue).
-func loadTable(path string) (*data.Table, error) {
+// loadTable reads every column of training data; see loadTableColumns.
+func loadTable(path string) (*data.Table, error) { return loadTableColumns(path, nil) }
+
+// loadTableColumns reads training data: CSV (.csv, .txt or no extension),
+// or an Arrow IPC file or stream (.arrow, .feather, .ipc, .arrows) or
+// Parquet file (.parquet, .pq) through arrowio.ReadTable, reading only the
+// given columns when there are any (Parquet is read column-projected).
+func loadTableColumns(path string, columns []string) (*data.Table, error) {
 	switch strings.ToLower(filepath.Ext(path)) {
 	case ".csv", ".txt", "":
 		return data.ReadCSVFile(path)
-	case ".arrow", ".feather", ".parquet", ".ipc":
-		return nil, fmt.Errorf("kiln: %s: Arrow and Parquet input is not supported yet; export the data as CSV", path)
+	case ".arrow", ".feather", ".ipc", ".arrows", ".parquet", ".pq":
+		t, err := arrowio.ReadTable(path, columns)
+		if err != nil {
+			return nil, fmt.Errorf("kiln: %w", err)
+		}
+		return t, nil
 	}
-	return nil, fmt.Errorf("kiln: %s: unknown data format %q (want .csv)", path, filepath.Ext(path))
+	return nil, fmt.Errorf("kiln: %s: unknown data format %q (want .csv, .arrow, .feather, .ipc, .arrows or .parquet)", path, filepath.Ext(path))
+}
+
+// tableColumns returns the columns a job reads: its features and target,
+// or none (every column) when it names no features.
+func tableColumns(o data.Options) []string {
+	if len(o.Features) == 0 || o.Target == "" {
+		return nil
+	}
+	return append(append([]string(nil), o.Features...), o.Target)
 }
 
 func runTrain(ctx context.Context, stdout, stderr io.Writer, o trainOptions) error {
@@ -102,7 +122,7 @@ func runTrain(ctx context.Context, stdout, stderr io.Writer, o trainOptions) err
 		}
 		job.Train.Resume = true
 	}
-	tb, err := loadTable(o.data)
+	tb, err := loadTableColumns(o.data, tableColumns(job.Data))
 	if err != nil {
 		return err
 	}

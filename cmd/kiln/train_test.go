@@ -62,7 +62,7 @@ train: {epochs: 10, batch_size: 16, seed: 1, optimizer: {type: adam, lr: 0.01}}
 	err = runTrain(context.Background(), &stdout, &stderr, trainOptions{spec: spec, data: csv, target: "klass", out: out, seed: -1})
 	assert.ErrorContains(t, err, `target column "klass" not found; the data has columns x, y, cls`)
 	err = runTrain(context.Background(), &stdout, &stderr, trainOptions{spec: spec, data: "d.parquet", target: "cls", out: out, seed: -1})
-	assert.ErrorContains(t, err, "Parquet input is not supported yet")
+	assert.ErrorContains(t, err, "d.parquet: no such file or directory") // Parquet is read (arrowio.ReadTable); this one is missing
 	require.NoError(t, os.WriteFile(spec, []byte("model: {layers: [{type: linearr}]}\n"), 0o644))
 	err = runTrain(context.Background(), &stdout, &stderr, trainOptions{spec: spec, data: csv, target: "cls", out: out, seed: -1})
 	assert.ErrorContains(t, err, `layer 0 (linearr "l0"): unknown layer type "linearr"`)

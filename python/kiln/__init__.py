@@ -15,6 +15,7 @@ def Sequential(layers_):
 
 
 from .client import Client, ServerError
+from ._serve import Server, serve
 from ._runtime import get_num_threads, set_num_threads, torch_version, __version__
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "Sequential",
     "layers",
     "Client",
+    "Server",
+    "serve",
     "ServerError",
     "load",
     "get_num_threads",

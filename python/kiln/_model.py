@@ -142,6 +142,18 @@ class Model:
             raise KilnError("only a model trained by fit (or loaded from a package) can be exported")
         shutil.copy2(os.path.join(self._package, "model.pt"), os.fspath(path))
 
+    def deploy(self, repository, name: str) -> int:
+        """Installs this trained model into a model repository as the next
+        version of model `name` (writing its config.yaml when new, as the
+        Flight train action does); returns the version. A server in poll
+        mode picks it up, or load it with Client.load_model."""
+        if self._package is None:
+            raise KilnError("only a model trained by fit (or loaded from a package) can be deployed")
+        try:
+            return _b.Deploy(self._package, os.fspath(repository), name)
+        except RuntimeError as e:
+            raise translate(e, KilnError) from None
+
     @property
     def classes_(self) -> Optional[list]:
         """Class labels of a classifier, in output order."""

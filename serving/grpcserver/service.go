@@ -23,7 +23,7 @@ import (
 )
 
 // Extensions are the protocol extensions the service supports.
-var Extensions = []string{"classification", "model_repository", "model_configuration", "statistics"}
+var Extensions = []string{"classification", "model_repository", "model_configuration", "statistics", "binary_tensor_data"}
 
 // Options configure a Service.
 type Options struct {
@@ -36,6 +36,10 @@ type Options struct {
 	// MaxStreamInFlight bounds the requests of one ModelStreamInfer stream
 	// that run at once (0: 64).
 	MaxStreamInFlight int
+	// Stopping, when closed, ends every ModelStreamInfer stream once its
+	// requests in flight are answered, so that a graceful stop does not
+	// wait for clients to close their streams. Nil never closes.
+	Stopping <-chan struct{}
 }
 
 // Service is the GRPCInferenceService over a model manager.
@@ -297,7 +301,9 @@ func (s *Service) run(ctx context.Context, v *manager.Version, req *pb.ModelInfe
 
 // ModelStreamInfer runs the inferences of a stream, several at once;
 // responses carry their request's id and may come out of order. A failed
-// request answers with error_message and the stream goes on.
+// request answers with error_message and the stream goes on. When the
+// service is stopping (Options.Stopping), the stream takes no more
+// requests, answers those in flight, and ends with OK.
 func (s *Service) ModelStreamInfer(stream pb.GRPCInferenceService_ModelStreamInferServer) error {
 	ctx := stream.Context()
 	var sendMu sync.Mutex
@@ -305,14 +311,43 @@ func (s *Service) ModelStreamInfer(stream pb.GRPCInferenceService_ModelStreamInf
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, s.opts.MaxStreamInFlight)
 	defer wg.Wait()
+	type received struct {
+		req *pb.ModelInferRequest
+		err error
+	}
+	// Recv blocks; it runs apart so that a stop can end the stream. After
+	// the handler returns, gRPC fails the pending Recv and the goroutine
+	// ends.
+	recv := make(chan received)
+	go func() {
+		for {
+			req, err := stream.Recv()
+			select {
+			case recv <- received{req, err}:
+			case <-ctx.Done():
+				return
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
 	for {
-		req, err := stream.Recv()
-		if errors.Is(err, io.EOF) {
+		var r received
+		select {
+		case r = <-recv:
+		case <-s.opts.Stopping:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		if errors.Is(r.err, io.EOF) {
 			return nil
 		}
-		if err != nil {
-			return err
+		if r.err != nil {
+			return r.err
 		}
+		req := r.req
 		select {
 		case sem <- struct{}{}:
 		case <-ctx.Done():

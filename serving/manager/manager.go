@@ -8,10 +8,14 @@ package manager
 import (
 	"cmp"
 	"context"
+	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
+	"math"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -43,6 +47,9 @@ type Version struct {
 	number  int64
 	module  *core.Module
 	batcher *batcher.Batcher
+	// ident identifies what the version was loaded from (configuration,
+	// labels, model file); a reload with the same ident keeps the instance.
+	ident string
 
 	mu       sync.Mutex
 	refs     int
@@ -68,10 +75,18 @@ func (v *Version) Stats() *batcher.Stats { return v.batcher.Stats() }
 // QueueLen returns the number of requests waiting for execution.
 func (v *Version) QueueLen() int { return v.batcher.QueueLen() }
 
-// Infer runs one request through the version's batcher; see
-// batcher.Batcher.Submit.
+// Infer runs one request through the version's batcher (see
+// batcher.Batcher.Submit), then applies the configuration's
+// post-processing (softmax) to the outputs.
 func (v *Version) Infer(ctx context.Context, inputs []batcher.Tensor) ([]batcher.Tensor, error) {
-	return v.batcher.Submit(ctx, inputs)
+	outs, err := v.batcher.Submit(ctx, inputs)
+	if err != nil {
+		return nil, err
+	}
+	if err := postprocess(v.model.Config, outs); err != nil {
+		return nil, &batcher.ExecError{Err: err}
+	}
+	return outs, nil
 }
 
 // Release ends a use of the version that Manager.Acquire began.
@@ -116,6 +131,7 @@ type entry struct {
 	failed   map[int64]string // versions that failed their last load
 	reason   string           // why the last load failed as a whole
 	unloaded bool
+	fp       string // the repository's fingerprint of the model at its last load
 }
 
 // Options configure a Manager.
@@ -196,6 +212,10 @@ func (m *Manager) Load(name string) error {
 	}()
 
 	start := time.Now()
+	fp, _ := m.repo.Fingerprint(name)
+	e.mu.Lock()
+	e.fp = fp
+	e.mu.Unlock()
 	rm, err := m.repo.Model(name)
 	if err != nil {
 		e.mu.Lock()
@@ -210,8 +230,18 @@ func (m *Manager) Load(name string) error {
 	fresh := map[int64]*Version{}
 	failed := map[int64]string{}
 	var errs []error
+	e.mu.RLock()
+	current := maps.Clone(e.versions)
+	e.mu.RUnlock()
+	reused := 0
 	for _, v := range rm.Selected() {
-		ver, err := m.loadVersion(rm, v)
+		ident, identErr := versionIdent(rm, v)
+		if o := current[v]; o != nil && identErr == nil && o.ident == ident {
+			fresh[v] = o // unchanged: keep the serving instance
+			reused++
+			continue
+		}
+		ver, err := m.loadVersion(rm, v, ident)
 		if err != nil {
 			failed[v] = err.Error()
 			errs = append(errs, fmt.Errorf("version %d: %w", v, err))
@@ -249,7 +279,9 @@ func (m *Manager) Load(name string) error {
 	if len(errs) > 0 {
 		return fmt.Errorf("model %q: %w", name, errors.Join(errs...))
 	}
-	m.log.Info("model loaded", "model", name, "versions", slices.Sorted(maps.Keys(fresh)), "duration", time.Since(start))
+	if reused < len(fresh) || len(old) != len(next) {
+		m.log.Info("model loaded", "model", name, "versions", slices.Sorted(maps.Keys(fresh)), "duration", time.Since(start))
+	}
 	return nil
 }
 
@@ -262,8 +294,26 @@ func (m *Manager) retireAsync(v *Version) {
 	}()
 }
 
+// versionIdent identifies version v of rm: its configuration, labels and
+// model file (path, size, modification time).
+func versionIdent(rm *repository.Model, v int64) (string, error) {
+	st, err := os.Stat(rm.ModelPath(v))
+	if err != nil {
+		return "", err
+	}
+	cfg, err := json.Marshal(rm.Config)
+	if err != nil {
+		return "", err
+	}
+	labels, err := json.Marshal(rm.Labels)
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%s\x00%s\x00%s\x00%d\x00%d", cfg, labels, rm.ModelPath(v), st.Size(), st.ModTime().UnixNano()), nil
+}
+
 // loadVersion loads and warms up one version.
-func (m *Manager) loadVersion(rm *repository.Model, v int64) (*Version, error) {
+func (m *Manager) loadVersion(rm *repository.Model, v int64, ident string) (*Version, error) {
 	cfg := rm.Config
 	mod, err := core.LoadModule(rm.ModelPath(v))
 	if err != nil {
@@ -293,7 +343,7 @@ func (m *Manager) loadVersion(rm *repository.Model, v int64) (*Version, error) {
 		mod.Close()
 		return nil, err
 	}
-	ver := &Version{model: rm, number: v, module: mod, batcher: b}
+	ver := &Version{model: rm, number: v, module: mod, batcher: b, ident: ident}
 	ver.idle = sync.NewCond(&ver.mu)
 	if cfg.WarmupEnabled() {
 		if err := warmup(ver); err != nil {
@@ -399,6 +449,62 @@ func (m *Manager) Unload(name string) error {
 	}
 	m.log.Info("model unloaded", "model", name)
 	return nil
+}
+
+// Poll brings the loaded models in line with the repository: a model whose
+// files changed since its last load (or that was never loaded) is loaded
+// (atomically, see Load: unchanged versions keep serving, new ones load and
+// warm up first, versions the policy no longer selects go), and a model
+// whose directory is gone is unloaded. A model unloaded through the API
+// stays unloaded until its files change. It returns the failures joined.
+func (m *Manager) Poll() error {
+	names, err := m.repo.Names()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, n := range names {
+		fp, err := m.repo.Fingerprint(n)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if e := m.entry(n, false); e != nil {
+			e.mu.RLock()
+			same := e.fp == fp
+			e.mu.RUnlock()
+			if same {
+				continue
+			}
+		}
+		if err := m.Load(n); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	m.mu.RLock()
+	var gone []string
+	for n := range m.models {
+		if !slices.Contains(names, n) {
+			gone = append(gone, n)
+		}
+	}
+	m.mu.RUnlock()
+	for _, n := range gone {
+		e := m.entry(n, false)
+		e.mu.RLock()
+		idle := e.unloaded && e.fp == ""
+		e.mu.RUnlock()
+		if idle {
+			continue
+		}
+		if err := m.Unload(n); err != nil {
+			errs = append(errs, err)
+		}
+		e.mu.Lock()
+		e.fp = "" // if the directory comes back, load it again
+		e.mu.Unlock()
+	}
+	return errors.Join(errs...)
 }
 
 // Acquire returns a serving version of model name: version "" is the
@@ -571,4 +677,68 @@ func (m *Manager) Close() {
 		_ = m.Unload(n)
 	}
 	m.retired.Wait()
+}
+
+// postprocess applies softmax, along the last dimension, to the outputs
+// whose configuration asks for it.
+func postprocess(cfg *repository.Config, outs []batcher.Tensor) error {
+	for i, o := range cfg.Outputs {
+		if !o.Softmax || i >= len(outs) {
+			continue
+		}
+		t := outs[i]
+		if len(t.Shape) == 0 {
+			return fmt.Errorf("output %q: softmax of a scalar", o.Name)
+		}
+		classes := int(t.Shape[len(t.Shape)-1])
+		switch t.DType {
+		case core.Float32:
+			softmax(t.Data, classes, 4)
+		case core.Float64:
+			softmax(t.Data, classes, 8)
+		default:
+			return fmt.Errorf("output %q: softmax of %v values", o.Name, t.DType)
+		}
+	}
+	return nil
+}
+
+// softmax rewrites data, little-endian floats of size bytes in rows of
+// classes elements, with each row's softmax (computed in float64, shifted
+// by the row's maximum so large logits do not overflow).
+func softmax(data []byte, classes, size int) {
+	if classes == 0 {
+		return
+	}
+	le := binary.LittleEndian
+	get := func(i int) float64 {
+		if size == 4 {
+			return float64(math.Float32frombits(le.Uint32(data[i*4:])))
+		}
+		return math.Float64frombits(le.Uint64(data[i*8:]))
+	}
+	set := func(i int, v float64) {
+		if size == 4 {
+			le.PutUint32(data[i*4:], math.Float32bits(float32(v)))
+		} else {
+			le.PutUint64(data[i*8:], math.Float64bits(v))
+		}
+	}
+	n := len(data) / size
+	row := make([]float64, classes)
+	for start := 0; start+classes <= n; start += classes {
+		hi := math.Inf(-1)
+		for j := range row {
+			row[j] = get(start + j)
+			hi = max(hi, row[j])
+		}
+		var sum float64
+		for j := range row {
+			row[j] = math.Exp(row[j] - hi)
+			sum += row[j]
+		}
+		for j := range row {
+			set(start+j, row[j]/sum)
+		}
+	}
 }

@@ -111,11 +111,11 @@ func TestLoadAllAndAcquire(t *testing.T) {
 	}
 	assert.Equal(t, map[string]string{
 		"affine/1": StateReady, "affine/2": StateReady, "classifier/1": StateReady,
-		"int_ops/1": StateReady, "corrupt/1": StateUnavailable,
+		"int_ops/1": StateReady, "probs/1": StateReady, "corrupt/1": StateUnavailable,
 	}, states)
 	ready, err := m.Index(true)
 	require.NoError(t, err)
-	assert.Len(t, ready, 4)
+	assert.Len(t, ready, 5)
 
 	require.NoError(t, m.Unload("corrupt"))
 	assert.True(t, m.Ready())

@@ -16,7 +16,7 @@
 //	inputs:
 //	  - {name: x, datatype: FP32, dims: [8]}
 //	outputs:
-//	  - {name: logits, datatype: FP32, dims: [3], labels: labels.txt}
+//	  - {name: logits, datatype: FP32, dims: [3], labels: labels.txt, softmax: true}
 //	dynamic_batching:
 //	  max_queue_delay_us: 500
 //	  preferred_batch_sizes: [8, 16]
@@ -31,6 +31,8 @@ package repository
 import (
 	"bufio"
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -69,6 +71,10 @@ type Tensor struct {
 	// Labels, on an output, names a file in the model's directory with one
 	// class label per line, used by the classification extension.
 	Labels string `json:"labels,omitempty" yaml:"labels,omitempty"`
+	// Softmax, on an FP32 or FP64 output, replaces the model's values by
+	// their softmax along the last dimension before they are returned (and
+	// before classification ranks them).
+	Softmax bool `json:"softmax,omitempty" yaml:"softmax,omitempty"`
 }
 
 // DynamicBatching configures the dynamic batcher.
@@ -278,6 +284,51 @@ func (r *Repository) Model(name string) (*Model, error) {
 	return m, nil
 }
 
+// Fingerprint summarizes model name's directory: the name, size and
+// modification time of every file in it and in its version directories. It
+// changes when a file is added, removed or rewritten; polling compares
+// fingerprints to find the models to reload.
+func (r *Repository) Fingerprint(name string) (string, error) {
+	if !validName.MatchString(name) {
+		return "", fmt.Errorf("model %q: invalid model name: %w", name, ErrNotFound)
+	}
+	dir := filepath.Join(r.root, name)
+	h := sha256.New()
+	var walk func(rel string, depth int) error
+	walk = func(rel string, depth int) error {
+		ents, err := os.ReadDir(filepath.Join(dir, rel))
+		if err != nil {
+			return err
+		}
+		for _, e := range ents {
+			p := filepath.Join(rel, e.Name())
+			info, err := os.Stat(filepath.Join(dir, p)) // follows links
+			if err != nil {
+				fmt.Fprintf(h, "%s\x00missing\n", p)
+				continue
+			}
+			if info.IsDir() {
+				if depth == 0 {
+					fmt.Fprintf(h, "%s/\n", p)
+					if err := walk(p, 1); err != nil {
+						return err
+					}
+				}
+				continue
+			}
+			fmt.Fprintf(h, "%s\x00%d\x00%d\n", p, info.Size(), info.ModTime().UnixNano())
+		}
+		return nil
+	}
+	if err := walk("", 0); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return "", fmt.Errorf("model %q: %w", name, ErrNotFound)
+		}
+		return "", fmt.Errorf("model %q: %w", name, err)
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
 func describePolicy(p VersionPolicy) string {
 	switch {
 	case p.All:
@@ -393,6 +444,17 @@ func (c *Config) Validate() error {
 		for i, d := range t.Dims {
 			if d < -1 {
 				return fmt.Errorf("%s %q: dims[%d] is %d (want -1 for variable, or a size ≥ 0)", kind, t.Name, i, d)
+			}
+		}
+		if t.Softmax {
+			if kind != "output" {
+				return fmt.Errorf("input %q: softmax belongs to outputs", t.Name)
+			}
+			if t.DataType != FP32 && t.DataType != FP64 {
+				return fmt.Errorf("output %q: softmax needs FP32 or FP64, not %s", t.Name, t.DataType)
+			}
+			if len(t.Dims) == 0 && c.MaxBatchSize > 0 {
+				return fmt.Errorf("output %q: softmax needs a class dimension (dims is [])", t.Name)
 			}
 		}
 		if t.Labels != "" {

@@ -179,3 +179,47 @@ func TestDataType(t *testing.T) {
 	assert.False(t, ok)
 	assert.False(t, DataType("FLOAT").Known())
 }
+
+func TestSoftmaxConfig(t *testing.T) {
+	c, err := ParseConfig([]byte(`max_batch_size: 4
+inputs: [{name: x, datatype: FP32, dims: [4]}]
+outputs: [{name: p, datatype: FP32, dims: [3], softmax: true}]`), false)
+	require.NoError(t, err)
+	assert.True(t, c.Outputs[0].Softmax)
+	for cfg, want := range map[string]string{
+		`{"max_batch_size": 4, "inputs": [{"name": "x", "datatype": "FP32", "dims": [4], "softmax": true}], "outputs": [{"name": "p", "datatype": "FP32", "dims": [3]}]}`:  "softmax belongs to outputs",
+		`{"max_batch_size": 4, "inputs": [{"name": "x", "datatype": "FP32", "dims": [4]}], "outputs": [{"name": "p", "datatype": "INT64", "dims": [3], "softmax": true}]}`: "softmax needs FP32 or FP64",
+		`{"max_batch_size": 4, "inputs": [{"name": "x", "datatype": "FP32", "dims": [4]}], "outputs": [{"name": "p", "datatype": "FP32", "dims": [], "softmax": true}]}`:   "class dimension",
+	} {
+		_, err := ParseConfig([]byte(cfg), true)
+		assert.ErrorContains(t, err, want)
+	}
+}
+
+func TestFingerprintFollowsFiles(t *testing.T) {
+	root := t.TempDir()
+	write := func(rel, text string) {
+		p := filepath.Join(root, rel)
+		require.NoError(t, os.MkdirAll(filepath.Dir(p), 0o755))
+		require.NoError(t, os.WriteFile(p, []byte(text), 0o644))
+	}
+	write("m/config.yaml", "max_batch_size: 0\n")
+	write("m/1/model.pt", "one")
+	r, err := Open(root)
+	require.NoError(t, err)
+	fp1, err := r.Fingerprint("m")
+	require.NoError(t, err)
+	again, err := r.Fingerprint("m")
+	require.NoError(t, err)
+	assert.Equal(t, fp1, again, "stable while nothing changes")
+	write("m/2/model.pt", "two")
+	fp2, err := r.Fingerprint("m")
+	require.NoError(t, err)
+	assert.NotEqual(t, fp1, fp2, "a new version changes it")
+	write("m/2/model.pt", "two, longer")
+	fp3, err := r.Fingerprint("m")
+	require.NoError(t, err)
+	assert.NotEqual(t, fp2, fp3, "a rewritten model file changes it")
+	_, err = r.Fingerprint("absent")
+	assert.ErrorIs(t, err, ErrNotFound)
+}

@@ -8,6 +8,8 @@ Models (all TorchScript, scripted with Python torch):
               (FP32 []); version 1 has scale 2, version 2 scale 3; dynamic
               batching, 2 instances, version policy "all".
   classifier  FP32 x[batch, 4] -> scores = x[:, :3] (FP32 [3]) with labels.
+  probs       FP32 x[batch, 4] -> p = softmax(x[:, :3]) by the server (config
+              softmax: true), labels cat/dog/bird.
   int_ops     INT64 ids[-1] (no batching) -> doubled (INT64), halves (FP32).
   corrupt     a config with a model.pt that is not a TorchScript archive.
 """
@@ -75,6 +77,13 @@ version_policy: {all: true}
 {"name": "classifier", "max_batch_size": 4,
  "inputs": [{"name": "x", "datatype": "FP32", "dims": [4]}],
  "outputs": [{"name": "scores", "datatype": "FP32", "dims": [3], "labels": "labels.txt"}]}
+""")
+    save(Classifier(), f"{out}/probs/1/model.pt")
+    write(f"{out}/probs/labels.txt", "cat\ndog\nbird\n")
+    write(f"{out}/probs/config.yaml", """\
+max_batch_size: 4
+inputs: [{name: x, datatype: FP32, dims: [4]}]
+outputs: [{name: p, datatype: FP32, dims: [3], labels: labels.txt, softmax: true}]
 """)
     save(IntOps(), f"{out}/int_ops/1/model.pt")
     write(f"{out}/int_ops/config.yaml", """\

@@ -4,11 +4,16 @@
 // stdout: {"grpc": "HOST:PORT", "flight": "HOST:PORT", "ready": true|false}.
 //
 //	go run ./arrowio/flight/internal/flighttestserver -repo DIR -data DIR \
-//	    [-grpc 127.0.0.1:0] [-flight 127.0.0.1:0] [-trainer stats|none] \
-//	    [-user NAME -password PW] [-token TOKEN] [-tls-cert PEM -tls-key PEM]
+//	    [-grpc 127.0.0.1:0] [-flight 127.0.0.1:0] [-trainer stats|kiln|none] \
+//	    [-train-repo DIR] [-user NAME -password PW] [-token TOKEN] \
+//	    [-tls-cert PEM -tls-key PEM]
 //
 // The stats trainer is flighttest.StatsTrainer (column statistics), a real
-// but trivial trainer that exercises the training job machinery.
+// but trivial trainer that exercises the training job machinery. The kiln
+// trainer is flight.ModelTrainer, Kiln's training engine: it writes each
+// trained model as a new version into -train-repo (default: -repo, the
+// served repository) and loads it into the server's model manager, so that
+// DoExchange and gRPC serve it at once.
 package main
 
 import (
@@ -32,7 +37,8 @@ func main() {
 	data := flag.String("data", "", "dataset directory")
 	grpcAddr := flag.String("grpc", "127.0.0.1:0", "gRPC listen address")
 	flightAddr := flag.String("flight", "127.0.0.1:0", "Flight listen address")
-	trainer := flag.String("trainer", "stats", "trainer: stats or none")
+	trainer := flag.String("trainer", "stats", "trainer: stats, kiln or none")
+	trainRepo := flag.String("train-repo", "", "model repository the kiln trainer writes to (default: -repo)")
 	user := flag.String("user", "", "user name accepted by the basic-auth handshake")
 	password := flag.String("password", "", "its password")
 	token := flag.String("token", "", "static bearer token")
@@ -54,6 +60,17 @@ func main() {
 	switch *trainer {
 	case "stats":
 		opts.Trainer = flighttest.StatsTrainer
+	case "kiln":
+		to := flight.ModelTrainerOptions{Repository: *trainRepo}
+		if to.Repository == "" {
+			to.Repository = *repo
+			to.Load = srv.Manager().Load
+		}
+		mt, err := flight.NewModelTrainer(to)
+		if err != nil {
+			fail(2, err)
+		}
+		opts.Trainer = mt
 	case "none":
 	default:
 		fail(2, fmt.Errorf("unknown trainer %q", *trainer))

@@ -1,0 +1,481 @@
+// Package httpserver implements the KServe v2 / Triton HTTP/REST inference
+// protocol over the same service (model manager, batchers, validation,
+// classification) that answers gRPC:
+//
+//	GET  /v2/health/live, /v2/health/ready
+//	GET  /v2                                          server metadata
+//	GET  /v2/models/{m}[/versions/{v}]                model metadata
+//	GET  /v2/models/{m}[/versions/{v}]/ready          200 ready, 503 not
+//	GET  /v2/models/{m}[/versions/{v}]/config         model configuration
+//	GET  /v2/models[/{m}[/versions/{v}]]/stats        statistics
+//	POST /v2/models/{m}[/versions/{v}]/infer          inference
+//	POST /v2/repository/index                         repository index
+//	POST /v2/repository/models/{m}/load|unload        model control
+//
+// Inference takes JSON tensors ("data") and the binary data extension: a
+// body whose first Inference-Header-Content-Length bytes are the JSON
+// request and whose rest holds the inputs that declare a
+// "binary_data_size" parameter, in order; outputs come back binary when
+// the request asks for it ("binary_data" on an output, "binary_data_output"
+// on the request). Errors are {"error": "..."} with the status that the
+// gRPC code maps to (400, 401, 404, 429, 500, 503, 504).
+package httpserver
+
+import (
+	"bytes"
+	"compress/gzip"
+	"compress/zlib"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/kilnml/kiln/serving/auth"
+	"github.com/kilnml/kiln/serving/grpcserver"
+	pb "github.com/kilnml/kiln/serving/inferencepb"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
+)
+
+// HeaderLength is the binary data extension's header: the length of the
+// JSON part of a request or response body.
+const HeaderLength = "Inference-Header-Content-Length"
+
+// DefaultMaxBodyBytes bounds a request body (after decompression) unless
+// Options say otherwise: 2 GiB, like the gRPC message limit.
+const DefaultMaxBodyBytes = 1<<31 - 1
+
+// Options configure the HTTP handler.
+type Options struct {
+	// Auth guards the /v2/repository endpoints; the zero Token allows all.
+	Auth auth.Token
+	// MaxBodyBytes bounds request bodies (0: DefaultMaxBodyBytes).
+	MaxBodyBytes int64
+	// Logger receives the handler's logs; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// Handler serves the v2 HTTP protocol.
+type Handler struct {
+	svc  *grpcserver.Service
+	opts Options
+	log  *slog.Logger
+	mux  *http.ServeMux
+}
+
+// New returns the HTTP handler over svc.
+func New(svc *grpcserver.Service, opts Options) *Handler {
+	if opts.MaxBodyBytes <= 0 {
+		opts.MaxBodyBytes = DefaultMaxBodyBytes
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	h := &Handler{svc: svc, opts: opts, log: opts.Logger, mux: http.NewServeMux()}
+	get, post := http.MethodGet, http.MethodPost
+	h.route(get, "/v2/health/live", h.live)
+	h.route(get, "/v2/health/ready", h.ready)
+	h.route(get, "/v2", h.serverMetadata)
+	h.route(get, "/v2/models/stats", h.stats)
+	for _, base := range []string{"/v2/models/{model}", "/v2/models/{model}/versions/{version}"} {
+		h.route(get, base, h.modelMetadata)
+		h.route(get, base+"/ready", h.modelReady)
+		h.route(get, base+"/config", h.modelConfig)
+		h.route(get, base+"/stats", h.stats)
+		h.route(post, base+"/infer", h.infer)
+	}
+	h.route(post, "/v2/repository/index", h.protect(h.index))
+	h.route(post, "/v2/repository/models/{model}/load", h.protect(h.load))
+	h.route(post, "/v2/repository/models/{model}/unload", h.protect(h.unload))
+	h.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, fmt.Sprintf("no endpoint %s %s", r.Method, r.URL.Path))
+	})
+	return h
+}
+
+// ServeHTTP serves one request.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) { h.mux.ServeHTTP(w, r) }
+
+func (h *Handler) route(method, pattern string, fn http.HandlerFunc) {
+	h.mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != method && !(method == http.MethodGet && r.Method == http.MethodHead) {
+			w.Header().Set("Allow", method)
+			writeError(w, http.StatusMethodNotAllowed, fmt.Sprintf("%s takes %s, not %s", r.URL.Path, method, r.Method))
+			return
+		}
+		fn(w, r)
+	})
+}
+
+func (h *Handler) protect(fn http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if !h.opts.Auth.CheckHTTP(r) {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="kiln"`)
+			writeError(w, http.StatusUnauthorized, r.URL.Path+" needs a valid bearer token (header \"Authorization: Bearer <token>\")")
+			return
+		}
+		fn(w, r)
+	}
+}
+
+// StatusCode returns the HTTP status for a gRPC code.
+func StatusCode(c codes.Code) int {
+	switch c {
+	case codes.OK:
+		return http.StatusOK
+	case codes.InvalidArgument, codes.FailedPrecondition, codes.OutOfRange:
+		return http.StatusBadRequest
+	case codes.Unauthenticated:
+		return http.StatusUnauthorized
+	case codes.PermissionDenied:
+		return http.StatusForbidden
+	case codes.NotFound:
+		return http.StatusNotFound
+	case codes.AlreadyExists, codes.Aborted:
+		return http.StatusConflict
+	case codes.ResourceExhausted:
+		return http.StatusTooManyRequests
+	case codes.Unavailable:
+		return http.StatusServiceUnavailable
+	case codes.DeadlineExceeded:
+		return http.StatusGatewayTimeout
+	case codes.Canceled:
+		return 499 // client closed request
+	case codes.Unimplemented:
+		return http.StatusNotImplemented
+	}
+	return http.StatusInternalServerError
+}
+
+func writeError(w http.ResponseWriter, code int, msg string) {
+	body, _ := json.Marshal(map[string]string{"error": msg})
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(code)
+	w.Write(body)
+}
+
+func writeStatus(w http.ResponseWriter, err error) {
+	st := status.Convert(err)
+	writeError(w, StatusCode(st.Code()), st.Message())
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	body, err := json.Marshal(v)
+	if err != nil {
+		writeError(w, http.StatusInternalServerError, "encoding the response: "+err.Error())
+		return
+	}
+	writeBody(w, "application/json", body)
+}
+
+func writeBody(w http.ResponseWriter, contentType string, body []byte) {
+	w.Header().Set("Content-Type", contentType)
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(http.StatusOK)
+	w.Write(body)
+}
+
+var protoJSON = protojson.MarshalOptions{UseProtoNames: true}
+
+func (h *Handler) live(w http.ResponseWriter, r *http.Request) {
+	resp, err := h.svc.ServerLive(r.Context(), &pb.ServerLiveRequest{})
+	if err != nil {
+		writeStatus(w, err)
+		return
+	}
+	if !resp.Live {
+		writeError(w, http.StatusServiceUnavailable, "server is not live")
+		return
+	}
+	writeBody(w, "application/json", []byte(`{"live":true}`))
+}
+
+func (h *Handler) ready(w http.ResponseWriter, r *http.Request) {
+	resp, err := h.svc.ServerReady(r.Context(), &pb.ServerReadyRequest{})
+	if err != nil {
+		writeStatus(w, err)
+		return
+	}
+	if !resp.Ready {
+		writeError(w, http.StatusServiceUnavailable, "server is not ready: models are loading, or some failed to load (see /v2/repository/index)")
+		return
+	}
+	writeBody(w, "application/json", []byte(`{"ready":true}`))
+}
+
+func (h *Handler) serverMetadata(w http.ResponseWriter, r *http.Request) {
+	resp, err := h.svc.ServerMetadata(r.Context(), &pb.ServerMetadataRequest{})
+	if err != nil {
+		writeStatus(w, err)
+		return
+	}
+	writeJSON(w, map[string]any{"name": resp.Name, "version": resp.Version, "extensions": resp.Extensions})
+}
+
+type tensorMetadata struct {
+	Name     string  `json:"name"`
+	Datatype string  `json:"datatype"`
+	Shape    []int64 `json:"shape"`
+}
+
+func (h *Handler) modelMetadata(w http.ResponseWriter, r *http.Request) {
+	resp, err := h.svc.ModelMetadata(r.Context(), &pb.ModelMetadataRequest{Name: r.PathValue("model"), Version: r.PathValue("version")})
+	if err != nil {
+		writeStatus(w, err)
+		return
+	}
+	conv := func(ts []*pb.ModelMetadataResponse_TensorMetadata) []tensorMetadata {
+		out := make([]tensorMetadata, len(ts))
+		for i, t := range ts {
+			out[i] = tensorMetadata{Name: t.Name, Datatype: t.Datatype, Shape: t.Shape}
+		}
+		return out
+	}
+	writeJSON(w, map[string]any{
+		"name": resp.Name, "versions": resp.Versions, "platform": resp.Platform,
+		"inputs": conv(resp.Inputs), "outputs": conv(resp.Outputs),
+	})
+}
+
+func (h *Handler) modelReady(w http.ResponseWriter, r *http.Request) {
+	name, version := r.PathValue("model"), r.PathValue("version")
+	resp, err := h.svc.ModelReady(r.Context(), &pb.ModelReadyRequest{Name: name, Version: version})
+	if err != nil {
+		writeStatus(w, err)
+		return
+	}
+	if !resp.Ready {
+		what := fmt.Sprintf("model %q", name)
+		if version != "" {
+			what = fmt.Sprintf("version %s of model %q", version, name)
+		}
+		writeError(w, http.StatusServiceUnavailable, what+" is not ready")
+		return
+	}
+	writeBody(w, "application/json", []byte(`{"ready":true}`))
+}
+
+func (h *Handler) modelConfig(w http.ResponseWriter, r *http.Request) {
+	resp, err := h.svc.ModelConfig(r.Context(), &pb.ModelConfigRequest{Name: r.PathValue("model"), Version: r.PathValue("version")})
+	if err != nil {
+		writeStatus(w, err)
+		return
+	}
+	body, err := protoJSON.Marshal(resp.Config)
+	if err != nil {
+		writeError(w, http.StatusInternalServerError, "encoding the configuration: "+err.Error())
+		return
+	}
+	writeBody(w, "application/json", body)
+}
+
+func (h *Handler) stats(w http.ResponseWriter, r *http.Request) {
+	resp, err := h.svc.ModelStatistics(r.Context(), &pb.ModelStatisticsRequest{Name: r.PathValue("model"), Version: r.PathValue("version")})
+	if err != nil {
+		writeStatus(w, err)
+		return
+	}
+	body, err := protoJSON.Marshal(resp)
+	if err != nil {
+		writeError(w, http.StatusInternalServerError, "encoding the statistics: "+err.Error())
+		return
+	}
+	writeBody(w, "application/json", body)
+}
+
+// readBody reads a request body within the size limit, decompressing
+// gzip and deflate (zlib) Content-Encodings.
+func (h *Handler) readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
+	var src io.Reader = http.MaxBytesReader(w, r.Body, h.opts.MaxBodyBytes)
+	switch enc := strings.ToLower(strings.TrimSpace(r.Header.Get("Content-Encoding"))); enc {
+	case "", "identity":
+	case "gzip":
+		zr, err := gzip.NewReader(src)
+		if err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "gzip body: %v", err)
+		}
+		defer zr.Close()
+		src = zr
+	case "deflate":
+		zr, err := zlib.NewReader(src)
+		if err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "deflate body: %v", err)
+		}
+		defer zr.Close()
+		src = zr
+	default:
+		return nil, status.Errorf(codes.InvalidArgument, "unsupported Content-Encoding %q (want gzip or deflate)", enc)
+	}
+	var buf bytes.Buffer
+	if r.ContentLength > 0 && r.ContentLength <= h.opts.MaxBodyBytes {
+		buf.Grow(int(r.ContentLength))
+	}
+	// Bound decompressed bodies too.
+	n, err := buf.ReadFrom(io.LimitReader(src, h.opts.MaxBodyBytes+1))
+	var tooBig *http.MaxBytesError
+	if errors.As(err, &tooBig) || n > h.opts.MaxBodyBytes {
+		return nil, status.Errorf(codes.ResourceExhausted, "request body exceeds %d bytes", h.opts.MaxBodyBytes)
+	}
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "reading the request body: %v", err)
+	}
+	return buf.Bytes(), nil
+}
+
+type indexRequest struct {
+	Ready bool `json:"ready"`
+}
+
+type indexEntry struct {
+	Name    string `json:"name"`
+	Version string `json:"version,omitempty"`
+	State   string `json:"state,omitempty"`
+	Reason  string `json:"reason,omitempty"`
+}
+
+func decodeOptionalJSON(body []byte, v any) error {
+	if len(bytes.TrimSpace(body)) == 0 {
+		return nil
+	}
+	if err := json.Unmarshal(body, v); err != nil {
+		return status.Errorf(codes.InvalidArgument, "invalid JSON body: %v", err)
+	}
+	return nil
+}
+
+func (h *Handler) index(w http.ResponseWriter, r *http.Request) {
+	body, err := h.readBody(w, r)
+	if err != nil {
+		writeStatus(w, err)
+		return
+	}
+	var req indexRequest
+	if err := decodeOptionalJSON(body, &req); err != nil {
+		writeStatus(w, err)
+		return
+	}
+	resp, err := h.svc.RepositoryIndex(r.Context(), &pb.RepositoryIndexRequest{Ready: req.Ready})
+	if err != nil {
+		writeStatus(w, err)
+		return
+	}
+	out := make([]indexEntry, 0, len(resp.Models))
+	for _, m := range resp.Models {
+		out = append(out, indexEntry{Name: m.Name, Version: m.Version, State: m.State, Reason: m.Reason})
+	}
+	writeJSON(w, out)
+}
+
+type controlRequest struct {
+	Parameters map[string]json.RawMessage `json:"parameters"`
+}
+
+func (h *Handler) load(w http.ResponseWriter, r *http.Request) {
+	body, err := h.readBody(w, r)
+	if err != nil {
+		writeStatus(w, err)
+		return
+	}
+	var req controlRequest
+	if err := decodeOptionalJSON(body, &req); err != nil {
+		writeStatus(w, err)
+		return
+	}
+	preq := &pb.RepositoryModelLoadRequest{ModelName: r.PathValue("model")}
+	if len(req.Parameters) > 0 {
+		preq.Parameters = map[string]*pb.ModelRepositoryParameter{}
+		for k, v := range req.Parameters {
+			preq.Parameters[k] = &pb.ModelRepositoryParameter{ParameterChoice: &pb.ModelRepositoryParameter_StringParam{StringParam: string(v)}}
+		}
+	}
+	if _, err := h.svc.RepositoryModelLoad(r.Context(), preq); err != nil {
+		writeStatus(w, err)
+		return
+	}
+	writeBody(w, "application/json", []byte("{}"))
+}
+
+func (h *Handler) unload(w http.ResponseWriter, r *http.Request) {
+	body, err := h.readBody(w, r)
+	if err != nil {
+		writeStatus(w, err)
+		return
+	}
+	var req controlRequest
+	if err := decodeOptionalJSON(body, &req); err != nil {
+		writeStatus(w, err)
+		return
+	}
+	for k := range req.Parameters {
+		if k != "unload_dependents" { // Kiln models have no dependents
+			writeError(w, http.StatusBadRequest, fmt.Sprintf("unload parameter %q is not supported", k))
+			return
+		}
+	}
+	if _, err := h.svc.RepositoryModelUnload(r.Context(), &pb.RepositoryModelUnloadRequest{ModelName: r.PathValue("model")}); err != nil {
+		writeStatus(w, err)
+		return
+	}
+	writeBody(w, "application/json", []byte("{}"))
+}
+
+// requestTimeout returns the request's "timeout" parameter (microseconds)
+// as a duration, 0 when absent.
+func requestTimeout(params map[string]json.RawMessage) (time.Duration, error) {
+	raw, ok := params["timeout"]
+	if !ok {
+		return 0, nil
+	}
+	var us int64
+	if err := json.Unmarshal(raw, &us); err != nil || us < 0 {
+		return 0, status.Errorf(codes.InvalidArgument, "parameter \"timeout\" must be a non-negative number of microseconds, got %s", raw)
+	}
+	return time.Duration(us) * time.Microsecond, nil
+}
+
+func (h *Handler) infer(w http.ResponseWriter, r *http.Request) {
+	body, err := h.readBody(w, r)
+	if err != nil {
+		writeStatus(w, err)
+		return
+	}
+	req, outs, err := decodeInferRequest(r.PathValue("model"), r.PathValue("version"), body, r.Header.Get(HeaderLength))
+	if err != nil {
+		writeStatus(w, err)
+		return
+	}
+	ctx := r.Context()
+	if req.timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, req.timeout)
+		defer cancel()
+	}
+	resp, err := h.svc.ModelInfer(ctx, req.pb)
+	if err != nil {
+		writeStatus(w, err)
+		return
+	}
+	header, binary, err := encodeInferResponse(resp, outs, req.binaryOutput)
+	if err != nil {
+		writeStatus(w, err)
+		return
+	}
+	if len(binary) == 0 {
+		writeBody(w, "application/json", header)
+		return
+	}
+	w.Header().Set(HeaderLength, strconv.Itoa(len(header)))
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Content-Length", strconv.Itoa(len(header)+len(binary)))
+	w.WriteHeader(http.StatusOK)
+	w.Write(header)
+	w.Write(binary)
+}

@@ -1,0 +1,120 @@
+// Package metrics exports the statistics of a model manager's loaded
+// versions to Prometheus, under Triton's metric names, labelled by model
+// and version:
+//
+//	nv_inference_request_success            counter  successful requests
+//	nv_inference_request_failure            counter  failed requests
+//	nv_inference_count                      counter  inferences (batch rows)
+//	nv_inference_exec_count                 counter  model executions
+//	nv_inference_request_duration_us        counter  end-to-end request time
+//	nv_inference_queue_duration_us          counter  time waiting in the queue
+//	nv_inference_compute_input_duration_us  counter  time merging inputs
+//	nv_inference_compute_infer_duration_us  counter  time in the model
+//	nv_inference_compute_output_duration_us counter  time splitting outputs
+//	nv_inference_pending_request_count      gauge    requests queued now
+//	kiln_inference_batch_size               histogram executions by batch size
+//
+// The values are read from the versions' statistics at scrape time, so they
+// cost nothing on the request path; a version's counters start at zero when
+// it loads.
+package metrics
+
+import (
+	"net/http"
+	"slices"
+	"strconv"
+
+	"github.com/kilnml/kiln/serving/manager"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// BatchSizeBuckets are the upper bounds of the batch size histogram.
+var BatchSizeBuckets = []float64{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024}
+
+var labels = []string{"model", "version"}
+
+func desc(name, help string) *prometheus.Desc {
+	return prometheus.NewDesc(name, help, labels, nil)
+}
+
+var (
+	descSuccess   = desc("nv_inference_request_success", "Number of successful inference requests, all batch sizes")
+	descFailure   = desc("nv_inference_request_failure", "Number of failed inference requests, all batch sizes")
+	descCount     = desc("nv_inference_count", "Number of inferences performed (a batch of n counts n)")
+	descExec      = desc("nv_inference_exec_count", "Number of model executions performed (a batch counts 1)")
+	descRequest   = desc("nv_inference_request_duration_us", "Cumulative inference request duration in microseconds")
+	descQueue     = desc("nv_inference_queue_duration_us", "Cumulative inference queuing duration in microseconds")
+	descInput     = desc("nv_inference_compute_input_duration_us", "Cumulative compute input duration in microseconds")
+	descInfer     = desc("nv_inference_compute_infer_duration_us", "Cumulative compute inference duration in microseconds")
+	descOutput    = desc("nv_inference_compute_output_duration_us", "Cumulative compute output duration in microseconds")
+	descPending   = desc("nv_inference_pending_request_count", "Instantaneous number of requests waiting in the queue")
+	descBatchSize = desc("kiln_inference_batch_size", "Model executions by batch size (rows along dimension 0)")
+)
+
+// Collector is a prometheus.Collector over a manager's loaded versions.
+type Collector struct {
+	mgr *manager.Manager
+}
+
+// NewCollector returns a collector for mgr.
+func NewCollector(mgr *manager.Manager) *Collector { return &Collector{mgr: mgr} }
+
+// Describe sends the descriptors of every metric the collector exports.
+func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descSuccess, descFailure, descCount, descExec, descRequest,
+		descQueue, descInput, descInfer, descOutput, descPending, descBatchSize} {
+		ch <- d
+	}
+}
+
+func us(ns uint64) float64 { return float64(ns) / 1e3 }
+
+// Collect sends the current value of every metric of every loaded version.
+func (c *Collector) Collect(ch chan<- prometheus.Metric) {
+	for _, v := range c.mgr.Loaded() {
+		st := v.Stats().Snapshot()
+		lv := []string{v.Name(), strconv.FormatInt(v.Number(), 10)}
+		counter := func(d *prometheus.Desc, val float64) {
+			ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, val, lv...)
+		}
+		counter(descSuccess, float64(st.Success.Count))
+		counter(descFailure, float64(st.Fail.Count))
+		counter(descCount, float64(st.InferenceCount))
+		counter(descExec, float64(st.ExecutionCount))
+		counter(descRequest, us(st.Success.NS+st.Fail.NS))
+		counter(descQueue, us(st.Queue.NS))
+		counter(descInput, us(st.ComputeInput.NS))
+		counter(descInfer, us(st.ComputeInfer.NS))
+		counter(descOutput, us(st.ComputeOutput.NS))
+		ch <- prometheus.MustNewConstMetric(descPending, prometheus.GaugeValue, float64(v.QueueLen()), lv...)
+
+		buckets := map[float64]uint64{}
+		var count uint64
+		var sum float64
+		for _, b := range st.Batches {
+			n := b.ComputeInfer.Count
+			count += n
+			sum += float64(b.Size) * float64(n)
+			i, _ := slices.BinarySearch(BatchSizeBuckets, float64(b.Size))
+			if i < len(BatchSizeBuckets) {
+				buckets[BatchSizeBuckets[i]] += n
+			}
+		}
+		var cum uint64
+		for _, ub := range BatchSizeBuckets { // cumulative, as Prometheus wants
+			cum += buckets[ub]
+			buckets[ub] = cum
+		}
+		ch <- prometheus.MustNewConstHistogram(descBatchSize, count, sum, buckets, lv...)
+	}
+}
+
+// Handler returns the /metrics handler: the manager's metrics plus the Go
+// runtime's and the process's.
+func Handler(mgr *manager.Manager) http.Handler {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(NewCollector(mgr), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorLog: nil})
+}
