@@ -21,7 +21,7 @@ type TrainJob struct {
 
 	mu     sync.Mutex
 	events []train.Event
-	report *train.Report
+	report any // *train.Report or *train.Leaderboard
 	err    error
 }
 
@@ -33,14 +33,48 @@ type TrainJob struct {
 // package to outDir.
 func StartTraining(jobJSON string, xAddr uint64, rows, cols int, yAddr uint64, outDir string) (_ *TrainJob, err error) {
 	defer guard(&err)
-	if rows <= 0 || cols <= 0 {
-		return nil, fmt.Errorf("kiln: fit: need at least one row and one feature, got %d×%d", rows, cols)
-	}
 	j, err := train.ParseJob([]byte(jobJSON))
 	if err != nil {
 		return nil, err
 	}
 	j.Data.Target = "target"
+	t, err := numpyTable(xAddr, rows, cols, yAddr)
+	if err != nil {
+		return nil, err
+	}
+	return startJob(func(ctx context.Context, onEvent func(train.Event)) (any, error) {
+		return train.Run(ctx, j, t, "numpy", outDir, onEvent)
+	}), nil
+}
+
+// StartSelection runs model selection (a `kiln select` spec as JSON) over
+// the same kind of numpy data as StartTraining, saving the winner's package
+// to outDir; Report returns the leaderboard.
+func StartSelection(jobJSON string, xAddr uint64, rows, cols int, yAddr uint64, outDir string) (_ *TrainJob, err error) {
+	defer guard(&err)
+	j, err := train.ParseSelectJob([]byte(jobJSON))
+	if err != nil {
+		return nil, err
+	}
+	j.Data.Target = "target"
+	t, err := numpyTable(xAddr, rows, cols, yAddr)
+	if err != nil {
+		return nil, err
+	}
+	return startJob(func(ctx context.Context, onEvent func(train.Event)) (any, error) {
+		return train.Select(ctx, j, t, "numpy", outDir, func(_ string, e train.Event) {
+			if e.Kind == "done" {
+				onEvent(e) // one event per finished candidate
+			}
+		})
+	}), nil
+}
+
+// numpyTable copies numpy features and targets into a table.
+func numpyTable(xAddr uint64, rows, cols int, yAddr uint64) (*data.Table, error) {
+	if rows <= 0 || cols <= 0 {
+		return nil, fmt.Errorf("kiln: fit: need at least one row and one feature, got %d×%d", rows, cols)
+	}
 	x := unsafe.Slice((*float32)(native.AddrPointer(uintptr(xAddr))), rows*cols)
 	y := unsafe.Slice((*float32)(native.AddrPointer(uintptr(yAddr))), rows)
 	names := make([]string, cols+1)
@@ -56,10 +90,11 @@ func StartTraining(jobJSON string, xAddr uint64, rows, cols int, yAddr uint64, o
 		}
 		row[cols] = float64(y[r])
 	}
-	t, err := data.NewTable(names, vals)
-	if err != nil {
-		return nil, err
-	}
+	return data.NewTable(names, vals)
+}
+
+// startJob runs work in a goroutine, collecting its events for Poll.
+func startJob(work func(ctx context.Context, onEvent func(train.Event)) (any, error)) *TrainJob {
 	ctx, cancel := context.WithCancel(context.Background())
 	job := &TrainJob{cancel: cancel, done: make(chan struct{})}
 	go func() {
@@ -67,20 +102,20 @@ func StartTraining(jobJSON string, xAddr uint64, rows, cols int, yAddr uint64, o
 		defer func() {
 			if r := recover(); r != nil {
 				job.mu.Lock()
-				job.err = fmt.Errorf("kiln: fit: internal error: %v", r)
+				job.err = fmt.Errorf("kiln: internal error: %v", r)
 				job.mu.Unlock()
 			}
 		}()
-		rep, err := train.Run(ctx, j, t, "numpy", outDir, func(e train.Event) {
+		res, err := work(ctx, func(e train.Event) {
 			job.mu.Lock()
 			job.events = append(job.events, e)
 			job.mu.Unlock()
 		})
 		job.mu.Lock()
-		job.report, job.err = rep, err
+		job.report, job.err = res, err
 		job.mu.Unlock()
 	}()
-	return job, nil
+	return job
 }
 
 // eventJSON is one progress event for Python.

@@ -16,6 +16,7 @@ def Sequential(layers_):
 
 from .client import Client, ServerError
 from ._serve import Server, serve
+from ._train import select_model
 from ._runtime import get_num_threads, set_num_threads, torch_version, __version__
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "Client",
     "Server",
     "serve",
+    "select_model",
     "ServerError",
     "load",
     "get_num_threads",

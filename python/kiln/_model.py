@@ -142,6 +142,29 @@ class Model:
             raise KilnError("only a model trained by fit (or loaded from a package) can be exported")
         shutil.copy2(os.path.join(self._package, "model.pt"), os.fspath(path))
 
+    def prune(self, amount: float, x, y, structured: bool = False, global_: bool = False,
+              finetune_epochs: int = 0, steps: int = 1) -> dict:
+        """Prunes this trained model in place: unstructured magnitude pruning
+        to `amount` sparsity (per layer, or across layers with global_), or
+        with structured=True removes that fraction of each hidden Linear
+        layer's neurons and rebuilds a smaller dense network; then fine-tunes
+        for finetune_epochs. x and y are the data fit used (its splits are
+        re-created). Returns the record with the size/accuracy/latency report."""
+        if not 0 <= amount < 1:
+            raise ValueError(f"amount (sparsity) {amount} is outside [0, 1)")
+        from ._train import optimize
+
+        return optimize(self, x, y, {"prune": amount, "structured": structured, "global": global_,
+                                     "finetune_epochs": finetune_epochs, "steps": steps})
+
+    def quantize(self, mode: str, x, y, engine: str = "") -> dict:
+        """Quantizes this trained model in place: "int8" (dynamic int8
+        Linear layers on the linked libtorch's quantized engine), "fp16" or
+        "bf16" (weight-only). Returns the record with the report."""
+        from ._train import optimize
+
+        return optimize(self, x, y, {"quantize": mode, "engine": engine})
+
     def deploy(self, repository, name: str) -> int:
         """Installs this trained model into a model repository as the next
         version of model `name` (writing its config.yaml when new, as the
@@ -157,7 +180,8 @@ class Model:
     @property
     def classes_(self) -> Optional[list]:
         """Class labels of a classifier, in output order."""
-        return (self.manifest or {}).get("labels")
+        m = self.manifest or {}
+        return m.get("python_labels", m.get("labels"))
 
     @property
     def inputs(self) -> List[Tuple[str, str]]:

@@ -88,9 +88,7 @@ def fit(model, x, y, *, epochs, batch_size, validation_split, optimizer, lr, los
     trained._h = None
     if labels is not None:
         # Go saw class codes 0..k-1; the package records the caller's labels.
-        model.manifest["labels"] = [l.item() if hasattr(l, "item") else l for l in labels]
-        with open(os.path.join(out, "manifest.json"), "w") as f:
-            json.dump(model.manifest, f, indent=1)
+        _record_labels(model.manifest, out, labels)
     history["report"] = report
     return history
 
@@ -112,3 +110,120 @@ def evaluate(model, x, y):
     ss = ((t - t.mean()) ** 2).sum()
     return {"mse": float(((p - t) ** 2).mean()), "mae": float(np.abs(p - t).mean()),
             "r2": float(1 - ((p - t) ** 2).sum() / ss) if ss else float("nan")}
+
+
+def _encode_like_fit(model, x, y):
+    """x and y as fit passed them to Go: float32 features, class codes."""
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    y = np.asarray(y)
+    labels = model.classes_
+    if labels is not None:
+        index = {v: i for i, v in enumerate(labels)}
+        try:
+            y = np.array([index[v.item() if hasattr(v, "item") else v] for v in y])
+        except KeyError as e:
+            raise ValueError(f"y holds {e.args[0]!r}, which is not one of the model's classes {labels}") from None
+    return x, np.ascontiguousarray(y, dtype=np.float32)
+
+
+def optimize(model, x, y, options):
+    from ._model import load
+
+    if model._package is None:
+        raise KilnError("only a model trained by fit (or loaded from a package) can be optimized")
+    x, y = _encode_like_fit(model, x, y)
+    out = tempfile.mkdtemp(prefix="kiln-optimized-")
+    try:
+        record = json.loads(_b.Optimize(model._package, json.dumps(options), x.ctypes.data, x.shape[0], x.shape[1],
+                                        y.ctypes.data, out))
+    except RuntimeError as e:
+        raise translate(e, ValueError if "outside" in str(e) else KilnError) from None
+    labels = model.classes_
+    new = load(out)
+    if labels is not None:
+        _record_labels(new.manifest, out, labels)
+    old = model._h
+    model._h, model.path, model.manifest, model._package = new._h, out, new.manifest, out
+    model._inputs = new._inputs
+    new._h = None
+    if old is not None:
+        old.Close()
+    return record
+
+
+def select_model(candidates, x, y, *, epochs=20, batch_size=32, validation_split=0.2, optimizer="adam",
+                 lr=1e-3, seed=0, budget_seconds=None, concurrency=None, metric=None, verbose=1):
+    """Trains each candidate (a list of layer lists or specs) on the same
+    split, ranks them on the validation metric with a cost term, and returns
+    (leaderboard, best_model)."""
+    from ._model import Model, load
+
+    specs = []
+    for c in candidates:
+        if isinstance(c, Model):
+            c = c.spec
+        elif isinstance(c, (list, tuple)):
+            c = {"layers": list(c)}
+        if not isinstance(c, dict) or "layers" not in c:
+            raise ValueError(f"a candidate is a list of layers or a spec with 'layers', got {c!r}")
+        specs.append(c)
+    if not specs:
+        raise ValueError("select_model needs at least one candidate")
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    y = np.asarray(y)
+    labels = None
+    if y.dtype.kind in "OUSbiu":
+        labels, codes = np.unique(y, return_inverse=True)
+        y = codes
+    y = np.ascontiguousarray(y, dtype=np.float32)
+    job = {
+        "data": {"target": "target", "task": "classification" if labels is not None else "regression"},
+        "split": {"val": validation_split, "test": 0, "stratify": labels is not None},
+        "train": {"epochs": epochs, "batch_size": batch_size, "seed": seed, "optimizer": {"type": optimizer, "lr": lr}},
+        "candidates": specs,
+    }
+    if budget_seconds:
+        job["budget"] = {"seconds": budget_seconds}
+    if concurrency:
+        job["concurrency"] = concurrency
+    if metric:
+        job["rank"] = {"metric": metric}
+    out = tempfile.mkdtemp(prefix="kiln-selected-")
+    try:
+        h = _b.StartSelection(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out)
+    except RuntimeError as e:
+        raise translate(e, KilnError) from None
+    bar = _progress(len(specs), verbose)
+    try:
+        while True:
+            st = json.loads(h.Poll(200))
+            if bar is not None:
+                bar.update(len(st["events"]))
+            if st["done"]:
+                break
+    except KeyboardInterrupt:
+        h.Cancel()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    try:
+        board = json.loads(h.Report())
+    except RuntimeError as e:
+        raise translate(e, KilnError) from None
+    best = load(out)
+    best._package = out
+    if labels is not None:
+        _record_labels(best.manifest, out, labels)
+    return board, best
+
+
+def _record_labels(manifest, pkg_dir, labels):
+    """Writes the caller's class labels into a package's manifest: as text
+    in "labels" (what Go and the server read) and with their Python types
+    (ints, strings, bools) in "python_labels" (what classes_ returns)."""
+    typed = [l.item() if hasattr(l, "item") else l for l in labels]
+    manifest["labels"] = [str(l) for l in typed]
+    manifest["python_labels"] = typed
+    with open(os.path.join(pkg_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)

@@ -1,0 +1,59 @@
+"""kiln.select_model, Model.prune and Model.quantize from Python over the
+Go core (core/train.Select, core/optimize)."""
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+import kiln
+from kiln import layers as L
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = load_digits()
+    return d.data.astype(np.float32), d.target
+
+
+def test_select_model_ranks_and_returns_the_winner(digits):
+    x, y = digits
+    board, best = kiln.select_model(
+        [[L.Linear(8), L.ReLU(), L.Linear()], [L.Linear(64), L.ReLU(), L.Linear()]],
+        x, y, epochs=6, seed=1, concurrency=1, verbose=0)
+    entries = board["entries"]
+    assert [e["rank"] for e in entries] == [1, 2]
+    assert board["metric"] == "accuracy"
+    assert entries[0]["score"] >= entries[1]["score"]
+    assert best.num_parameters == entries[0]["params"]
+    assert best.classes_ == list(range(10))
+    assert best.evaluate(x, y)["accuracy"] >= 0.8
+    with pytest.raises(ValueError, match="candidate"):
+        kiln.select_model([42], x, y, verbose=0)
+
+
+def test_prune_and_quantize_report_and_keep_accuracy(digits, tmp_path):
+    x, y = digits
+    m = kiln.Sequential([L.Linear(128), L.ReLU(), L.Linear(64), L.ReLU(), L.Linear()])
+    m.fit(x, y, epochs=20, seed=1, verbose=0)
+    params = m.num_parameters
+
+    rec = m.prune(0.5, x, y, structured=True, finetune_epochs=5)
+    assert rec["after"]["params"] < params * 0.6
+    assert rec["after"]["value"] >= rec["before"]["value"] - 0.02
+    assert m.num_parameters == rec["after"]["params"]
+
+    rec = m.quantize("int8", x, y)
+    assert rec["after"]["file_bytes"] < rec["before"]["file_bytes"] / 2.5
+    assert rec["after"]["value"] >= rec["before"]["value"] - 0.01
+    # The quantized package is ordinary TorchScript for Python torch too.
+    m.export_torchscript(tmp_path / "q.pt")
+    with torch.no_grad():
+        out = torch.jit.load(str(tmp_path / "q.pt"))(torch.from_numpy(x[:3]))
+    assert out.shape == (3, 10)
+
+    with pytest.raises(kiln.KilnError, match="already quantized"):
+        m.prune(0.3, x, y)
+    with pytest.raises(ValueError, match=r"outside \[0, 1\)"):
+        m.prune(1.0, x, y)
+    with pytest.raises(ValueError, match="not one of the model's classes"):
+        m.quantize("fp16", x[:2], np.array([3, 11]))
