@@ -253,7 +253,7 @@ func serveAll(ctx context.Context, opts serving.Options, started func(*serving.S
 			sctx, cancel := shutdownCtx()
 			defer cancel()
 			s.Shutdown(sctx)
-			return fmt.Errorf("serve: flight: %w", err)
+			return fmt.Errorf("serve: flight (--flight-port -1 turns it off): %w", err)
 		}
 	}
 	if fs != nil {

@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def start_serve(kiln_bin, repo, log_path, *extra):
     proc = subprocess.Popen(
         [str(kiln_bin), "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
-         "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0", *extra],
+         "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0", "--flight-port", "-1", *extra],
         stdout=subprocess.PIPE, stderr=open(log_path, "w"), text=True)
     addrs = {}
     deadline = time.time() + 120
