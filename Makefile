@@ -64,6 +64,7 @@ test: vet test-go test-python
 bench: build
 	$(ENV) go run ./bench/cgo
 	$(ENV) go run ./bench/train
+	$(ENV) $(PY) bench/python/bench.py
 
 bench-serve: build
 	$(ENV) go run ./bench/serve

@@ -66,6 +66,10 @@ func python() string {
 }
 
 func main() {
+	// libgomp keeps one OpenMP team per calling OS thread: pin this
+	// goroutine, as a serving worker would, so that every forward pass
+	// reuses the same team instead of waking another.
+	runtime.LockOSThread()
 	threads := flag.Int("threads", runtime.NumCPU(), "libtorch intra-op threads, both sides")
 	flag.Parse()
 	// libtorch's thread count does not reach OpenBLAS, whose idle workers
