@@ -19,6 +19,29 @@ def _progress(total, verbose):
     return tqdm(total=total, unit="epoch", desc="kiln fit")
 
 
+def _run_job(h, bar, on_event):
+    """Polls a Go job (the GIL is free between polls) until it is done,
+    passing each progress event to on_event(event, bar); Ctrl-C cancels the
+    job. Returns the job's report, or raises its error."""
+    try:
+        while True:
+            st = json.loads(h.Poll(200))
+            for e in st["events"]:
+                on_event(e, bar)
+            if st["done"]:
+                break
+    except KeyboardInterrupt:
+        h.Cancel()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    try:
+        return json.loads(h.Report())
+    except RuntimeError as e:
+        raise translate(e, KilnError) from None
+
+
 def fit(model, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss, seed, early_stopping,
         verbose, callbacks):
     from ._model import load
@@ -55,33 +78,20 @@ def fit(model, x, y, *, epochs, batch_size, validation_split, optimizer, lr, los
     except RuntimeError as e:
         raise translate(e, InferenceError) from None
     history = {"loss": []}
-    bar = _progress(epochs, verbose)
-    try:
-        while True:
-            st = json.loads(h.Poll(200))
-            for e in st["events"]:
-                if e["kind"] != "epoch":
-                    continue
-                history["loss"].append(e["loss"])
-                for k, v in (e.get("metrics") or {}).items():
-                    history.setdefault("val_" + k, []).append(v)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{e['loss']:.4f}", sps=f"{e['samples_per_sec']:.0f}")
-                for cb in callbacks:
-                    cb(e)
-            if st["done"]:
-                break
-    except KeyboardInterrupt:
-        h.Cancel()
-        raise
-    finally:
+
+    def on_event(e, bar):
+        if e["kind"] != "epoch":
+            return
+        history["loss"].append(e["loss"])
+        for k, v in (e.get("metrics") or {}).items():
+            history.setdefault("val_" + k, []).append(v)
         if bar is not None:
-            bar.close()
-    try:
-        report = json.loads(h.Report())
-    except RuntimeError as e:
-        raise translate(e, KilnError) from None
+            bar.update(1)
+            bar.set_postfix(loss=f"{e['loss']:.4f}", sps=f"{e['samples_per_sec']:.0f}")
+        for cb in callbacks:
+            cb(e)
+
+    report = _run_job(h, _progress(epochs, verbose), on_event)
     trained = load(report.get("dir") or out)
     model._h, model.path, model.manifest, model._package = trained._h, out, trained.manifest, out
     model._inputs = trained._inputs
@@ -193,24 +203,7 @@ def select_model(candidates, x, y, *, epochs=20, batch_size=32, validation_split
         h = _b.StartSelection(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out)
     except RuntimeError as e:
         raise translate(e, KilnError) from None
-    bar = _progress(len(specs), verbose)
-    try:
-        while True:
-            st = json.loads(h.Poll(200))
-            if bar is not None:
-                bar.update(len(st["events"]))
-            if st["done"]:
-                break
-    except KeyboardInterrupt:
-        h.Cancel()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    try:
-        board = json.loads(h.Report())
-    except RuntimeError as e:
-        raise translate(e, KilnError) from None
+    board = _run_job(h, _progress(len(specs), verbose), lambda e, bar: bar is not None and bar.update(1))
     best = load(out)
     best._package = out
     if labels is not None:
