@@ -2,6 +2,7 @@
 address in both directions."""
 import ctypes
 import json
+import math
 import os
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -36,6 +37,8 @@ def _as_input(x, i: int) -> np.ndarray:
     if x.dtype not in _DTYPES:
         raise TypeError(f"input {i}: dtype {x.dtype} is not supported; use one of {sorted(_DTYPES.values())}")
     # Row-major, aligned, native byte order: view as is; otherwise one copy.
+    if x.flags.c_contiguous and x.flags.aligned and x.dtype.isnative:
+        return x
     return np.require(x, requirements=["C", "A"]).astype(x.dtype.newbyteorder("="), copy=False)
 
 
@@ -44,7 +47,7 @@ def _wrap_output(out, i: int, keep) -> np.ndarray:
     shape = tuple(json.loads(out.ShapeJSON(i)))
     if dtype is None:
         raise KilnError(f"output {i} has dtype {out.DType(i)}, which numpy cannot hold")
-    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    n = math.prod(shape) * dtype.itemsize
     if n == 0:
         return np.empty(shape, dtype=dtype)
     # A view of libtorch's memory: no copy. The ctypes buffer owns the Go
