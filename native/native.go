@@ -11,7 +11,7 @@ package native
 
 /*
 #cgo CXXFLAGS: -O2 -Wall -I/usr/include/torch/csrc/api/include
-#cgo LDFLAGS: -ltorch -ltorch_cpu -lc10 -lstdc++
+#cgo LDFLAGS: -ltorch -ltorch_cpu -lc10 -lstdc++ -ldl
 #include <stdlib.h>
 #include "kiln.h"
 

@@ -5,12 +5,25 @@
 #include "internal.h"
 
 #include <atomic>
+#include <cstdlib>
+
+#include <dlfcn.h>
 
 namespace kiln {
 namespace {
 // The thread count set through the C ABI; 0 until set.
 std::atomic<int> g_threads{0};
 }  // namespace
+
+// Sizes OpenBLAS's own thread pool, when libtorch's BLAS is OpenBLAS (as on
+// Debian): at::set_num_threads bounds OpenMP but not OpenBLAS's pthreads,
+// whose idle workers otherwise compete with libtorch's on small machines.
+// An explicit OPENBLAS_NUM_THREADS wins.
+void set_blas_threads(int n) {
+  if (std::getenv("OPENBLAS_NUM_THREADS") != nullptr) return;
+  using setter = void (*)(int);
+  if (auto f = reinterpret_cast<setter>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) f(n);
+}
 
 void sync_threads() {
   int n = g_threads.load(std::memory_order_relaxed);
@@ -32,6 +45,7 @@ kiln_error kiln_set_num_threads(int n) {
   KILN_GUARD_BEGIN
   at::set_num_threads(n);
   kiln::g_threads.store(n, std::memory_order_relaxed);
+  kiln::set_blas_threads(n);
   KILN_GUARD_END
 }
 

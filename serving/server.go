@@ -293,9 +293,6 @@ func (s *Server) Start(ctx context.Context) error {
 			return fmt.Errorf("serving: intra-op threads: %w", err)
 		}
 	}
-	if os.Getenv("OPENBLAS_NUM_THREADS") == "" {
-		setBLASThreads(core.NumThreads())
-	}
 	var lc net.ListenConfig
 	listen := func(what, addr string) (net.Listener, error) {
 		l, err := lc.Listen(ctx, "tcp", addr)
