@@ -19,14 +19,10 @@ import sys
 import torch
 from torch import nn
 
-
-class Affine(nn.Module):
-    def __init__(self, scale: float):
-        super().__init__()
-        self.scale = scale
-
-    def forward(self, x: torch.Tensor):
-        return x * self.scale + 1.0, x.sum(dim=1)
+# The serving tests' models and helpers, shared rather than copied.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                "..", "..", "..", "..", "serving", "internal", "testmodels"))
+from make_repo import Affine, IntOps, save, write  # noqa: E402
 
 
 class Image(nn.Module):
@@ -37,22 +33,6 @@ class Image(nn.Module):
 class Pair(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor):
         return a * b.to(torch.float32).unsqueeze(1)
-
-
-class IntOps(nn.Module):
-    def forward(self, ids: torch.Tensor):
-        return ids * 2, ids.to(torch.float32) * 0.5
-
-
-def write(path, text):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def save(module, path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.jit.script(module.eval()).save(path)
 
 
 def main():
