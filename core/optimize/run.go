@@ -37,6 +37,16 @@ type Options struct {
 	// for Int8 ("" chooses).
 	Quantize string `json:"quantize,omitempty"`
 	Engine   string `json:"engine,omitempty"`
+	// Calibration, with Quantize Int8, makes it static int8: activation
+	// ranges observed on these rows of raw model inputs (see
+	// Source.Calibration); nil keeps int8 dynamic.
+	Calibration *data.Dataset `json:"-"`
+	// Weights is static int8's weight scheme: PerChannel (one scale per
+	// output channel: more accurate), PerTensor (one per layer: smaller
+	// files, by 16 bytes per output channel), or "" for the engine's
+	// default as PyTorch's default qconfigs have it (qnnpack per tensor,
+	// the others per channel).
+	Weights string `json:"weights,omitempty"`
 }
 
 // Record is what an optimization did, kept in the manifest.
@@ -47,6 +57,10 @@ type Record struct {
 	Engine string `json:"engine,omitempty"`
 	// Quantize repeats Options.Quantize (empty: float weights).
 	Quantize string `json:"quantize,omitempty"`
+	// Method is "dynamic" or "static" for int8.
+	Method string `json:"method,omitempty"`
+	// Static holds static int8's calibration and quantization parameters.
+	Static *StaticInfo `json:"static,omitempty"`
 	// FineTune holds each fine-tuning run's result.
 	FineTune []*train.Result `json:"finetune,omitempty"`
 	Before   Variant         `json:"before"`
@@ -188,6 +202,17 @@ func Run(ctx context.Context, s *Source, sp *Splits, o Options) (*Result, error)
 			return nil, err
 		}
 	}
+	if o.Calibration != nil {
+		if o.Quantize != Int8 {
+			return nil, fmt.Errorf("kiln: optimize: calibration data is for static int8 quantization, not %q", o.Quantize)
+		}
+		if err := checkCalibration(s, o.Calibration); err != nil {
+			return nil, err
+		}
+	}
+	if o.Weights != "" && o.Weights != PerChannel && o.Weights != PerTensor {
+		return nil, fmt.Errorf("kiln: optimize: unknown weight scheme %q (want %s or %s)", o.Weights, PerChannel, PerTensor)
+	}
 	rec := &Record{Source: s.Dir, Options: o, Quantize: o.Quantize}
 	var timed []*core.Module
 	defer func() {
@@ -271,15 +296,28 @@ func Run(ctx context.Context, s *Source, sp *Splits, o Options) (*Result, error)
 	}
 	res := &Result{Record: rec, Spec: spec, Params: net.Params}
 	if o.Quantize != None {
-		q, engine, err := Quantize(s, net, spec, o.Quantize, o.Engine)
+		var q *core.Module
+		var engine string
+		var err error
+		name := o.Quantize
+		if o.Quantize == Int8 && o.Calibration != nil {
+			if engine, err = useEngine(o.Engine); err != nil {
+				return nil, err
+			}
+			q, rec.Static, err = QuantizeStatic(s, net, spec, engine, o.Calibration, o.Weights)
+			rec.Method = "static"
+			name = "int8 static (" + engine + ")"
+		} else {
+			q, engine, err = Quantize(s, net, spec, o.Quantize, o.Engine)
+			if o.Quantize == Int8 {
+				rec.Method = "dynamic"
+				name = "int8 dynamic (" + engine + ")"
+			}
+		}
 		if err != nil {
 			return nil, err
 		}
 		rec.Engine = engine
-		name := o.Quantize
-		if o.Quantize == Int8 {
-			name = "int8 dynamic (" + engine + ")"
-		}
 		if o.Prune > 0 {
 			name = rec.After.Name + " + " + name
 		}
