@@ -172,6 +172,7 @@ func compare(dir, model string, spec nn.Spec, tb *data.Table, threads int) ([]Ro
 		{"unstructured", "pruned 50% unstructured", optimize.Options{Prune: 0.5}},
 		{"structured", fmt.Sprintf("pruned 50%% structured + %d ep", finetune), optimize.Options{Prune: 0.5, Structured: true, FineTuneEpochs: finetune}},
 		{"int8-dynamic", "int8 dynamic", optimize.Options{Quantize: optimize.Int8}},
+		{"int8-static", "int8 static", optimize.Options{Quantize: optimize.Int8, Calibration: calib}},
 		{"fp16", "fp16 weights", optimize.Options{Quantize: optimize.FP16}},
 	}
 	engine, err := optimize.ChooseEngine("")
@@ -258,7 +259,7 @@ func compare(dir, model string, spec nn.Spec, tb *data.Table, threads int) ([]Ro
 		return nil, err
 	}
 	keys := []string{"fp32", "unstructured", "structured", "int8-dynamic", "int8-static", "fp16"}
-	names := map[string]string{"int8-static": "int8 static"}
+	names := map[string]string{}
 	for _, v := range variants {
 		names[v.key] = v.name
 	}

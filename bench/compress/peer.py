@@ -24,7 +24,7 @@ as TorchScript to DIR/torch/<variant>.pt:
                 then prune.remove: zeroed rows, the same dense shapes
   int8-dynamic  torch.ao.quantization.quantize_dynamic({nn.Linear}, qint8)
   int8-static   torch.ao.quantization prepare/convert (QuantStub after the
-                preprocessing, Linear+ReLU and Conv+ReLU fused, the engine's
+                preprocessing, Conv+BN(+ReLU), Conv+ReLU and Linear+ReLU fused, the engine's
                 default qconfig) calibrated on the same rows as Kiln's
   fp16          weights stored as float16, computed in float32: PyTorch
                 1.13 on CPU cannot run a .half() model ("addmm_impl_cpu_"
@@ -189,13 +189,25 @@ def finetune(model, meta, tx, ty, vx, vy):
     return model.eval()
 
 
-def fuse_pairs(model):
+def fuse_groups(model):
+    """The module groups PyTorch's static quantization fuses: Conv+BN+ReLU,
+    Conv+BN, Conv+ReLU, Linear+ReLU (a quantized BatchNorm2d of its own
+    does not even run when scripted in PyTorch 1.13)."""
     names = list(model._modules)
-    pairs = []
-    for a, b in zip(names, names[1:]):
-        if isinstance(model._modules[a], (nn.Linear, nn.Conv2d)) and isinstance(model._modules[b], nn.ReLU):
-            pairs.append([a, b])
-    return pairs
+    kinds = [type(model._modules[n]) for n in names]
+    groups, i = [], 0
+    while i < len(names):
+        k = kinds[i:i + 3]
+        if k[:1] == [nn.Conv2d] and k[1:2] == [nn.BatchNorm2d]:
+            n = 3 if k[2:3] == [nn.ReLU] else 2
+            groups.append(names[i:i + n])
+            i += n
+        elif k[:1] in ([nn.Conv2d], [nn.Linear]) and k[1:2] == [nn.ReLU]:
+            groups.append(names[i:i + 2])
+            i += 2
+        else:
+            i += 1
+    return groups
 
 
 def main(d):
@@ -257,9 +269,9 @@ def main(d):
             mods["quant"] = tq.QuantStub()
     mods["dequant"] = tq.DeQuantStub()
     s = nn.Sequential(mods).eval()
-    pairs = fuse_pairs(s)
-    if pairs:
-        s = tq.fuse_modules(s, pairs)
+    groups = fuse_groups(s)
+    if groups:
+        s = tq.fuse_modules(s, groups)
     s.qconfig = tq.get_default_qconfig(meta["engine"])
     s.pre.qconfig = None
     tq.prepare(s, inplace=True)
