@@ -16,12 +16,12 @@ import (
 )
 
 type optimizeOptions struct {
-	model, data, out, quantize, engine, norm, calibrate string
-	prune                                               float64
-	structured, global, jsonOut                         bool
-	finetune, steps                                     int
-	val, test                                           float64
-	stratify                                            bool
+	model, data, out, quantize, engine, norm, calibrate, weights string
+	prune                                                        float64
+	structured, global, jsonOut                                  bool
+	finetune, steps                                              int
+	val, test                                                    float64
+	stratify                                                     bool
 }
 
 func newOptimizeCmd() *cobra.Command {
@@ -60,6 +60,7 @@ optimization recorded in manifest.json, and prints the report.`,
 	f.StringVar(&o.quantize, "quantize", "", "int8 (dynamic; static with --calibrate), fp16 or bf16 (weight-only)")
 	f.StringVar(&o.engine, "engine", "", "quantized engine for int8 (default: fbgemm, else qnnpack, else onednn)")
 	f.StringVar(&o.calibrate, "calibrate", "", "static int8: calibration data (CSV, Arrow IPC or Parquet with the model's input columns)")
+	f.StringVar(&o.weights, "weights", "", "static int8 weight scales: per-channel or per-tensor (default: the engine's, per-tensor on qnnpack)")
 	f.Float64Var(&o.val, "val", -1, "validation fraction, for packages whose manifest lacks the split")
 	f.Float64Var(&o.test, "test", -1, "test fraction, for packages whose manifest lacks the split")
 	f.BoolVar(&o.stratify, "stratify", false, "the split was stratified (with --val/--test)")
@@ -73,6 +74,9 @@ optimization recorded in manifest.json, and prints the report.`,
 func runOptimize(cmd *cobra.Command, stdout io.Writer, o optimizeOptions) error {
 	if o.calibrate != "" && o.quantize != optimize.Int8 {
 		return fmt.Errorf("kiln: optimize: --calibrate is for static int8: add --quantize int8")
+	}
+	if o.weights != "" && o.calibrate == "" {
+		return fmt.Errorf("kiln: optimize: --weights is for static int8: add --calibrate DATA")
 	}
 	ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -106,7 +110,7 @@ func runOptimize(cmd *cobra.Command, stdout io.Writer, o optimizeOptions) error 
 	res, err := optimize.Run(ctx, src, sp, optimize.Options{
 		Prune: o.prune, Structured: o.structured, Global: o.global, Norm: optimize.Norm(o.norm),
 		Steps: o.steps, FineTuneEpochs: o.finetune, Quantize: o.quantize, Engine: o.engine,
-		Calibration: cal,
+		Calibration: cal, Weights: o.weights,
 	})
 	if err != nil {
 		return err

@@ -102,8 +102,12 @@ func Quantize(src *Source, net *nn.Net, spec nn.Spec, mode, engine string) (*cor
 		if mode != Int8 {
 			want = "linear or conv"
 		}
-		return nil, "", fmt.Errorf("kiln: optimize: nothing to quantize to %s: the network has no %s layers (it has %s)",
-			mode, want, strings.Join(kinds, ", "))
+		hint := ""
+		if mode == Int8 && slices.ContainsFunc(kinds, quantizableStatic) {
+			hint = "; static int8 (with calibration data) quantizes conv layers"
+		}
+		return nil, "", fmt.Errorf("kiln: optimize: nothing to quantize to %s: the network has no %s layers (it has %s)%s",
+			mode, want, strings.Join(kinds, ", "), hint)
 	}
 	h, err := trainer.NewModule(nn.ClassName)
 	if err != nil {

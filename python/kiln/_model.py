@@ -161,7 +161,7 @@ class Model:
         return optimize(self, x, y, {"prune": amount, "structured": structured, "global": global_,
                                      "finetune_epochs": finetune_epochs, "steps": steps})
 
-    def quantize(self, mode: str, x, y, engine: str = "", calibration=None) -> dict:
+    def quantize(self, mode: str, x, y, engine: str = "", calibration=None, weights: str = "") -> dict:
         """Quantizes this trained model in place and returns the record
         with the report (size, parameters, accuracy, latency at batch 1 and
         64, before and after).
@@ -178,10 +178,14 @@ class Model:
         [rows, features], a pandas DataFrame or a pyarrow Table/RecordBatch
         whose columns are the features, in order) that static int8 runs
         through the float model to observe activation ranges; a few
-        hundred representative rows are enough."""
+        hundred representative rows are enough. weights: static int8's
+        weight scales, "per-channel" (more accurate) or "per-tensor"
+        (smaller file); "" takes the engine's default (per-tensor on
+        qnnpack, as PyTorch's default qconfig)."""
         from ._train import optimize
 
-        return optimize(self, x, y, {"quantize": mode, "engine": engine}, calibration=calibration)
+        return optimize(self, x, y, {"quantize": mode, "engine": engine, "weights": weights},
+                        calibration=calibration)
 
     def deploy(self, repository, name: str) -> int:
         """Installs this trained model into a model repository as the next

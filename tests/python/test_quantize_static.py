@@ -123,7 +123,7 @@ def test_cli_prune_then_static_int8(kiln_bin, tmp_path):
     run = subprocess.run(
         [str(kiln_bin), "optimize", "--model", str(pkg), "--data", str(data), "--prune", "0.5", "--structured",
          "--finetune-epochs", "3", "--quantize", "int8", "--calibrate", str(tmp_path / "cal.parquet"),
-         "--out", str(out), "--json"], capture_output=True, text=True)
+         "--weights", "per-channel", "--out", str(out), "--json"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     names = [v["name"] for v in report["variants"]]
@@ -134,6 +134,7 @@ def test_cli_prune_then_static_int8(kiln_bin, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     opt = manifest["optimization"]
     assert opt["method"] == "static" and opt["static"]["calibration_rows"] == 300
+    assert opt["static"]["weights"] == "qint8 symmetric per-channel"
     assert opt["engine"] in torch.backends.quantized.supported_engines
     assert manifest["spec"]["layers"][0]["out"] == 64
 
