@@ -94,6 +94,7 @@ def fit(model, x, y, *, epochs, batch_size, validation_split, optimizer, lr, los
     report = _run_job(h, _progress(epochs, verbose), on_event)
     trained = load(report.get("dir") or out)
     model._h, model.path, model.manifest, model._package = trained._h, out, trained.manifest, out
+    model._fast.clear()
     model._inputs = trained._inputs
     trained._h = None
     if labels is not None:
@@ -154,6 +155,7 @@ def optimize(model, x, y, options):
         _record_labels(new.manifest, out, labels)
     old = model._h
     model._h, model.path, model.manifest, model._package = new._h, out, new.manifest, out
+    model._fast.clear()
     model._inputs = new._inputs
     new._h = None
     if old is not None:
