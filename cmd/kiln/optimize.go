@@ -32,8 +32,8 @@ func newOptimizeCmd() *cobra.Command {
 		Long: `Opens the model package DIR (from kiln train), re-creates its train,
 validation and test splits from the data it was trained on (checked by
 fingerprint), prunes (unstructured magnitude pruning, per layer or --global;
-or --structured: whole Linear neurons removed and a smaller dense network
-rebuilt), fine-tunes after pruning with the package's hyper-parameters, and
+or --structured: whole Linear neurons and conv channels removed and a
+smaller dense network rebuilt), fine-tunes after pruning with the package's hyper-parameters, and
 quantizes (int8: dynamic int8 Linear layers for the chosen quantized engine;
 int8 with --calibrate DATA: static int8 Linear and Conv layers, activation
 ranges observed by running DATA's rows, which hold the model's input
@@ -52,9 +52,9 @@ optimization recorded in manifest.json, and prints the report.`,
 	f.StringVar(&o.data, "data", "", "CSV the model was trained on (required)")
 	f.StringVar(&o.out, "out", "", "directory for the optimized package (required)")
 	f.Float64Var(&o.prune, "prune", 0, "fraction of weights (or neurons with --structured) to remove, in [0, 1)")
-	f.BoolVar(&o.structured, "structured", false, "remove whole Linear neurons and rebuild smaller dense layers")
+	f.BoolVar(&o.structured, "structured", false, "remove whole Linear neurons and conv channels and rebuild smaller dense layers")
 	f.BoolVar(&o.global, "global", false, "rank weights across all layers (unstructured)")
-	f.StringVar(&o.norm, "norm", "l2", "neuron ranking for --structured: l1 or l2")
+	f.StringVar(&o.norm, "norm", "l2", "neuron/filter ranking for --structured: l1 or l2 norm of its weights")
 	f.IntVar(&o.steps, "steps", 1, "prune in this many steps, fine-tuning after each")
 	f.IntVar(&o.finetune, "finetune-epochs", 10, "fine-tuning epochs after each pruning step (0: none)")
 	f.StringVar(&o.quantize, "quantize", "", "int8 (dynamic; static with --calibrate), fp16 or bf16 (weight-only)")

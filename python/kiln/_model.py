@@ -150,7 +150,8 @@ class Model:
         """Prunes this trained model in place: unstructured magnitude pruning
         to `amount` sparsity (per layer, or across layers with global_), or
         with structured=True removes that fraction of each hidden Linear
-        layer's neurons and rebuilds a smaller dense network; then fine-tunes
+        layer's neurons and conv layer's channels and rebuilds a smaller
+        dense network; then fine-tunes
         for finetune_epochs. x and y are the data fit used (its splits are
         re-created). Returns the record with the size/accuracy/latency report."""
         if not 0 <= amount < 1:
