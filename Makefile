@@ -65,6 +65,7 @@ bench: build
 	$(ENV) go run ./bench/cgo
 	$(ENV) go run ./bench/train
 	$(ENV) $(PY) bench/python/bench.py
+	$(ENV) GLOG_minloglevel=2 go run ./bench/compress -cnn
 
 bench-serve: build
 	$(ENV) go run ./bench/serve

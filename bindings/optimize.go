@@ -4,8 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"unsafe"
 
+	"github.com/kilnml/kiln/core/data"
 	"github.com/kilnml/kiln/core/optimize"
+	"github.com/kilnml/kiln/native"
 )
 
 // Optimize prunes and/or quantizes the model package at pkgDir as
@@ -13,9 +16,10 @@ import (
 // splits from the numpy training data it was fitted on (rows×cols float32
 // features at xAddr, rows float32 targets at yAddr: the same values fit
 // saw, checked by fingerprint), and writes the optimized package to
-// outDir. It returns the optimization record (with the size, accuracy and
-// latency report) as JSON.
-func Optimize(pkgDir, optionsJSON string, xAddr uint64, rows, cols int, yAddr uint64, outDir string) (_ string, err error) {
+// outDir. calRows >= 0 gives static int8's calibration rows: calRows×calCols
+// float32 raw model inputs at calAddr (calRows -1: none). It returns the
+// optimization record (with the size, accuracy and latency report) as JSON.
+func Optimize(pkgDir, optionsJSON string, xAddr uint64, rows, cols int, yAddr uint64, calAddr uint64, calRows, calCols int, outDir string) (_ string, err error) {
 	defer guard(&err)
 	var o optimize.Options
 	if err := json.Unmarshal([]byte(optionsJSON), &o); err != nil {
@@ -34,6 +38,11 @@ func Optimize(pkgDir, optionsJSON string, xAddr uint64, rows, cols int, yAddr ui
 	if err != nil {
 		return "", err
 	}
+	if calRows >= 0 {
+		if o.Calibration, err = numpyCalibration(src, calAddr, calRows, calCols); err != nil {
+			return "", err
+		}
+	}
 	res, err := optimize.Run(context.Background(), src, sp, o)
 	if err != nil {
 		return "", err
@@ -44,4 +53,17 @@ func Optimize(pkgDir, optionsJSON string, xAddr uint64, rows, cols int, yAddr ui
 	}
 	b, err := json.Marshal(res.Record)
 	return string(b), err
+}
+
+// numpyCalibration reads rows×cols float32 raw model inputs at addr as a
+// calibration set for src.
+func numpyCalibration(src *optimize.Source, addr uint64, rows, cols int) (*data.Dataset, error) {
+	if rows == 0 {
+		return nil, fmt.Errorf("kiln: optimize: the calibration data is empty (no rows)")
+	}
+	if want := src.Manifest.Preprocessing.NumInputs(); cols != want {
+		return nil, fmt.Errorf("kiln: optimize: the calibration data has %d columns per row, the model takes %d input columns", cols, want)
+	}
+	x := unsafe.Slice((*float32)(native.AddrPointer(uintptr(addr))), rows*cols)
+	return data.NewDataset(append([]float32(nil), x...), cols, make([]float32, rows))
 }

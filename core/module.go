@@ -1,13 +1,16 @@
 package core
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"runtime"
 	"sync"
 
 	"github.com/kilnml/kiln/native"
+	"github.com/kilnml/kiln/native/optimize"
 )
 
 // Arg describes one argument of a module's forward method.
@@ -54,15 +57,51 @@ func newModule(h native.Module, name string) (*Module, error) {
 }
 
 // LoadModule loads a TorchScript archive (as written by torch.jit.save).
+// When the file is the model of a Kiln model package whose manifest.json
+// (next to it) records a quantized engine (int8 packages of
+// core/optimize), the module loads under that engine, so that its int8
+// weights are packed for, and run with, the engine they were quantized
+// for; an engine this libtorch lacks is an error.
 func LoadModule(path string) (*Module, error) {
 	if _, err := os.Stat(path); err != nil {
 		return nil, fmt.Errorf("kiln: load module: %w", err)
 	}
-	h, err := native.LoadModule(path)
-	if err != nil {
+	var h native.Module
+	var err error
+	if engine := packageEngine(path); engine != "" {
+		err = optimize.WithQEngine(engine, func() error {
+			h, err = native.LoadModule(path)
+			return err
+		})
+		if err != nil {
+			return nil, fmt.Errorf("kiln: load module %s (int8 for the %s engine): %w", path, engine, err)
+		}
+	} else if h, err = native.LoadModule(path); err != nil {
 		return nil, fmt.Errorf("kiln: load module %s: %w", path, err)
 	}
 	return newModule(h, path)
+}
+
+// packageEngine returns the quantized engine recorded in the manifest.json
+// next to path ("" when there is none or it records none).
+func packageEngine(path string) string {
+	b, err := os.ReadFile(filepath.Join(filepath.Dir(path), "manifest.json"))
+	if err != nil {
+		return ""
+	}
+	var m struct {
+		Model        string `json:"model"`
+		Optimization *struct {
+			Engine string `json:"engine"`
+		} `json:"optimization"`
+	}
+	if json.Unmarshal(b, &m) != nil || m.Optimization == nil {
+		return ""
+	}
+	if m.Model != "" && m.Model != filepath.Base(path) {
+		return ""
+	}
+	return m.Optimization.Engine
 }
 
 // LoadModuleBytes loads a TorchScript archive held in memory.

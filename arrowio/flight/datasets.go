@@ -243,16 +243,25 @@ func (s *store) put(ctx context.Context, name string, rdr recordSource, durable 
 	if err != nil {
 		return DatasetInfo{}, fmt.Errorf("dataset %q: %w", name, err)
 	}
-	var prog PutProgress
-	sync := func() error {
+	flush := func() error {
 		if err := bw.Flush(); err != nil {
 			return err
 		}
 		return f.Sync()
 	}
+	// Batches are written here and made durable by a syncer goroutine, so
+	// that the next batch is received, checked and written while the
+	// device flushes the previous ones; each fsync covers every batch
+	// written before it started, and only those are acknowledged.
+	sy := startSyncer(f, durable)
+	defer sy.stop()
+	var prog PutProgress
 	for {
 		if err := ctx.Err(); err != nil {
 			return DatasetInfo{}, fmt.Errorf("dataset %q: stream ended after %d batches: %w", name, prog.Batches, err)
+		}
+		if err := sy.failed(); err != nil {
+			return DatasetInfo{}, fmt.Errorf("dataset %q: syncing after batch %d: %w", name, prog.Batches, err)
 		}
 		rec, err := rdr.Read()
 		if err == io.EOF {
@@ -267,20 +276,21 @@ func (s *store) put(ctx context.Context, name string, rdr recordSource, durable 
 		if err := writeRecord(fw, rec); err != nil {
 			return DatasetInfo{}, fmt.Errorf("dataset %q: writing batch %d: %w", name, prog.Batches, err)
 		}
-		if err := sync(); err != nil {
-			return DatasetInfo{}, fmt.Errorf("dataset %q: syncing batch %d: %w", name, prog.Batches, err)
+		if err := bw.Flush(); err != nil {
+			return DatasetInfo{}, fmt.Errorf("dataset %q: writing batch %d: %w", name, prog.Batches, err)
 		}
 		prog.Batches++
 		prog.Rows += rec.NumRows()
 		prog.Bytes = cw.n
-		if durable != nil {
-			durable(prog)
-		}
+		sy.written(prog)
+	}
+	if err := sy.stop(); err != nil {
+		return DatasetInfo{}, fmt.Errorf("dataset %q: syncing: %w", name, err)
 	}
 	if err := fw.Close(); err != nil {
 		return DatasetInfo{}, fmt.Errorf("dataset %q: writing footer: %w", name, err)
 	}
-	if err := sync(); err != nil {
+	if err := flush(); err != nil {
 		return DatasetInfo{}, fmt.Errorf("dataset %q: syncing: %w", name, err)
 	}
 	if err := f.Close(); err != nil {
@@ -302,6 +312,79 @@ func (s *store) put(ctx context.Context, name string, rdr recordSource, durable 
 		return DatasetInfo{}, fmt.Errorf("dataset %q: syncing data directory: %w", name, err)
 	}
 	return DatasetInfo{Name: name, Path: s.path(name), Schema: schema, Rows: prog.Rows, Batches: prog.Batches, Bytes: cw.n}, nil
+}
+
+// syncDepth bounds the batches written but not yet synced.
+const syncDepth = 16
+
+// syncer fsyncs a file in the background: after each fsync it reports, as
+// durable, the progress of the last batch written before the fsync began.
+type syncer struct {
+	f       *os.File
+	durable func(PutProgress)
+	queue   chan PutProgress
+	done    chan struct{}
+	stopped bool
+
+	mu  sync.Mutex
+	err error
+}
+
+func startSyncer(f *os.File, durable func(PutProgress)) *syncer {
+	sy := &syncer{f: f, durable: durable, queue: make(chan PutProgress, syncDepth), done: make(chan struct{})}
+	go sy.run()
+	return sy
+}
+
+func (sy *syncer) run() {
+	defer close(sy.done)
+	for p := range sy.queue {
+		// Everything written so far is covered by one fsync.
+	drain:
+		for {
+			select {
+			case q, ok := <-sy.queue:
+				if !ok {
+					break drain
+				}
+				p = q
+			default:
+				break drain
+			}
+		}
+		if err := sy.f.Sync(); err != nil {
+			sy.mu.Lock()
+			sy.err = err
+			sy.mu.Unlock()
+			for range sy.queue { // let writers finish; acknowledge nothing more
+			}
+			return
+		}
+		if sy.durable != nil {
+			sy.durable(p)
+		}
+	}
+}
+
+// written hands the progress after a fully written batch to the syncer.
+func (sy *syncer) written(p PutProgress) { sy.queue <- p }
+
+// failed returns the error of a failed fsync, if any.
+func (sy *syncer) failed() error {
+	sy.mu.Lock()
+	defer sy.mu.Unlock()
+	return sy.err
+}
+
+// stop waits until every written batch is synced (or an fsync failed) and
+// returns the first fsync error. Later calls return the same.
+func (sy *syncer) stop() error {
+	if !sy.stopped {
+		sy.stopped = true
+		close(sy.queue)
+		<-sy.done
+	}
+	return sy.failed()
 }
 
 // writeRecord writes rec, turning a panic of the IPC encoder on malformed

@@ -46,10 +46,12 @@
 // An input is the column named as the model input, of exactly the input's
 // datatype, holding one value per row: a numeric column for an input with
 // dims [] or [1], a FixedSizeList of numbers for dims [k], or an
-// arrow.fixed_shape_tensor (without permutation) of the input's dims, -1
-// matching any size. For a model without batching (max_batch_size 0) the
-// rows of the batch are the input's first dimension and the column gives
-// the rest. Nulls are refused.
+// arrow.fixed_shape_tensor whose logical shape is the input's dims, -1
+// matching any size. A fixed_shape_tensor with a permutation (as pyarrow
+// writes a non-C-contiguous ndarray) is its logical tensor: its rows are
+// copied once into logical row-major order. For a model without batching
+// (max_batch_size 0) the rows of the batch are the input's first dimension
+// and the column gives the rest. Nulls are refused.
 //
 // Feature stacking: when the model has exactly one input, whose per-row
 // dims are [k] (or [-1]), and the batch has no column of that name, numeric

@@ -59,6 +59,8 @@ type inputSource struct {
 	rowShape []int64    // shape of one row's value
 	rowElems int64      // product of rowShape
 	stacked  bool       // cols are features stacked into one input
+	phys     []int64    // a permuted fixed_shape_tensor's physical row shape
+	perm     []int64    // and its permutation; nil when rows are row-major
 }
 
 // plan maps the columns of an input schema to a model's inputs.
@@ -70,24 +72,66 @@ type plan struct {
 	inputs  []inputSource
 }
 
-// rowType returns the element type and per-row shape of a column type:
-// numeric primitives (shape []), FixedSizeLists of numbers (shape [size]) and
-// fixed_shape_tensor without permutation (its shape).
-func rowType(dt arrow.DataType) (arrow.DataType, []int64, error) {
+// rowType returns the element type and per-row (logical) shape of a column
+// type: numeric primitives (shape []), FixedSizeLists of numbers (shape
+// [size]) and fixed_shape_tensor (its logical shape). For a
+// fixed_shape_tensor with a non-trivial permutation it also returns the
+// physical row shape and the permutation.
+func rowType(dt arrow.DataType) (elem arrow.DataType, shape, phys, perm []int64) {
 	switch t := dt.(type) {
 	case *arrowio.FixedShapeTensorType:
 		if p := t.Permutation(); p != nil {
 			for i, v := range p {
 				if int64(i) != v {
-					return nil, nil, fmt.Errorf("fixed_shape_tensor with permutation %v: send the tensors in row-major (logical) order", p)
+					return t.ValueType(), t.LogicalShape(), t.Shape(), p
 				}
 			}
 		}
-		return t.ValueType(), t.Shape(), nil
+		return t.ValueType(), t.Shape(), nil, nil
 	case *arrow.FixedSizeListType:
-		return t.Elem(), []int64{int64(t.Len())}, nil
+		return t.Elem(), []int64{int64(t.Len())}, nil, nil
 	}
-	return dt, nil, nil
+	return dt, nil, nil, nil
+}
+
+// permuteRows returns rows of permuted tensors in their logical row-major
+// order: row r's physical values src[r*n:(r+1)*n] (n = product of phys, in
+// elements of size bytes) hold a tensor of physical shape phys whose
+// logical dimension i is physical dimension perm[i].
+func permuteRows(src []byte, rows int, phys, perm []int64, size int) []byte {
+	k := len(phys)
+	pstride := make([]int64, k)
+	n := int64(1)
+	for i := k - 1; i >= 0; i-- {
+		pstride[i] = n
+		n *= phys[i]
+	}
+	shape := make([]int64, k)  // logical shape
+	stride := make([]int64, k) // logical dimension's stride in the physical layout
+	for i, p := range perm {
+		shape[i], stride[i] = phys[p], pstride[p]
+	}
+	out := make([]byte, len(src))
+	idx := make([]int64, k)
+	for r := 0; r < rows; r++ {
+		row := src[int64(r)*n*int64(size):]
+		dst := out[int64(r)*n*int64(size):]
+		clear(idx)
+		off := int64(0)
+		for e := int64(0); e < n; e++ {
+			copy(dst[e*int64(size):(e+1)*int64(size)], row[off*int64(size):(off+1)*int64(size)])
+			for d := k - 1; d >= 0; d-- {
+				idx[d]++
+				off += stride[d]
+				if idx[d] < shape[d] {
+					break
+				}
+				off -= stride[d] * shape[d]
+				idx[d] = 0
+			}
+		}
+	}
+	return out
 }
 
 func dtypeOf(dt arrow.DataType) (core.DType, repository.DataType, error) {
@@ -182,10 +226,7 @@ func newPlan(model string, cfg *repository.Config, schema *arrow.Schema) (*plan,
 			return nil, invalidArg("model %q: input column %q appears %d times", model, c.Name, len(idx))
 		case len(idx) == 1:
 			f := schema.Field(idx[0])
-			et, shape, err := rowType(f.Type)
-			if err != nil {
-				return nil, invalidArg("model %q: input column %q: %v", model, c.Name, err)
-			}
+			et, shape, phys, perm := rowType(f.Type)
 			_, v2, err := dtypeOf(et)
 			if err != nil || v2 != c.DataType {
 				return nil, invalidArg("model %q: input column %q has type %s, expected %s (a numeric column, FixedSizeList or fixed_shape_tensor of %s)", model, c.Name, f.Type, want(c), c.DataType)
@@ -196,7 +237,7 @@ func newPlan(model string, cfg *repository.Config, schema *arrow.Schema) (*plan,
 			if !fits(rowDims, shape) {
 				return nil, invalidArg("model %q: input column %q holds %s per row, expected %s", model, c.Name, shapeString(shape), want(c))
 			}
-			src.cols, src.rowShape = idx, shape
+			src.cols, src.rowShape, src.phys, src.perm = idx, shape, phys, perm
 		case len(cfg.Inputs) == 1 && len(rowDims) == 1:
 			// Stack numeric columns as the features of the only input.
 			cols, err := featureColumns(schema, rowDims[0])
@@ -260,14 +301,18 @@ func columnBytes(col arrow.Array, elemSize int, rowElems int64) ([]byte, error) 
 }
 
 // gather returns the values of one input for every row of rec, row-major.
-// A single column is not copied; stacked columns are interleaved into a new
-// buffer.
+// A single column is not copied, unless it is a permuted fixed_shape_tensor,
+// whose rows are copied into their logical order; stacked columns are
+// interleaved into a new buffer.
 func (src *inputSource) gather(rec arrow.RecordBatch) ([]byte, error) {
 	size := src.dt.Size()
 	if !src.stacked {
 		b, err := columnBytes(rec.Column(src.cols[0]), size, src.rowElems)
 		if err != nil {
 			return nil, invalidArg("input column %q: %v", src.name, err)
+		}
+		if src.perm != nil {
+			b = permuteRows(b, int(rec.NumRows()), src.phys, src.perm, size)
 		}
 		return b, nil
 	}

@@ -329,3 +329,86 @@ func TestExchangeErrors(t *testing.T) {
 	_, _, err = e2.exchange(ctx, modelDesc("affine"), good)
 	requireCode(t, err, codes.Unavailable, "no model manager")
 }
+
+func TestExchangePermutedTensor(t *testing.T) {
+	e := start(t, kflight.Options{Models: kflight.ManagerModels(newManager(t))})
+	ctx := ctxT(t)
+	// image takes [2,3] per row. Rows stored physically as [3,2] with
+	// permutation [1,0] are logically [2,3]: logical (i,j) = physical (j,i).
+	const rows = 20
+	logical := make([]float32, rows*6)
+	phys := make([]float32, rows*6)
+	for r := 0; r < rows; r++ {
+		for i := 0; i < 2; i++ {
+			for j := 0; j < 3; j++ {
+				v := float32(r*10 + i*3 + j)
+				logical[r*6+i*3+j] = v
+				phys[r*6+j*2+i] = v
+			}
+		}
+	}
+	permuted := func(shape []int64, perm ...int64) arrow.Array {
+		typ, err := arrowio.NewFixedShapeTensorType(arrow.PrimitiveTypes.Float32, shape, arrowio.Permutation(perm...))
+		require.NoError(t, err)
+		v := float32Array(phys)
+		defer v.Release()
+		a, err := arrowio.NewFixedShapeTensorArray(typ, v)
+		require.NoError(t, err)
+		return a
+	}
+	out, _, err := e.exchange(ctx, modelDesc("image"), record([]string{"x"}, permuted([]int64{3, 2}, 1, 0)))
+	require.NoError(t, err)
+	flat := floats(t, out[0].Column(0))
+	require.Len(t, flat, len(logical))
+	for i := range logical {
+		require.Equal(t, 2*logical[i], flat[i], "value %d", i)
+	}
+	// The same as sending the logical rows row-major.
+	want, _, err := e.exchange(ctx, modelDesc("image"), record([]string{"x"}, tensorColumn(t, logical, 2, 3)))
+	require.NoError(t, err)
+	require.Equal(t, floats(t, want[0].Column(1)), floats(t, out[0].Column(1)))
+
+	// A permutation whose logical shape does not fit is refused by that
+	// shape, and the server keeps serving.
+	_, _, err = e.exchange(ctx, modelDesc("image"), record([]string{"x"}, permuted([]int64{2, 3}, 1, 0)))
+	requireCode(t, err, codes.InvalidArgument, "[3,2]")
+	// An identity permutation is plain row-major.
+	out, _, err = e.exchange(ctx, modelDesc("image"), record([]string{"x"}, permuted([]int64{2, 3}, 0, 1)))
+	require.NoError(t, err)
+	require.Equal(t, 2*phys[5], floats(t, out[0].Column(0))[5])
+}
+
+func TestExchangeCorruptIPC(t *testing.T) {
+	e := start(t, kflight.Options{Models: kflight.ManagerModels(newManager(t))})
+	ctx := ctxT(t)
+	good := record([]string{"x"}, tensorColumn(t, rows4(0, 3), 4))
+	msgs := messages(t, good)
+	cases := map[string][]*flight.FlightData{
+		"garbage header": {msgs[0], {DataHeader: []byte("not a flatbuffer message at all"), DataBody: []byte{1, 2, 3}}},
+		"truncated body": {msgs[0], {DataHeader: msgs[1].DataHeader, DataBody: msgs[1].DataBody[:len(msgs[1].DataBody)/2]}},
+		"garbage schema": {{DataHeader: []byte{0xff, 0xff, 0xff}}},
+	}
+	for name, seq := range cases {
+		t.Run(name, func(t *testing.T) {
+			stream, err := e.client.DoExchange(ctx)
+			require.NoError(t, err)
+			for i, m := range seq {
+				m := &flight.FlightData{DataHeader: m.DataHeader, DataBody: m.DataBody}
+				if i == 0 {
+					m.FlightDescriptor = modelDesc("affine")
+				}
+				if err := stream.Send(m); err != nil {
+					break
+				}
+			}
+			require.NoError(t, stream.CloseSend())
+			for err == nil {
+				_, err = stream.Recv()
+			}
+			requireCode(t, err, codes.InvalidArgument)
+			out, _, err := e.exchange(ctx, modelDesc("affine"), good)
+			require.NoError(t, err)
+			require.EqualValues(t, 3, out[0].NumRows())
+		})
+	}
+}

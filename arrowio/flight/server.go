@@ -143,6 +143,8 @@ func New(opts Options) (*Server, error) {
 		grpc.WriteBufferSize(streamBufferBytes),
 		grpc.InitialWindowSize(streamWindowBytes),
 		grpc.InitialConnWindowSize(2 * streamWindowBytes),
+		// FlightData bodies are copied once, into reused buffers.
+		grpc.ForceServerCodecV2(newFlightCodec()),
 	}
 	tlsCfg := opts.TLSConfig
 	if tlsCfg == nil && (opts.CertFile != "" || opts.KeyFile != "") {
@@ -437,7 +439,7 @@ func (s *Server) DoGet(t *flight.Ticket, stream flight.FlightService_DoGetServer
 // putSource reads a DoPut stream, marking its errors as the client's.
 type putSource struct {
 	ctx context.Context
-	rdr *flight.Reader
+	rdr *putReader
 }
 
 func (p putSource) Schema() *arrow.Schema { return p.rdr.Schema() }
@@ -533,7 +535,7 @@ func (a *acker) finish() error {
 func (s *Server) DoPut(stream flight.FlightService_DoPutServer) (err error) {
 	defer recoverStatus(&err, "DoPut")
 	ctx := stream.Context()
-	rdr, err := flight.NewRecordReader(stream, ipc.WithAllocator(s.mem))
+	rdr, err := newPutReader(stream, s.mem)
 	if err != nil {
 		return statusFromReadErr(ctx, "DoPut: reading the schema", err)
 	}

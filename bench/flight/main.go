@@ -4,13 +4,17 @@
 // same operations against a pyarrow flight.FlightServerBase server
 // (pyserver.py: the same IPC file, fsync per batch and temp-file rename for
 // DoPut; the same TorchScript file run with Python torch for DoExchange),
-// and next to a memcpy of the same bytes, the ceiling. One Go client drives
-// both servers the same way; each figure is the best of -runs runs. DoPut
-// runs twice: into -disk (a real file system, where fsync waits for the
-// device; the raw write+fsync of the same bytes is shown as that device's
-// ceiling) and into -tmpfs (memory, where the protocol is the limit).
+// and next to the ceilings: a memcpy of the same bytes, and the raw
+// write(+fsync) of the same bytes in the same batch sizes into the same
+// directory. DoPut runs into -disk (a real file system, where fsync waits for
+// the device) and into -tmpfs (memory, where the transport and the server's
+// own work are the limit), each driven by two clients: arrow-go in this
+// process (sharing its CPUs with Kiln's server) and pyarrow.flight (Arrow
+// C++, pyclient.py) in its own process. Each figure is the best of -runs
+// runs; -only selects rows, -cpuprofile profiles this process (the Go
+// client and Kiln's server).
 //
-//	go run ./bench/flight [-mb 512] [-batch-mb 4] [-rows 1048576] [-runs 3]
+//	go run ./bench/flight [-mb 512] [-batch-mb 4] [-rows 1048576] [-runs 3] [-only DoPut,tmpfs,kiln]
 package main
 
 import (
@@ -29,6 +33,7 @@ import (
 	"runtime/pprof"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/apache/arrow-go/v18/arrow"
@@ -54,6 +59,7 @@ var (
 	diskDir  = flag.String("disk", os.TempDir(), "directory on a real file system for DoPut")
 	tmpfsDir = flag.String("tmpfs", "/dev/shm", "directory in memory for DoPut (skipped if missing)")
 	cpuProf  = flag.String("cpuprofile", "", "write a CPU profile of the whole run (client and Kiln server) to this file")
+	only     = flag.String("only", "", "run only the rows whose operation and server together contain each of these comma-separated words (e.g. \"DoPut,tmpfs,kiln\")")
 )
 
 func main() {
@@ -95,8 +101,8 @@ func python() string {
 
 // row is one line of the table.
 type row struct {
-	op, server  string
-	mbps, rowsS float64
+	op, client, server string
+	mbps, rowsS        float64
 }
 
 func run() error {
@@ -140,6 +146,7 @@ func run() error {
 	exBytes := float64(*rows) * 16 * 4
 
 	var table []row
+	var cpus []cpuRow
 	for i, tg := range targets {
 		kdir, pdir := filepath.Join(tg.dir, "kiln"), filepath.Join(tg.dir, "py")
 		for _, d := range []string{kdir, pdir} {
@@ -171,31 +178,61 @@ func run() error {
 		if err != nil {
 			return err
 		}
+		op := "DoPut → " + tg.name + " (fsync/batch)"
 		for _, s := range []struct {
 			name string
 			c    flight.Client
-		}{{"kiln", kc}, {"pyarrow", pc}} {
-			d, err := best(func() (time.Duration, error) { return doPut(s.c, putRec, nput) })
-			if err != nil {
-				return fmt.Errorf("%s DoPut: %w", s.name, err)
+			addr string
+		}{{"kiln", kc, ks.Addr().String()}, {"pyarrow", pc, py.addr}} {
+			if want(op, "go", s.name) {
+				d, err := best(func() (time.Duration, error) { return doPut(s.c, putRec, nput) })
+				if err != nil {
+					return fmt.Errorf("%s DoPut: %w", s.name, err)
+				}
+				table = append(table, row{op, "go", s.name, putBytes / d.Seconds() / 1e6, putRows / d.Seconds()})
 			}
-			table = append(table, row{"DoPut → " + tg.name + " (fsync/batch)", s.name, putBytes / d.Seconds() / 1e6, putRows / d.Seconds()})
+			if want(op, "pyarrow", s.name) {
+				srv := selfCPU
+				if s.name == "pyarrow" {
+					srv = py.cpu
+				}
+				su0, ss0 := srv()
+				d, cu, cs, err := pyPut(s.addr, nput)
+				if err != nil {
+					return fmt.Errorf("%s DoPut from pyarrow: %w", s.name, err)
+				}
+				su1, ss1 := srv()
+				table = append(table, row{op, "pyarrow", s.name, putBytes / d.Seconds() / 1e6, putRows / d.Seconds()})
+				gb := putBytes * float64(*runs) / 1e9
+				cpus = append(cpus, cpuRow{tg.name, s.name, (su1 - su0) / gb, (ss1 - ss0) / gb, cu / gb, cs / gb})
+			}
 		}
-		if i == 0 {
-			d, err := best(func() (time.Duration, error) { return rawWrite(kdir, putRec, nput) })
+		for _, c := range []struct {
+			op      string
+			perSync bool
+		}{{"write+fsync per batch → " + tg.name, true}, {"write all, one fsync → " + tg.name, false}} {
+			if !want(c.op, "", "(ceiling)") {
+				continue
+			}
+			d, err := best(func() (time.Duration, error) { return rawWrite(kdir, putRec, nput, c.perSync) })
 			if err != nil {
 				return err
 			}
-			table = append(table, row{"write+fsync same bytes → " + tg.name, "(device ceiling)", putBytes / d.Seconds() / 1e6, putRows / d.Seconds()})
+			table = append(table, row{c.op, "", "(ceiling)", putBytes / d.Seconds() / 1e6, putRows / d.Seconds()})
+		}
+		if i == 0 {
 			for _, s := range []struct {
 				name string
 				c    flight.Client
 			}{{"kiln", kc}, {"pyarrow", pc}} {
+				if !want("DoExchange", "go", s.name) {
+					continue
+				}
 				d, err := best(func() (time.Duration, error) { return doExchange(s.c, exRecs) })
 				if err != nil {
 					return fmt.Errorf("%s DoExchange: %w", s.name, err)
 				}
-				table = append(table, row{"DoExchange mlp 16→16", s.name, exBytes / d.Seconds() / 1e6, float64(*rows) / d.Seconds()})
+				table = append(table, row{"DoExchange mlp 16→16", "go", s.name, exBytes / d.Seconds() / 1e6, float64(*rows) / d.Seconds()})
 			}
 		}
 		kc.Close()
@@ -209,16 +246,38 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	table = append(table, row{"memcpy same bytes", "(ceiling)", putBytes / d.Seconds() / 1e6, putRows / d.Seconds()})
+	table = append(table, row{"memcpy same bytes", "", "(ceiling)", putBytes / d.Seconds() / 1e6, putRows / d.Seconds()})
 
-	fmt.Printf("Arrow Flight on loopback, %d×%d MiB DoPut, %d-row DoExchange in %d-row batches, best of %d, %d CPUs\n\n",
+	fmt.Printf("Arrow Flight on loopback, %d×%d MiB DoPut, %d-row DoExchange in %d-row batches, best of %d, %d CPUs\n",
 		nput, *batchMB, *rows, *exBatch, *runs, runtime.NumCPU())
-	fmt.Printf("%-36s %-17s %10s %14s\n", "operation", "server", "MB/s", "rows/s")
-	fmt.Println(strings.Repeat("-", 80))
+	fmt.Printf("disk = %s, tmpfs = %s; client go = arrow-go in this process (shares its CPUs with Kiln's server), pyarrow = pyarrow.flight (Arrow C++) in its own process\n\n", *diskDir, *tmpfsDir)
+	fmt.Printf("%-36s %-8s %-10s %10s %14s\n", "operation", "client", "server", "MB/s", "rows/s")
+	fmt.Println(strings.Repeat("-", 82))
 	for _, r := range table {
-		fmt.Printf("%-36s %-17s %10.0f %14.0f\n", r.op, r.server, r.mbps, r.rowsS)
+		fmt.Printf("%-36s %-8s %-10s %10.0f %14.0f\n", r.op, r.client, r.server, r.mbps, r.rowsS)
+	}
+	if len(cpus) > 0 {
+		fmt.Printf("\nWhere the CPU goes: CPU seconds per GB of DoPut from the pyarrow client (user / system, over all runs).\n")
+		fmt.Printf("The bound is what %d CPUs allow client and server together: %d / (server + client seconds per GB).\n\n", runtime.NumCPU(), runtime.NumCPU())
+		fmt.Printf("%-8s %-10s %18s %18s %14s\n", "into", "server", "server user/sys", "client user/sys", "bound MB/s")
+		fmt.Println(strings.Repeat("-", 72))
+		for _, c := range cpus {
+			bound := float64(runtime.NumCPU()) / (c.su + c.ss + c.cu + c.cs) * 1e3
+			fmt.Printf("%-8s %-10s %8.2f / %-7.2f %8.2f / %-7.2f %14.0f\n", c.into, c.server, c.su, c.ss, c.cu, c.cs, bound)
+		}
 	}
 	return nil
+}
+
+// want reports whether -only selects the row of operation op from client
+// to server.
+func want(op, client, server string) bool {
+	for _, w := range strings.Split(*only, ",") {
+		if w != "" && !strings.Contains(op+" "+client+" "+server, w) {
+			return false
+		}
+	}
+	return true
 }
 
 func best(f func() (time.Duration, error)) (time.Duration, error) {
@@ -370,8 +429,10 @@ func doExchange(c flight.Client, recs []arrow.RecordBatch) (time.Duration, error
 }
 
 // rawWrite writes the batch's bytes n times to a file in dir, fsync'ing
-// after each, the way a DoPut stores them.
-func rawWrite(dir string, rec arrow.RecordBatch, n int) (time.Duration, error) {
+// after each when perSync (what a server that writes and syncs each batch in
+// turn pays), else once at the end (the device's own write throughput, as
+// dd conv=fdatasync measures it).
+func rawWrite(dir string, rec arrow.RecordBatch, n int, perSync bool) (time.Duration, error) {
 	buf := make([]byte, bodyBytes(rec))
 	for i := range buf {
 		buf[i] = byte(i)
@@ -387,6 +448,13 @@ func rawWrite(dir string, rec arrow.RecordBatch, n int) (time.Duration, error) {
 		if _, err := f.Write(buf); err != nil {
 			return 0, err
 		}
+		if perSync {
+			if err := f.Sync(); err != nil {
+				return 0, err
+			}
+		}
+	}
+	if !perSync {
 		if err := f.Sync(); err != nil {
 			return 0, err
 		}
@@ -408,6 +476,42 @@ func memcpy(size, n int) time.Duration {
 		sink += dst[i%size]
 	}
 	return time.Since(start)
+}
+
+// cpuRow is the CPU time per GB of the DoPuts from the pyarrow client into
+// a server: user and system seconds of the server and of the client.
+type cpuRow struct {
+	into, server   string
+	su, ss, cu, cs float64
+}
+
+// selfCPU returns this process's user and system CPU seconds so far.
+func selfCPU() (float64, float64) {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0, 0
+	}
+	return time.Duration(ru.Utime.Nano()).Seconds(), time.Duration(ru.Stime.Nano()).Seconds()
+}
+
+// pyPut runs pyclient.py: -runs DoPuts of n batches from pyarrow's client
+// to addr. It returns the best time and the client's user and system CPU
+// seconds over all runs.
+func pyPut(addr string, n int) (time.Duration, float64, float64, error) {
+	out, err := exec.Command(python(), filepath.Join(here(), "pyclient.py"), "--addr", addr,
+		"--batches", strconv.Itoa(n), "--batch-mb", strconv.Itoa(*batchMB), "--runs", strconv.Itoa(*runs)).Output()
+	if err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return 0, 0, 0, fmt.Errorf("pyclient.py: %w\n%s", err, ee.Stderr)
+		}
+		return 0, 0, 0, fmt.Errorf("pyclient.py: %w", err)
+	}
+	var secs, user, sys float64
+	if _, err := fmt.Sscan(string(out), &secs, &user, &sys); err != nil {
+		return 0, 0, 0, fmt.Errorf("pyclient.py printed %q: %w", out, err)
+	}
+	return time.Duration(secs * float64(time.Second)), user, sys, nil
 }
 
 // pyServer is a running pyserver.py.
@@ -438,6 +542,26 @@ func startPy(data, model string) (*pyServer, error) {
 		return nil, fmt.Errorf("pyserver.py did not start: %w", err)
 	}
 	return &pyServer{cmd: cmd, stdin: stdin, addr: "127.0.0.1:" + strings.TrimSpace(line)}, nil
+}
+
+// cpu returns the server process's user and system CPU seconds so far,
+// from /proc (zero where there is none).
+func (p *pyServer) cpu() (float64, float64) {
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.cmd.Process.Pid))
+	if err != nil {
+		return 0, 0
+	}
+	// Fields after the parenthesized command name: state is field 3,
+	// utime and stime are fields 14 and 15, in clock ticks (100 per second
+	// on Linux).
+	s := string(raw)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	if len(f) < 13 {
+		return 0, 0
+	}
+	u, _ := strconv.ParseFloat(f[11], 64)
+	st, _ := strconv.ParseFloat(f[12], 64)
+	return u / 100, st / 100
 }
 
 func (p *pyServer) stop() {

@@ -16,26 +16,31 @@ import (
 )
 
 type optimizeOptions struct {
-	model, data, out, quantize, engine, norm, calibrate string
-	prune                                               float64
-	structured, global, jsonOut                         bool
-	finetune, steps                                     int
-	val, test                                           float64
-	stratify                                            bool
+	model, data, out, quantize, engine, norm, calibrate, weights string
+	prune                                                        float64
+	structured, global, jsonOut                                  bool
+	finetune, steps                                              int
+	val, test                                                    float64
+	stratify                                                     bool
 }
 
 func newOptimizeCmd() *cobra.Command {
 	var o optimizeOptions
 	cmd := &cobra.Command{
-		Use:   "optimize --model DIR --data DATA.csv [--prune 0.5 [--structured]] [--quantize int8|fp16|bf16] --out DIR",
+		Use:   "optimize --model DIR --data DATA.csv [--prune 0.5 [--structured]] [--quantize int8|fp16|bf16 [--calibrate DATA] [--engine E]] --out DIR",
 		Short: "Prune and quantize a Kiln model package, measuring size, accuracy and latency",
 		Long: `Opens the model package DIR (from kiln train), re-creates its train,
 validation and test splits from the data it was trained on (checked by
 fingerprint), prunes (unstructured magnitude pruning, per layer or --global;
-or --structured: whole Linear neurons removed and a smaller dense network
-rebuilt), fine-tunes after pruning with the package's hyper-parameters, and
+or --structured: whole Linear neurons and conv channels removed and a
+smaller dense network rebuilt), fine-tunes after pruning with the package's hyper-parameters, and
 quantizes (int8: dynamic int8 Linear layers for the chosen quantized engine;
-fp16, bf16: weight-only). Writes a model package to --out with the
+int8 with --calibrate DATA: static int8 Linear and Conv layers, activation
+ranges observed by running DATA's rows, which hold the model's input
+columns, through the float model; fp16, bf16: weight-only). The engine
+(--engine, else fbgemm, qnnpack or onednn, whichever the linked libtorch
+has first) is recorded in the manifest and selected when Kiln loads the
+package. Writes a model package to --out with the
 optimization recorded in manifest.json, and prints the report.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -47,14 +52,15 @@ optimization recorded in manifest.json, and prints the report.`,
 	f.StringVar(&o.data, "data", "", "CSV the model was trained on (required)")
 	f.StringVar(&o.out, "out", "", "directory for the optimized package (required)")
 	f.Float64Var(&o.prune, "prune", 0, "fraction of weights (or neurons with --structured) to remove, in [0, 1)")
-	f.BoolVar(&o.structured, "structured", false, "remove whole Linear neurons and rebuild smaller dense layers")
+	f.BoolVar(&o.structured, "structured", false, "remove whole Linear neurons and conv channels and rebuild smaller dense layers")
 	f.BoolVar(&o.global, "global", false, "rank weights across all layers (unstructured)")
-	f.StringVar(&o.norm, "norm", "l2", "neuron ranking for --structured: l1 or l2")
+	f.StringVar(&o.norm, "norm", "l2", "neuron/filter ranking for --structured: l1 or l2 norm of its weights")
 	f.IntVar(&o.steps, "steps", 1, "prune in this many steps, fine-tuning after each")
 	f.IntVar(&o.finetune, "finetune-epochs", 10, "fine-tuning epochs after each pruning step (0: none)")
-	f.StringVar(&o.quantize, "quantize", "", "int8 (dynamic), fp16 or bf16 (weight-only)")
+	f.StringVar(&o.quantize, "quantize", "", "int8 (dynamic; static with --calibrate), fp16 or bf16 (weight-only)")
 	f.StringVar(&o.engine, "engine", "", "quantized engine for int8 (default: fbgemm, else qnnpack, else onednn)")
-	f.StringVar(&o.calibrate, "calibrate", "", "calibration data for static int8 (not implemented yet)")
+	f.StringVar(&o.calibrate, "calibrate", "", "static int8: calibration data (CSV, Arrow IPC or Parquet with the model's input columns)")
+	f.StringVar(&o.weights, "weights", "", "static int8 weight scales: per-channel or per-tensor (default: the engine's, per-tensor on qnnpack)")
 	f.Float64Var(&o.val, "val", -1, "validation fraction, for packages whose manifest lacks the split")
 	f.Float64Var(&o.test, "test", -1, "test fraction, for packages whose manifest lacks the split")
 	f.BoolVar(&o.stratify, "stratify", false, "the split was stratified (with --val/--test)")
@@ -66,8 +72,11 @@ optimization recorded in manifest.json, and prints the report.`,
 }
 
 func runOptimize(cmd *cobra.Command, stdout io.Writer, o optimizeOptions) error {
-	if o.calibrate != "" {
-		return fmt.Errorf("kiln: optimize: static int8 with --calibrate is not implemented yet; use --quantize int8 (dynamic)")
+	if o.calibrate != "" && o.quantize != optimize.Int8 {
+		return fmt.Errorf("kiln: optimize: --calibrate is for static int8: add --quantize int8")
+	}
+	if o.weights != "" && o.calibrate == "" {
+		return fmt.Errorf("kiln: optimize: --weights is for static int8: add --calibrate DATA")
 	}
 	ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -88,9 +97,20 @@ func runOptimize(cmd *cobra.Command, stdout io.Writer, o optimizeOptions) error 
 	if err != nil {
 		return err
 	}
+	var cal *data.Dataset
+	if o.calibrate != "" {
+		ct, err := loadTable(o.calibrate)
+		if err != nil {
+			return err
+		}
+		if cal, err = src.Calibration(ct); err != nil {
+			return fmt.Errorf("%w (--calibrate %s)", err, o.calibrate)
+		}
+	}
 	res, err := optimize.Run(ctx, src, sp, optimize.Options{
 		Prune: o.prune, Structured: o.structured, Global: o.global, Norm: optimize.Norm(o.norm),
 		Steps: o.steps, FineTuneEpochs: o.finetune, Quantize: o.quantize, Engine: o.engine,
+		Calibration: cal, Weights: o.weights,
 	})
 	if err != nil {
 		return err

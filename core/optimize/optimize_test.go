@@ -152,6 +152,41 @@ func TestStructuredPruneFineTune(t *testing.T) {
 	assert.Equal(t, "(3, 10)", pyLoad(t, out))
 }
 
+// A digits CNN loses half its conv channels and hidden neurons, becomes a
+// smaller dense network and fine-tunes back.
+func TestStructuredPruneCNN(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "digits-cnn")
+	tb, err := data.ReadCSVFile(filepath.Join(dataDir, "digits.csv"))
+	require.NoError(t, err)
+	job := digitsJob()
+	job.Model = nn.Sequential(
+		nn.Layer{Type: "conv2d", Out: 16, Kernel: 3, Padding: 1}, nn.BatchNorm2d(), nn.ReLU(), nn.MaxPool2d(2),
+		nn.Conv2d(32, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64), nn.ReLU(), nn.Linear(0),
+	).WithInputShape(1, 8, 8)
+	job.Train.Epochs = 12
+	_, err = train.Run(context.Background(), job, tb, "digits.csv", dir, nil)
+	require.NoError(t, err)
+	src, err := optimize.Open(dir)
+	require.NoError(t, err)
+	defer src.Close()
+	sp, err := src.Splits(tb, nil)
+	require.NoError(t, err)
+	res, err := optimize.Run(context.Background(), src, sp, optimize.Options{Prune: 0.5, Structured: true, Norm: optimize.L1, FineTuneEpochs: 8})
+	require.NoError(t, err)
+	defer res.Module.Close()
+	require.NoError(t, res.Record.Report.WriteText(os.Stderr))
+	before, after := res.Record.Before, res.Record.After
+	assert.Equal(t, []int64{8, 16, 32}, []int64{res.Spec.Layers[0].Out, res.Spec.Layers[4].Out, res.Spec.Layers[7].Out})
+	// conv 1→8, bn 8, conv 8→16, linear 16·2·2→32, linear 32→10.
+	assert.Equal(t, int64(8*9+8+2*8+16*8*9+16+64*32+32+32*10+10), after.Params)
+	assert.Less(t, after.FileBytes, before.FileBytes)
+	assert.GreaterOrEqual(t, before.Value, 0.9)
+	assert.GreaterOrEqual(t, after.Value, before.Value-0.03)
+	out := filepath.Join(t.TempDir(), "pruned")
+	require.NoError(t, optimize.SavePackage(out, src, sp, res))
+	assert.Equal(t, "(3, 10)", pyLoad(t, out))
+}
+
 func TestUnstructuredPrune(t *testing.T) {
 	for _, global := range []bool{false, true} {
 		src, _ := open(t)
@@ -201,6 +236,20 @@ func TestErrors(t *testing.T) {
 	assert.ErrorContains(t, err, "nothing to quantize to int8: the network has no linear layers (it has conv2d, flatten)")
 	_, _, err = optimize.PruneStructured(noLin, net, spec, 0.5, optimize.L2)
 	assert.ErrorContains(t, err, "structured pruning needs a linear layer feeding another")
+
+	// Nothing to prune: no linear or conv layer.
+	act := nn.Sequential(nn.ReLU())
+	anet, err := nn.Build(act, 64, 1)
+	require.NoError(t, err)
+	defer anet.Close()
+	_, err = optimize.PruneUnstructured(anet, 0.5, false)
+	assert.ErrorContains(t, err, "the network has no linear or conv layers to prune")
+	_, err = optimize.PruneUnstructured(anet, 0.5, true)
+	assert.ErrorContains(t, err, "the network has no linear or conv layers to prune")
+	_, _, err = optimize.PruneStructured(&optimize.Source{Net: anet, Manifest: train.Manifest{Spec: act}, Prelude: nn.Prelude{Inputs: 64, Features: 64}}, anet, act, 0.5, optimize.L2)
+	assert.ErrorContains(t, err, "structured pruning needs a linear layer feeding another")
+	_, _, err = optimize.PruneStructured(noLin, net, spec, 1, optimize.L2)
+	assert.ErrorContains(t, err, "outside [0, 1)")
 
 	// Layernorm between two linear layers refuses structured pruning.
 	ln := nn.Sequential(nn.Linear(32), nn.LayerNorm(), nn.ReLU(), nn.Linear(10))

@@ -53,6 +53,19 @@ func ChooseEngine(engine string) (string, error) {
 	return have[0], nil
 }
 
+// useEngine chooses engine as ChooseEngine does and selects it for this
+// process, so that weights are packed for it.
+func useEngine(engine string) (string, error) {
+	engine, err := ChooseEngine(engine)
+	if err != nil {
+		return "", err
+	}
+	if err := optimize.SetQEngine(engine); err != nil {
+		return "", fmt.Errorf("kiln: optimize: %w", err)
+	}
+	return engine, nil
+}
+
 // Quantize builds a TorchScript module computing net (whose spec is spec,
 // behind src's prelude) with its layers quantized by mode (Int8, FP16 or
 // BF16); engine (Int8 only) is the quantized engine, "" choosing one. The
@@ -63,11 +76,8 @@ func Quantize(src *Source, net *nn.Net, spec nn.Spec, mode, engine string) (*cor
 	switch mode {
 	case Int8:
 		var err error
-		if engine, err = ChooseEngine(engine); err != nil {
+		if engine, err = useEngine(engine); err != nil {
 			return nil, "", err
-		}
-		if err := optimize.SetQEngine(engine); err != nil {
-			return nil, "", fmt.Errorf("kiln: optimize: %w", err)
 		}
 	case FP16:
 		half = ptr(core.Float16)
@@ -92,8 +102,12 @@ func Quantize(src *Source, net *nn.Net, spec nn.Spec, mode, engine string) (*cor
 		if mode != Int8 {
 			want = "linear or conv"
 		}
-		return nil, "", fmt.Errorf("kiln: optimize: nothing to quantize to %s: the network has no %s layers (it has %s)",
-			mode, want, strings.Join(kinds, ", "))
+		hint := ""
+		if mode == Int8 && slices.ContainsFunc(kinds, quantizableStatic) {
+			hint = "; static int8 (with calibration data) quantizes conv layers"
+		}
+		return nil, "", fmt.Errorf("kiln: optimize: nothing to quantize to %s: the network has no %s layers (it has %s)%s",
+			mode, want, strings.Join(kinds, ", "), hint)
 	}
 	h, err := trainer.NewModule(nn.ClassName)
 	if err != nil {

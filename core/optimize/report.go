@@ -5,8 +5,8 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
-	"sort"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -38,6 +38,9 @@ type Variant struct {
 // Report compares variants of a model.
 type Report struct {
 	Variants []Variant `json:"variants"`
+	// Threads is libtorch's intra-op thread count the latencies were
+	// measured with (the process's, core.SetNumThreads).
+	Threads int `json:"threads,omitempty"`
 }
 
 // WriteText writes the report as an aligned table.
@@ -48,7 +51,14 @@ func (r *Report) WriteText(w io.Writer) error {
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%.1f%%\t%s %.4f\t%.3f\t%.3f\t\n", v.Name, humanBytes(v.FileBytes), v.Params,
 			100*v.Sparsity, v.Metric, v.Value, v.LatencyB1, v.LatencyB64)
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if r.Threads > 0 {
+		_, err := fmt.Fprintf(w, "latency: median forward time, variants timed in alternation, %d intra-op thread(s)\n", r.Threads)
+		return err
+	}
+	return nil
 }
 
 func humanBytes(n int64) string {
@@ -64,6 +74,11 @@ func humanBytes(n int64) string {
 // Measure saves m to a temporary file for its size and measures its test
 // metric on ds and its latency. task and classes say how outputs score.
 func Measure(name string, m *core.Module, params int64, sparsity float64, ds *data.Dataset, task data.Task, classes int) (Variant, error) {
+	return measure(name, m, params, sparsity, ds, task, classes, true)
+}
+
+// measure is Measure, timing the latencies only when timed.
+func measure(name string, m *core.Module, params int64, sparsity float64, ds *data.Dataset, task data.Task, classes int, timed bool) (Variant, error) {
 	v := Variant{Name: name, Params: params, Sparsity: sparsity}
 	dir, err := os.MkdirTemp("", "kiln-measure-")
 	if err != nil {
@@ -88,6 +103,9 @@ func Measure(name string, m *core.Module, params int64, sparsity float64, ds *da
 		v.Metric = "accuracy"
 	}
 	v.Value = met[v.Metric]
+	if !timed {
+		return v, nil
+	}
 	if v.LatencyB1, err = Latency(m, ds, 1); err != nil {
 		return v, err
 	}
@@ -166,9 +184,36 @@ func Score(m *core.Module, ds *data.Dataset, task data.Task, classes int) (train
 }
 
 // Latency returns the median time in milliseconds of m's forward on a
-// batch of `batch` rows of ds (repeated rows when ds has fewer), after a
-// warm-up, over at least 20 runs and about 0.3 s.
+// batch of `batch` rows of ds (Latencies with one module).
 func Latency(m *core.Module, ds *data.Dataset, batch int) (float64, error) {
+	l, err := Latencies([]*core.Module{m}, ds, batch)
+	if err != nil {
+		return 0, err
+	}
+	return l[0], nil
+}
+
+// Timing of Latencies: each module's warm-up, the rounds, and the length
+// of one module's block of calls in a round.
+const (
+	latencyWarmup = 50 * time.Millisecond
+	latencyRounds = 15
+	latencyBlock  = 20 * time.Millisecond
+)
+
+// Latencies returns the median time in milliseconds of each module's
+// forward on the same batch of `batch` rows of ds (its first rows,
+// repeated when ds has fewer). The modules are timed in alternation so
+// that each sees the same conditions (other processes, frequency, cache):
+// after a warm-up of each (at least 10 calls and 50 ms), 15 rounds run
+// every module, in an order rotated each round, for a block of calls of
+// about 20 ms, each call timed alone. The median over all of a module's
+// calls ignores the slow outliers a shared machine produces. Forward runs
+// with the process's intra-op thread count (core.SetNumThreads).
+func Latencies(mods []*core.Module, ds *data.Dataset, batch int) ([]float64, error) {
+	if ds == nil || ds.Len() == 0 {
+		return nil, fmt.Errorf("kiln: optimize: no data to time on")
+	}
 	x := make([]float32, 0, batch*ds.Features)
 	for i := range batch {
 		r := i % ds.Len()
@@ -176,32 +221,54 @@ func Latency(m *core.Module, ds *data.Dataset, batch int) (float64, error) {
 	}
 	t, err := core.NewTensor(x, int64(batch), int64(ds.Features))
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	defer t.Close()
-	run := func() (time.Duration, error) {
+	// One OS thread for the whole measurement: libtorch's per-thread
+	// state (thread pools, caches) stays warm.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	run := func(m *core.Module) (time.Duration, error) {
 		start := time.Now()
 		ys, err := m.Forward(t)
 		d := time.Since(start)
 		core.CloseAll(ys)
 		return d, err
 	}
-	for range 10 {
-		if _, err := run(); err != nil {
-			return 0, err
+	// Warm up, and size each module's block from its warm-up calls.
+	block := make([]int, len(mods))
+	for i, m := range mods {
+		var calls int
+		var spent time.Duration
+		for calls < 10 || spent < latencyWarmup {
+			d, err := run(m)
+			if err != nil {
+				return nil, err
+			}
+			calls++
+			spent += d
+		}
+		block[i] = max(3, int(latencyBlock/(spent/time.Duration(calls))))
+	}
+	times := make([][]time.Duration, len(mods))
+	for r := range latencyRounds {
+		for k := range mods {
+			i := (k + r) % len(mods)
+			for range block[i] {
+				d, err := run(mods[i])
+				if err != nil {
+					return nil, err
+				}
+				times[i] = append(times[i], d)
+			}
 		}
 	}
-	var ds_ []time.Duration
-	begin := time.Now()
-	for len(ds_) < 20 || (time.Since(begin) < 300*time.Millisecond && len(ds_) < 100000) {
-		d, err := run()
-		if err != nil {
-			return 0, err
-		}
-		ds_ = append(ds_, d)
+	out := make([]float64, len(mods))
+	for i, ts := range times {
+		slices.Sort(ts)
+		out[i] = float64(ts[len(ts)/2].Nanoseconds()) / 1e6
 	}
-	sort.Slice(ds_, func(i, j int) bool { return ds_[i] < ds_[j] })
-	return float64(ds_[len(ds_)/2].Nanoseconds()) / 1e6, nil
+	return out, nil
 }
 
 // String is the report as text.

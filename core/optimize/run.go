@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 
 	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/core/data"
 	"github.com/kilnml/kiln/core/nn"
 	"github.com/kilnml/kiln/core/train"
 	"github.com/kilnml/kiln/native/trainer"
@@ -36,6 +37,16 @@ type Options struct {
 	// for Int8 ("" chooses).
 	Quantize string `json:"quantize,omitempty"`
 	Engine   string `json:"engine,omitempty"`
+	// Calibration, with Quantize Int8, makes it static int8: activation
+	// ranges observed on these rows of raw model inputs (see
+	// Source.Calibration); nil keeps int8 dynamic.
+	Calibration *data.Dataset `json:"-"`
+	// Weights is static int8's weight scheme: PerChannel (one scale per
+	// output channel: more accurate), PerTensor (one per layer: smaller
+	// files, by 16 bytes per output channel), or "" for the engine's
+	// default as PyTorch's default qconfigs have it (qnnpack per tensor,
+	// the others per channel).
+	Weights string `json:"weights,omitempty"`
 }
 
 // Record is what an optimization did, kept in the manifest.
@@ -46,6 +57,10 @@ type Record struct {
 	Engine string `json:"engine,omitempty"`
 	// Quantize repeats Options.Quantize (empty: float weights).
 	Quantize string `json:"quantize,omitempty"`
+	// Method is "dynamic" or "static" for int8.
+	Method string `json:"method,omitempty"`
+	// Static holds static int8's calibration and quantization parameters.
+	Static *StaticInfo `json:"static,omitempty"`
 	// FineTune holds each fine-tuning run's result.
 	FineTune []*train.Result `json:"finetune,omitempty"`
 	Before   Variant         `json:"before"`
@@ -98,18 +113,51 @@ func reload(m *core.Module) (*core.Module, error) {
 
 func numClasses(s *Source) int { return len(s.Manifest.Labels) }
 
-// measureModule reloads m and measures it on sp.Test (else sp.Val).
-func measureModule(s *Source, name string, m *core.Module, params int64, sparsity float64, sp *Splits) (Variant, error) {
+// scoreSet is the split variants are measured on: test, else validation.
+func scoreSet(sp *Splits) *data.Dataset {
+	if sp.Test != nil {
+		return sp.Test
+	}
+	return sp.Val
+}
+
+// measureModule reloads m and measures it on sp.Test (else sp.Val), all
+// but latency: the reloaded module (what the server runs) joins *timed,
+// whose modules timeVariants times together at the end of Run.
+func measureModule(s *Source, name string, m *core.Module, params int64, sparsity float64, sp *Splits, timed *[]*core.Module) (Variant, error) {
 	r, err := reload(m)
 	if err != nil {
 		return Variant{}, err
 	}
-	defer r.Close()
-	ds := sp.Test
-	if ds == nil {
-		ds = sp.Val
+	*timed = append(*timed, r)
+	return measure(name, r, params, sparsity, scoreSet(sp), s.Manifest.Task, numClasses(s), false)
+}
+
+// timeVariants sets the latencies of rec's report rows (and Before and
+// After), timing their modules in alternation (Latencies) so that the
+// speed-ups compare like with like.
+func timeVariants(rec *Record, timed []*core.Module, sp *Splits) error {
+	vs := rec.Report.Variants
+	if len(timed) != len(vs) {
+		return fmt.Errorf("kiln: optimize: %d variants but %d modules timed", len(vs), len(timed))
 	}
-	return Measure(name, r, params, sparsity, ds, s.Manifest.Task, numClasses(s))
+	for _, batch := range []int{1, 64} {
+		l, err := Latencies(timed, scoreSet(sp), batch)
+		if err != nil {
+			return err
+		}
+		for i := range vs {
+			if batch == 1 {
+				vs[i].LatencyB1 = l[i]
+			} else {
+				vs[i].LatencyB64 = l[i]
+			}
+		}
+	}
+	rec.Report.Threads = core.NumThreads()
+	rec.Before = vs[0]
+	rec.After = vs[len(vs)-1]
+	return nil
 }
 
 func netSparsity(net *nn.Net, spec nn.Spec) (float64, error) {
@@ -154,12 +202,29 @@ func Run(ctx context.Context, s *Source, sp *Splits, o Options) (*Result, error)
 			return nil, err
 		}
 	}
+	if o.Calibration != nil {
+		if o.Quantize != Int8 {
+			return nil, fmt.Errorf("kiln: optimize: calibration data is for static int8 quantization, not %q", o.Quantize)
+		}
+		if err := checkCalibration(s, o.Calibration); err != nil {
+			return nil, err
+		}
+	}
+	if o.Weights != "" && o.Weights != PerChannel && o.Weights != PerTensor {
+		return nil, fmt.Errorf("kiln: optimize: unknown weight scheme %q (want %s or %s)", o.Weights, PerChannel, PerTensor)
+	}
 	rec := &Record{Source: s.Dir, Options: o, Quantize: o.Quantize}
+	var timed []*core.Module
+	defer func() {
+		for _, m := range timed {
+			m.Close()
+		}
+	}()
 	sparsity, err := netSparsity(s.Net, s.Manifest.Spec)
 	if err != nil {
 		return nil, err
 	}
-	before, err := measureModule(s, "fp32", s.Net.Module, s.Net.Params, sparsity, sp)
+	before, err := measureModule(s, "fp32", s.Net.Module, s.Net.Params, sparsity, sp, &timed)
 	if err != nil {
 		return nil, err
 	}
@@ -222,7 +287,7 @@ func Run(ctx context.Context, s *Source, sp *Splits, o Options) (*Result, error)
 		if o.Structured {
 			name = fmt.Sprintf("pruned %.0f%% structured", 100*o.Prune)
 		}
-		v, err := measureModule(s, name, net.Module, net.Params, sparsity, sp)
+		v, err := measureModule(s, name, net.Module, net.Params, sparsity, sp, &timed)
 		if err != nil {
 			return nil, err
 		}
@@ -231,19 +296,32 @@ func Run(ctx context.Context, s *Source, sp *Splits, o Options) (*Result, error)
 	}
 	res := &Result{Record: rec, Spec: spec, Params: net.Params}
 	if o.Quantize != None {
-		q, engine, err := Quantize(s, net, spec, o.Quantize, o.Engine)
+		var q *core.Module
+		var engine string
+		var err error
+		name := o.Quantize
+		if o.Quantize == Int8 && o.Calibration != nil {
+			if engine, err = useEngine(o.Engine); err != nil {
+				return nil, err
+			}
+			q, rec.Static, err = QuantizeStatic(s, net, spec, engine, o.Calibration, o.Weights)
+			rec.Method = "static"
+			name = "int8 static (" + engine + ")"
+		} else {
+			q, engine, err = Quantize(s, net, spec, o.Quantize, o.Engine)
+			if o.Quantize == Int8 {
+				rec.Method = "dynamic"
+				name = "int8 dynamic (" + engine + ")"
+			}
+		}
 		if err != nil {
 			return nil, err
 		}
 		rec.Engine = engine
-		name := o.Quantize
-		if o.Quantize == Int8 {
-			name = "int8 dynamic (" + engine + ")"
-		}
 		if o.Prune > 0 {
 			name = rec.After.Name + " + " + name
 		}
-		v, err := measureModule(s, name, q, net.Params, sparsity, sp)
+		v, err := measureModule(s, name, q, net.Params, sparsity, sp, &timed)
 		if err != nil {
 			q.Close()
 			return nil, err
@@ -257,6 +335,10 @@ func Run(ctx context.Context, s *Source, sp *Splits, o Options) (*Result, error)
 			return nil, err
 		}
 		res.Module = m
+	}
+	if err := timeVariants(rec, timed, sp); err != nil {
+		res.Module.Close()
+		return nil, err
 	}
 	return res, nil
 }

@@ -1,11 +1,13 @@
 // Package optimize makes trained Kiln networks smaller and faster and
 // measures what it cost: magnitude pruning (unstructured, per layer or
-// global), structured pruning that removes whole Linear neurons and
-// rebuilds a smaller dense network, fine-tuning with core/train, and
+// global), structured pruning that removes whole Linear neurons and conv
+// channels and rebuilds a smaller dense network, fine-tuning with core/train, and
 // quantization (dynamic int8 Linear layers through libtorch's quantized
-// engines; weight-only fp16 and bf16). Results are ordinary Kiln model
-// packages with a manifest recording what was done, and a Report of size,
-// parameters, sparsity, metric and latency for each variant.
+// engines; static int8 Linear and Conv layers calibrated on sample rows,
+// see QuantizeStatic; weight-only fp16 and bf16). Results are ordinary
+// Kiln model packages with a manifest recording what was done, and a
+// Report of size, parameters, sparsity, metric and latency for each
+// variant.
 package optimize
 
 import (

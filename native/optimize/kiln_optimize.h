@@ -50,6 +50,24 @@ kiln_error kiln_opt_add_linear_int8(kiln_module* m, const char* name,
                                     const kiln_tensor* weight,
                                     const kiln_tensor* bias, double* scale);
 
+/* Quantizes weight (float) of a linear ([out, in]), conv1d ([out, in, k])
+ * or conv2d ([out, in, kh, kw]) layer (kind "linear", "conv1d" or
+ * "conv2d") to symmetric qint8 (zero point 0, scale max|w|/127.5 as
+ * PyTorch's symmetric weight observers compute it), per output channel
+ * when per_channel is nonzero, else per tensor; packs it with bias (may be
+ * NULL) for the current quantized engine (quantized::linear_prepack,
+ * conv1d_prepack, conv2d_prepack with the given stride and padding,
+ * dilation 1, groups 1) and registers the packed parameters as attribute
+ * `name` of m, for static int8 forwards (quantized::linear,
+ * quantized::conv2d, ...). *weight_bytes receives the int8 weight's
+ * element count. */
+kiln_error kiln_opt_add_packed_int8(kiln_module* m, const char* name,
+                                    const char* kind,
+                                    const kiln_tensor* weight,
+                                    const kiln_tensor* bias, int per_channel,
+                                    int64_t stride, int64_t padding,
+                                    int64_t* weight_bytes);
+
 /* Compiles TorchScript methods into m's class, like kiln_nn_define, with
  * the quantized operators in scope as `quantized` (e.g.
  * quantized.linear_dynamic(x, self.l0_packed)). */

@@ -194,6 +194,92 @@ kiln_error kiln_opt_add_linear_int8(kiln_module* m, const char* name,
   KILN_GUARD_END
 }
 
+kiln_error kiln_opt_add_packed_int8(kiln_module* m, const char* name,
+                                    const char* kind,
+                                    const kiln_tensor* weight,
+                                    const kiln_tensor* bias, int per_channel,
+                                    int64_t stride, int64_t padding,
+                                    int64_t* weight_bytes) {
+  KILN_CHECK_ARG(m != nullptr && name != nullptr && kind != nullptr && weight != nullptr &&
+                     weight_bytes != nullptr,
+                 "NULL argument");
+  KILN_GUARD_BEGIN
+  kiln::sync_threads();
+  at::NoGradGuard ng;
+  const std::string k(kind);
+  int64_t want_dim;
+  const char* prepack;
+  if (k == "linear") {
+    want_dim = 2;
+    prepack = "quantized::linear_prepack";
+  } else if (k == "conv1d") {
+    want_dim = 3;
+    prepack = "quantized::conv1d_prepack";
+  } else if (k == "conv2d") {
+    want_dim = 4;
+    prepack = "quantized::conv2d_prepack";
+  } else {
+    return kiln::make_error("int8 layer " + std::string(name) + ": unknown kind \"" + k +
+                            "\" (want linear, conv1d or conv2d)");
+  }
+  at::Tensor w = weight->t.detach().to(at::kFloat).contiguous();
+  if (w.dim() != want_dim) {
+    return kiln::make_error("int8 " + k + " " + name + ": weight has shape " +
+                            shape_str(w.sizes()) + ", want " + std::to_string(want_dim) +
+                            " dimensions");
+  }
+  if (at::globalContext().qEngine() == at::QEngine::NoQEngine) {
+    return kiln::make_error("no quantized engine selected (this libtorch supports: " +
+                            supported_list() + ")");
+  }
+  if (k != "linear" && (stride <= 0 || padding < 0)) {
+    return kiln::make_error("int8 " + k + " " + name + ": stride " + std::to_string(stride) +
+                            ", padding " + std::to_string(padding));
+  }
+  at::Tensor q;
+  if (per_channel) {
+    // max |w| over everything but the output channel.
+    at::Tensor amax = w.abs().reshape({w.size(0), -1}).amax(1).to(at::kDouble);
+    at::Tensor scales = at::where(amax > 0, amax / 127.5, at::ones_like(amax));
+    at::Tensor zps = at::zeros({w.size(0)}, at::kLong);
+    q = at::quantize_per_channel(w, scales, zps, 0, at::kQInt8);
+  } else {
+    double amax = w.abs().max().item<double>();
+    q = at::quantize_per_tensor(w, amax > 0 ? amax / 127.5 : 1.0, 0, at::kQInt8);
+  }
+  c10::optional<at::Tensor> b;
+  if (bias != nullptr) {
+    at::Tensor bt = bias->t.detach().to(at::kFloat).contiguous();
+    if (bt.dim() != 1 || bt.size(0) != w.size(0)) {
+      return kiln::make_error("int8 " + k + " " + name + ": bias has shape " +
+                              shape_str(bt.sizes()) + ", want [" + std::to_string(w.size(0)) +
+                              "]");
+    }
+    b = bt;
+  }
+  const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(prepack, "");
+  torch::jit::Stack stack{c10::IValue(q), c10::IValue(b)};
+  if (k != "linear") {
+    const int64_t nd = want_dim - 2;
+    stack.emplace_back(std::vector<int64_t>(nd, stride));
+    stack.emplace_back(std::vector<int64_t>(nd, padding));
+    stack.emplace_back(std::vector<int64_t>(nd, 1));
+    stack.emplace_back(int64_t{1});
+  }
+  op.callBoxed(&stack);
+  if (stack.size() != 1) {
+    return kiln::make_error(std::string(prepack) + " returned " + std::to_string(stack.size()) +
+                            " values, want 1");
+  }
+  c10::IValue packed = stack[0];
+  if (!packed.isObject() && !packed.isCustomClass()) {
+    return kiln::make_error(std::string(prepack) + " returned a " + packed.tagKind());
+  }
+  m->m.register_attribute(name, packed.type(), packed);
+  *weight_bytes = w.numel();
+  KILN_GUARD_END
+}
+
 kiln_error kiln_opt_define(kiln_module* m, const char* source) {
   KILN_CHECK_ARG(m != nullptr && source != nullptr, "NULL argument");
   KILN_GUARD_BEGIN

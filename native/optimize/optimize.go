@@ -15,6 +15,7 @@ import "C"
 import (
 	"errors"
 	"strings"
+	"sync"
 	"unsafe"
 
 	"github.com/kilnml/kiln/native"
@@ -63,6 +64,30 @@ func SetQEngine(engine string) error {
 	return takeErr(C.kiln_opt_set_qengine(cs))
 }
 
+// engineMu serializes WithQEngine's switches of the process-wide engine.
+var engineMu sync.Mutex
+
+// WithQEngine runs f with the process-wide quantized engine set to engine
+// and restores the previous one afterwards. Loading a module whose int8
+// weights were packed for an engine must happen under it: libtorch
+// re-packs the weights on load for the current engine, while the packed
+// weights, once loaded, run with the engine they were packed for.
+func WithQEngine(engine string, f func() error) error {
+	engineMu.Lock()
+	defer engineMu.Unlock()
+	prev, err := QEngine()
+	if err != nil {
+		return err
+	}
+	if prev != engine {
+		if err := SetQEngine(engine); err != nil {
+			return err
+		}
+		defer SetQEngine(prev)
+	}
+	return f()
+}
+
 // Get returns a copy of m's tensor attribute name; the caller owns it.
 func Get(m native.Module, name string) (native.Tensor, error) {
 	cs := C.CString(name)
@@ -91,6 +116,25 @@ func AddLinearInt8(m native.Module, name string, weight, bias native.Tensor) (fl
 	var scale C.double
 	err := takeErr(C.kiln_opt_add_linear_int8(mod(m), cs, ten(weight), ten(bias), &scale))
 	return float64(scale), err
+}
+
+// AddPackedInt8 quantizes a linear, conv1d or conv2d weight (kind) to
+// symmetric qint8, per output channel or per tensor, packs it with bias
+// (the zero Tensor: none) and the conv's stride and padding for the
+// current quantized engine, and registers the packed parameters as m's
+// attribute name. It returns the weight's element count.
+func AddPackedInt8(m native.Module, name, kind string, weight, bias native.Tensor, perChannel bool, stride, padding int64) (int64, error) {
+	cs := C.CString(name)
+	defer C.free(unsafe.Pointer(cs))
+	ck := C.CString(kind)
+	defer C.free(unsafe.Pointer(ck))
+	pc := C.int(0)
+	if perChannel {
+		pc = 1
+	}
+	var n C.int64_t
+	err := takeErr(C.kiln_opt_add_packed_int8(mod(m), cs, ck, ten(weight), ten(bias), pc, C.int64_t(stride), C.int64_t(padding), &n))
+	return int64(n), err
 }
 
 // Define compiles TorchScript methods into m's class with the quantized

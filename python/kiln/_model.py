@@ -150,7 +150,8 @@ class Model:
         """Prunes this trained model in place: unstructured magnitude pruning
         to `amount` sparsity (per layer, or across layers with global_), or
         with structured=True removes that fraction of each hidden Linear
-        layer's neurons and rebuilds a smaller dense network; then fine-tunes
+        layer's neurons and conv layer's channels and rebuilds a smaller
+        dense network; then fine-tunes
         for finetune_epochs. x and y are the data fit used (its splits are
         re-created). Returns the record with the size/accuracy/latency report."""
         if not 0 <= amount < 1:
@@ -160,13 +161,31 @@ class Model:
         return optimize(self, x, y, {"prune": amount, "structured": structured, "global": global_,
                                      "finetune_epochs": finetune_epochs, "steps": steps})
 
-    def quantize(self, mode: str, x, y, engine: str = "") -> dict:
-        """Quantizes this trained model in place: "int8" (dynamic int8
-        Linear layers on the linked libtorch's quantized engine), "fp16" or
-        "bf16" (weight-only). Returns the record with the report."""
+    def quantize(self, mode: str, x, y, engine: str = "", calibration=None, weights: str = "") -> dict:
+        """Quantizes this trained model in place and returns the record
+        with the report (size, parameters, accuracy, latency at batch 1 and
+        64, before and after).
+
+        mode: "int8" (dynamic int8 Linear layers; static int8 Linear and
+        Conv layers when `calibration` is given), "fp16" or "bf16"
+        (weight-only). x, y: the data the model was fitted on (its splits
+        are re-created to measure accuracy). engine: the quantized engine
+        ("qnnpack", "onednn", "fbgemm", "x86"; "" picks the first of
+        fbgemm, qnnpack, onednn that the linked libtorch has); it is
+        recorded in the package's manifest and selected when Kiln loads it
+        (set torch.backends.quantized.engine to it before torch.jit.load).
+        calibration: rows of raw model inputs (a numpy array of shape
+        [rows, features], a pandas DataFrame or a pyarrow Table/RecordBatch
+        whose columns are the features, in order) that static int8 runs
+        through the float model to observe activation ranges; a few
+        hundred representative rows are enough. weights: static int8's
+        weight scales, "per-channel" (more accurate) or "per-tensor"
+        (smaller file); "" takes the engine's default (per-tensor on
+        qnnpack, as PyTorch's default qconfig)."""
         from ._train import optimize
 
-        return optimize(self, x, y, {"quantize": mode, "engine": engine})
+        return optimize(self, x, y, {"quantize": mode, "engine": engine, "weights": weights},
+                        calibration=calibration)
 
     def deploy(self, repository, name: str) -> int:
         """Installs this trained model into a model repository as the next

@@ -136,18 +136,43 @@ def _encode_like_fit(model, x, y):
     return x, np.ascontiguousarray(y, dtype=np.float32)
 
 
-def optimize(model, x, y, options):
+def _calibration_array(data):
+    """Calibration rows as a C-contiguous float32 [rows, features] array:
+    numpy (or array-like), pandas DataFrame or pyarrow Table/RecordBatch
+    (columns stacked in order)."""
+    from ._model import _is_arrow, _is_pandas
+
+    if _is_pandas(data):
+        data = data.to_numpy(dtype=np.float32)
+    elif _is_arrow(data):
+        cols = [c.to_numpy(zero_copy_only=False) if hasattr(c, "to_numpy") else np.asarray(c) for c in data.columns]
+        data = np.column_stack(cols) if cols else np.zeros((data.num_rows, 0))
+    try:
+        a = np.asarray(data, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"calibration data must be numeric rows of features: {e}") from None
+    if a.ndim != 2:
+        raise ValueError(f"calibration data must be 2-D [rows, features], got shape {a.shape}")
+    return np.ascontiguousarray(a)
+
+
+def optimize(model, x, y, options, calibration=None):
     from ._model import load
 
     if model._package is None:
         raise KilnError("only a model trained by fit (or loaded from a package) can be optimized")
     x, y = _encode_like_fit(model, x, y)
+    cal_addr, cal_rows, cal_cols = 0, -1, 0
+    if calibration is not None:
+        cal = _calibration_array(calibration)
+        cal_addr, (cal_rows, cal_cols) = cal.ctypes.data, cal.shape
     out = tempfile.mkdtemp(prefix="kiln-optimized-")
     try:
         record = json.loads(_b.Optimize(model._package, json.dumps(options), x.ctypes.data, x.shape[0], x.shape[1],
-                                        y.ctypes.data, out))
+                                        y.ctypes.data, cal_addr, cal_rows, cal_cols, out))
     except RuntimeError as e:
-        raise translate(e, ValueError if "outside" in str(e) else KilnError) from None
+        bad_input = "outside" in str(e) or "calibration" in str(e)
+        raise translate(e, ValueError if bad_input else KilnError) from None
     labels = model.classes_
     new = load(out)
     if labels is not None:

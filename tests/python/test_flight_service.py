@@ -199,6 +199,18 @@ def test_exchange_matches_grpc(client, server):
     assert count >= 600
 
 
+def test_exchange_permuted_tensor(client):
+    # A non-C-contiguous ndarray: pyarrow stores its rows physically as
+    # [3, 2] with permutation [1, 0]; the model sees the logical [2, 3] rows.
+    x = np.arange(40 * 3 * 2, dtype=np.float32).reshape(40, 3, 2).transpose(0, 2, 1)
+    col = pa.FixedShapeTensorArray.from_numpy_ndarray(x)
+    assert col.type.permutation == [1, 0] and col.type.shape == [3, 2]
+    out = exchange(client, model("image"), pa.table({"x": col}), chunk=16)
+    flat = out.column("flat").combine_chunks().to_numpy_ndarray()
+    np.testing.assert_array_equal(flat, 2 * x.reshape(40, 6))
+    np.testing.assert_allclose(out.column("mean").to_numpy(), x.reshape(40, 6).mean(axis=1), rtol=1e-6)
+
+
 def test_exchange_stacked_columns_and_version(client):
     x = affine_input(50, seed=2)
     cols = {"f%d" % j: x[:, j] for j in range(4)}

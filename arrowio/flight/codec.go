@@ -1,0 +1,266 @@
+package flight
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math/bits"
+	"sync"
+
+	"github.com/apache/arrow-go/v18/arrow/flight"
+	"github.com/apache/arrow-go/v18/arrow/ipc"
+	"github.com/apache/arrow-go/v18/arrow/memory"
+	"google.golang.org/grpc/encoding"
+	"google.golang.org/grpc/encoding/proto"
+	"google.golang.org/grpc/mem"
+	"google.golang.org/protobuf/encoding/protowire"
+	gproto "google.golang.org/protobuf/proto"
+)
+
+// FlightData field numbers (Flight.proto).
+const (
+	fdDescriptor  = 1
+	fdDataHeader  = 2
+	fdAppMetadata = 3
+	fdDataBody    = 1000
+)
+
+// flightCodec is the Flight server's gRPC codec. It decodes FlightData
+// itself, copying the record batch body once, straight from the buffers
+// gRPC received it in into a pooled buffer (see bodyPool), where the
+// protobuf codec would first gather the whole message into one buffer and
+// then copy the body out of it into a freshly zeroed one. Every other
+// message, and every message it sends, goes through the protobuf codec.
+type flightCodec struct{ proto encoding.CodecV2 }
+
+func newFlightCodec() flightCodec { return flightCodec{proto: encoding.GetCodecV2(proto.Name)} }
+
+func (c flightCodec) Name() string { return proto.Name }
+
+func (c flightCodec) Marshal(v any) (mem.BufferSlice, error) { return c.proto.Marshal(v) }
+
+func (c flightCodec) Unmarshal(data mem.BufferSlice, v any) error {
+	fd, ok := v.(*flight.FlightData)
+	if !ok {
+		return c.proto.Unmarshal(data, v)
+	}
+	r := data.Reader()
+	defer r.Close()
+	if err := unmarshalFlightData(r, fd); err != nil {
+		return fmt.Errorf("decoding FlightData: %w", err)
+	}
+	return nil
+}
+
+var errTruncated = errors.New("truncated message")
+
+// unmarshalFlightData decodes the protobuf wire format of a FlightData
+// message from r, as proto.Unmarshal would: fields may come in any order,
+// the last of a repeated field wins, unknown fields are skipped.
+func unmarshalFlightData(r *mem.Reader, fd *flight.FlightData) error {
+	gproto.Reset(fd)
+	readBytes := func(n uint64) ([]byte, error) {
+		b := make([]byte, n)
+		if _, err := io.ReadFull(r, b); err != nil {
+			return nil, errTruncated
+		}
+		return b, nil
+	}
+	for r.Remaining() > 0 {
+		tag, err := binary.ReadUvarint(r)
+		if err != nil {
+			return errTruncated
+		}
+		num, typ := protowire.Number(tag>>3), protowire.Type(tag&7)
+		if !num.IsValid() {
+			return fmt.Errorf("invalid field number %d", num)
+		}
+		switch typ {
+		case protowire.VarintType:
+			if _, err := binary.ReadUvarint(r); err != nil {
+				return errTruncated
+			}
+			continue
+		case protowire.Fixed32Type, protowire.Fixed64Type:
+			n := 4
+			if typ == protowire.Fixed64Type {
+				n = 8
+			}
+			if d, _ := r.Discard(n); d != n {
+				return errTruncated
+			}
+			continue
+		case protowire.BytesType:
+		default:
+			return fmt.Errorf("field %d has unsupported wire type %d", num, typ)
+		}
+		n, err := binary.ReadUvarint(r)
+		if err != nil {
+			return errTruncated
+		}
+		if n > uint64(r.Remaining()) {
+			return errTruncated
+		}
+		switch num {
+		case fdDescriptor:
+			b, err := readBytes(n)
+			if err != nil {
+				return err
+			}
+			d := new(flight.FlightDescriptor)
+			if err := gproto.Unmarshal(b, d); err != nil {
+				return fmt.Errorf("flight_descriptor: %w", err)
+			}
+			fd.FlightDescriptor = d
+		case fdDataHeader:
+			if fd.DataHeader, err = readBytes(n); err != nil {
+				return err
+			}
+		case fdAppMetadata:
+			if fd.AppMetadata, err = readBytes(n); err != nil {
+				return err
+			}
+		case fdDataBody:
+			b := bodyPool.get(int(n))
+			if _, err := io.ReadFull(r, b); err != nil {
+				return errTruncated
+			}
+			fd.DataBody = b
+		default:
+			if d, _ := r.Discard(int(n)); uint64(d) != n {
+				return errTruncated
+			}
+		}
+	}
+	return nil
+}
+
+// minPooledBody is the smallest body kept in bodyPool; smaller ones are
+// ordinary allocations.
+const minPooledBody = 64 << 10
+
+// sizedPools recycles record batch bodies by power-of-two capacity, so that
+// a long DoPut stream reuses a few buffers instead of allocating (and
+// zeroing) a new one per batch. A body not given back is collected by the
+// garbage collector like any slice.
+type sizedPools struct{ pools [48]sync.Pool }
+
+var bodyPool sizedPools
+
+func poolClass(n int) int { return bits.Len(uint(n - 1)) }
+
+// get returns a slice of length n; its contents are arbitrary.
+func (p *sizedPools) get(n int) []byte {
+	if n < minPooledBody {
+		return make([]byte, n)
+	}
+	c := poolClass(n)
+	if b, ok := p.pools[c].Get().(*[]byte); ok {
+		return (*b)[:n]
+	}
+	return make([]byte, n, 1<<c)
+}
+
+// put gives b back for reuse; nothing may use it afterwards.
+func (p *sizedPools) put(b []byte) {
+	c := cap(b)
+	if c < minPooledBody || c&(c-1) != 0 {
+		return // not one of ours
+	}
+	b = b[:c]
+	p.pools[poolClass(c)].Put(&b)
+}
+
+// poolAllocator frees the bodies of bodyPool back to it; it allocates like
+// bodyPool too, but only Free is used (see pooledMessageReader).
+type poolAllocator struct{}
+
+func (poolAllocator) Allocate(n int) []byte { return bodyPool.get(n) }
+
+func (poolAllocator) Reallocate(n int, b []byte) []byte {
+	if n <= cap(b) {
+		return b[:n]
+	}
+	nb := bodyPool.get(n)
+	copy(nb, b)
+	bodyPool.put(b)
+	return nb
+}
+
+func (poolAllocator) Free(b []byte) { bodyPool.put(b) }
+
+// pooledMessageReader reads the IPC messages of a DoPut stream like
+// flight.NewRecordReader's, but hands each body back to bodyPool once the
+// last Arrow buffer slicing it is released, so batches that are dropped
+// after use (as DoPut drops them once written) recycle their memory.
+type pooledMessageReader struct {
+	stream   flight.FlightService_DoPutServer
+	msg      *ipc.Message
+	descr    *flight.FlightDescriptor
+	refCount int64
+}
+
+func (d *pooledMessageReader) Message() (*ipc.Message, error) {
+	if d.msg != nil {
+		d.msg.Release()
+		d.msg = nil
+	}
+	var fd *flight.FlightData
+	for {
+		var err error
+		if fd, err = d.stream.Recv(); err != nil {
+			return nil, err
+		}
+		if fd.FlightDescriptor != nil {
+			d.descr = fd.FlightDescriptor
+		}
+		if len(fd.DataHeader) > 0 {
+			break
+		}
+		// A message of only a descriptor or app_metadata carries no
+		// IPC message (as Flight's own readers treat it).
+		bodyPool.put(fd.DataBody)
+	}
+	body := memory.NewBufferWithAllocator(fd.DataBody, poolAllocator{})
+	d.msg = ipc.NewMessage(memory.NewBufferBytes(fd.DataHeader), body)
+	body.Release() // the message holds it now
+	return d.msg, nil
+}
+
+func (d *pooledMessageReader) Retain() { d.refCount++ }
+
+func (d *pooledMessageReader) Release() {
+	if d.refCount--; d.refCount == 0 && d.msg != nil {
+		d.msg.Release()
+		d.msg = nil
+	}
+}
+
+// putReader reads the record batches of a DoPut stream.
+type putReader struct {
+	*ipc.Reader
+	mr *pooledMessageReader
+}
+
+// newPutReader reads a DoPut stream's schema; the batches it returns are
+// valid until the next Read.
+func newPutReader(stream flight.FlightService_DoPutServer, mem memory.Allocator) (*putReader, error) {
+	// One reference for the putReader, one for the ipc.Reader.
+	mr := &pooledMessageReader{stream: stream, refCount: 2}
+	rdr, err := ipc.NewReaderFromMessageReader(mr, ipc.WithAllocator(mem))
+	if err != nil {
+		mr.Release()
+		return nil, err
+	}
+	return &putReader{Reader: rdr, mr: mr}, nil
+}
+
+// LatestFlightDescriptor returns the last descriptor the stream carried.
+func (p *putReader) LatestFlightDescriptor() *flight.FlightDescriptor { return p.mr.descr }
+
+// Release releases the reader and its last message.
+func (p *putReader) Release() {
+	p.Reader.Release()
+	p.mr.Release()
+}
