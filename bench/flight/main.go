@@ -33,6 +33,7 @@ import (
 	"runtime/pprof"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/apache/arrow-go/v18/arrow"
@@ -145,6 +146,7 @@ func run() error {
 	exBytes := float64(*rows) * 16 * 4
 
 	var table []row
+	var cpus []cpuRow
 	for i, tg := range targets {
 		kdir, pdir := filepath.Join(tg.dir, "kiln"), filepath.Join(tg.dir, "py")
 		for _, d := range []string{kdir, pdir} {
@@ -190,11 +192,19 @@ func run() error {
 				table = append(table, row{op, "go", s.name, putBytes / d.Seconds() / 1e6, putRows / d.Seconds()})
 			}
 			if want(op, "pyarrow", s.name) {
-				d, err := pyPut(s.addr, nput)
+				srv := selfCPU
+				if s.name == "pyarrow" {
+					srv = py.cpu
+				}
+				su0, ss0 := srv()
+				d, cu, cs, err := pyPut(s.addr, nput)
 				if err != nil {
 					return fmt.Errorf("%s DoPut from pyarrow: %w", s.name, err)
 				}
+				su1, ss1 := srv()
 				table = append(table, row{op, "pyarrow", s.name, putBytes / d.Seconds() / 1e6, putRows / d.Seconds()})
+				gb := putBytes * float64(*runs) / 1e9
+				cpus = append(cpus, cpuRow{tg.name, s.name, (su1 - su0) / gb, (ss1 - ss0) / gb, cu / gb, cs / gb})
 			}
 		}
 		for _, c := range []struct {
@@ -245,6 +255,16 @@ func run() error {
 	fmt.Println(strings.Repeat("-", 82))
 	for _, r := range table {
 		fmt.Printf("%-36s %-8s %-10s %10.0f %14.0f\n", r.op, r.client, r.server, r.mbps, r.rowsS)
+	}
+	if len(cpus) > 0 {
+		fmt.Printf("\nWhere the CPU goes: CPU seconds per GB of DoPut from the pyarrow client (user / system, over all runs).\n")
+		fmt.Printf("The bound is what %d CPUs allow client and server together: %d / (server + client seconds per GB).\n\n", runtime.NumCPU(), runtime.NumCPU())
+		fmt.Printf("%-8s %-10s %18s %18s %14s\n", "into", "server", "server user/sys", "client user/sys", "bound MB/s")
+		fmt.Println(strings.Repeat("-", 72))
+		for _, c := range cpus {
+			bound := float64(runtime.NumCPU()) / (c.su + c.ss + c.cu + c.cs) * 1e3
+			fmt.Printf("%-8s %-10s %8.2f / %-7.2f %8.2f / %-7.2f %14.0f\n", c.into, c.server, c.su, c.ss, c.cu, c.cs, bound)
+		}
 	}
 	return nil
 }
@@ -458,23 +478,40 @@ func memcpy(size, n int) time.Duration {
 	return time.Since(start)
 }
 
+// cpuRow is the CPU time per GB of the DoPuts from the pyarrow client into
+// a server: user and system seconds of the server and of the client.
+type cpuRow struct {
+	into, server   string
+	su, ss, cu, cs float64
+}
+
+// selfCPU returns this process's user and system CPU seconds so far.
+func selfCPU() (float64, float64) {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0, 0
+	}
+	return time.Duration(ru.Utime.Nano()).Seconds(), time.Duration(ru.Stime.Nano()).Seconds()
+}
+
 // pyPut runs pyclient.py: -runs DoPuts of n batches from pyarrow's client
-// to addr, and returns the best time.
-func pyPut(addr string, n int) (time.Duration, error) {
+// to addr. It returns the best time and the client's user and system CPU
+// seconds over all runs.
+func pyPut(addr string, n int) (time.Duration, float64, float64, error) {
 	out, err := exec.Command(python(), filepath.Join(here(), "pyclient.py"), "--addr", addr,
 		"--batches", strconv.Itoa(n), "--batch-mb", strconv.Itoa(*batchMB), "--runs", strconv.Itoa(*runs)).Output()
 	if err != nil {
 		var ee *exec.ExitError
 		if errors.As(err, &ee) {
-			return 0, fmt.Errorf("pyclient.py: %w\n%s", err, ee.Stderr)
+			return 0, 0, 0, fmt.Errorf("pyclient.py: %w\n%s", err, ee.Stderr)
 		}
-		return 0, fmt.Errorf("pyclient.py: %w", err)
+		return 0, 0, 0, fmt.Errorf("pyclient.py: %w", err)
 	}
-	secs, err := strconv.ParseFloat(strings.TrimSpace(string(out)), 64)
-	if err != nil {
-		return 0, fmt.Errorf("pyclient.py printed %q: %w", out, err)
+	var secs, user, sys float64
+	if _, err := fmt.Sscan(string(out), &secs, &user, &sys); err != nil {
+		return 0, 0, 0, fmt.Errorf("pyclient.py printed %q: %w", out, err)
 	}
-	return time.Duration(secs * float64(time.Second)), nil
+	return time.Duration(secs * float64(time.Second)), user, sys, nil
 }
 
 // pyServer is a running pyserver.py.
@@ -505,6 +542,26 @@ func startPy(data, model string) (*pyServer, error) {
 		return nil, fmt.Errorf("pyserver.py did not start: %w", err)
 	}
 	return &pyServer{cmd: cmd, stdin: stdin, addr: "127.0.0.1:" + strings.TrimSpace(line)}, nil
+}
+
+// cpu returns the server process's user and system CPU seconds so far,
+// from /proc (zero where there is none).
+func (p *pyServer) cpu() (float64, float64) {
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.cmd.Process.Pid))
+	if err != nil {
+		return 0, 0
+	}
+	// Fields after the parenthesized command name: state is field 3,
+	// utime and stime are fields 14 and 15, in clock ticks (100 per second
+	// on Linux).
+	s := string(raw)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	if len(f) < 13 {
+		return 0, 0
+	}
+	u, _ := strconv.ParseFloat(f[11], 64)
+	st, _ := strconv.ParseFloat(f[12], 64)
+	return u / 100, st / 100
 }
 
 func (p *pyServer) stop() {

@@ -4,9 +4,11 @@ record batches bench/flight's Go client sends (16 random float32 columns,
 BATCH_MB MiB per batch), the way the issue's users upload data sets.
 
 Usage: pyclient.py --addr HOST:PORT --batches N --batch-mb MB --runs R
-Prints the best wall time of R uploads, in seconds, on stdout.
+Prints the best wall time of R uploads, then the user and system CPU
+seconds this process spent in all R uploads, on one line of stdout.
 """
 import argparse
+import resource
 import time
 
 import numpy as np
@@ -27,6 +29,7 @@ def main():
     client = fl.FlightClient("grpc://" + args.addr)
     desc = fl.FlightDescriptor.for_path("datasets", "bench")
     best = None
+    before = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(args.runs):
         start = time.perf_counter()
         writer, reader = client.do_put(desc, batch.schema)
@@ -41,8 +44,9 @@ def main():
         if acks == 0:
             raise SystemExit("no acknowledgement")
         best = took if best is None else min(best, took)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     client.close()
-    print(best, flush=True)
+    print(best, after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime, flush=True)
 
 
 if __name__ == "__main__":
