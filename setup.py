@@ -6,8 +6,11 @@ pure-Python API in python/kiln.
     pip wheel .              # a wheel for this interpreter
     LIBTORCH=/path/to/torch pip install .   # link another libtorch
 
-The Go side builds against the same libtorch as the rest of Kiln (Debian's,
-or LIBTORCH's; see scripts/env.sh).
+The Go side builds against LIBTORCH's libtorch when it is set; else, when the
+building interpreter has a pip `torch` (a package directory with include/
+and lib/), against that torch's own libtorch, so that `import torch` and
+`import kiln` load one libtorch in one process; else against Debian's
+(scripts/env.sh). KILN_LIBTORCH=system skips the pip torch detection.
 """
 import os
 import pathlib
@@ -29,10 +32,44 @@ def kiln_version() -> str:
     raise RuntimeError("Version not found in core/threads.go")
 
 
+def pip_torch_dir():
+    """The package directory of the interpreter's pip-installed torch when
+    it carries a libtorch tree (include/torch/script.h and lib/libtorch.so,
+    as scripts/env.sh needs for LIBTORCH), else None. Debian's python3-torch
+    lives in dist-packages and uses the system libtorch that env.sh picks by
+    default, so it is not taken."""
+    if os.environ.get("KILN_LIBTORCH") == "system":
+        return None
+    # pip builds in an isolated environment that hides the target's
+    # site-packages: ask the same interpreter in isolated mode (-I: its own
+    # sys.path, without the build's PYTHONPATH overlay) where torch lies.
+    # find_spec locates the package without importing it.
+    probe = ("import importlib.util as u; s = u.find_spec('torch'); "
+             "print(list(s.submodule_search_locations or [''])[0] if s else '')")
+    try:
+        where = subprocess.run([sys.executable, "-I", "-c", probe], check=True, capture_output=True,
+                               text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    if not where:
+        return None
+    d = pathlib.Path(where).resolve()
+    if "dist-packages" in d.parts:
+        return None
+    if (d / "include" / "torch" / "script.h").exists() and (d / "lib" / "libtorch.so").exists():
+        return d
+    return None
+
+
 def build_env() -> dict:
     """The environment `make build` uses (cgo flags for libtorch), plus what
     gopy's generated cgo needs."""
     env = dict(os.environ)
+    if not env.get("LIBTORCH"):
+        torch_dir = pip_torch_dir()
+        if torch_dir is not None:
+            print(f"kiln: linking the pip torch's libtorch in {torch_dir} (KILN_LIBTORCH=system to skip)")
+            env["LIBTORCH"] = str(torch_dir)
     out = subprocess.run(
         ["bash", str(ROOT / "scripts" / "env.sh"), "--print"], check=True, capture_output=True, text=True, env=env
     ).stdout
@@ -44,8 +81,8 @@ def build_env() -> dict:
     env["CGO_CFLAGS_ALLOW"] = ".*"
     # gopy replaces CGO_LDFLAGS for its final link: carry a LIBTORCH's
     # library path and rpath through the linker's environment instead.
-    if os.environ.get("LIBTORCH"):
-        lib = str(pathlib.Path(os.environ["LIBTORCH"]).resolve() / "lib")
+    if env.get("LIBTORCH"):
+        lib = str(pathlib.Path(env["LIBTORCH"]).resolve() / "lib")
         env["LIBRARY_PATH"] = lib + os.pathsep + env.get("LIBRARY_PATH", "")
         env["LD_RUN_PATH"] = lib
     return env

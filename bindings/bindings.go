@@ -10,6 +10,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"runtime/debug"
+	"slices"
+	"unsafe"
 
 	"github.com/kilnml/kiln/arrowio"
 	"github.com/kilnml/kiln/core"
@@ -209,4 +211,138 @@ func (m *Model) PredictArrow(arrayAddr, schemaAddr uint64, columnsJSON string) (
 		ins = append(ins, t)
 	}
 	return m.forward(ins)
+}
+
+// DTypeCode returns the code PredictInto's descriptors use for an element
+// type name such as "float32" (-1 when unknown).
+func DTypeCode(name string) int {
+	dt, err := core.ParseDType(name)
+	if err != nil {
+		return -1
+	}
+	return int(dt)
+}
+
+// Results of PredictInto.
+const (
+	// PredictDone: the outputs were written into the caller's buffers.
+	PredictDone = 0
+	// PredictMismatch: an output's dtype or shape differs from the
+	// descriptor (or it is not contiguous); nothing was written.
+	PredictMismatch = 1
+	// PredictAliased: an output shares memory with an input, so copying it
+	// would break zero-copy; nothing was written.
+	PredictAliased = 2
+)
+
+// maxDims bounds the rank PredictInto accepts in a descriptor.
+const maxDims = 16
+
+// PredictInto is the fast path of Predict for small outputs whose dtypes
+// and shapes the caller already knows (from an earlier Predict with the
+// same input shapes): one call, integer arguments only, no Go objects or
+// strings handed back. It runs forward on the caller's input buffers
+// without copying them and copies each output into a buffer the caller
+// allocated.
+//
+// desc is the address of an int64 array describing the call:
+//
+//	nin, nout,
+//	per input:  dtype code, ndim, dims...
+//	per output: dtype code, ndim, dims...
+//
+// With one input and one output, in0 and out0 are their buffers'
+// addresses; otherwise in0 is the address of an int64 array holding the
+// nin input addresses followed by the nout output addresses (out0 is
+// unused). Input buffers are C-contiguous and must stay alive and
+// unchanged during the call; output buffers are C-contiguous, writable and
+// exactly as large as their descriptors say.
+//
+// It returns PredictDone, or PredictMismatch / PredictAliased when the
+// caller must use Predict instead (nothing written), or the model's error.
+func (m *Model) PredictInto(desc, in0, out0 uint64) (_ int, err error) {
+	defer guard(&err)
+	d := unsafe.Slice((*int64)(native.AddrPointer(uintptr(desc))), 2)
+	nin, nout := int(d[0]), int(d[1])
+	if nin < 0 || nout < 0 || nin > 64 || nout > 64 {
+		return 0, fmt.Errorf("kiln: predict: bad descriptor (%d inputs, %d outputs)", nin, nout)
+	}
+	// The descriptor's length is known only while reading it: view it with
+	// the largest length it can have and read forward.
+	d = unsafe.Slice(&d[0], 2+(nin+nout)*(2+maxDims))
+	var addrs []uint64
+	if nin == 1 && nout == 1 {
+		addrs = []uint64{in0, out0}
+	} else {
+		addrs = unsafe.Slice((*uint64)(native.AddrPointer(uintptr(in0))), nin+nout)
+	}
+	type ref struct {
+		dt    core.DType
+		shape []int64
+	}
+	pos := 2
+	next := func(what string, i int) (ref, error) {
+		dt, nd := core.DType(d[pos]), int(d[pos+1])
+		if !dt.Valid() || nd < 0 || nd > maxDims {
+			return ref{}, fmt.Errorf("kiln: predict: bad descriptor for %s %d (dtype code %d, %d dims)", what, i, dt, nd)
+		}
+		r := ref{dt, d[pos+2 : pos+2+nd]}
+		pos += 2 + nd
+		return r, nil
+	}
+	ins := make([]*core.Tensor, 0, nin)
+	defer func() { core.CloseAll(ins) }()
+	type span struct{ lo, hi uintptr }
+	inSpans := make([]span, 0, nin)
+	for i := range nin {
+		r, err := next("input", i)
+		if err != nil {
+			return 0, err
+		}
+		t, err := core.FromBlob(native.AddrPointer(uintptr(addrs[i])), r.dt, r.shape, nil, nil)
+		if err != nil {
+			return 0, fmt.Errorf("kiln: predict: input %d: %w", i, err)
+		}
+		ins = append(ins, t)
+		inSpans = append(inSpans, span{uintptr(addrs[i]), uintptr(addrs[i]) + uintptr(t.NumBytes())})
+	}
+	outs, err := m.m.Forward(ins...)
+	if err != nil {
+		return 0, err
+	}
+	defer core.CloseAll(outs)
+	if len(outs) != nout {
+		return PredictMismatch, nil
+	}
+	src := make([][]byte, nout)
+	for i, o := range outs {
+		r, err := next("output", i)
+		if err != nil {
+			return 0, err
+		}
+		if o.DType() != r.dt || !slices.Equal(o.Shape(), r.shape) || !o.IsContiguous() {
+			return PredictMismatch, nil
+		}
+		n := o.NumBytes()
+		if n == 0 {
+			continue
+		}
+		p, err := o.DataPtr()
+		if err != nil {
+			return 0, err
+		}
+		lo := uintptr(p)
+		for _, s := range inSpans {
+			if lo < s.hi && s.lo < lo+uintptr(n) {
+				return PredictAliased, nil
+			}
+		}
+		src[i] = unsafe.Slice((*byte)(p), n)
+	}
+	for i, b := range src {
+		if len(b) > 0 {
+			copy(unsafe.Slice((*byte)(native.AddrPointer(uintptr(addrs[nin+i]))), len(b)), b)
+		}
+	}
+	return PredictDone, nil
 }

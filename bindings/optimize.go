@@ -8,51 +8,59 @@ import (
 
 	"github.com/kilnml/kiln/core/data"
 	"github.com/kilnml/kiln/core/optimize"
+	"github.com/kilnml/kiln/core/train"
 	"github.com/kilnml/kiln/native"
 )
 
-// Optimize prunes and/or quantizes the model package at pkgDir as
+// StartOptimize prunes and/or quantizes the model package at pkgDir as
 // optionsJSON says (core/optimize.Options as JSON), re-creating its data
 // splits from the numpy training data it was fitted on (rows×cols float32
 // features at xAddr, rows float32 targets at yAddr: the same values fit
 // saw, checked by fingerprint), and writes the optimized package to
 // outDir. calRows >= 0 gives static int8's calibration rows: calRows×calCols
-// float32 raw model inputs at calAddr (calRows -1: none). It returns the
-// optimization record (with the size, accuracy and latency report) as JSON.
-func Optimize(pkgDir, optionsJSON string, xAddr uint64, rows, cols int, yAddr uint64, calAddr uint64, calRows, calCols int, outDir string) (_ string, err error) {
+// float32 raw model inputs at calAddr (calRows -1: none). The numpy data is
+// copied during this call; the optimization then runs in the background
+// like training: Python polls the job (the GIL stays free), Cancel stops
+// it, and Report returns the optimization record (with the size, accuracy
+// and latency report) as JSON.
+func StartOptimize(pkgDir, optionsJSON string, xAddr uint64, rows, cols int, yAddr uint64, calAddr uint64, calRows, calCols int, outDir string) (_ *TrainJob, err error) {
 	defer guard(&err)
 	var o optimize.Options
 	if err := json.Unmarshal([]byte(optionsJSON), &o); err != nil {
-		return "", fmt.Errorf("kiln: optimize: bad options: %w", err)
+		return nil, fmt.Errorf("kiln: optimize: bad options: %w", err)
 	}
 	src, err := optimize.Open(pkgDir)
 	if err != nil {
-		return "", err
+		return nil, err
 	}
-	defer src.Close()
 	t, err := numpyTable(xAddr, rows, cols, yAddr)
 	if err != nil {
-		return "", err
+		src.Close()
+		return nil, err
 	}
 	sp, err := src.Splits(t, nil)
 	if err != nil {
-		return "", err
+		src.Close()
+		return nil, err
 	}
 	if calRows >= 0 {
 		if o.Calibration, err = numpyCalibration(src, calAddr, calRows, calCols); err != nil {
-			return "", err
+			src.Close()
+			return nil, err
 		}
 	}
-	res, err := optimize.Run(context.Background(), src, sp, o)
-	if err != nil {
-		return "", err
-	}
-	defer res.Module.Close()
-	if err := optimize.SavePackage(outDir, src, sp, res); err != nil {
-		return "", err
-	}
-	b, err := json.Marshal(res.Record)
-	return string(b), err
+	return startJob(func(ctx context.Context, _ func(train.Event)) (any, error) {
+		defer src.Close()
+		res, err := optimize.Run(ctx, src, sp, o)
+		if err != nil {
+			return nil, err
+		}
+		defer res.Module.Close()
+		if err := optimize.SavePackage(outDir, src, sp, res); err != nil {
+			return nil, err
+		}
+		return res.Record, nil
+	}), nil
 }
 
 // numpyCalibration reads rows×cols float32 raw model inputs at addr as a

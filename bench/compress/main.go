@@ -357,4 +357,37 @@ func printTable(w io.Writer, rows []Row, threads int) {
 			100*r.Sparsity, r.Accuracy, r.MsB1, r.MsB64, base[r.Model+r.Side]/r.MsB64)
 	}
 	tw.Flush()
+
+	fmt.Fprintf(w, "\nKiln against PyTorch per variant (ratios PyTorch ÷ Kiln: above 1 Kiln is smaller/faster; latencies within %.0f%% count as even,\nthe spread seen between rows of identical compute):\n\n", 100*noise)
+	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "model\tvariant\tsize\taccuracy Δ\tb1\tb64\tverdict\t")
+	for i := 0; i+1 < len(rows); i++ {
+		k, p := rows[i], rows[i+1]
+		if k.Side != "Kiln" || p.Side != "PyTorch" || k.Variant != p.Variant || k.Model != p.Model {
+			continue
+		}
+		var miss []string
+		if k.Bytes > p.Bytes {
+			miss = append(miss, "larger")
+		}
+		if k.Accuracy < p.Accuracy {
+			miss = append(miss, "less accurate")
+		}
+		if p.MsB1/k.MsB1 < 1-noise {
+			miss = append(miss, "slower at b1")
+		}
+		if p.MsB64/k.MsB64 < 1-noise {
+			miss = append(miss, "slower at b64")
+		}
+		verdict := "ok"
+		if len(miss) > 0 {
+			verdict = "MISS: " + strings.Join(miss, ", ")
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%.2fx\t%+.4f\t%.2fx\t%.2fx\t%s\t\n", k.Model, k.Variant, float64(p.Bytes)/float64(k.Bytes),
+			k.Accuracy-p.Accuracy, p.MsB1/k.MsB1, p.MsB64/k.MsB64, verdict)
+	}
+	tw.Flush()
 }
+
+// noise is the latency difference bench/compress treats as even.
+const noise = 0.10

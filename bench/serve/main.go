@@ -1,18 +1,27 @@
-// Command serve benchmarks Kiln's model server: throughput and p50/p99
-// latency of one-row requests at concurrency 1, 8 and 64, for an MLP and a
-// small CNN, over gRPC and HTTP, next to
+// Command serve benchmarks Kiln's model server: throughput, p50/p99 latency
+// and CPU per request of one-row requests at concurrency 1, 8 and 64, for an
+// MLP and a small CNN, over gRPC (ModelInfer, and ModelStreamInfer with one
+// stream per worker) and HTTP, next to
 //
-//   - the ceiling: raw core.Module.Forward, no server, at the batch size the
-//     server's dynamic batcher formed on average in that run, on as many
-//     goroutines as the model has instances, with the same intra-op threads;
+//   - the ceiling: raw core.Module.Forward, no server and no load
+//     generator, at the batch size the server's dynamic batcher formed on
+//     average in that cell, on as many goroutines as the model has
+//     instances, with the same intra-op threads, on the same CPUs;
 //   - TorchServe (PyPI torchserve, build/torchserve-venv) serving the same
 //     TorchScript files with its batching on (batchSize 64, maxBatchDelay
 //     1 ms, 2 workers of 1 thread, like Kiln's 2 instances).
 //
 // The load generator runs in this process; Kiln's server too (loopback
-// gRPC/HTTP), TorchServe as child processes. One run, one table.
+// gRPC/HTTP), TorchServe as child processes. The load generator reuses one
+// request message (or body) per worker and shares one gRPC connection
+// (-conns) so that its own cost per request stays low: on a small machine
+// it competes with the server for the same cores. CPU µs/req is what every
+// process involved spent per answered request; the ceiling's is the
+// forward's core-µs per row, so the gap between the two is the serving
+// overhead per request. One run, one table.
 //
-//	go run ./bench/serve [-duration 5s] [-concurrency 1,8,64] [-torchserve DIR]
+//	go run ./bench/serve [-duration 5s] [-concurrency 1,8,64] [-models mlp,cnn]
+//	    [-servers grpc,stream,http,torchserve] [-conns 1] [-torchserve DIR] [-cpuprofile FILE]
 package main
 
 import (
@@ -74,6 +83,58 @@ type result struct {
 	elapsed   time.Duration
 	latencies []time.Duration // sorted
 	meanBatch float64         // Kiln only: rows per execution
+	cpu       time.Duration   // this process's CPU time (user+system) in the measured window
+}
+
+// cpuPerReq is this process's CPU time per answered request, in µs.
+func (r result) cpuPerReq() float64 {
+	if r.requests == 0 {
+		return 0
+	}
+	return float64(r.cpu.Microseconds()) / float64(r.requests)
+}
+
+// groupCPU is the CPU time (user+system) of the live processes in process
+// group pgid (TorchServe's JVM and its Python workers), from /proc.
+func groupCPU(pgid int) time.Duration {
+	ents, _ := os.ReadDir("/proc")
+	var ticks int64
+	for _, e := range ents {
+		if _, err := strconv.Atoi(e.Name()); err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		// Fields after the command (which may hold spaces) in ")":
+		// state ppid pgrp session tty tpgid flags minflt cminflt majflt
+		// cmajflt utime stime.
+		i := bytes.LastIndexByte(b, ')')
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(string(b[i+1:]))
+		if len(f) < 13 {
+			continue
+		}
+		if pg, _ := strconv.Atoi(f[2]); pg != pgid {
+			continue
+		}
+		u, _ := strconv.ParseInt(f[11], 10, 64)
+		st, _ := strconv.ParseInt(f[12], 10, 64)
+		ticks += u + st
+	}
+	return time.Duration(ticks) * (time.Second / 100) // USER_HZ is 100 on Linux
+}
+
+// processCPU is the CPU time (user+system) this process has used.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 func (r result) rps() float64 { return float64(r.requests) / r.elapsed.Seconds() }
@@ -86,12 +147,26 @@ func (r result) pct(p float64) time.Duration {
 }
 
 // load runs c workers calling do for warm (discarded), then for dur.
-func load(c int, warm, dur time.Duration, do func(worker int) error) result {
+//
+// The result's cpu is this process's CPU time in the measured window, plus
+// extraCPU's (another process's, e.g. TorchServe's) when extraCPU is not nil.
+func load(c int, warm, dur time.Duration, extraCPU func() time.Duration, do func(worker int) error) result {
 	var mu sync.Mutex
 	var res result
 	var wg sync.WaitGroup
 	start := time.Now()
 	measureFrom, end := start.Add(warm), start.Add(warm+dur)
+	cpuDone := make(chan time.Duration, 1)
+	go func() {
+		cpu := processCPU
+		if extraCPU != nil {
+			cpu = func() time.Duration { return processCPU() + extraCPU() }
+		}
+		time.Sleep(time.Until(measureFrom))
+		c0 := cpu()
+		time.Sleep(time.Until(end))
+		cpuDone <- cpu() - c0
+	}()
 	for w := range c {
 		wg.Go(func() {
 			var lat []time.Duration
@@ -129,6 +204,7 @@ func load(c int, warm, dur time.Duration, do func(worker int) error) result {
 	}
 	wg.Wait()
 	res.elapsed = dur
+	res.cpu = <-cpuDone
 	slices.Sort(res.latencies)
 	return res
 }
@@ -166,7 +242,12 @@ func main() {
 	tsDir := flag.String("torchserve", "build/torchserve-venv", "virtualenv with torchserve and torch-model-archiver")
 	install := flag.Bool("install-torchserve", true, "create the -torchserve virtualenv (Debian python3 with its torch, pip torchserve "+torchServeVersion+") when missing")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the Kiln runs to this file")
+	modelFlag := flag.String("models", "mlp,cnn", "comma-separated models to run (mlp, cnn)")
+	serverFlag := flag.String("servers", "grpc,stream,http,torchserve", "comma-separated servers to run: grpc (Kiln ModelInfer), stream (Kiln ModelStreamInfer), http (Kiln REST), torchserve")
+	nconns := flag.Int("conns", 1, "gRPC client connections the workers share (worker i uses connection i mod conns)")
 	flag.Parse()
+	models = slices.DeleteFunc(models, func(m model) bool { return !slices.Contains(strings.Split(*modelFlag, ","), m.name) })
+	servers := strings.Split(*serverFlag, ",")
 	if abs, err := filepath.Abs(*tsDir); err == nil {
 		*tsDir = abs
 	}
@@ -204,7 +285,11 @@ func main() {
 		c             int
 	}
 	results := map[key]result{}
-	ceilings := map[key]float64{}
+	type ceil struct {
+		rows  float64 // rows/s
+		batch int
+	}
+	ceilings := map[key]ceil{}
 
 	// Kiln.
 	srv, err := serving.New(serving.Options{
@@ -219,7 +304,7 @@ func main() {
 		must(err)
 		must(pprof.StartCPUProfile(f))
 	}
-	conns := make([]*grpc.ClientConn, 4)
+	conns := make([]*grpc.ClientConn, *nconns)
 	for i := range conns {
 		conns[i], err = grpc.NewClient(srv.GRPCAddr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 		must(err)
@@ -228,6 +313,7 @@ func main() {
 	httpURL := "http://" + srv.HTTPAddr().String()
 	instances := 0
 	var modules []*core.Module
+	protos := map[string]string{"grpc": "kiln gRPC", "stream": "kiln gRPC stream", "http": "kiln HTTP"}
 	for _, m := range models {
 		v, err := srv.Manager().Acquire(m.name, "")
 		must(err)
@@ -237,29 +323,70 @@ func main() {
 		must(err)
 		modules = append(modules, mod)
 		for _, c := range concs {
-			for _, proto := range []string{"kiln gRPC", "kiln HTTP"} {
+			for _, s := range servers {
+				proto, ok := protos[s]
+				if !ok {
+					continue
+				}
 				v, err := srv.Manager().Acquire(m.name, "")
 				must(err)
 				before := v.Stats().Snapshot()
 				var do func(int) error
-				if proto == "kiln gRPC" {
+				var cleanup func()
+				switch s {
+				case "grpc", "stream":
+					// One request message per worker, built once and
+					// reused: the client's cost is the call, not building
+					// requests.
 					reqs := make([]*pb.ModelInferRequest, c)
 					for w := range c {
 						reqs[w] = &pb.ModelInferRequest{ModelName: m.name,
 							Inputs:           []*pb.ModelInferRequest_InferInputTensor{{Name: "x", Datatype: "FP32", Shape: append([]int64{1}, m.row...)}},
 							RawInputContents: [][]byte{randomRow(m, uint64(w))}}
 					}
-					do = func(w int) error {
-						resp, err := pb.NewGRPCInferenceServiceClient(conns[w%len(conns)]).ModelInfer(context.Background(), reqs[w])
-						if err != nil {
-							return err
-						}
+					check := func(resp *pb.ModelInferResponse) error {
 						if len(resp.RawOutputContents) != 1 || len(resp.RawOutputContents[0]) != 40 {
 							return errors.New("wrong output size")
 						}
 						return nil
 					}
-				} else {
+					if s == "grpc" {
+						clients := make([]pb.GRPCInferenceServiceClient, len(conns))
+						for i, cc := range conns {
+							clients[i] = pb.NewGRPCInferenceServiceClient(cc)
+						}
+						do = func(w int) error {
+							resp, err := clients[w%len(clients)].ModelInfer(context.Background(), reqs[w])
+							if err != nil {
+								return err
+							}
+							return check(resp)
+						}
+						break
+					}
+					// A ModelStreamInfer stream per worker, one request in
+					// flight on each.
+					ctx, cancel := context.WithCancel(context.Background())
+					cleanup = cancel
+					streams := make([]pb.GRPCInferenceService_ModelStreamInferClient, c)
+					for w := range c {
+						streams[w], err = pb.NewGRPCInferenceServiceClient(conns[w%len(conns)]).ModelStreamInfer(ctx)
+						must(err)
+					}
+					do = func(w int) error {
+						if err := streams[w].Send(reqs[w]); err != nil {
+							return err
+						}
+						resp, err := streams[w].Recv()
+						if err != nil {
+							return err
+						}
+						if resp.ErrorMessage != "" {
+							return errors.New(resp.ErrorMessage)
+						}
+						return check(resp.InferResponse)
+					}
+				case "http":
 					bodies := make([][]byte, c)
 					hdrLen := ""
 					for w := range c {
@@ -277,19 +404,23 @@ func main() {
 						return httpDo(httpc, req)
 					}
 				}
-				r := load(c, warm, *dur, do)
+				r := load(c, warm, *dur, nil, do)
+				if cleanup != nil {
+					cleanup()
+				}
 				after := v.Stats().Snapshot()
 				v.Release()
 				if ex := after.ExecutionCount - before.ExecutionCount; ex > 0 {
 					r.meanBatch = float64(after.InferenceCount-before.InferenceCount) / float64(ex)
 				}
 				results[key{m.name, proto, c}] = r
-				fmt.Fprintf(os.Stderr, "%s c=%d %s: %.0f req/s, mean batch %.1f, %d errors\n", m.name, c, proto, r.rps(), r.meanBatch, r.errors)
-				if proto == "kiln gRPC" {
-					// The ceiling right after, under the same machine load,
-					// the server idle.
+				fmt.Fprintf(os.Stderr, "%s c=%d %s: %.0f req/s, mean batch %.1f, %.0f µs CPU/req, %d errors\n", m.name, c, proto, r.rps(), r.meanBatch, r.cpuPerReq(), r.errors)
+				if _, done := ceilings[key{m.name, "", c}]; !done {
+					// The ceiling right after the first Kiln run of this
+					// cell, at the batch size the server formed, the server
+					// idle.
 					b := max(1, int(math.Round(r.meanBatch)))
-					ceilings[key{m.name, "", c}] = ceiling(mod, m, b, instances, *dur/2)
+					ceilings[key{m.name, "", c}] = ceil{ceiling(mod, m, b, instances, *dur/2), b}
 				}
 			}
 		}
@@ -306,21 +437,29 @@ func main() {
 	}
 
 	// TorchServe.
-	if tsNote == "" {
+	if !slices.Contains(servers, "torchserve") {
+		tsNote = "not run (-servers)"
+	} else if tsNote == "" {
 		tsNote = runTorchServe(*tsDir, *out, concs, warm, *dur, func(m model, c int, r result) {
 			results[key{m.name, "TorchServe", c}] = r
 			fmt.Fprintf(os.Stderr, "%s c=%d TorchServe: %.0f req/s, %d errors\n", m.name, c, r.rps(), r.errors)
 		})
 	}
 
-	// The table.
+	// The table: per model and concurrency, each server, then the ceiling.
+	// CPU µs/req is the CPU time of everything involved per answered
+	// request (Kiln: this process, load generator and server together;
+	// TorchServe: its JVM and workers plus this process's client); for the
+	// ceiling it is the core-µs of forward per row, which no server on
+	// these CPUs can go under.
+	cores := min(instances*threads, runtime.NumCPU())
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "model\tconc\tserver\treq/s\tp50 ms\tp99 ms\tmean batch\tceiling rows/s\t% of ceiling\tvs TorchServe\terrors\t")
+	fmt.Fprintln(tw, "model\tconc\tserver\treq/s\tp50 ms\tp99 ms\tmean batch\tCPU µs/req\t% of ceiling\t× TorchServe\terrors\t")
 	for _, m := range models {
 		for _, c := range concs {
-			ceil := ceilings[key{m.name, "", c}]
+			ceil, haveCeil := ceilings[key{m.name, "", c}]
 			ts, haveTS := results[key{m.name, "TorchServe", c}]
-			for _, server := range []string{"kiln gRPC", "kiln HTTP", "TorchServe"} {
+			for _, server := range []string{"kiln gRPC", "kiln gRPC stream", "kiln HTTP", "TorchServe"} {
 				r, ok := results[key{m.name, server, c}]
 				if !ok {
 					continue
@@ -329,8 +468,8 @@ func main() {
 				if r.meanBatch > 0 {
 					batch = fmt.Sprintf("%.1f", r.meanBatch)
 				}
-				if ceil > 0 {
-					ofCeil = fmt.Sprintf("%.0f%%", 100*r.rps()/ceil)
+				if haveCeil && ceil.rows > 0 {
+					ofCeil = fmt.Sprintf("%.0f%%", 100*r.rps()/ceil.rows)
 				}
 				if haveTS && ts.rps() > 0 && server != "TorchServe" {
 					vsTS = fmt.Sprintf("%.1f×", r.rps()/ts.rps())
@@ -340,16 +479,26 @@ func main() {
 					errs += " (" + firstLine(r.firstErr.Error()) + ")"
 				}
 				fmt.Fprintf(tw, "%s\t%d\t%s\t%.0f\t%.2f\t%.2f\t%s\t%.0f\t%s\t%s\t%s\t\n", m.name, c, server, r.rps(),
-					ms(r.pct(0.50)), ms(r.pct(0.99)), batch, ceil, ofCeil, vsTS, errs)
+					ms(r.pct(0.50)), ms(r.pct(0.99)), batch, r.cpuPerReq(), ofCeil, vsTS, errs)
+			}
+			if haveCeil {
+				vsTS := "-"
+				if haveTS && ts.rps() > 0 {
+					vsTS = fmt.Sprintf("%.1f×", ceil.rows/ts.rps())
+				}
+				fmt.Fprintf(tw, "%s\t%d\t%s\t%.0f\t-\t-\t%d\t%.0f\t100%%\t%s\t-\t\n", m.name, c, "ceiling", ceil.rows,
+					ceil.batch, float64(cores)*1e6/ceil.rows, vsTS)
 			}
 		}
 	}
 	tw.Flush()
-	fmt.Printf("\nOne-row FP32 requests; %v measured per cell after 1 s warm-up; load generator and Kiln in one process on %d CPUs (%s/%s), loopback.\n",
-		*dur, runtime.NumCPU(), runtime.GOOS, runtime.GOARCH)
+	fmt.Printf("\nOne-row FP32 requests; %v measured per cell after 1 s warm-up; load generator and Kiln in one process, sharing the same %d CPUs (%s/%s, no pinning), loopback; %d gRPC connection(s) shared by the workers; stream: one ModelStreamInfer stream per worker.\n",
+		*dur, runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, *nconns)
 	fmt.Printf("Kiln: libtorch %s, %d instances × %d intra-op (and OpenBLAS) threads, dynamic batching max_batch_size 64, max_queue_delay_us 100.\n",
 		core.TorchVersion(), instances, threads)
-	fmt.Printf("ceiling: core.Module.Forward at the kiln gRPC run's mean batch size (rounded), %d goroutines, measured right after that run with the server idle, rows/s.\n", instances)
+	fmt.Printf("ceiling: raw core.Module.Forward, no server and no load generator, on the same CPUs with the server's resources (%d goroutines × %d intra-op threads), at the batch size Kiln's first run of that cell formed (rounded), right after it; req/s = rows/s; CPU µs/req = %d cores × 1e6 / rows/s = forward core-µs per row.\n",
+		instances, threads, cores)
+	fmt.Printf("CPU µs/req: CPU time (user+system) per answered request of everything that ran: Kiln rows = this process (load generator + server); TorchServe rows = its JVM and Python workers + this process's client.\n")
 	fmt.Printf("mlp: 784-512-256-10 MLP; cnn: 3x32x32 conv16-pool-conv32-pool-fc128-fc10.\n")
 	fmt.Println("TorchServe:", tsNote)
 }
@@ -538,7 +687,7 @@ models=%s
 			for w := range c {
 				rows[w] = randomRow(m, uint64(w))
 			}
-			record(m, c, load(c, warm, dur, func(w int) error { return post(m, rows[w]) }))
+			record(m, c, load(c, warm, dur, func() time.Duration { return groupCPU(cmd.Process.Pid) }, func(w int) error { return post(m, rows[w]) }))
 		}
 	}
 	return fmt.Sprintf("torchserve %s (PyPI, JVM %s) over REST, same TorchScript files, handler bench/serve/make_models.py, 2 workers × 1 thread (OPENBLAS_NUM_THREADS=1), batchSize 64, maxBatchDelay 1 ms; log %s.",

@@ -5,6 +5,8 @@ files.
 
 Usage: make_models.py OUTDIR [TORCH_MODEL_ARCHIVER]
 
+KILN_BENCH_INSTANCES (default 2) sets the Kiln models' instance_count.
+
   OUTDIR/repo/mlp   MLP 784 -> 512 -> 256 -> 10 (FP32 x [784] -> y [10])
   OUTDIR/repo/cnn   CNN on 3x32x32: conv 16, pool, conv 32, pool, fc 128, fc 10
                     (FP32 x [3, 32, 32] -> y [10])
@@ -98,7 +100,7 @@ outputs: [{{name: y, datatype: FP32, dims: [10]}}]
 dynamic_batching:
   max_queue_delay_us: 100
   max_queue_size: 4096
-instance_count: 2
+instance_count: {instances}
 """
 
 
@@ -112,7 +114,7 @@ def main():
         d = out / "repo" / name
         (d / "1").mkdir(parents=True, exist_ok=True)
         torch.jit.script(module.eval()).save(str(d / "1" / "model.pt"))
-        (d / "config.yaml").write_text(CONFIG.format(name=name, dims=json.dumps(dims)))
+        (d / "config.yaml").write_text(CONFIG.format(name=name, dims=json.dumps(dims), instances=int(os.environ.get("KILN_BENCH_INSTANCES", "2"))))
         if archiver:
             work = out / "ts-src" / name
             work.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/core/data"
 	"github.com/kilnml/kiln/core/nn"
 	"github.com/kilnml/kiln/core/train"
 )
@@ -163,4 +164,26 @@ func TestPruneStructuredConvEquivalent(t *testing.T) {
 	defer lnNet.Close()
 	_, err = StructuredKeep(lnNet, 0.5, L2)
 	assert.ErrorContains(t, err, "the layernorm l2 after it normalizes over all its flattened outputs")
+}
+
+// Latencies times every module given, on the same batch, and refuses to
+// time without data.
+func TestLatencies(t *testing.T) {
+	big, err := nn.Build(nn.Sequential(nn.Linear(512), nn.ReLU(), nn.Linear(512), nn.ReLU(), nn.Linear(10)), 64, 1)
+	require.NoError(t, err)
+	defer big.Close()
+	small, err := nn.Build(nn.Sequential(nn.Linear(10)), 64, 1)
+	require.NoError(t, err)
+	defer small.Close()
+	require.NoError(t, big.SetTraining(false))
+	require.NoError(t, small.SetTraining(false))
+	ds, err := data.NewDataset(make([]float32, 3*64), 64, []float32{0, 1, 2})
+	require.NoError(t, err)
+	l, err := Latencies([]*core.Module{big.Module, small.Module}, ds, 64)
+	require.NoError(t, err)
+	require.Len(t, l, 2)
+	assert.Greater(t, l[0], 0.0)
+	assert.Greater(t, l[1], 0.0)
+	_, err = Latencies([]*core.Module{small.Module}, nil, 1)
+	assert.ErrorContains(t, err, "no data to time on")
 }

@@ -37,7 +37,8 @@ import (
 //     network (64 inputs per neuron) makes the file about 10% larger.
 //   - The generated forward keeps preprocessing in float, quantizes x
 //     (quantize_per_tensor) where a run of linear/conv layers starts, calls
-//     quantized::linear, conv1d, conv2d (the _relu variants where a ReLU
+//     quantized::linear, conv1d, conv2d (a batchnorm right after one is
+//     folded into its weights and bias; the _relu variants where a ReLU
 //     follows, skipping eval-mode dropout in between), keeps max pooling,
 //     flatten and ReLU on the quantized tensor, and dequantizes before any
 //     other layer (batchnorm, layernorm, gelu, sigmoid, tanh, softmax,
@@ -97,11 +98,14 @@ type staticStep struct {
 	// with activation obsIn first.
 	quantizeIn bool
 	obsIn      int
-	// quantized: a linear/conv layer producing activation obsOut, fused
-	// with the ReLU at layer fused (-1: none).
+	// quantized: a linear/conv layer producing activation obsOut, with
+	// the batchnorm at layer bn folded into its weights and the ReLU at
+	// layer fused fused into its kernel (-1: none); its output is
+	// observed after layer end.
 	quantized bool
 	obsOut    int
-	fused     int
+	bn, fused int
+	end       int
 	// skip: a ReLU fused into an earlier layer or an eval-mode dropout
 	// inside a quantized run.
 	skip bool
@@ -117,7 +121,13 @@ func staticPlan(net *nn.Net) ([]staticStep, []string, bool) {
 	var at []string
 	inQ := false
 	for i := range steps {
-		steps[i].obsIn, steps[i].obsOut, steps[i].fused = -1, -1, -1
+		steps[i].obsIn, steps[i].obsOut, steps[i].bn, steps[i].fused = -1, -1, -1, -1
+	}
+	next := func(j int) int { // skips eval-mode dropout
+		for j < len(net.Layers) && net.Layers[j].Type == "dropout" {
+			j++
+		}
+		return j
 	}
 	for i, info := range net.Layers {
 		st := &steps[i]
@@ -129,18 +139,18 @@ func staticPlan(net *nn.Net) ([]staticStep, []string, bool) {
 				at = append(at, "input of "+info.Name)
 				inQ = true
 			}
-			st.quantized = true
-			j := i + 1
-			for j < len(net.Layers) && net.Layers[j].Type == "dropout" {
-				j++
-			}
+			st.quantized, st.end = true, i
 			desc := "output of " + info.Name
-			if j < len(net.Layers) && net.Layers[j].Type == "relu" {
-				st.fused = j
-				for k := i + 1; k <= j; k++ {
-					steps[k].skip = true
-				}
+			if j := next(i + 1); j < len(net.Layers) && foldable(info, net.Layers[j]) {
+				st.bn, st.end = j, j
+				desc += " (batchnorm " + net.Layers[j].Name + " folded)"
+			}
+			if j := next(st.end + 1); j < len(net.Layers) && net.Layers[j].Type == "relu" {
+				st.fused, st.end = j, j
 				desc += " (relu " + net.Layers[j].Name + ")"
+			}
+			for k := i + 1; k <= st.end; k++ {
+				steps[k].skip = true
 			}
 			st.obsOut = len(at)
 			at = append(at, desc)
@@ -221,7 +231,7 @@ func observe(src *Source, net *nn.Net, spec nn.Spec, steps []staticStep, at []st
 		}
 		body = append(body, nn.LayerSource(info, l)...)
 		for j := range i + 1 {
-			if steps[j].obsOut >= 0 && (steps[j].fused == i || (steps[j].fused < 0 && j == i)) {
+			if steps[j].obsOut >= 0 && steps[j].end == i {
 				body = append(body, rec(steps[j].obsOut))
 			}
 		}
@@ -365,32 +375,35 @@ func QuantizeStatic(src *Source, net *nn.Net, spec nn.Spec, engine string, cal *
 		}
 		switch {
 		case st.skip:
-			// A fused ReLU, or dropout (the identity in eval mode).
+			// A folded batchnorm, a fused ReLU, or dropout (the identity
+			// in eval mode).
 			continue
 		case st.quantized:
-			w, err := optimize.Get(nh, li.Name+"_weight")
-			if err != nil {
-				return nil, nil, fmt.Errorf("kiln: optimize: %w", err)
+			var w, b native.Tensor
+			var release func()
+			var err error
+			if st.bn >= 0 {
+				w, b, release, err = foldBatchNorm(nh, li, l, net.Layers[st.bn], spec.Layers[st.bn])
+			} else {
+				w, b, release, err = weightBias(nh, li, l)
 			}
-			var b native.Tensor
-			if nn.HasBias(l) {
-				if b, err = optimize.Get(nh, li.Name+"_bias"); err != nil {
-					w.Free()
-					return nil, nil, fmt.Errorf("kiln: optimize: %w", err)
-				}
+			if err != nil {
+				return nil, nil, err
 			}
 			stride := l.Stride
 			if stride == 0 {
 				stride = 1
 			}
 			_, err = optimize.AddPackedInt8(h, li.Name+"_packed", li.Type, w, b, !perTensor, stride, l.Padding)
-			w.Free()
-			b.Free()
+			release()
 			if err != nil {
 				return nil, nil, fmt.Errorf("kiln: optimize: static int8 layer %s (%s engine): %w", li.Name, engine, err)
 			}
 			op := li.Type
 			name := li.Name
+			if st.bn >= 0 {
+				name += "+" + net.Layers[st.bn].Name
+			}
 			if st.fused >= 0 {
 				op += "_relu"
 				name += "+" + net.Layers[st.fused].Name
@@ -429,6 +442,100 @@ func QuantizeStatic(src *Source, net *nn.Net, spec nn.Spec, engine string, cal *
 		return nil, nil, err
 	}
 	return m, info, nil
+}
+
+// foldable says whether bn (a layer after layer info) is a batchnorm that
+// folds into info's weights: batchnorm2d after conv2d, batchnorm1d after
+// conv1d or after a linear layer with flat outputs.
+func foldable(info, bn nn.LayerInfo) bool {
+	switch info.Type {
+	case "conv2d":
+		return bn.Type == "batchnorm2d"
+	case "conv1d":
+		return bn.Type == "batchnorm1d"
+	case "linear":
+		return bn.Type == "batchnorm1d" && len(info.Out) == 1
+	}
+	return false
+}
+
+// weightBias returns copies of layer li's weight and bias (the zero
+// Tensor without one); release frees them.
+func weightBias(h native.Module, li nn.LayerInfo, l nn.Layer) (w, b native.Tensor, release func(), err error) {
+	if w, err = optimize.Get(h, li.Name+"_weight"); err != nil {
+		return w, b, nil, fmt.Errorf("kiln: optimize: %w", err)
+	}
+	if nn.HasBias(l) {
+		if b, err = optimize.Get(h, li.Name+"_bias"); err != nil {
+			w.Free()
+			return native.Tensor{}, native.Tensor{}, nil, fmt.Errorf("kiln: optimize: %w", err)
+		}
+	}
+	return w, b, func() { w.Free(); b.Free() }, nil
+}
+
+// values returns a float32 copy of h's tensor attribute name.
+func values(h native.Module, name string) ([]float32, []int64, error) {
+	v, err := optimize.Get(h, name)
+	if err != nil {
+		return nil, nil, fmt.Errorf("kiln: optimize: %w", err)
+	}
+	t, err := core.AdoptTensor(v)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer t.Close()
+	d, err := core.CopyData[float32](t)
+	return d, t.Shape(), err
+}
+
+// foldBatchNorm returns layer li's weight and bias with the eval-mode
+// batchnorm bn that follows it folded in: per output channel c,
+// w'_c = w_c·γ_c/√(var_c+ε) and b'_c = (b_c−mean_c)·γ_c/√(var_c+ε) + β_c.
+// release frees them.
+func foldBatchNorm(h native.Module, li nn.LayerInfo, l nn.Layer, bn nn.LayerInfo, bl nn.Layer) (native.Tensor, native.Tensor, func(), error) {
+	w, shape, err := values(h, li.Name+"_weight")
+	if err != nil {
+		return native.Tensor{}, native.Tensor{}, nil, err
+	}
+	out := int(shape[0])
+	b := make([]float32, out)
+	if nn.HasBias(l) {
+		if b, _, err = values(h, li.Name+"_bias"); err != nil {
+			return native.Tensor{}, native.Tensor{}, nil, err
+		}
+	}
+	var st [4][]float32
+	for k, suffix := range []string{"_weight", "_bias", "_running_mean", "_running_var"} {
+		if st[k], _, err = values(h, bn.Name+suffix); err != nil {
+			return native.Tensor{}, native.Tensor{}, nil, err
+		}
+		if len(st[k]) != out {
+			return native.Tensor{}, native.Tensor{}, nil, fmt.Errorf("kiln: optimize: folding %s into %s: %d channels, want %d", bn.Name, li.Name, len(st[k]), out)
+		}
+	}
+	eps := bl.Eps
+	if eps == 0 {
+		eps = 1e-5
+	}
+	per := len(w) / out
+	for c := range out {
+		f := float64(st[0][c]) / math.Sqrt(float64(st[3][c])+eps)
+		for k := range per {
+			w[c*per+k] = float32(float64(w[c*per+k]) * f)
+		}
+		b[c] = float32((float64(b[c])-float64(st[2][c]))*f + float64(st[1][c]))
+	}
+	wt, err := core.NewTensor(w, shape...)
+	if err != nil {
+		return native.Tensor{}, native.Tensor{}, nil, err
+	}
+	bt, err := core.NewTensor(b, int64(out))
+	if err != nil {
+		wt.Close()
+		return native.Tensor{}, native.Tensor{}, nil, err
+	}
+	return wt.Handle(), bt.Handle(), func() { wt.Close(); bt.Close() }, nil
 }
 
 // checkCalibration checks that cal holds rows of the model's raw inputs.

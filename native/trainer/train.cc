@@ -13,6 +13,9 @@
 #include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <sstream>
+#include <type_traits>
+#include <utility>
 #ifdef __GLIBC__
 #include <malloc.h>
 #endif
@@ -21,6 +24,26 @@
 
 #include "../internal.h"
 #include "kiln_train.h"
+
+namespace {
+// The key of an optimizer's per-parameter state: the TensorImpl's address
+// as text in libtorch 1.x, the address itself in 2.x.
+using StateKey =
+    std::decay_t<decltype(std::declval<torch::optim::Optimizer&>().state())>::key_type;
+
+template <typename K>
+K state_key_as(const at::Tensor& p) {
+  if constexpr (std::is_same_v<K, std::string>) {
+    std::ostringstream s;  // what libtorch's optimizers use for the text key
+    s << p.unsafeGetTensorImpl();
+    return s.str();
+  } else {
+    return static_cast<K>(p.unsafeGetTensorImpl());
+  }
+}
+
+StateKey state_key(const at::Tensor& p) { return state_key_as<StateKey>(p); }
+}  // namespace
 
 struct kiln_trainer {
   torch::jit::Module m;
@@ -34,7 +57,7 @@ struct kiln_trainer {
   // SGD runs Kiln's own step (sgd_step) over the optimizer's state; keys
   // are the optimizer's state keys of params, computed once.
   bool sgd = false;
-  std::vector<std::string> keys;
+  std::vector<StateKey> keys;
 };
 
 namespace {
@@ -437,7 +460,7 @@ kiln_error kiln_trainer_new(kiln_module* m, const kiln_train_options* o,
                          .weight_decay(o->weight_decay));
       t->sgd = true;
       for (const at::Tensor& p : t->params) {
-        t->keys.push_back(c10::guts::to_string(p.unsafeGetTensorImpl()));
+        t->keys.push_back(state_key(p));
       }
       break;
     case KILN_OPT_ADAM:

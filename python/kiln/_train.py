@@ -19,10 +19,11 @@ def _progress(total, verbose):
     return tqdm(total=total, unit="epoch", desc="kiln fit")
 
 
-def _run_job(h, bar, on_event):
+def _run_job(h, bar, on_event, error_class=lambda e: KilnError):
     """Polls a Go job (the GIL is free between polls) until it is done,
     passing each progress event to on_event(event, bar); Ctrl-C cancels the
-    job. Returns the job's report, or raises its error."""
+    job. Returns the job's report, or raises its error (as the Kiln
+    exception class that error_class picks for it)."""
     try:
         while True:
             st = json.loads(h.Poll(200))
@@ -39,7 +40,7 @@ def _run_job(h, bar, on_event):
     try:
         return json.loads(h.Report())
     except RuntimeError as e:
-        raise translate(e, KilnError) from None
+        raise translate(e, error_class(e)) from None
 
 
 def fit(model, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss, seed, early_stopping,
@@ -94,6 +95,7 @@ def fit(model, x, y, *, epochs, batch_size, validation_split, optimizer, lr, los
     report = _run_job(h, _progress(epochs, verbose), on_event)
     trained = load(report.get("dir") or out)
     model._h, model.path, model.manifest, model._package = trained._h, out, trained.manifest, out
+    model._fast.clear()
     model._inputs = trained._inputs
     trained._h = None
     if labels is not None:
@@ -167,18 +169,26 @@ def optimize(model, x, y, options, calibration=None):
         cal = _calibration_array(calibration)
         cal_addr, (cal_rows, cal_cols) = cal.ctypes.data, cal.shape
     out = tempfile.mkdtemp(prefix="kiln-optimized-")
-    try:
-        record = json.loads(_b.Optimize(model._package, json.dumps(options), x.ctypes.data, x.shape[0], x.shape[1],
-                                        y.ctypes.data, cal_addr, cal_rows, cal_cols, out))
-    except RuntimeError as e:
+
+    def error_class(e):
         bad_input = "outside" in str(e) or "calibration" in str(e)
-        raise translate(e, ValueError if bad_input else KilnError) from None
+        return ValueError if bad_input else KilnError
+
+    # Runs in a Go goroutine that this thread polls: the GIL stays free and
+    # Ctrl-C cancels it.
+    try:
+        h = _b.StartOptimize(model._package, json.dumps(options), x.ctypes.data, x.shape[0], x.shape[1],
+                             y.ctypes.data, cal_addr, cal_rows, cal_cols, out)
+    except RuntimeError as e:
+        raise translate(e, error_class(e)) from None
+    record = _run_job(h, None, lambda e, bar: None, error_class)
     labels = model.classes_
     new = load(out)
     if labels is not None:
         _record_labels(new.manifest, out, labels)
     old = model._h
     model._h, model.path, model.manifest, model._package = new._h, out, new.manifest, out
+    model._fast.clear()
     model._inputs = new._inputs
     new._h = None
     if old is not None:

@@ -9,8 +9,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
 	"slices"
-	"strings"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -190,7 +191,7 @@ func (b *Batcher) prepare(r *request) error {
 	if len(r.inputs) == 0 {
 		return errors.New("batcher: request without inputs")
 	}
-	var key strings.Builder
+	var key []byte
 	for i, t := range r.inputs {
 		n, err := numElements(t.Shape)
 		if err != nil {
@@ -212,10 +213,15 @@ func (b *Batcher) prepare(r *request) error {
 			} else if rows != int64(r.rows) {
 				return fmt.Errorf("batcher: input %d has batch size %d, input 0 has %d", i, rows, r.rows)
 			}
-			fmt.Fprintf(&key, "%d%v;", t.DType, t.Shape[1:])
+			key = strconv.AppendInt(key, int64(t.DType), 10)
+			for _, d := range t.Shape[1:] {
+				key = append(key, ',')
+				key = strconv.AppendInt(key, d, 10)
+			}
+			key = append(key, ';')
 		}
 	}
-	r.key = key.String()
+	r.key = string(key)
 	return nil
 }
 
@@ -245,7 +251,19 @@ func (b *Batcher) Close() {
 	b.wg.Wait()
 }
 
+// instance executes batches until the batcher is closed and drained. With
+// more than one intra-op thread it keeps one OS thread for its whole life:
+// libtorch's intra-op thread count and libgomp's thread team belong to the
+// calling OS thread, so a goroutine that the Go scheduler moved between
+// threads would set the count again and start or wake another team on every
+// thread it landed on; a locked instance sets them once and keeps its team
+// warm. With one intra-op thread there is no team, and a locked goroutine
+// only costs a thread handoff each time it blocks, so it stays unlocked.
+// A locked thread ends with its goroutine.
 func (b *Batcher) instance() {
+	if core.NumThreads() > 1 {
+		runtime.LockOSThread()
+	}
 	defer b.wg.Done()
 	for {
 		batch := b.next()
@@ -300,8 +318,13 @@ func (b *Batcher) next() []*request {
 			}
 			return batch
 		}
-		wait := b.queue[0].enqueued.Add(b.opts.MaxQueueDelay).Sub(now)
+		deadline := b.queue[0].enqueued.Add(b.opts.MaxQueueDelay)
+		wait := deadline.Sub(now)
 		b.mu.Unlock()
+		if wait < spinBelow {
+			b.spinUntil(deadline)
+			continue
+		}
 		if timer == nil {
 			timer = time.NewTimer(wait)
 		} else {
@@ -311,6 +334,29 @@ func (b *Batcher) next() []*request {
 		case <-b.notify:
 		case <-timer.C:
 		case <-b.closing:
+		}
+	}
+}
+
+// spinBelow is the wait under which next polls instead of sleeping on a
+// timer: when every goroutine is idle, the Go runtime sleeps in epoll with
+// millisecond resolution, so a 100 µs max_queue_delay_us would otherwise
+// hold a lone request for about 1 ms.
+const spinBelow = time.Millisecond
+
+// spinUntil yields the processor until deadline, a new request or Close,
+// whichever comes first. Other goroutines run meanwhile (Gosched), so the
+// poll only uses time the process would otherwise leave idle; it lasts at
+// most MaxQueueDelay (under spinBelow) per batch.
+func (b *Batcher) spinUntil(deadline time.Time) {
+	for time.Now().Before(deadline) {
+		select {
+		case <-b.notify:
+			return
+		case <-b.closing:
+			return
+		default:
+			runtime.Gosched()
 		}
 	}
 }

@@ -140,6 +140,38 @@ func TestWaitsForDelayThenSendsPartialBatch(t *testing.T) {
 	assert.Equal(t, []int64{2}, r.seen())
 }
 
+// A delay under spinBelow takes the polling path instead of a timer; it
+// still holds the batch open for the whole delay, and merges what arrives.
+func TestShortDelayWaitsThenMerges(t *testing.T) {
+	r := &recorder{}
+	const delay = 800 * time.Microsecond
+	b := newBatcher(t, r, Options{MaxBatchSize: 8, Dynamic: true, MaxQueueDelay: delay, Instances: 1})
+	start := time.Now()
+	out, err := b.Submit(context.Background(), []Tensor{f32([]int64{2, 1}, 1, 2)})
+	require.NoError(t, err)
+	assert.GreaterOrEqual(t, time.Since(start), delay)
+	assert.Equal(t, []float32{3, 5}, decode(out[0]))
+
+	// Requests submitted together while the first waits join its batch:
+	// 64 rows in 1-row requests need at least 8 executions of 8 rows and
+	// never more rows per execution than MaxBatchSize.
+	var wg sync.WaitGroup
+	for i := range 64 {
+		wg.Go(func() {
+			out, err := b.Submit(context.Background(), []Tensor{f32([]int64{1, 1}, float32(i))})
+			require.NoError(t, err)
+			assert.Equal(t, []float32{float32(2*i + 1)}, decode(out[0]))
+		})
+	}
+	wg.Wait()
+	total := int64(0)
+	for _, n := range r.seen()[1:] {
+		assert.LessOrEqual(t, n, int64(8))
+		total += n
+	}
+	assert.Equal(t, int64(64), total)
+}
+
 func TestPreferredBatchSizeLeavesEarly(t *testing.T) {
 	r := &recorder{}
 	b := newBatcher(t, r, Options{MaxBatchSize: 8, Dynamic: true, MaxQueueDelay: 5 * time.Second,

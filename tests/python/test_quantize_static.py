@@ -49,7 +49,7 @@ def test_quantize_static_with_calibration(digits, float_package, form, tmp_path)
     x, y = digits
     cal = x[:200]
     if form == "pandas":
-        pd = pytest.importorskip("pandas")  # not in requirements-dev.txt
+        pd = pytest.importorskip("pandas")
         cal = pd.DataFrame(cal, columns=[f"px{i}" for i in range(64)])
     elif form == "pyarrow":
         cal = pa.table({f"px{i}": cal[:, i] for i in range(64)})

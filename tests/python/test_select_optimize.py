@@ -57,3 +57,34 @@ def test_prune_and_quantize_report_and_keep_accuracy(digits, tmp_path):
         m.prune(1.0, x, y)
     with pytest.raises(ValueError, match="not one of the model's classes"):
         m.quantize("fp16", x[:2], np.array([3, 11]))
+
+
+def test_ctrl_c_cancels_prune_and_keeps_the_model(digits):
+    """prune/quantize run in a Go job that Python polls: the GIL is free
+    meanwhile, and Ctrl-C (KeyboardInterrupt) cancels the job and leaves the
+    model as it was."""
+    import _thread
+    import threading
+    import time
+
+    x, y = digits
+    m = kiln.Sequential([L.Linear(32), L.ReLU(), L.Linear()])
+    m.fit(x, y, epochs=2, seed=1, verbose=0)
+    params, before = m.num_parameters, m.predict(x[:5])
+    ticks = []
+
+    def interrupt_soon():
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.0:  # runs only while the GIL is free
+            ticks.append(1)
+            time.sleep(0.01)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_soon, daemon=True).start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        m.prune(0.5, x, y, structured=True, finetune_epochs=100_000)
+    assert time.monotonic() - t0 < 10
+    assert len(ticks) > 20
+    assert m.num_parameters == params
+    np.testing.assert_array_equal(m.predict(x[:5]), before)
