@@ -26,6 +26,11 @@
 // over NAME.arrow only once it has ended well: a stream that breaks (the
 // client goes away, a malformed IPC message, a second schema) leaves the
 // data directory as it was and fails with CANCELLED or INVALID_ARGUMENT.
+// Fsyncs run beside the writing: while the device flushes, the next batches
+// are received, checked and written, and one fsync may make several batches
+// durable (each acknowledged only after an fsync that began once it was
+// written). A batch's body is copied once, from gRPC's receive buffers into
+// a recycled buffer, and written from there.
 //
 // ListFlights lists the datasets (a criteria expression keeps the names
 // with that prefix), GetFlightInfo describes one (schema, total records and
@@ -64,7 +69,8 @@
 // Each model output becomes a column named after it: a numeric column for
 // outputs with one value per row, a fixed_shape_tensor of the per-row shape
 // otherwise. Outputs must have one row per input row, and one shape for the
-// whole stream.
+// whole stream. The batcher copies inputs once into C memory (merging
+// requests) and outputs once out of libtorch's.
 //
 // Errors end the stream with a status: INVALID_ARGUMENT for a descriptor,
 // schema or batch that does not fit the model (missing input columns, wrong
