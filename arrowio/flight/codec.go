@@ -7,6 +7,7 @@ import (
 	"io"
 	"math/bits"
 	"sync"
+	"sync/atomic"
 
 	"github.com/apache/arrow-go/v18/arrow/flight"
 	"github.com/apache/arrow-go/v18/arrow/ipc"
@@ -144,7 +145,10 @@ const minPooledBody = 64 << 10
 // a long DoPut stream reuses a few buffers instead of allocating (and
 // zeroing) a new one per batch. A body not given back is collected by the
 // garbage collector like any slice.
-type sizedPools struct{ pools [48]sync.Pool }
+type sizedPools struct {
+	pools [48]sync.Pool
+	puts  atomic.Int64 // buffers given back, for tests
+}
 
 var bodyPool sizedPools
 
@@ -169,6 +173,7 @@ func (p *sizedPools) put(b []byte) {
 		return // not one of ours
 	}
 	b = b[:c]
+	p.puts.Add(1)
 	p.pools[poolClass(c)].Put(&b)
 }
 

@@ -2,9 +2,14 @@ package flight
 
 import (
 	"bytes"
+	"io"
 	"testing"
 
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
 	"github.com/apache/arrow-go/v18/arrow/flight"
+	"github.com/apache/arrow-go/v18/arrow/ipc"
+	"github.com/apache/arrow-go/v18/arrow/memory"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/encoding/protowire"
@@ -103,4 +108,80 @@ func TestBodyPoolReuses(t *testing.T) {
 	bodyPool.put(small)                         // ignored: not pooled
 	bodyPool.put(make([]byte, 3*minPooledBody)) // ignored: not a class size
 	require.Len(t, bodyPool.get(3*minPooledBody), 3*minPooledBody)
+}
+
+// fakePut is a DoPut stream that delivers msgs as the codec decodes them:
+// each body in a buffer of bodyPool.
+type fakePut struct {
+	flight.FlightService_DoPutServer
+	msgs []*flight.FlightData
+}
+
+func (f *fakePut) Recv() (*flight.FlightData, error) {
+	if len(f.msgs) == 0 {
+		return nil, io.EOF
+	}
+	m := f.msgs[0]
+	f.msgs = f.msgs[1:]
+	body := bodyPool.get(len(m.DataBody))
+	copy(body, m.DataBody)
+	return &flight.FlightData{FlightDescriptor: m.FlightDescriptor, DataHeader: m.DataHeader, DataBody: body}, nil
+}
+
+type captured struct{ msgs []*flight.FlightData }
+
+func (c *captured) Send(m *flight.FlightData) error {
+	c.msgs = append(c.msgs, &flight.FlightData{FlightDescriptor: m.FlightDescriptor, DataHeader: bytes.Clone(m.DataHeader), DataBody: bytes.Clone(m.DataBody)})
+	return nil
+}
+
+func TestPutReaderRecyclesBodiesOnlyWhenReleased(t *testing.T) {
+	schema := arrow.NewSchema([]arrow.Field{{Name: "v", Type: arrow.PrimitiveTypes.Int64}}, nil)
+	const rows = 3 * minPooledBody / 8 // bodies well above minPooledBody
+	var recs []arrow.RecordBatch
+	for i := range 4 {
+		b := array.NewInt64Builder(memory.DefaultAllocator)
+		for r := range rows {
+			b.Append(int64(i*rows + r))
+		}
+		col := b.NewArray()
+		recs = append(recs, array.NewRecordBatch(schema, []arrow.Array{col}, rows))
+		col.Release()
+	}
+	var c captured
+	w := flight.NewRecordWriter(&c, ipc.WithSchema(schema))
+	w.SetFlightDescriptor(&flight.FlightDescriptor{Type: flight.DescriptorPATH, Path: []string{"datasets", "d"}})
+	for _, r := range recs {
+		require.NoError(t, w.Write(r))
+	}
+	require.NoError(t, w.Close())
+	// A message of only app_metadata is skipped.
+	stream := &fakePut{msgs: append(c.msgs[:2:2], append([]*flight.FlightData{{AppMetadata: []byte("m")}}, c.msgs[2:]...)...)}
+
+	rdr, err := newPutReader(stream, memory.DefaultAllocator)
+	require.NoError(t, err)
+	require.Equal(t, []string{"datasets", "d"}, rdr.LatestFlightDescriptor().GetPath())
+	puts := func() int64 { return bodyPool.puts.Load() }
+	read := func(i int) arrow.RecordBatch {
+		rec, err := rdr.Read()
+		require.NoError(t, err)
+		require.True(t, array.RecordEqual(recs[i], rec), "batch %d", i)
+		return rec
+	}
+	read(0)
+	p := puts()
+	read(1) // batch 0 dropped: its body goes back
+	require.Equal(t, p+1, puts())
+	held := read(2)
+	held.Retain() // batch 1's body goes back, batch 2's is held
+	require.Equal(t, p+2, puts())
+	read(3)
+	require.Equal(t, p+2, puts(), "a retained batch keeps its body")
+	require.True(t, array.RecordEqual(recs[2], held))
+	held.Release()
+	require.Equal(t, p+3, puts())
+	_, err = rdr.Read()
+	require.ErrorIs(t, err, io.EOF)
+	rdr.Release()
+	require.Equal(t, p+4, puts())
 }

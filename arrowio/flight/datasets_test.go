@@ -2,6 +2,7 @@ package flight_test
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -291,4 +292,49 @@ func TestDoPutManyBatchesUnreadAcks(t *testing.T) {
 	acks, err := e.put(ctx, "many", recs...)
 	require.NoError(t, err)
 	require.Equal(t, kflight.PutProgress{Batches: 3000, Rows: 9000, Bytes: acks[len(acks)-1].Bytes, Committed: true}, acks[len(acks)-1])
+}
+
+func TestDoPutLargeBatchesConcurrently(t *testing.T) {
+	// Bodies of these sizes are decoded into recycled buffers: streams
+	// running at once, batch after batch, must each store exactly their
+	// own bytes.
+	e := start(t, kflight.Options{})
+	ctx := ctxT(t)
+	schema := arrow.NewSchema([]arrow.Field{{Name: "v", Type: arrow.PrimitiveTypes.Float64}, {Name: "s", Type: arrow.BinaryTypes.String}}, nil)
+	batches := func(seed, n, rows int) []arrow.RecordBatch {
+		out := make([]arrow.RecordBatch, n)
+		for i := range out {
+			vb := array.NewFloat64Builder(memory.DefaultAllocator)
+			sb := array.NewStringBuilder(memory.DefaultAllocator)
+			for r := 0; r < rows; r++ {
+				vb.Append(float64(seed*1e9 + i*1e6 + r))
+				sb.Append(fmt.Sprintf("%d-%d-%d", seed, i, r))
+			}
+			v, s := vb.NewArray(), sb.NewArray()
+			out[i] = array.NewRecordBatch(schema, []arrow.Array{v, s}, int64(rows))
+			v.Release()
+			s.Release()
+		}
+		return out
+	}
+	const streams = 4
+	sent := make([][]arrow.RecordBatch, streams)
+	errs := make(chan error, streams)
+	for k := range streams {
+		sent[k] = batches(k, 6, 20000+k*3000) // 0.4 to 0.7 MB per batch
+		go func() {
+			_, err := e.put(ctx, fmt.Sprintf("big%d", k), sent[k]...)
+			errs <- err
+		}()
+	}
+	for range streams {
+		require.NoError(t, <-errs)
+	}
+	for k := range streams {
+		back := e.get(t, ctx, fmt.Sprintf("big%d", k))
+		require.Len(t, back, len(sent[k]))
+		for i := range back {
+			require.True(t, array.RecordEqual(sent[k][i], back[i]), "stream %d batch %d", k, i)
+		}
+	}
 }
