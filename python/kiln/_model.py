@@ -290,7 +290,11 @@ class Model:
         # earlier call taught us; one Go call with integer arguments that
         # copies the small outputs into arrays allocated here.
         try:
-            key = tuple([(x.dtype, x.shape) for x in inputs])
+            if len(inputs) == 1:
+                x = inputs[0]
+                key = ((x.dtype, x.shape),)
+            else:
+                key = tuple([(x.dtype, x.shape) for x in inputs])
             fast = self._fast.get(key)
         except (AttributeError, TypeError):  # not arrays; unhashable
             key = fast = None
@@ -299,9 +303,12 @@ class Model:
             results = [np.empty(shape, dtype) for shape, dtype in fast.outs]
             try:
                 if fast.single:
-                    x = inputs[0]
-                    if type(x) is np.ndarray and x.flags.c_contiguous and x.flags.aligned:
-                        rc = _go.bindings_Model_PredictInto(h.handle, fast.addr, _addr(x), _addr(results[0]))
+                    x, y = inputs[0], results[0]
+                    flags = x.flags
+                    if type(x) is np.ndarray and flags.c_contiguous and flags.aligned:
+                        xa = _addressof(_byte.from_buffer(x)) if flags.writeable and x.nbytes else x.ctypes.data
+                        ya = _addressof(_byte.from_buffer(y)) if y.nbytes else y.ctypes.data
+                        rc = _go.bindings_Model_PredictInto(h.handle, fast.addr, xa, ya)
                     else:
                         rc = -1
                 elif all(type(x) is np.ndarray and x.flags.c_contiguous and x.flags.aligned for x in inputs):
