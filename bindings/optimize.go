@@ -56,6 +56,9 @@ func StartOptimize(pkgDir, optionsJSON string, xAddr uint64, rows, cols int, yAd
 			return nil, err
 		}
 		defer res.Module.Close()
+		if err := ctx.Err(); err != nil {
+			return nil, fmt.Errorf("kiln: optimize: %w", err)
+		}
 		if err := optimize.SavePackage(outDir, src, sp, res); err != nil {
 			return nil, err
 		}

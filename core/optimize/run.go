@@ -220,6 +220,14 @@ func Run(ctx context.Context, s *Source, sp *Splits, o Options) (*Result, error)
 			m.Close()
 		}
 	}()
+	// Each stage starts only while ctx is live, so a cancelled run stops at
+	// the next stage boundary (fine-tuning also stops between epochs).
+	live := func() error {
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("kiln: optimize: %w", err)
+		}
+		return nil
+	}
 	sparsity, err := netSparsity(s.Net, s.Manifest.Spec)
 	if err != nil {
 		return nil, err
@@ -247,6 +255,9 @@ func Run(ctx context.Context, s *Source, sp *Splits, o Options) (*Result, error)
 			cfg.EarlyStopping = nil
 		}
 		for step := 1; step <= o.Steps; step++ {
+			if err := live(); err != nil {
+				return nil, err
+			}
 			amount := o.Prune * float64(step) / float64(o.Steps)
 			if o.Structured {
 				// Each step prunes the original layer widths to the
@@ -294,6 +305,9 @@ func Run(ctx context.Context, s *Source, sp *Splits, o Options) (*Result, error)
 		rec.Report.Variants = append(rec.Report.Variants, v)
 		rec.After = v
 	}
+	if err := live(); err != nil {
+		return nil, err
+	}
 	res := &Result{Record: rec, Spec: spec, Params: net.Params}
 	if o.Quantize != None {
 		var q *core.Module
@@ -336,7 +350,11 @@ func Run(ctx context.Context, s *Source, sp *Splits, o Options) (*Result, error)
 		}
 		res.Module = m
 	}
-	if err := timeVariants(rec, timed, sp); err != nil {
+	err = live()
+	if err == nil {
+		err = timeVariants(rec, timed, sp)
+	}
+	if err != nil {
 		res.Module.Close()
 		return nil, err
 	}
