@@ -1,7 +1,10 @@
 """Training kiln.Model networks in the Go core, with progress in Python."""
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+import time
 
 import numpy as np
 
@@ -33,6 +36,11 @@ def _run_job(h, bar, on_event, error_class=lambda e: KilnError):
                 break
     except KeyboardInterrupt:
         h.Cancel()
+        # Let the job stop before the caller cleans up what it was writing
+        # (it stops at its next epoch or stage); a second Ctrl-C stops waiting.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not json.loads(h.Poll(200))["done"]:
+            pass
         raise
     finally:
         if bar is not None:
@@ -41,6 +49,19 @@ def _run_job(h, bar, on_event, error_class=lambda e: KilnError):
         return json.loads(h.Report())
     except RuntimeError as e:
         raise translate(e, error_class(e)) from None
+
+
+@contextlib.contextmanager
+def _scratch_dir(prefix):
+    """A new temporary directory for a job's output package, removed again
+    if the job fails or is interrupted (kept when it succeeds: the model
+    now lives there)."""
+    out = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield out
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def fit(model, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss, seed, early_stopping,
@@ -73,34 +94,34 @@ def fit(model, x, y, *, epochs, batch_size, validation_split, optimizer, lr, los
         job["train"]["loss"] = {"type": loss}
     if early_stopping:
         job["train"]["early_stopping"] = early_stopping
-    out = tempfile.mkdtemp(prefix="kiln-model-")
-    try:
-        h = _b.StartTraining(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out)
-    except RuntimeError as e:
-        raise translate(e, InferenceError) from None
-    history = {"loss": []}
+    with _scratch_dir("kiln-model-") as out:
+        try:
+            h = _b.StartTraining(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out)
+        except RuntimeError as e:
+            raise translate(e, InferenceError) from None
+        history = {"loss": []}
 
-    def on_event(e, bar):
-        if e["kind"] != "epoch":
-            return
-        history["loss"].append(e["loss"])
-        for k, v in (e.get("metrics") or {}).items():
-            history.setdefault("val_" + k, []).append(v)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{e['loss']:.4f}", sps=f"{e['samples_per_sec']:.0f}")
-        for cb in callbacks:
-            cb(e)
+        def on_event(e, bar):
+            if e["kind"] != "epoch":
+                return
+            history["loss"].append(e["loss"])
+            for k, v in (e.get("metrics") or {}).items():
+                history.setdefault("val_" + k, []).append(v)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{e['loss']:.4f}", sps=f"{e['samples_per_sec']:.0f}")
+            for cb in callbacks:
+                cb(e)
 
-    report = _run_job(h, _progress(epochs, verbose), on_event)
-    trained = load(report.get("dir") or out)
-    model._h, model.path, model.manifest, model._package = trained._h, out, trained.manifest, out
-    model._fast.clear()
-    model._inputs = trained._inputs
-    trained._h = None
-    if labels is not None:
-        # Go saw class codes 0..k-1; the package records the caller's labels.
-        _record_labels(model.manifest, out, labels)
+        report = _run_job(h, _progress(epochs, verbose), on_event)
+        trained = load(report.get("dir") or out)
+        model._h, model.path, model.manifest, model._package = trained._h, out, trained.manifest, out
+        model._fast.clear()
+        model._inputs = trained._inputs
+        trained._h = None
+        if labels is not None:
+            # Go saw class codes 0..k-1; the package records the caller's labels.
+            _record_labels(model.manifest, out, labels)
     history["report"] = report
     return history
 
@@ -168,24 +189,24 @@ def optimize(model, x, y, options, calibration=None):
     if calibration is not None:
         cal = _calibration_array(calibration)
         cal_addr, (cal_rows, cal_cols) = cal.ctypes.data, cal.shape
-    out = tempfile.mkdtemp(prefix="kiln-optimized-")
+    with _scratch_dir("kiln-optimized-") as out:
 
-    def error_class(e):
-        bad_input = "outside" in str(e) or "calibration" in str(e)
-        return ValueError if bad_input else KilnError
+        def error_class(e):
+            bad_input = "outside" in str(e) or "calibration" in str(e)
+            return ValueError if bad_input else KilnError
 
-    # Runs in a Go goroutine that this thread polls: the GIL stays free and
-    # Ctrl-C cancels it.
-    try:
-        h = _b.StartOptimize(model._package, json.dumps(options), x.ctypes.data, x.shape[0], x.shape[1],
-                             y.ctypes.data, cal_addr, cal_rows, cal_cols, out)
-    except RuntimeError as e:
-        raise translate(e, error_class(e)) from None
-    record = _run_job(h, None, lambda e, bar: None, error_class)
-    labels = model.classes_
-    new = load(out)
-    if labels is not None:
-        _record_labels(new.manifest, out, labels)
+        # Runs in a Go goroutine that this thread polls: the GIL stays free and
+        # Ctrl-C cancels it.
+        try:
+            h = _b.StartOptimize(model._package, json.dumps(options), x.ctypes.data, x.shape[0], x.shape[1],
+                                 y.ctypes.data, cal_addr, cal_rows, cal_cols, out)
+        except RuntimeError as e:
+            raise translate(e, error_class(e)) from None
+        record = _run_job(h, None, lambda e, bar: None, error_class)
+        labels = model.classes_
+        new = load(out)
+        if labels is not None:
+            _record_labels(new.manifest, out, labels)
     old = model._h
     model._h, model.path, model.manifest, model._package = new._h, out, new.manifest, out
     model._fast.clear()
@@ -233,16 +254,16 @@ def select_model(candidates, x, y, *, epochs=20, batch_size=32, validation_split
         job["concurrency"] = concurrency
     if metric:
         job["rank"] = {"metric": metric}
-    out = tempfile.mkdtemp(prefix="kiln-selected-")
-    try:
-        h = _b.StartSelection(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out)
-    except RuntimeError as e:
-        raise translate(e, KilnError) from None
-    board = _run_job(h, _progress(len(specs), verbose), lambda e, bar: bar is not None and bar.update(1))
-    best = load(out)
-    best._package = out
-    if labels is not None:
-        _record_labels(best.manifest, out, labels)
+    with _scratch_dir("kiln-selected-") as out:
+        try:
+            h = _b.StartSelection(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out)
+        except RuntimeError as e:
+            raise translate(e, KilnError) from None
+        board = _run_job(h, _progress(len(specs), verbose), lambda e, bar: bar is not None and bar.update(1))
+        best = load(out)
+        best._package = out
+        if labels is not None:
+            _record_labels(best.manifest, out, labels)
     return board, best
 
 

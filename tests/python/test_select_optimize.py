@@ -59,14 +59,16 @@ def test_prune_and_quantize_report_and_keep_accuracy(digits, tmp_path):
         m.quantize("fp16", x[:2], np.array([3, 11]))
 
 
-def test_ctrl_c_cancels_prune_and_keeps_the_model(digits):
+def test_ctrl_c_cancels_prune_and_keeps_the_model(digits, tmp_path, monkeypatch):
     """prune/quantize run in a Go job that Python polls: the GIL is free
-    meanwhile, and Ctrl-C (KeyboardInterrupt) cancels the job and leaves the
-    model as it was."""
+    meanwhile, and Ctrl-C (KeyboardInterrupt) cancels the job, leaves the
+    model as it was and no half-written package behind."""
     import _thread
+    import tempfile
     import threading
     import time
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     x, y = digits
     m = kiln.Sequential([L.Linear(32), L.ReLU(), L.Linear()])
     m.fit(x, y, epochs=2, seed=1, verbose=0)
@@ -88,3 +90,4 @@ def test_ctrl_c_cancels_prune_and_keeps_the_model(digits):
     assert len(ticks) > 20
     assert m.num_parameters == params
     np.testing.assert_array_equal(m.predict(x[:5]), before)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("kiln-optimized-")]
