@@ -27,8 +27,8 @@ as TorchScript to DIR/torch/<variant>.pt:
                 preprocessing, Conv+BN(+ReLU), Conv+ReLU and Linear+ReLU fused, the engine's
                 default qconfig) calibrated on the same rows as Kiln's
   fp16          weights stored as float16, computed in float32: PyTorch
-                1.13 on CPU cannot run a .half() model ("addmm_impl_cpu_"
-                not implemented for 'Half') and its fp16 dynamic
+                1.13 on CPU cannot run a .half() model (its CPU addmm has
+                no Half kernel) and its fp16 dynamic
                 quantization needs fbgemm, which Debian's build lacks
 
 DIR/torch/meta.json gets each variant's parameter count and sparsity.
