@@ -6,8 +6,9 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/kilnml/kiln/arrowio/flight"
 	"github.com/kilnml/kiln/serving"
+	"github.com/kilnml/kiln/serving/flightserver"
+	"github.com/kilnml/kiln/serving/repository"
 )
 
 // serveOptions is what Python's kiln.serve passes, as JSON.
@@ -35,7 +36,7 @@ func addr(host string, port int) string {
 // metrics and Arrow Flight over one model manager).
 type Server struct {
 	s      *serving.Server
-	fs     *flight.Server
+	fs     *flightserver.Server
 	cancel context.CancelFunc
 }
 
@@ -69,13 +70,13 @@ func Serve(optionsJSON string) (_ *Server, err error) {
 	}
 	h := &Server{s: s, cancel: cancel}
 	if a := addr(o.Host, o.FlightPort); a != "" {
-		trainer, err := flight.NewModelTrainer(flight.ModelTrainerOptions{Repository: o.Repository, Load: s.Manager().Load})
+		trainer, err := flightserver.NewModelTrainer(flightserver.ModelTrainerOptions{Repository: o.Repository, Load: s.Manager().Load})
 		if err == nil {
-			fo := flight.Options{DataDir: o.DataDir, Addr: a, Models: flight.ManagerModels(s.Manager()), Trainer: trainer}
+			fo := flightserver.Options{DataDir: o.DataDir, Addr: a, Models: flightserver.ManagerModels(s.Manager()), Trainer: trainer}
 			if o.AuthToken != "" {
-				fo.Auth = &flight.Auth{Tokens: map[string]string{o.AuthToken: "kiln"}}
+				fo.Auth = &flightserver.Auth{Tokens: map[string]string{o.AuthToken: "kiln"}}
 			}
-			if h.fs, err = flight.New(fo); err == nil {
+			if h.fs, err = flightserver.New(fo); err == nil {
 				err = h.fs.Start(ctx)
 			}
 		}
@@ -127,12 +128,9 @@ func (h *Server) Stop(timeoutMs int) (err error) {
 
 // Deploy installs the model package at pkgDir into the repository as the
 // next version of model (writing its config.yaml if new) and returns the
-// version number.
-func Deploy(pkgDir, repository, model string) (_ int64, err error) {
+// version number (serving/repository.Install).
+func Deploy(pkgDir, repo, model string) (_ int64, err error) {
 	defer guard(&err)
-	t, err := flight.NewModelTrainer(flight.ModelTrainerOptions{Repository: repository})
-	if err != nil {
-		return 0, err
-	}
-	return t.Install(pkgDir, model)
+	inst, err := repository.Install(repo, model, pkgDir, repository.InstallOptions{})
+	return inst.Version, err
 }

@@ -15,7 +15,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/kilnml/kiln/arrowio/flight"
+	"github.com/kilnml/kiln/serving/flightserver"
 	"github.com/kilnml/kiln/serving"
 )
 
@@ -230,22 +230,22 @@ func serveAll(ctx context.Context, opts serving.Options, started func(*serving.S
 		}
 		return context.WithCancel(context.Background())
 	}
-	var fs *flight.Server
+	var fs *flightserver.Server
 	if flightAddr != "" {
-		trainer, err := flight.NewModelTrainer(flight.ModelTrainerOptions{
+		trainer, err := flightserver.NewModelTrainer(flightserver.ModelTrainerOptions{
 			Repository: opts.ModelRepository,
 			Load:       s.Manager().Load,
 		})
 		if err == nil {
-			fopts := flight.Options{
-				DataDir: o.dataDir, Addr: flightAddr, Models: flight.ManagerModels(s.Manager()),
+			fopts := flightserver.Options{
+				DataDir: o.dataDir, Addr: flightAddr, Models: flightserver.ManagerModels(s.Manager()),
 				Trainer: trainer, CertFile: o.tlsCert, KeyFile: o.tlsKey,
 				MaxMessageBytes: o.maxMsgBytes, Logger: log,
 			}
 			if opts.AuthToken != "" {
-				fopts.Auth = &flight.Auth{Tokens: map[string]string{opts.AuthToken: "kiln"}}
+				fopts.Auth = &flightserver.Auth{Tokens: map[string]string{opts.AuthToken: "kiln"}}
 			}
-			if fs, err = flight.New(fopts); err == nil {
+			if fs, err = flightserver.New(fopts); err == nil {
 				err = fs.Start(ctx)
 			}
 		}

@@ -1,4 +1,4 @@
-package flight_test
+package flightserver_test
 
 import (
 	"context"
@@ -17,7 +17,7 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/memory"
 	"github.com/stretchr/testify/require"
 
-	kflight "github.com/kilnml/kiln/arrowio/flight"
+	kflight "github.com/kilnml/kiln/serving/flightserver"
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/serving/manager"
 	"github.com/kilnml/kiln/serving/repository"

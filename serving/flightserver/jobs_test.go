@@ -1,4 +1,4 @@
-package flight_test
+package flightserver_test
 
 import (
 	"context"
@@ -28,8 +28,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 
-	kflight "github.com/kilnml/kiln/arrowio/flight"
-	"github.com/kilnml/kiln/arrowio/flight/internal/flighttest"
+	kflight "github.com/kilnml/kiln/serving/flightserver"
+	"github.com/kilnml/kiln/serving/flightserver/internal/flighttest"
 )
 
 func (e *env) action(ctx context.Context, typ string, body any) ([]byte, error) {

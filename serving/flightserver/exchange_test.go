@@ -1,4 +1,4 @@
-package flight_test
+package flightserver_test
 
 import (
 	"context"
@@ -16,7 +16,7 @@ import (
 	"google.golang.org/grpc/codes"
 
 	"github.com/kilnml/kiln/arrowio"
-	kflight "github.com/kilnml/kiln/arrowio/flight"
+	kflight "github.com/kilnml/kiln/serving/flightserver"
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/serving/batcher"
 )

@@ -3,14 +3,14 @@
 // until SIGINT or SIGTERM. Once both listen it prints one JSON line on
 // stdout: {"grpc": "HOST:PORT", "flight": "HOST:PORT", "ready": true|false}.
 //
-//	go run ./arrowio/flight/internal/flighttestserver -repo DIR -data DIR \
+//	go run ./serving/flightserver/internal/flighttestserver -repo DIR -data DIR \
 //	    [-grpc 127.0.0.1:0] [-flight 127.0.0.1:0] [-trainer stats|kiln|none] \
 //	    [-train-repo DIR] [-user NAME -password PW] [-token TOKEN] \
 //	    [-tls-cert PEM -tls-key PEM]
 //
 // The stats trainer is flighttest.StatsTrainer (column statistics), a real
 // but trivial trainer that exercises the training job machinery. The kiln
-// trainer is flight.ModelTrainer, Kiln's training engine: it writes each
+// trainer is flightserver.ModelTrainer, Kiln's training engine: it writes each
 // trained model as a new version into -train-repo (default: -repo, the
 // served repository) and loads it into the server's model manager, so that
 // DoExchange and gRPC serve it at once.
@@ -27,8 +27,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/kilnml/kiln/arrowio/flight"
-	"github.com/kilnml/kiln/arrowio/flight/internal/flighttest"
+	"github.com/kilnml/kiln/serving/flightserver"
+	"github.com/kilnml/kiln/serving/flightserver/internal/flighttest"
 	"github.com/kilnml/kiln/serving"
 )
 
@@ -56,17 +56,17 @@ func main() {
 	if err := srv.Start(ctx); err != nil {
 		fail(1, err)
 	}
-	opts := flight.Options{DataDir: *data, Addr: *flightAddr, Models: flight.ManagerModels(srv.Manager()), Logger: log, CertFile: *cert, KeyFile: *key}
+	opts := flightserver.Options{DataDir: *data, Addr: *flightAddr, Models: flightserver.ManagerModels(srv.Manager()), Logger: log, CertFile: *cert, KeyFile: *key}
 	switch *trainer {
 	case "stats":
 		opts.Trainer = flighttest.StatsTrainer
 	case "kiln":
-		to := flight.ModelTrainerOptions{Repository: *trainRepo}
+		to := flightserver.ModelTrainerOptions{Repository: *trainRepo}
 		if to.Repository == "" {
 			to.Repository = *repo
 			to.Load = srv.Manager().Load
 		}
-		mt, err := flight.NewModelTrainer(to)
+		mt, err := flightserver.NewModelTrainer(to)
 		if err != nil {
 			fail(2, err)
 		}
@@ -76,7 +76,7 @@ func main() {
 		fail(2, fmt.Errorf("unknown trainer %q", *trainer))
 	}
 	if *user != "" || *token != "" {
-		opts.Auth = &flight.Auth{}
+		opts.Auth = &flightserver.Auth{}
 		if *user != "" {
 			opts.Auth.Users = map[string]string{*user: *password}
 		}
@@ -84,7 +84,7 @@ func main() {
 			opts.Auth.Tokens = map[string]string{*token: "static"}
 		}
 	}
-	fs, err := flight.New(opts)
+	fs, err := flightserver.New(opts)
 	if err != nil {
 		fail(2, err)
 	}
