@@ -34,6 +34,7 @@ import (
 	"github.com/kilnml/kiln/serving/flightserver"
 	"github.com/kilnml/kiln/serving/grpcserver"
 	"github.com/kilnml/kiln/serving/httpserver"
+	"github.com/kilnml/kiln/serving/internal/grpccodec"
 	"github.com/kilnml/kiln/serving/manager"
 	"github.com/kilnml/kiln/serving/metrics"
 	"github.com/kilnml/kiln/serving/repository"
@@ -112,7 +113,8 @@ func New(cfg Config) (*Server, error) {
 	gopts := append([]grpc.ServerOption{
 		grpc.MaxRecvMsgSize(cfg.MaxMessageBytes),
 		grpc.MaxSendMsgSize(cfg.MaxMessageBytes),
-	}, policy.GRPCServerOptions(auth.KServeScope)...)
+	}, grpccodec.New().ServerOptions()...) // first: malformed messages → INVALID_ARGUMENT
+	gopts = append(gopts, policy.GRPCServerOptions(auth.KServeScope)...)
 	if s.tls != nil {
 		gopts = append(gopts, grpc.Creds(credentials.NewTLS(s.tls)))
 	}
