@@ -379,8 +379,8 @@ func packageConfig(req TrainRequest, man *train.Manifest) (*repository.Config, [
 		Name:            req.Model,
 		Platform:        repository.Platform,
 		MaxBatchSize:    mbs,
-		Inputs:          []repository.Tensor{{Name: in.Name, DataType: repository.FP32, Dims: slices.Clone(in.Shape[1:])}},
-		Outputs:         []repository.Tensor{{Name: out.Name, DataType: repository.FP32, Dims: slices.Clone(out.Shape[1:])}},
+		Inputs:          []repository.TensorSpec{{Name: in.Name, DataType: repository.FP32, Dims: slices.Clone(in.Shape[1:])}},
+		Outputs:         []repository.TensorSpec{{Name: out.Name, DataType: repository.FP32, Dims: slices.Clone(out.Shape[1:])}},
 		DynamicBatching: &repository.DynamicBatching{MaxQueueDelayUS: 500},
 		VersionPolicy:   repository.VersionPolicy{Latest: 1},
 	}
@@ -419,15 +419,15 @@ func readModelConfig(dir string) (*repository.Config, string, error) {
 // configFits checks that a package with configuration want can be a version of a
 // model configured as have.
 func configFits(have, want *repository.Config, file string) error {
-	describe := func(ts []repository.Tensor) string {
+	describe := func(ts []repository.TensorSpec) string {
 		parts := make([]string, len(ts))
 		for i, t := range ts {
 			parts[i] = fmt.Sprintf("%s %s %v", t.Name, t.DataType, t.Dims)
 		}
 		return "[" + strings.Join(parts, ", ") + "]"
 	}
-	same := func(a, b []repository.Tensor) bool {
-		return slices.EqualFunc(a, b, func(x, y repository.Tensor) bool {
+	same := func(a, b []repository.TensorSpec) bool {
+		return slices.EqualFunc(a, b, func(x, y repository.TensorSpec) bool {
 			return x.Name == y.Name && x.DataType == y.DataType && slices.Equal(x.Dims, y.Dims)
 		})
 	}
