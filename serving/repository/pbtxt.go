@@ -1,6 +1,7 @@
 package repository
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"regexp"
@@ -36,7 +37,7 @@ const TritonConfigFile = "config.pbtxt"
 func ParseTritonConfig(raw []byte) (*Config, error) {
 	var mc pb.ModelConfig
 	if err := prototext.Unmarshal(raw, &mc); err != nil {
-		return nil, fmt.Errorf("invalid protobuf text: %s", protoTextError(err))
+		return nil, fmt.Errorf("invalid protobuf text: %s", protoTextError(err, raw))
 	}
 	if err := rejectUnsupported(mc.ProtoReflect(), ""); err != nil {
 		return nil, err
@@ -55,17 +56,25 @@ func ParseTritonConfig(raw []byte) (*Config, error) {
 	return c, nil
 }
 
-var protoPosition = regexp.MustCompile(`^(?:proto: *)?(syntax error )?\(line (\d+):(\d+)\): `)
+// protobuf-go separates its "proto:" prefix by a space or, at random, a
+// no-break space.
+var (
+	protoPrefix   = regexp.MustCompile(`^proto:[ \x{00a0}]*`)
+	protoPosition = regexp.MustCompile(`^(syntax error )?\(line (\d+):(\d+)\): `)
+)
 
 // protoTextError rewrites prototext's "proto: (line 3:5): msg" as
-// "line 3:5: msg".
-func protoTextError(err error) string {
-	msg := err.Error()
-	m := protoPosition.FindStringSubmatch(msg)
-	if m == nil {
-		return strings.TrimPrefix(msg, "proto: ")
+// "line 3:5: msg", and its position-less "unexpected EOF" as "line N:
+// unexpected end of file" with N raw's last line.
+func protoTextError(err error, raw []byte) string {
+	msg := protoPrefix.ReplaceAllString(err.Error(), "")
+	if m := protoPosition.FindStringSubmatch(msg); m != nil {
+		return fmt.Sprintf("line %s:%s: %s%s", m[2], m[3], m[1], msg[len(m[0]):])
 	}
-	return fmt.Sprintf("line %s:%s: %s%s", m[2], m[3], m[1], msg[len(m[0]):])
+	if msg == "unexpected EOF" {
+		return fmt.Sprintf("line %d: unexpected end of file", bytes.Count(raw, []byte("\n"))+1)
+	}
+	return msg
 }
 
 // supported lists the ModelConfig fields Kiln honours; a field not listed
