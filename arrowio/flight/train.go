@@ -398,22 +398,11 @@ func packageConfig(req TrainRequest, man *train.Manifest) (*repository.Config, [
 // readModelConfig returns the model's existing configuration, or nil when
 // it has none.
 func readModelConfig(dir string) (*repository.Config, string, error) {
-	for _, name := range repository.ConfigFiles {
-		p := filepath.Join(dir, name)
-		raw, err := os.ReadFile(p)
-		if errors.Is(err, os.ErrNotExist) {
-			continue
-		}
-		if err != nil {
-			return nil, "", err
-		}
-		cfg, err := repository.ParseConfig(raw, filepath.Ext(p) == ".json")
-		if err != nil {
-			return nil, "", fmt.Errorf("%s: %w", name, err)
-		}
-		return cfg, p, nil
+	cfg, path, err := repository.ReadConfig(dir)
+	if errors.Is(err, repository.ErrNoConfig) {
+		return nil, "", nil
 	}
-	return nil, "", nil
+	return cfg, path, err
 }
 
 // configFits checks that a package with configuration want can be a version of a

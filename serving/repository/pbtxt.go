@@ -236,6 +236,10 @@ func orderByIndex(kind string, ts []tensorFile) ([]tensorFile, error) {
 	return out, nil
 }
 
+// ErrNoConfig is wrapped by errors about a model directory without a
+// configuration file.
+var ErrNoConfig = errors.New("no configuration file")
+
 // errBothConfigs is wrapped when a model has both kinds of configuration.
 var errBothConfigs = errors.New("both a Kiln and a Triton configuration")
 
@@ -259,5 +263,5 @@ func findConfigs(dir string, exists func(string) bool) (string, error) {
 	case kiln != "":
 		return kiln, nil
 	}
-	return "", fmt.Errorf("no %s or %s in %s", strings.Join(ConfigFiles, " or "), TritonConfigFile, dir)
+	return "", fmt.Errorf("%w (%s or %s) in %s", ErrNoConfig, strings.Join(ConfigFiles, " or "), TritonConfigFile, dir)
 }

@@ -240,22 +240,9 @@ func (r *Repository) Model(name string) (*Model, error) {
 	if st, err := os.Stat(dir); err != nil || !st.IsDir() {
 		return nil, fmt.Errorf("model %q: no such model in repository %s: %w", name, r.root, ErrNotFound)
 	}
-	cfgPath, err := findConfig(dir)
+	cfg, cfgPath, err := ReadConfig(dir)
 	if err != nil {
 		return nil, fmt.Errorf("model %q: %w", name, err)
-	}
-	raw, err := os.ReadFile(cfgPath)
-	if err != nil {
-		return nil, fmt.Errorf("model %q: %w", name, err)
-	}
-	var cfg *Config
-	if filepath.Base(cfgPath) == TritonConfigFile {
-		cfg, err = ParseTritonConfig(raw)
-	} else {
-		cfg, err = ParseConfig(raw, filepath.Ext(cfgPath) == ".json")
-	}
-	if err != nil {
-		return nil, fmt.Errorf("model %q: %s: %w", name, filepath.Base(cfgPath), err)
 	}
 	if cfg.Name == "" {
 		cfg.Name = name
@@ -351,6 +338,31 @@ func describePolicy(p VersionPolicy) string {
 		return fmt.Sprintf("specific %v", p.Specific)
 	}
 	return fmt.Sprintf("latest %d", max(p.Latest, 1))
+}
+
+// ReadConfig reads and validates the configuration file of model directory
+// dir: one of ConfigFiles or config.pbtxt (see findConfigs). It returns the
+// configuration and the file's path. Errors name the file; an error wraps
+// ErrNoConfig when dir holds no configuration file.
+func ReadConfig(dir string) (*Config, string, error) {
+	path, err := findConfig(dir)
+	if err != nil {
+		return nil, "", err
+	}
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, "", err
+	}
+	var cfg *Config
+	if filepath.Base(path) == TritonConfigFile {
+		cfg, err = ParseTritonConfig(raw)
+	} else {
+		cfg, err = ParseConfig(raw, filepath.Ext(path) == ".json")
+	}
+	if err != nil {
+		return nil, "", fmt.Errorf("%s: %w", filepath.Base(path), err)
+	}
+	return cfg, path, nil
 }
 
 // findConfig returns the path of the configuration file in dir (see
