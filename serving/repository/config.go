@@ -137,8 +137,7 @@ func (l *latestFile) UnmarshalYAML(n *yaml.Node) error {
 	if err := decodeMapping(n, "version_policy.latest", &v, "num_versions"); err != nil {
 		return err
 	}
-	*l = latestFile(v.NumVersions)
-	return nil
+	return l.setNumVersions(v.NumVersions)
 }
 
 // UnmarshalJSON takes 2 or {"num_versions": 2}.
@@ -152,7 +151,15 @@ func (l *latestFile) UnmarshalJSON(b []byte) error {
 	if err := strictJSON(b, &v); err != nil {
 		return err
 	}
-	*l = latestFile(v.NumVersions)
+	return l.setNumVersions(v.NumVersions)
+}
+
+// setNumVersions takes Triton's num_versions, which must be ≥ 1.
+func (l *latestFile) setNumVersions(n int) error {
+	if n < 1 {
+		return fmt.Errorf("version_policy.latest.num_versions is %d (want ≥ 1)", n)
+	}
+	*l = latestFile(n)
 	return nil
 }
 
@@ -297,12 +304,13 @@ func (f *configFile) config() (*Config, error) {
 }
 
 // platformOf reconciles platform with Triton's backend: "pytorch" is the
-// backend of TorchScript models; any other backend is refused.
+// backend of TorchScript models, and "kiln" the one Kiln reports in its
+// model configuration; any other backend is refused.
 func platformOf(platform, backend string) (string, error) {
 	switch backend {
 	case "":
 		return platform, nil
-	case "pytorch":
+	case "pytorch", "kiln":
 		if platform != "" && platform != Platform && platform != "pytorch_libtorch" {
 			return "", fmt.Errorf("backend %q does not run platform %q", backend, platform)
 		}

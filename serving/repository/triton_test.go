@@ -103,6 +103,7 @@ func TestTritonSpellingErrors(t *testing.T) {
 		"latest field":          {base + "version_policy: {latest: {count: 2}}\n", `version_policy.latest: unknown field "count" (want num_versions)`},
 		"all field":             {base + "version_policy: {all: {x: 1}}\n", `version_policy.all: unknown field "x" (want no fields)`},
 		"reshape":               {"input: [{name: x, data_type: TYPE_FP32, dims: [8], reshape: {shape: [2, 4]}}]\noutput: [{name: y, data_type: TYPE_FP32, dims: [3]}]\n", `input "x": reshape [2 4] differs from dims [8]`},
+		"num_versions 0":        {base + "version_policy: {latest: {num_versions: 0}}\n", "num_versions is 0 (want ≥ 1)"},
 		"triton empty specific": {base + "version_policy: {specific: {versions: []}}\n", "specific lists no versions"},
 	}
 	for name, tc := range cases {
