@@ -45,7 +45,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/kilnml/kiln/arrowio"
-	kflight "github.com/kilnml/kiln/arrowio/flight"
+	kflight "github.com/kilnml/kiln/serving/flightserver"
 	"github.com/kilnml/kiln/serving/manager"
 	"github.com/kilnml/kiln/serving/repository"
 )

@@ -1,10 +1,10 @@
 """Kiln's Arrow Flight service against the real pyarrow.flight client.
 
-The server is arrowio/flight/internal/flighttestserver: Kiln's gRPC
+The server is serving/flightserver/internal/flighttestserver: Kiln's gRPC
 inference server and its Flight service in one process, sharing one model
 manager and its dynamic batchers, over the repository that
-arrowio/flight/internal/flighttest/make_models.py writes, with the column
-statistics trainer of arrowio/flight/internal/flighttest.
+serving/flightserver/internal/flighttest/make_models.py writes, with the column
+statistics trainer of serving/flightserver/internal/flighttest.
 """
 import json
 import os
@@ -32,9 +32,9 @@ PYTHON = os.environ.get("KILN_PYTHON", sys.executable)
 def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("flight")
     repo = tmp / "repo"
-    subprocess.run([PYTHON, str(ROOT / "arrowio/flight/internal/flighttest/make_models.py"), str(repo)], check=True)
+    subprocess.run([PYTHON, str(ROOT / "serving/flightserver/internal/flighttest/make_models.py"), str(repo)], check=True)
     binary = tmp / "kiln-flighttestserver"
-    subprocess.run(["go", "build", "-o", str(binary), "./arrowio/flight/internal/flighttestserver"], cwd=ROOT, check=True)
+    subprocess.run(["go", "build", "-o", str(binary), "./serving/flightserver/internal/flighttestserver"], cwd=ROOT, check=True)
     return {"tmp": tmp, "repo": repo, "binary": binary}
 
 

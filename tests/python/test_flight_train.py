@@ -1,6 +1,6 @@
 """Training through Kiln's Arrow Flight service, with the real pyarrow.flight client.
 
-The server is arrowio/flight/internal/flighttestserver with `-trainer kiln`:
+The server is serving/flightserver/internal/flighttestserver with `-trainer kiln`:
 flight.ModelTrainer, Kiln's training engine (core/train over libtorch),
 writing each trained model as the next version of a model repository that
 the same process serves (gRPC and Flight DoExchange), and loading it there.
@@ -40,7 +40,7 @@ def server(tmp_path_factory):
     repo = tmp / "repo"
     repo.mkdir()
     binary = tmp / "kiln-flighttestserver"
-    subprocess.run(["go", "build", "-o", str(binary), "./arrowio/flight/internal/flighttestserver"], cwd=ROOT, check=True)
+    subprocess.run(["go", "build", "-o", str(binary), "./serving/flightserver/internal/flighttestserver"], cwd=ROOT, check=True)
     log = tmp / "server.log"
     proc = subprocess.Popen(
         [str(binary), "-repo", str(repo), "-data", str(tmp / "data"), "-trainer", "kiln"],

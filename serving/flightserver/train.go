@@ -1,4 +1,4 @@
-package flight
+package flightserver
 
 import (
 	"context"
@@ -6,14 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
-	"sync"
-	"syscall"
-
-	yaml "go.yaml.in/yaml/v3"
 
 	"github.com/kilnml/kiln/arrowio"
 	"github.com/kilnml/kiln/core/train"
@@ -110,7 +104,6 @@ type ModelTrainerOptions struct {
 // within one progress interval.
 type ModelTrainer struct {
 	opts ModelTrainerOptions
-	mu   sync.Mutex // serializes version allocation and config writes
 }
 
 // NewModelTrainer returns a ModelTrainer writing into opts.Repository.
@@ -226,15 +219,11 @@ func (t *ModelTrainer) Train(ctx context.Context, body json.RawMessage, dataset 
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	modelDir := filepath.Join(t.opts.Repository, req.Model)
-	if err := os.MkdirAll(modelDir, 0o755); err != nil {
-		return nil, fmt.Errorf("model %q: %w", req.Model, err)
-	}
-	tmp, err := os.MkdirTemp(modelDir, ".training-")
+	tmp, err := repository.NewStaging(t.opts.Repository, req.Model)
 	if err != nil {
-		return nil, fmt.Errorf("model %q: %w", req.Model, err)
+		return nil, err
 	}
-	defer os.RemoveAll(tmp) // gone after the rename; left over on failure
+	defer os.RemoveAll(tmp) // gone after the rename; cleans up on failure
 	onEvent := func(e train.Event) {
 		p := Progress{Step: int64(e.Epoch - 1), Total: int64(e.Epochs)}
 		m := map[string]float64{"loss": e.Loss, "lr": e.LR, "samples_per_sec": e.SamplesPerSec}
@@ -262,23 +251,17 @@ func (t *ModelTrainer) Train(ctx context.Context, body json.RawMessage, dataset 
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	var man train.Manifest
-	raw, err := os.ReadFile(filepath.Join(tmp, "manifest.json"))
-	if err == nil {
-		err = json.Unmarshal(raw, &man)
-	}
+	inst, err := repository.Install(t.opts.Repository, req.Model, tmp,
+		repository.InstallOptions{MaxBatchSize: req.MaxBatchSize, Move: true})
 	if err != nil {
-		return nil, fmt.Errorf("reading the package's manifest: %w", err)
+		return nil, err
 	}
 	res := TrainResult{
-		Model: req.Model, Task: string(man.Task), Labels: man.Labels, Val: rep.Val, Test: rep.Test,
+		Model: req.Model, Version: inst.Version, Dir: inst.Dir, ConfigCreated: inst.ConfigCreated,
+		Task: string(inst.Manifest.Task), Labels: inst.Manifest.Labels, Val: rep.Val, Test: rep.Test,
 		Epochs: len(rep.Result.History), BestEpoch: rep.Result.BestEpoch, StopReason: rep.Result.StopReason,
 		Seconds: rep.Result.Seconds, SamplesPerSec: rep.Result.SamplesPerSec,
 	}
-	if res.Version, res.ConfigCreated, err = t.install(req, modelDir, tmp, &man); err != nil {
-		return nil, fmt.Errorf("model %q: %w", req.Model, err)
-	}
-	res.Dir = filepath.Join(modelDir, strconv.FormatInt(res.Version, 10))
 	if t.opts.Load != nil {
 		if err := t.opts.Load(req.Model); err != nil {
 			res.LoadError = err.Error()
@@ -302,234 +285,4 @@ func flatMetrics(rep *train.Report) map[string]float64 {
 	return m
 }
 
-// install writes the model's config when it has none (or checks that the
-// package fits the one it has) and renames the package at tmp to the next
-// version directory.
-func (t *ModelTrainer) install(req TrainRequest, modelDir, tmp string, man *train.Manifest) (int64, bool, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	cfg, labels, err := packageConfig(req, man)
-	if err != nil {
-		return 0, false, err
-	}
-	created := false
-	existing, cfgPath, err := readModelConfig(modelDir)
-	switch {
-	case err != nil:
-		return 0, false, err
-	case existing == nil:
-		if labels != nil {
-			if err := writeFileAtomic(filepath.Join(modelDir, "labels.txt"), []byte(strings.Join(labels, "\n")+"\n")); err != nil {
-				return 0, false, err
-			}
-		}
-		b, err := yaml.Marshal(cfg)
-		if err != nil {
-			return 0, false, err
-		}
-		if err := writeFileAtomic(filepath.Join(modelDir, "config.yaml"), b); err != nil {
-			return 0, false, err
-		}
-		created = true
-	default:
-		if err := configFits(existing, cfg, filepath.Base(cfgPath)); err != nil {
-			return 0, false, err
-		}
-		if err := sameLabels(modelDir, existing, labels); err != nil {
-			return 0, false, err
-		}
-	}
-	for {
-		v, err := nextVersion(modelDir)
-		if err != nil {
-			return 0, false, err
-		}
-		dst := filepath.Join(modelDir, strconv.FormatInt(v, 10))
-		err = os.Rename(tmp, dst)
-		if err == nil {
-			if d, err := os.Open(modelDir); err == nil {
-				d.Sync()
-				d.Close()
-			}
-			return v, created, nil
-		}
-		// Someone else took that version since nextVersion: try the next.
-		if !errors.Is(err, syscall.ENOTEMPTY) && !errors.Is(err, syscall.EEXIST) {
-			return 0, false, err
-		}
-	}
-}
-
-// packageConfig is the serving configuration of a model package: input x
-// [features] and output y, FP32, with labels when there is one output
-// value per class.
-func packageConfig(req TrainRequest, man *train.Manifest) (*repository.Config, []string, error) {
-	if len(man.Inputs) != 1 || len(man.Outputs) != 1 {
-		return nil, nil, fmt.Errorf("package has %d inputs and %d outputs (want 1 and 1)", len(man.Inputs), len(man.Outputs))
-	}
-	in, out := man.Inputs[0], man.Outputs[0]
-	if len(in.Shape) < 1 || len(out.Shape) < 1 || in.DType != "float32" || out.DType != "float32" {
-		return nil, nil, fmt.Errorf("package input %v %s, output %v %s: want float32 with a batch dimension", in.Shape, in.DType, out.Shape, out.DType)
-	}
-	mbs := req.MaxBatchSize
-	if mbs == 0 {
-		mbs = 64
-	}
-	cfg := &repository.Config{
-		Name:            req.Model,
-		Platform:        repository.Platform,
-		MaxBatchSize:    mbs,
-		Inputs:          []repository.TensorSpec{{Name: in.Name, DataType: repository.FP32, Dims: slices.Clone(in.Shape[1:])}},
-		Outputs:         []repository.TensorSpec{{Name: out.Name, DataType: repository.FP32, Dims: slices.Clone(out.Shape[1:])}},
-		DynamicBatching: &repository.DynamicBatching{MaxQueueDelayUS: 500},
-		VersionPolicy:   repository.VersionPolicy{Latest: 1},
-	}
-	var labels []string
-	if len(man.Labels) > 0 && len(out.Shape) == 2 && out.Shape[1] == int64(len(man.Labels)) {
-		labels = man.Labels
-		cfg.Outputs[0].Labels = "labels.txt"
-	}
-	if err := cfg.Validate(); err != nil {
-		return nil, nil, fmt.Errorf("generated config: %w", err)
-	}
-	return cfg, labels, nil
-}
-
-// readModelConfig returns the model's existing configuration, or nil when
-// it has none.
-func readModelConfig(dir string) (*repository.Config, string, error) {
-	cfg, path, err := repository.ReadConfig(dir)
-	if errors.Is(err, repository.ErrNoConfig) {
-		return nil, "", nil
-	}
-	return cfg, path, err
-}
-
-// configFits checks that a package with configuration want can be a version of a
-// model configured as have.
-func configFits(have, want *repository.Config, file string) error {
-	describe := func(ts []repository.TensorSpec) string {
-		parts := make([]string, len(ts))
-		for i, t := range ts {
-			parts[i] = fmt.Sprintf("%s %s %v", t.Name, t.DataType, t.Dims)
-		}
-		return "[" + strings.Join(parts, ", ") + "]"
-	}
-	same := func(a, b []repository.TensorSpec) bool {
-		return slices.EqualFunc(a, b, func(x, y repository.TensorSpec) bool {
-			return x.Name == y.Name && x.DataType == y.DataType && slices.Equal(x.Dims, y.Dims)
-		})
-	}
-	if !same(have.Inputs, want.Inputs) || !same(have.Outputs, want.Outputs) || (have.MaxBatchSize == 0) != (want.MaxBatchSize == 0) {
-		return fmt.Errorf("the trained package (inputs %s, outputs %s) does not fit the model's %s (inputs %s, outputs %s); train into a new model name",
-			describe(want.Inputs), describe(want.Outputs), file, describe(have.Inputs), describe(have.Outputs))
-	}
-	return nil
-}
-
-// sameLabels checks that the labels file the model's config names, if
-// any, lists the trained package's class labels.
-func sameLabels(dir string, cfg *repository.Config, labels []string) error {
-	for _, o := range cfg.Outputs {
-		if o.Labels == "" || labels == nil {
-			continue
-		}
-		raw, err := os.ReadFile(filepath.Join(dir, o.Labels))
-		if err != nil {
-			return fmt.Errorf("output %q: labels: %w", o.Name, err)
-		}
-		var have []string
-		for _, l := range strings.Split(string(raw), "\n") {
-			if l = strings.TrimSpace(l); l != "" {
-				have = append(have, l)
-			}
-		}
-		if !slices.Equal(have, labels) {
-			return fmt.Errorf("output %q: the model's %s lists %v but the trained package's classes are %v; train into a new model name", o.Name, o.Labels, have, labels)
-		}
-	}
-	return nil
-}
-
-// nextVersion returns one more than the highest version directory.
-func nextVersion(dir string) (int64, error) {
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		return 0, err
-	}
-	var top int64
-	for _, e := range ents {
-		v, err := strconv.ParseInt(e.Name(), 10, 64)
-		if err == nil && v > top && strconv.FormatInt(v, 10) == e.Name() {
-			top = v
-		}
-	}
-	return top + 1, nil
-}
-
-// writeFileAtomic writes b to path through a synced temporary file.
-func writeFileAtomic(path string, b []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-"+filepath.Base(path)+"-")
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Chmod(f.Name(), 0o644)
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), path)
-	}
-	if err != nil {
-		os.Remove(f.Name())
-	}
-	return err
-}
-
 var _ Trainer = (*ModelTrainer)(nil)
-
-// Install copies the Kiln model package in pkgDir (model.pt and
-// manifest.json, as core/train writes it) into the model repository as the
-// next version of model, writing the model's config.yaml (and labels.txt)
-// when it has none, exactly as the train action does; it returns the
-// version. Python's Model.deploy uses it.
-func (t *ModelTrainer) Install(pkgDir, model string) (int64, error) {
-	raw, err := os.ReadFile(filepath.Join(pkgDir, "manifest.json"))
-	if err != nil {
-		return 0, fmt.Errorf("install %s: %w", pkgDir, err)
-	}
-	var man train.Manifest
-	if err := json.Unmarshal(raw, &man); err != nil {
-		return 0, fmt.Errorf("install %s: manifest.json: %w", pkgDir, err)
-	}
-	req := TrainRequest{Model: model}
-	if err := validModelName(model); err != nil {
-		return 0, err
-	}
-	modelDir := filepath.Join(t.opts.Repository, model)
-	if err := os.MkdirAll(modelDir, 0o755); err != nil {
-		return 0, fmt.Errorf("model %q: %w", model, err)
-	}
-	tmp, err := os.MkdirTemp(modelDir, ".installing-")
-	if err != nil {
-		return 0, fmt.Errorf("model %q: %w", model, err)
-	}
-	defer os.RemoveAll(tmp) // gone after the rename; cleans up on error
-	for _, f := range []string{"model.pt", "manifest.json"} {
-		b, err := os.ReadFile(filepath.Join(pkgDir, f))
-		if err != nil {
-			return 0, fmt.Errorf("install %s: %w", pkgDir, err)
-		}
-		if err := writeFileAtomic(filepath.Join(tmp, f), b); err != nil {
-			return 0, err
-		}
-	}
-	v, _, err := t.install(req, modelDir, tmp, &man)
-	return v, err
-}

@@ -1,13 +1,13 @@
-// Package flight is Kiln's Arrow Flight service: it stores datasets sent
+// Package flightserver is Kiln's Arrow Flight service: it stores datasets sent
 // with DoPut, serves them back with ListFlights, GetFlightInfo and DoGet,
 // runs streaming batch inference with DoExchange through the same model
 // manager and dynamic batcher as the KServe gRPC service, and starts and
 // tracks training jobs with DoAction. It listens on :8815 by default,
 // started alone or next to the gRPC service in `kiln serve`:
 //
-//	srv, err := flight.New(flight.Options{
+//	srv, err := flightserver.New(flightserver.Options{
 //		DataDir: "data",
-//		Models:  flight.ManagerModels(servingServer.Manager()),
+//		Models:  flightserver.ManagerModels(servingServer.Manager()),
 //	})
 //	if err != nil { ... }
 //	if err := srv.Start(ctx); err != nil { ... }
@@ -95,7 +95,9 @@
 //
 // # Security
 //
-// Options.Auth requires bearer tokens, static or issued by the Flight
-// basic-auth handshake (see Auth); Options.TLSConfig or CertFile and
-// KeyFile serve TLS.
-package flight
+// Options.Auth is the server's one authentication policy (serving/auth,
+// the same as gRPC's and HTTP's): with a token or users, datasets and
+// actions need a bearer token, static or issued by the Flight basic-auth
+// handshake, and DoExchange needs one when the policy protects inference.
+// Options.TLSConfig or CertFile and KeyFile serve TLS.
+package flightserver

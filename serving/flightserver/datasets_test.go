@@ -1,4 +1,4 @@
-package flight_test
+package flightserver_test
 
 import (
 	"context"
@@ -18,7 +18,7 @@ import (
 	"google.golang.org/grpc/codes"
 
 	"github.com/kilnml/kiln/arrowio"
-	kflight "github.com/kilnml/kiln/arrowio/flight"
+	kflight "github.com/kilnml/kiln/serving/flightserver"
 )
 
 // mixedBatch returns a batch of n rows, starting at row first, with a float

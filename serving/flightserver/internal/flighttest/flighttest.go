@@ -19,7 +19,7 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/array"
 	"github.com/apache/arrow-go/v18/arrow/ipc"
 
-	"github.com/kilnml/kiln/arrowio/flight"
+	"github.com/kilnml/kiln/serving/flightserver"
 )
 
 func here() string {
@@ -75,12 +75,12 @@ type ColumnStats struct {
 	Max   float64 `json:"max"`
 }
 
-// StatsTrainer is a flight.Trainer that "fits" per-column statistics (count,
+// StatsTrainer is a flightserver.Trainer that "fits" per-column statistics (count,
 // mean, min, max) over a stored dataset batch by batch, reporting progress
 // after each batch and the running means as metrics.
-var StatsTrainer flight.Trainer = flight.TrainerFunc(trainStats)
+var StatsTrainer flightserver.Trainer = flightserver.TrainerFunc(trainStats)
 
-func trainStats(ctx context.Context, raw json.RawMessage, path string, progress func(flight.Progress)) (json.RawMessage, error) {
+func trainStats(ctx context.Context, raw json.RawMessage, path string, progress func(flightserver.Progress)) (json.RawMessage, error) {
 	var spec StatsSpec
 	if err := json.Unmarshal(raw, &spec); err != nil {
 		return nil, fmt.Errorf("stats spec: %w", err)
@@ -145,7 +145,7 @@ func trainStats(ctx context.Context, raw json.RawMessage, path string, progress 
 				metrics[c+".mean"] = sums[c] / float64(stats[c].Count)
 			}
 		}
-		progress(flight.Progress{Step: int64(i + 1), Total: total, Message: fmt.Sprintf("batch %d of %d", i+1, total), Metrics: metrics})
+		progress(flightserver.Progress{Step: int64(i + 1), Total: total, Message: fmt.Sprintf("batch %d of %d", i+1, total), Metrics: metrics})
 		if spec.DelayMS > 0 {
 			select {
 			case <-time.After(time.Duration(spec.DelayMS) * time.Millisecond):

@@ -1,4 +1,4 @@
-package flight_test
+package flightserver_test
 
 import (
 	"context"
@@ -21,8 +21,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
-	kflight "github.com/kilnml/kiln/arrowio/flight"
-	"github.com/kilnml/kiln/arrowio/flight/internal/flighttest"
+	kflight "github.com/kilnml/kiln/serving/flightserver"
+	"github.com/kilnml/kiln/serving/flightserver/internal/flighttest"
 	"github.com/kilnml/kiln/serving/manager"
 	"github.com/kilnml/kiln/serving/repository"
 )

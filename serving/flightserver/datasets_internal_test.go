@@ -1,4 +1,4 @@
-package flight
+package flightserver
 
 import (
 	"os"

@@ -1,0 +1,342 @@
+package repository
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+
+	yaml "go.yaml.in/yaml/v3"
+
+	"github.com/kilnml/kiln/core/train"
+)
+
+// DefaultInstallMaxBatchSize is the max_batch_size of the config.yaml that
+// Install writes for a model the repository does not have yet, unless
+// InstallOptions.MaxBatchSize says otherwise.
+const DefaultInstallMaxBatchSize = 64
+
+// InstallOptions configure Install.
+type InstallOptions struct {
+	// MaxBatchSize is the max_batch_size of the config.yaml written for a
+	// model that is new to the repository (default
+	// DefaultInstallMaxBatchSize).
+	MaxBatchSize int
+	// Move renames the package directory into place instead of copying
+	// its files. The directory must then be on the repository's file
+	// system; NewStaging makes one there.
+	Move bool
+}
+
+// Installed describes a version that Install put in place.
+type Installed struct {
+	// Model and Version name it; Dir is its directory
+	// (<repository>/<model>/<version>).
+	Model   string
+	Version int64
+	Dir     string
+	// ConfigCreated is set when Install wrote the model's config.yaml (the
+	// model was new to the repository).
+	ConfigCreated bool
+	// Manifest is the package's manifest.json.
+	Manifest train.Manifest
+}
+
+// installMu serializes version allocation and config writes of the
+// installs made by this process; across processes the rename into a
+// version directory that another process took first fails, and Install
+// tries the next number.
+var installMu sync.Mutex
+
+// ValidModelName reports why name cannot be a model of a repository, or
+// nil: a name is letters, digits, '_', '.' or '-', not starting with '.'
+// or '-', so it never names a path outside the repository nor a hidden
+// directory.
+func ValidModelName(name string) error {
+	if !validName.MatchString(name) {
+		return fmt.Errorf("invalid model name %q: want letters, digits, '_', '.' or '-', starting with a letter, digit or '_'", name)
+	}
+	return nil
+}
+
+// NewStaging makes a hidden temporary directory inside the directory of
+// model in repo (creating both if needed), on the same file system as the
+// version directories, where a package can be written and then installed
+// with InstallOptions.Move. The caller removes it when Install failed or
+// was not called (os.RemoveAll; after a successful Move it is gone).
+func NewStaging(repo, model string) (string, error) {
+	if err := ValidModelName(model); err != nil {
+		return "", err
+	}
+	modelDir := filepath.Join(repo, model)
+	if err := os.MkdirAll(modelDir, 0o755); err != nil {
+		return "", fmt.Errorf("model %q: %w", model, err)
+	}
+	tmp, err := os.MkdirTemp(modelDir, ".staging-")
+	if err != nil {
+		return "", fmt.Errorf("model %q: %w", model, err)
+	}
+	return tmp, nil
+}
+
+// Install puts the Kiln model package in pkgDir (model.pt and
+// manifest.json, as core/train writes it) into the model repository repo
+// as the next version of model. When the model has no configuration yet
+// it writes config.yaml (input and output FP32 with the package's shapes
+// less the batch dimension, dynamic batching, labels.txt when the output
+// has one value per class label); otherwise it checks that the package
+// fits the existing configuration (same inputs, outputs and labels) and
+// refuses it if not. The version directory appears whole: the package is
+// copied (or, with Move, renamed) into a hidden directory first and
+// renamed into place. Python's Model.deploy and Flight's train action use
+// it.
+func Install(repo, model, pkgDir string, opts InstallOptions) (Installed, error) {
+	man, err := readManifest(pkgDir)
+	if err != nil {
+		return Installed{}, fmt.Errorf("install %s: %w", pkgDir, err)
+	}
+	cfg, labels, err := PackageConfig(model, &man, opts.MaxBatchSize)
+	if err != nil {
+		return Installed{}, fmt.Errorf("model %q: %w", model, err)
+	}
+	staged := pkgDir
+	if !opts.Move {
+		if staged, err = copyPackage(repo, model, pkgDir); err != nil {
+			return Installed{}, err
+		}
+		defer os.RemoveAll(staged) // gone after the rename; cleans up on error
+	}
+	modelDir := filepath.Join(repo, model)
+	installMu.Lock()
+	defer installMu.Unlock()
+	created, err := ensureConfig(modelDir, cfg, labels)
+	if err != nil {
+		return Installed{}, fmt.Errorf("model %q: %w", model, err)
+	}
+	v, err := renameToNextVersion(modelDir, staged)
+	if err != nil {
+		return Installed{}, fmt.Errorf("model %q: %w", model, err)
+	}
+	return Installed{Model: model, Version: v, Dir: filepath.Join(modelDir, strconv.FormatInt(v, 10)),
+		ConfigCreated: created, Manifest: man}, nil
+}
+
+// readManifest reads dir/manifest.json.
+func readManifest(dir string) (train.Manifest, error) {
+	var man train.Manifest
+	raw, err := os.ReadFile(filepath.Join(dir, "manifest.json"))
+	if err != nil {
+		return man, err
+	}
+	if err := json.Unmarshal(raw, &man); err != nil {
+		return man, fmt.Errorf("manifest.json: %w", err)
+	}
+	return man, nil
+}
+
+// copyPackage copies the package files of pkgDir into a new staging
+// directory of model and returns it.
+func copyPackage(repo, model, pkgDir string) (string, error) {
+	tmp, err := NewStaging(repo, model)
+	if err != nil {
+		return "", err
+	}
+	for _, f := range []string{"model.pt", "manifest.json"} {
+		b, err := os.ReadFile(filepath.Join(pkgDir, f))
+		if err == nil {
+			err = writeFileAtomic(filepath.Join(tmp, f), b)
+		}
+		if err != nil {
+			os.RemoveAll(tmp)
+			return "", fmt.Errorf("install %s: %w", pkgDir, err)
+		}
+	}
+	return tmp, nil
+}
+
+// ensureConfig writes the model's config.yaml (and labels.txt) when it
+// has no configuration, or checks that cfg and labels fit the one it has;
+// it reports whether it wrote one.
+func ensureConfig(modelDir string, cfg *Config, labels []string) (bool, error) {
+	existing, cfgPath, err := readModelConfig(modelDir)
+	if err != nil {
+		return false, err
+	}
+	if existing != nil {
+		if err := configFits(existing, cfg, filepath.Base(cfgPath)); err != nil {
+			return false, err
+		}
+		return false, sameLabels(modelDir, existing, labels)
+	}
+	if labels != nil {
+		if err := writeFileAtomic(filepath.Join(modelDir, "labels.txt"), []byte(strings.Join(labels, "\n")+"\n")); err != nil {
+			return false, err
+		}
+	}
+	b, err := yaml.Marshal(cfg)
+	if err != nil {
+		return false, err
+	}
+	return true, writeFileAtomic(filepath.Join(modelDir, "config.yaml"), b)
+}
+
+// renameToNextVersion renames the directory staged to the next free
+// version directory of modelDir and syncs modelDir.
+func renameToNextVersion(modelDir, staged string) (int64, error) {
+	for {
+		v, err := nextVersion(modelDir)
+		if err != nil {
+			return 0, err
+		}
+		err = os.Rename(staged, filepath.Join(modelDir, strconv.FormatInt(v, 10)))
+		if err == nil {
+			if d, err := os.Open(modelDir); err == nil {
+				d.Sync()
+				d.Close()
+			}
+			return v, nil
+		}
+		// Someone else took that version since nextVersion: try the next.
+		if !errors.Is(err, syscall.ENOTEMPTY) && !errors.Is(err, syscall.EEXIST) {
+			return 0, err
+		}
+	}
+}
+
+// PackageConfig is the serving configuration of a model package: its one
+// input and one output, FP32, with the package's shapes less the batch
+// dimension, dynamic batching (500 µs) and maxBatchSize (0: 64); the
+// labels are returned when the output has one value per class label.
+func PackageConfig(model string, man *train.Manifest, maxBatchSize int) (*Config, []string, error) {
+	if len(man.Inputs) != 1 || len(man.Outputs) != 1 {
+		return nil, nil, fmt.Errorf("package has %d inputs and %d outputs (want 1 and 1)", len(man.Inputs), len(man.Outputs))
+	}
+	in, out := man.Inputs[0], man.Outputs[0]
+	if len(in.Shape) < 1 || len(out.Shape) < 1 || in.DType != "float32" || out.DType != "float32" {
+		return nil, nil, fmt.Errorf("package input %v %s, output %v %s: want float32 with a batch dimension", in.Shape, in.DType, out.Shape, out.DType)
+	}
+	if maxBatchSize == 0 {
+		maxBatchSize = DefaultInstallMaxBatchSize
+	}
+	cfg := &Config{
+		Name:            model,
+		Platform:        Platform,
+		MaxBatchSize:    maxBatchSize,
+		Inputs:          []TensorSpec{{Name: in.Name, DataType: FP32, Dims: slices.Clone(in.Shape[1:])}},
+		Outputs:         []TensorSpec{{Name: out.Name, DataType: FP32, Dims: slices.Clone(out.Shape[1:])}},
+		DynamicBatching: &DynamicBatching{MaxQueueDelayUS: 500},
+		VersionPolicy:   VersionPolicy{Latest: 1},
+	}
+	var labels []string
+	if len(man.Labels) > 0 && len(out.Shape) == 2 && out.Shape[1] == int64(len(man.Labels)) {
+		labels = man.Labels
+		cfg.Outputs[0].Labels = "labels.txt"
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, nil, fmt.Errorf("generated config: %w", err)
+	}
+	return cfg, labels, nil
+}
+
+// readModelConfig returns the model's existing configuration (a Kiln file
+// or config.pbtxt) and its file, or nil when it has none.
+func readModelConfig(dir string) (*Config, string, error) {
+	cfg, path, err := ReadConfig(dir)
+	if errors.Is(err, ErrNoConfig) {
+		return nil, "", nil
+	}
+	return cfg, path, err
+}
+
+// configFits checks that a package with configuration want can be a
+// version of a model configured as have.
+func configFits(have, want *Config, file string) error {
+	describe := func(ts []TensorSpec) string {
+		parts := make([]string, len(ts))
+		for i, t := range ts {
+			parts[i] = fmt.Sprintf("%s %s %v", t.Name, t.DataType, t.Dims)
+		}
+		return "[" + strings.Join(parts, ", ") + "]"
+	}
+	same := func(a, b []TensorSpec) bool {
+		return slices.EqualFunc(a, b, func(x, y TensorSpec) bool {
+			return x.Name == y.Name && x.DataType == y.DataType && slices.Equal(x.Dims, y.Dims)
+		})
+	}
+	if !same(have.Inputs, want.Inputs) || !same(have.Outputs, want.Outputs) || (have.MaxBatchSize == 0) != (want.MaxBatchSize == 0) {
+		return fmt.Errorf("the package (inputs %s, outputs %s) does not fit the model's %s (inputs %s, outputs %s); install it under a new model name",
+			describe(want.Inputs), describe(want.Outputs), file, describe(have.Inputs), describe(have.Outputs))
+	}
+	return nil
+}
+
+// sameLabels checks that the labels file the model's config names, if
+// any, lists the package's class labels.
+func sameLabels(dir string, cfg *Config, labels []string) error {
+	for _, o := range cfg.Outputs {
+		if o.Labels == "" || labels == nil {
+			continue
+		}
+		raw, err := os.ReadFile(filepath.Join(dir, o.Labels))
+		if err != nil {
+			return fmt.Errorf("output %q: labels: %w", o.Name, err)
+		}
+		var have []string
+		for _, l := range strings.Split(string(raw), "\n") {
+			if l = strings.TrimSpace(l); l != "" {
+				have = append(have, l)
+			}
+		}
+		if !slices.Equal(have, labels) {
+			return fmt.Errorf("output %q: the model's %s lists %v but the package's classes are %v; install it under a new model name", o.Name, o.Labels, have, labels)
+		}
+	}
+	return nil
+}
+
+// nextVersion returns one more than the highest version directory.
+func nextVersion(dir string) (int64, error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return 0, err
+	}
+	var top int64
+	for _, e := range ents {
+		v, err := strconv.ParseInt(e.Name(), 10, 64)
+		if err == nil && v > top && strconv.FormatInt(v, 10) == e.Name() {
+			top = v
+		}
+	}
+	return top + 1, nil
+}
+
+// writeFileAtomic writes b to path through a synced temporary file.
+func writeFileAtomic(path string, b []byte) error {
+	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-"+filepath.Base(path)+"-")
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(b)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Chmod(f.Name(), 0o644)
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), path)
+	}
+	if err != nil {
+		os.Remove(f.Name())
+	}
+	return err
+}
