@@ -53,7 +53,9 @@ $KILN_AUTH_TOKEN_FILE; at least 16 characters) is one policy over gRPC,
 HTTP and Flight: the repository API (index, load, unload) and Flight's
 datasets and training jobs need the bearer token; with --auth-inference
 inference and model metadata need it too. Health and server metadata never
-do. --tls-cert/--tls-key serve gRPC, HTTP and Flight over TLS.
+do. Without a token, those control calls are taken only from this host
+(loopback); other hosts get PERMISSION_DENIED / 403. --tls-cert/--tls-key
+serve gRPC, HTTP and Flight over TLS.
 
 Arrow Flight on --flight-port shares the models and batchers: DoPut stores
 datasets under --data-dir, DoExchange streams predictions, DoAction "train"

@@ -9,8 +9,14 @@
 // whenever the policy has a token or users. Inference calls (inference,
 // model metadata, configuration and statistics, Flight DoExchange) need
 // one only when Config.Inference is set, as Triton's restricted
-// "inference" protocol group does. A policy without token and users lets
-// every call through.
+// "inference" protocol group does.
+//
+// A policy without token and users (the default) lets Open and Inference
+// calls through from anywhere, and Control calls only from the loopback
+// interface (127.0.0.0/8, ::1) or a Unix socket: no default configuration
+// lets an unauthenticated client on the network write to disk, train,
+// load, unload or replace a serving model. Such a client gets
+// PERMISSION_DENIED (HTTP 403) naming --auth-token.
 //
 // Tokens are compared in constant time (SHA-256 digests); a static token
 // must be at least MinTokenLength characters, everywhere.
@@ -24,7 +30,9 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"strings"
 	"sync"
@@ -34,6 +42,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 )
 
@@ -93,8 +102,8 @@ type Config struct {
 }
 
 // Policy decides which calls need a bearer token and checks tokens. Its
-// methods are safe for concurrent use; a nil *Policy lets every call
-// through.
+// methods are safe for concurrent use; a nil *Policy is the policy of the
+// zero Config (no token: Control calls from loopback only).
 type Policy struct {
 	static    [][32]byte // SHA-256 of the static tokens
 	users     map[string]string
@@ -226,35 +235,81 @@ func (p *Policy) checkAuthorization(values []string) bool {
 	return false
 }
 
-// CheckHTTP reports whether r may make a call of scope s: the scope needs
-// no token, or r's Authorization header carries a valid one.
-func (p *Policy) CheckHTTP(r *http.Request, s Scope) bool {
-	return !p.Required(s) || p.checkAuthorization(r.Header.Values("Authorization"))
+// Check decides a call of scope s from peer (nil when unknown) carrying
+// the "Authorization" values: nil when it may proceed, else a gRPC status
+// error, UNAUTHENTICATED when a valid bearer token is missing and
+// PERMISSION_DENIED when an unauthenticated policy refuses a Control call
+// from another host. what names the call in the message.
+func (p *Policy) Check(s Scope, peer net.Addr, authorization []string, what string) error {
+	if p.Required(s) {
+		if p.checkAuthorization(authorization) {
+			return nil
+		}
+		return status.Errorf(codes.Unauthenticated, "%s needs a valid bearer token (\"authorization: Bearer <token>\")", what)
+	}
+	if s == Control && !p.Enabled() && !Loopback(peer) {
+		return status.Errorf(codes.PermissionDenied,
+			"%s changes the server (repository, datasets or training): without --auth-token only clients on this host (loopback) may call it; start the server with --auth-token and send \"authorization: Bearer <token>\"", what)
+	}
+	return nil
+}
+
+// Loopback reports whether addr is a loopback TCP/UDP address (127.0.0.0/8,
+// ::1, IPv4-mapped loopback) or a Unix socket; nil is not.
+func Loopback(addr net.Addr) bool {
+	switch a := addr.(type) {
+	case *net.TCPAddr:
+		return a.IP.IsLoopback()
+	case *net.UDPAddr:
+		return a.IP.IsLoopback()
+	case *net.UnixAddr:
+		return true
+	case nil:
+		return false
+	}
+	host, _, err := net.SplitHostPort(addr.String())
+	if err != nil {
+		host = addr.String()
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.Unmap().IsLoopback()
+}
+
+// httpPeer is the address of r's client.
+func httpPeer(r *http.Request) net.Addr {
+	ap, err := netip.ParseAddrPort(r.RemoteAddr)
+	if err != nil {
+		return nil
+	}
+	return net.TCPAddrFromAddrPort(ap)
+}
+
+// CheckHTTP is Check for an HTTP request: its client address and
+// Authorization header.
+func (p *Policy) CheckHTTP(r *http.Request, s Scope) error {
+	return p.Check(s, httpPeer(r), r.Header.Values("Authorization"), r.URL.Path)
+}
+
+// grpcPeer is the address of the gRPC call's client.
+func grpcPeer(ctx context.Context) net.Addr {
+	if pr, ok := peer.FromContext(ctx); ok {
+		return pr.Addr
+	}
+	return nil
 }
 
 // ScopeFunc returns the scope of a gRPC method ("/package.Service/Method").
 type ScopeFunc func(fullMethod string) Scope
 
-// checkGRPC returns UNAUTHENTICATED when the method needs a token that ctx
-// does not carry.
+// checkGRPC is Check for a gRPC call.
 func (p *Policy) checkGRPC(ctx context.Context, method string, scope ScopeFunc) error {
-	if !p.Required(scope(method)) {
-		return nil
-	}
 	md, _ := metadata.FromIncomingContext(ctx)
-	if p.checkAuthorization(md.Get("authorization")) {
-		return nil
-	}
-	return status.Errorf(codes.Unauthenticated, "%s needs a valid bearer token (metadata \"authorization: Bearer <token>\")", method)
+	return p.Check(scope(method), grpcPeer(ctx), md.Get("authorization"), method)
 }
 
 // GRPCServerOptions returns the interceptors that enforce the policy on a
-// gRPC server whose methods scope classifies. Without a policy (nil or not
-// enabled) it returns none.
+// gRPC server whose methods scope classifies.
 func (p *Policy) GRPCServerOptions(scope ScopeFunc) []grpc.ServerOption {
-	if !p.Enabled() {
-		return nil
-	}
 	unary := func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 		if err := p.checkGRPC(ctx, info.FullMethod, scope); err != nil {
 			return nil, err
@@ -271,13 +326,14 @@ func (p *Policy) GRPCServerOptions(scope ScopeFunc) []grpc.ServerOption {
 }
 
 // FlightServerOptions returns the interceptors that enforce the policy on
-// an Arrow Flight server: Handshake runs Flight's basic-auth exchange
-// (arrow-go's bearer-token interceptors, with the policy as validator), and
-// every other method needs a bearer token when FlightScope says its scope
-// requires one. Without a policy it returns none.
+// an Arrow Flight server. With a token or users, Handshake runs Flight's
+// basic-auth exchange (arrow-go's bearer-token interceptors, with the
+// policy as validator) and every method whose FlightScope requires it
+// needs a bearer token; without them, Control methods are refused to
+// clients on other hosts (see Check).
 func (p *Policy) FlightServerOptions() []grpc.ServerOption {
 	if !p.Enabled() {
-		return nil
+		return p.GRPCServerOptions(FlightScope)
 	}
 	fu, fs := flight.CreateServerBearerTokenAuthInterceptors(p)
 	unary := func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {

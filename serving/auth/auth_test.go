@@ -1,6 +1,8 @@
 package auth
 
 import (
+	"context"
+	"net"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
@@ -9,6 +11,10 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
 )
 
 const tok = "0123456789abcdef-token"
@@ -43,14 +49,14 @@ func TestTokens(t *testing.T) {
 	p, err := New(Config{Token: tok, Users: map[string]string{"alice": "pw"}})
 	require.NoError(t, err)
 	req := httptest.NewRequest("POST", "/v2/repository/index", nil)
-	assert.False(t, p.CheckHTTP(req, Control))
-	assert.True(t, p.CheckHTTP(req, Inference))
+	assert.Equal(t, codes.Unauthenticated, status.Code(p.CheckHTTP(req, Control)))
+	assert.NoError(t, p.CheckHTTP(req, Inference))
 	req.Header.Set("Authorization", "bearer "+tok)
-	assert.True(t, p.CheckHTTP(req, Control))
+	assert.NoError(t, p.CheckHTTP(req, Control))
 	req.Header.Set("Authorization", "Bearer "+tok+"x")
-	assert.False(t, p.CheckHTTP(req, Control))
+	assert.Error(t, p.CheckHTTP(req, Control))
 	req.Header.Set("Authorization", "Basic "+tok)
-	assert.False(t, p.CheckHTTP(req, Control))
+	assert.Error(t, p.CheckHTTP(req, Control))
 
 	_, err = p.Validate("alice", "wrong")
 	require.Error(t, err)
@@ -62,7 +68,7 @@ func TestTokens(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "alice", id)
 	req.Header.Set("Authorization", "Bearer "+issued) // a handshake token works on HTTP too
-	assert.True(t, p.CheckHTTP(req, Control))
+	assert.NoError(t, p.CheckHTTP(req, Control))
 	p.now = func() time.Time { return time.Now().Add(DefaultTokenTTL + time.Minute) }
 	_, err = p.IsValid(issued)
 	require.Error(t, err, "expired")
@@ -86,4 +92,53 @@ func TestNewErrors(t *testing.T) {
 	require.NoError(t, err)
 	_, err = p.IsValid(tok)
 	require.NoError(t, err, "the file's token, white space trimmed")
+}
+
+// TestControlFromLoopbackOnlyWithoutToken: the default policy (no token)
+// refuses Control calls from other hosts with PERMISSION_DENIED and lets
+// every other call through; a token lifts the host rule.
+func TestControlFromLoopbackOnlyWithoutToken(t *testing.T) {
+	for _, p := range []*Policy{nil, mustNew(t, Config{})} {
+		remote := httptest.NewRequest("POST", "/v2/repository/models/m/load", nil) // 192.0.2.1
+		err := p.CheckHTTP(remote, Control)
+		assert.Equal(t, codes.PermissionDenied, status.Code(err))
+		assert.ErrorContains(t, err, "--auth-token")
+		assert.NoError(t, p.CheckHTTP(remote, Inference))
+		assert.NoError(t, p.CheckHTTP(remote, Open))
+		for _, a := range []string{"127.0.0.1:5000", "127.9.9.9:1", "[::1]:80", "[::ffff:127.0.0.1]:80"} {
+			local := httptest.NewRequest("POST", "/v2/repository/index", nil)
+			local.RemoteAddr = a
+			assert.NoError(t, p.CheckHTTP(local, Control), a)
+		}
+		assert.Equal(t, codes.PermissionDenied, status.Code(p.Check(Control, nil, nil, "x")), "an unknown peer is not local")
+		assert.NoError(t, p.Check(Control, &net.UnixAddr{Name: "/run/kiln.sock", Net: "unix"}, nil, "x"))
+	}
+	p := mustNew(t, Config{Token: tok})
+	remote := httptest.NewRequest("POST", "/v2/repository/index", nil)
+	remote.Header.Set("Authorization", "Bearer "+tok)
+	assert.NoError(t, p.CheckHTTP(remote, Control))
+}
+
+func mustNew(t *testing.T, c Config) *Policy {
+	t.Helper()
+	p, err := New(c)
+	require.NoError(t, err)
+	return p
+}
+
+// TestGRPCInterceptorsUsePeer: the gRPC interceptors take the client's
+// address from the call (grpc/peer) and the token from its metadata.
+func TestGRPCInterceptorsUsePeer(t *testing.T) {
+	call := func(p *Policy, ip string, md ...string) error {
+		ctx := peer.NewContext(context.Background(), &peer.Peer{Addr: &net.TCPAddr{IP: net.ParseIP(ip), Port: 4242}})
+		ctx = metadata.NewIncomingContext(ctx, metadata.Pairs(md...))
+		opts := p.GRPCServerOptions(KServeScope)
+		require.Len(t, opts, 2)
+		return p.checkGRPC(ctx, "/inference.GRPCInferenceService/RepositoryModelLoad", KServeScope)
+	}
+	assert.Equal(t, codes.PermissionDenied, status.Code(call(nil, "192.0.2.7")))
+	assert.NoError(t, call(nil, "127.0.0.1"))
+	p := mustNew(t, Config{Token: tok})
+	assert.Equal(t, codes.Unauthenticated, status.Code(call(p, "127.0.0.1")))
+	assert.NoError(t, call(p, "192.0.2.7", "authorization", "Bearer "+tok))
 }

@@ -116,9 +116,11 @@ func (h *Handler) route(method, pattern string, scope auth.Scope, fn http.Handle
 			writeError(w, http.StatusMethodNotAllowed, fmt.Sprintf("%s takes %s, not %s", r.URL.Path, method, r.Method))
 			return
 		}
-		if !h.opts.Auth.CheckHTTP(r, scope) {
-			w.Header().Set("WWW-Authenticate", `Bearer realm="kiln"`)
-			writeError(w, http.StatusUnauthorized, r.URL.Path+" needs a valid bearer token (header \"Authorization: Bearer <token>\")")
+		if err := h.opts.Auth.CheckHTTP(r, scope); err != nil {
+			if status.Code(err) == codes.Unauthenticated {
+				w.Header().Set("WWW-Authenticate", `Bearer realm="kiln"`)
+			}
+			writeStatus(w, err)
 			return
 		}
 		fn(w, r)

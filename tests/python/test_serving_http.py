@@ -235,7 +235,8 @@ def test_auth_inference_token_file_ipv6(kiln_bin, repo, tmp_path):
         expect_error(lambda: c.infer("affine", [affine_input(np.ones((1, 4), np.float32))]), "401")
         res = c.infer("affine", [affine_input(np.ones((1, 4), np.float32))], headers={"Authorization": "Bearer " + TOKEN})
         np.testing.assert_allclose(res.as_numpy("y"), np.full((1, 4), 4.0))
-        assert c.is_server_live() and c.is_server_ready()  # health stays open
+        assert c.is_server_live()  # health stays open (the repository has a corrupt model: not ready)
+        assert c.is_server_ready() is False
         g = grpcclient.InferenceServerClient(url=addrs["gRPC"])
         x = grpcclient.InferInput("x", [1, 4], "FP32")
         x.set_data_from_numpy(np.ones((1, 4), np.float32))
