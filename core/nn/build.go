@@ -239,7 +239,11 @@ func BuildWithPrelude(s Spec, p Prelude, seed uint64) (*Net, error) {
 		}
 	}
 	for i, pr := range params {
-		if err := trainer.Add(h, pr.name, pr.dt, pr.shape, pr.init, pr.a, pr.b, mix(seed, i), pr.learn); err != nil {
+		register := trainer.RegisterBufferInit
+		if pr.learn {
+			register = trainer.RegisterParameterInit
+		}
+		if err := register(h, pr.name, pr.dt, pr.shape, pr.init, pr.a, pr.b, mix(seed, i)); err != nil {
 			return nil, fmt.Errorf("kiln: build network: %s: %w", pr.name, err)
 		}
 	}
@@ -274,7 +278,7 @@ func addBuffer(h native.Module, b Buffer) error {
 		return err
 	}
 	defer t.Close()
-	return trainer.AddValue(h, b.Name, t.Handle(), false)
+	return trainer.RegisterBuffer(h, b.Name, t.Handle())
 }
 
 // State returns every parameter and buffer, concatenated in registration

@@ -217,7 +217,11 @@ func copyTensor(dst, src native.Module, name string, dt *core.DType, param bool)
 		defer c.Close()
 		t = c
 	}
-	if err := trainer.AddValue(dst, name, t.Handle(), param); err != nil {
+	register := trainer.RegisterBuffer
+	if param {
+		register = trainer.RegisterParameter
+	}
+	if err := register(dst, name, t.Handle()); err != nil {
 		return fmt.Errorf("kiln: optimize: %s: %w", name, err)
 	}
 	return nil
@@ -238,7 +242,7 @@ func addBuffer(h native.Module, b nn.Buffer) error {
 		return err
 	}
 	defer t.Close()
-	return trainer.AddValue(h, b.Name, t.Handle(), false)
+	return trainer.RegisterBuffer(h, b.Name, t.Handle())
 }
 
 func ptr[T any](v T) *T { return &v }

@@ -98,36 +98,76 @@ type Config struct {
 	MaxSeconds float64 `json:"max_seconds,omitempty"`
 }
 
+// validate checks the hyper-parameters, stage by stage in this order, and
+// returns the first error.
 func (c Config) validate() error {
-	if c.Epochs <= 0 {
-		return fmt.Errorf("kiln: train: epochs must be > 0, got %d", c.Epochs)
-	}
-	if c.BatchSize <= 0 {
-		return fmt.Errorf("kiln: train: batch_size must be > 0, got %d", c.BatchSize)
-	}
-	if !(c.Optimizer.LR > 0) {
-		return fmt.Errorf("kiln: train: optimizer lr must be > 0, got %v", c.Optimizer.LR)
-	}
-	if _, err := lossKind(c.Loss.Type); err != nil {
-		return err
-	}
-	if _, err := optKind(c.Optimizer.Type); err != nil {
-		return err
-	}
-	switch norm(c.Schedule.Type) {
-	case "", "none", "constant", "step", "cosine":
-	default:
-		return fmt.Errorf("kiln: train: unknown schedule %q (want step, cosine or none)", c.Schedule.Type)
-	}
-	if c.EarlyStopping != nil {
-		if c.EarlyStopping.Patience <= 0 {
-			return fmt.Errorf("kiln: train: early_stopping patience must be > 0")
-		}
-		if _, err := higherIsBetter(c.EarlyStopping.Metric); err != nil {
+	for _, stage := range []func() error{
+		c.validateEpochs,
+		c.validateBatchSize,
+		c.validateLR,
+		c.validateLoss,
+		c.validateOptimizerType,
+		c.validateSchedule,
+		c.validateEarlyStopping,
+	} {
+		if err := stage(); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+func (c Config) validateEpochs() error {
+	if c.Epochs <= 0 {
+		return fmt.Errorf("kiln: train: epochs must be > 0, got %d", c.Epochs)
+	}
+	return nil
+}
+
+func (c Config) validateBatchSize() error {
+	if c.BatchSize <= 0 {
+		return fmt.Errorf("kiln: train: batch_size must be > 0, got %d", c.BatchSize)
+	}
+	return nil
+}
+
+// validateLR requires a positive learning rate (NaN fails).
+func (c Config) validateLR() error {
+	if !(c.Optimizer.LR > 0) {
+		return fmt.Errorf("kiln: train: optimizer lr must be > 0, got %v", c.Optimizer.LR)
+	}
+	return nil
+}
+
+func (c Config) validateLoss() error {
+	_, err := lossKind(c.Loss.Type)
+	return err
+}
+
+func (c Config) validateOptimizerType() error {
+	_, err := optKind(c.Optimizer.Type)
+	return err
+}
+
+func (c Config) validateSchedule() error {
+	switch norm(c.Schedule.Type) {
+	case "", "none", "constant", "step", "cosine":
+		return nil
+	}
+	return fmt.Errorf("kiln: train: unknown schedule %q (want step, cosine or none)", c.Schedule.Type)
+}
+
+// validateEarlyStopping, when early stopping is on, requires a patience and
+// a known metric.
+func (c Config) validateEarlyStopping() error {
+	if c.EarlyStopping == nil {
+		return nil
+	}
+	if c.EarlyStopping.Patience <= 0 {
+		return fmt.Errorf("kiln: train: early_stopping patience must be > 0")
+	}
+	_, err := higherIsBetter(c.EarlyStopping.Metric)
+	return err
 }
 
 func norm(s string) string {

@@ -23,7 +23,8 @@ extern "C" {
 
 /* ---- building networks ------------------------------------------------ */
 
-/* Initializations for kiln_nn_add. */
+/* Initializations for kiln_nn_register_parameter_init and
+ * kiln_nn_register_buffer_init. */
 typedef enum {
   KILN_INIT_ZEROS = 0,
   KILN_INIT_ONES = 1,
@@ -35,15 +36,31 @@ typedef enum {
  * "__torch__.kiln.Net") with a `training` attribute, in training mode. */
 kiln_error kiln_nn_new(const char* class_name, kiln_module** out);
 
-/* Registers a parameter (is_param != 0, requires grad) or a buffer named
- * name, initialized by init from a private generator seeded with seed. */
-kiln_error kiln_nn_add(kiln_module* m, const char* name, kiln_dtype dtype,
-                       const int64_t* shape, int ndim, kiln_init init,
-                       double a, double b, uint64_t seed, int is_param);
+/* Registers a copy of value (detached, contiguous) as the parameter name,
+ * requiring grad: torch::nn::Module::register_parameter. */
+kiln_error kiln_nn_register_parameter(kiln_module* m, const char* name,
+                                      const kiln_tensor* value);
 
-/* Registers a copy of value as a parameter or buffer. */
-kiln_error kiln_nn_add_value(kiln_module* m, const char* name,
-                             const kiln_tensor* value, int is_param);
+/* Registers a copy of value (detached, contiguous) as the buffer name, not
+ * requiring grad: torch::nn::Module::register_buffer. */
+kiln_error kiln_nn_register_buffer(kiln_module* m, const char* name,
+                                   const kiln_tensor* value);
+
+/* Registers a new parameter name of the given dtype and shape (ndim
+ * dimensions), requiring grad, initialized by init from a private generator
+ * seeded with seed. */
+kiln_error kiln_nn_register_parameter_init(kiln_module* m, const char* name,
+                                           kiln_dtype dtype, const int64_t* shape,
+                                           int ndim, kiln_init init, double a,
+                                           double b, uint64_t seed);
+
+/* Registers a new buffer name of the given dtype and shape (ndim
+ * dimensions), initialized by init from a private generator seeded with
+ * seed (e.g. batchnorm's running statistics). */
+kiln_error kiln_nn_register_buffer_init(kiln_module* m, const char* name,
+                                        kiln_dtype dtype, const int64_t* shape,
+                                        int ndim, kiln_init init, double a,
+                                        double b, uint64_t seed);
 
 /* Compiles TorchScript source (methods of the module's class, e.g.
  * "def forward(self, x: Tensor) -> Tensor: ..."). */
@@ -83,10 +100,10 @@ typedef enum {
 } kiln_loss;
 
 typedef enum {
-  KILN_OPT_SGD = 0,
-  KILN_OPT_ADAM = 1,
-  KILN_OPT_ADAMW = 2,
-  KILN_OPT_RMSPROP = 3,
+  KILN_OPTIMIZER_SGD = 0,
+  KILN_OPTIMIZER_ADAM = 1,
+  KILN_OPTIMIZER_ADAMW = 2,
+  KILN_OPTIMIZER_RMSPROP = 3,
 } kiln_optimizer;
 
 /* Loss, optimizer and clipping. Fields an optimizer does not use are

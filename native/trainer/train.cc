@@ -295,49 +295,86 @@ kiln_error kiln_nn_new(const char* class_name, kiln_module** out) {
   KILN_GUARD_END
 }
 
-kiln_error kiln_nn_add(kiln_module* m, const char* name, kiln_dtype dtype,
-                       const int64_t* shape, int ndim, kiln_init init,
-                       double a, double b, uint64_t seed, int is_param) {
+namespace {
+
+// A new tensor of dtype and shape filled by init from a generator seeded
+// with seed; errors for an unknown init. Throws only through torch calls,
+// so callers run it inside KILN_GUARD.
+kiln_error init_tensor(at::ScalarType st, const int64_t* shape, int ndim,
+                       kiln_init init, double a, double b, uint64_t seed,
+                       at::Tensor* out) {
+  std::vector<int64_t> dims(shape, shape + ndim);
+  at::Tensor t = at::empty(dims, at::TensorOptions().dtype(st));
+  at::Generator g = generator(seed);
+  at::NoGradGuard ng;
+  switch (init) {
+    case KILN_INIT_ZEROS: t.zero_(); break;
+    case KILN_INIT_ONES: t.fill_(1); break;
+    case KILN_INIT_UNIFORM: t.uniform_(a, b, g); break;
+    case KILN_INIT_NORMAL: t.normal_(a, b, g); break;
+    default:
+      return kiln::make_error("unknown init " + std::to_string(static_cast<int>(init)));
+  }
+  *out = std::move(t);
+  return nullptr;
+}
+
+void register_parameter(kiln_module* m, const char* name, at::Tensor t) {
+  t.set_requires_grad(true);
+  m->m.register_parameter(name, t, /*is_buffer=*/false);
+}
+
+void register_buffer(kiln_module* m, const char* name, at::Tensor t) {
+  m->m.register_buffer(name, t);
+}
+
+}  // namespace
+
+kiln_error kiln_nn_register_parameter(kiln_module* m, const char* name,
+                                      const kiln_tensor* value) {
+  KILN_CHECK_ARG(m != nullptr && name != nullptr && value != nullptr, "NULL argument");
+  KILN_GUARD_BEGIN
+  register_parameter(m, name, value->t.detach().clone().contiguous());
+  KILN_GUARD_END
+}
+
+kiln_error kiln_nn_register_buffer(kiln_module* m, const char* name,
+                                   const kiln_tensor* value) {
+  KILN_CHECK_ARG(m != nullptr && name != nullptr && value != nullptr, "NULL argument");
+  KILN_GUARD_BEGIN
+  register_buffer(m, name, value->t.detach().clone().contiguous());
+  KILN_GUARD_END
+}
+
+kiln_error kiln_nn_register_parameter_init(kiln_module* m, const char* name,
+                                           kiln_dtype dtype, const int64_t* shape,
+                                           int ndim, kiln_init init, double a,
+                                           double b, uint64_t seed) {
   KILN_CHECK_ARG(m != nullptr && name != nullptr, "NULL argument");
   KILN_CHECK_ARG(ndim >= 0 && (ndim == 0 || shape != nullptr), "bad shape");
   at::ScalarType st;
   KILN_CHECK_ARG(kiln::to_scalar_type(dtype, &st),
                  "unknown dtype " + std::to_string(static_cast<int>(dtype)));
   KILN_GUARD_BEGIN
-  std::vector<int64_t> dims(shape, shape + ndim);
-  at::Tensor t = at::empty(dims, at::TensorOptions().dtype(st));
-  at::Generator g = generator(seed);
-  {
-    at::NoGradGuard ng;
-    switch (init) {
-      case KILN_INIT_ZEROS: t.zero_(); break;
-      case KILN_INIT_ONES: t.fill_(1); break;
-      case KILN_INIT_UNIFORM: t.uniform_(a, b, g); break;
-      case KILN_INIT_NORMAL: t.normal_(a, b, g); break;
-      default:
-        return kiln::make_error("unknown init " + std::to_string(static_cast<int>(init)));
-    }
-  }
-  if (is_param) {
-    t.set_requires_grad(true);
-    m->m.register_parameter(name, t, /*is_buffer=*/false);
-  } else {
-    m->m.register_buffer(name, t);
-  }
+  at::Tensor t;
+  if (kiln_error err = init_tensor(st, shape, ndim, init, a, b, seed, &t)) return err;
+  register_parameter(m, name, std::move(t));
   KILN_GUARD_END
 }
 
-kiln_error kiln_nn_add_value(kiln_module* m, const char* name,
-                             const kiln_tensor* value, int is_param) {
-  KILN_CHECK_ARG(m != nullptr && name != nullptr && value != nullptr, "NULL argument");
+kiln_error kiln_nn_register_buffer_init(kiln_module* m, const char* name,
+                                        kiln_dtype dtype, const int64_t* shape,
+                                        int ndim, kiln_init init, double a,
+                                        double b, uint64_t seed) {
+  KILN_CHECK_ARG(m != nullptr && name != nullptr, "NULL argument");
+  KILN_CHECK_ARG(ndim >= 0 && (ndim == 0 || shape != nullptr), "bad shape");
+  at::ScalarType st;
+  KILN_CHECK_ARG(kiln::to_scalar_type(dtype, &st),
+                 "unknown dtype " + std::to_string(static_cast<int>(dtype)));
   KILN_GUARD_BEGIN
-  at::Tensor t = value->t.detach().clone().contiguous();
-  if (is_param) {
-    t.set_requires_grad(true);
-    m->m.register_parameter(name, t, false);
-  } else {
-    m->m.register_buffer(name, t);
-  }
+  at::Tensor t;
+  if (kiln_error err = init_tensor(st, shape, ndim, init, a, b, seed, &t)) return err;
+  register_buffer(m, name, std::move(t));
   KILN_GUARD_END
 }
 
@@ -452,7 +489,7 @@ kiln_error kiln_trainer_new(kiln_module* m, const kiln_train_options* o,
   double eps = o->eps > 0 ? o->eps : 1e-8;
   double b1 = o->beta1 > 0 ? o->beta1 : 0.9, b2 = o->beta2 > 0 ? o->beta2 : 0.999;
   switch (o->optimizer) {
-    case KILN_OPT_SGD:
+    case KILN_OPTIMIZER_SGD:
       t->opt = std::make_unique<torch::optim::SGD>(
           t->params, torch::optim::SGDOptions(o->lr)
                          .momentum(o->momentum)
@@ -463,17 +500,17 @@ kiln_error kiln_trainer_new(kiln_module* m, const kiln_train_options* o,
         t->keys.push_back(state_key(p));
       }
       break;
-    case KILN_OPT_ADAM:
+    case KILN_OPTIMIZER_ADAM:
       t->opt = std::make_unique<torch::optim::Adam>(
           t->params, torch::optim::AdamOptions(o->lr).betas({b1, b2}).eps(eps).weight_decay(
                          o->weight_decay));
       break;
-    case KILN_OPT_ADAMW:
+    case KILN_OPTIMIZER_ADAMW:
       t->opt = std::make_unique<torch::optim::AdamW>(
           t->params, torch::optim::AdamWOptions(o->lr).betas({b1, b2}).eps(eps).weight_decay(
                          o->weight_decay));
       break;
-    case KILN_OPT_RMSPROP:
+    case KILN_OPTIMIZER_RMSPROP:
       t->opt = std::make_unique<torch::optim::RMSprop>(
           t->params, torch::optim::RMSpropOptions(o->lr)
                          .alpha(o->alpha > 0 ? o->alpha : 0.99)

@@ -48,7 +48,8 @@ func takeErr(e C.kiln_error) error {
 func mod(m native.Module) *C.kiln_module { return (*C.kiln_module)(m.Ptr()) }
 func ten(t native.Tensor) *C.kiln_tensor { return (*C.kiln_tensor)(t.Ptr()) }
 
-// Init selects how NNAdd fills a new tensor.
+// Init selects how RegisterParameterInit and RegisterBufferInit fill a new
+// tensor.
 type Init int32
 
 // Initializations, with the values of kiln_init.
@@ -71,24 +72,50 @@ func NewModule(class string) (native.Module, error) {
 	return native.ModuleFromPtr(unsafe.Pointer(out)), nil
 }
 
-// Add registers a parameter (param) or buffer initialized by init with a
-// generator seeded with seed.
-func Add(m native.Module, name string, dt native.DType, shape []int64, init Init, a, b float64, seed uint64, param bool) error {
+// RegisterParameter registers a copy of v (detached, contiguous) as the
+// parameter name of m, requiring grad, as torch::nn::Module's
+// register_parameter does. It errors when m already has an attribute name.
+func RegisterParameter(m native.Module, name string, v native.Tensor) error {
 	cs := C.CString(name)
 	defer C.free(unsafe.Pointer(cs))
-	var sp *C.int64_t
-	if len(shape) > 0 {
-		sp = (*C.int64_t)(unsafe.Pointer(&shape[0]))
-	}
-	return takeErr(C.kiln_nn_add(mod(m), cs, C.kiln_dtype(dt), sp, C.int(len(shape)),
-		C.kiln_init(init), C.double(a), C.double(b), C.uint64_t(seed), cbool(param)))
+	return takeErr(C.kiln_nn_register_parameter(mod(m), cs, ten(v)))
 }
 
-// AddValue registers a copy of v as a parameter or buffer.
-func AddValue(m native.Module, name string, v native.Tensor, param bool) error {
+// RegisterBuffer registers a copy of v (detached, contiguous) as the buffer
+// name of m, as torch::nn::Module's register_buffer does. It errors when m
+// already has an attribute name.
+func RegisterBuffer(m native.Module, name string, v native.Tensor) error {
 	cs := C.CString(name)
 	defer C.free(unsafe.Pointer(cs))
-	return takeErr(C.kiln_nn_add_value(mod(m), cs, ten(v), cbool(param)))
+	return takeErr(C.kiln_nn_register_buffer(mod(m), cs, ten(v)))
+}
+
+// RegisterParameterInit registers a new parameter name of m with dtype dt
+// and the given shape, requiring grad, filled by init (a and b as Init
+// describes) from a private generator seeded with seed.
+func RegisterParameterInit(m native.Module, name string, dt native.DType, shape []int64, init Init, a, b float64, seed uint64) error {
+	cs := C.CString(name)
+	defer C.free(unsafe.Pointer(cs))
+	return takeErr(C.kiln_nn_register_parameter_init(mod(m), cs, C.kiln_dtype(dt), shapePtr(shape),
+		C.int(len(shape)), C.kiln_init(init), C.double(a), C.double(b), C.uint64_t(seed)))
+}
+
+// RegisterBufferInit registers a new buffer name of m with dtype dt and the
+// given shape, filled by init (a and b as Init describes) from a private
+// generator seeded with seed: e.g. batchnorm's running statistics.
+func RegisterBufferInit(m native.Module, name string, dt native.DType, shape []int64, init Init, a, b float64, seed uint64) error {
+	cs := C.CString(name)
+	defer C.free(unsafe.Pointer(cs))
+	return takeErr(C.kiln_nn_register_buffer_init(mod(m), cs, C.kiln_dtype(dt), shapePtr(shape),
+		C.int(len(shape)), C.kiln_init(init), C.double(a), C.double(b), C.uint64_t(seed)))
+}
+
+// shapePtr points at shape's first element, or is nil for a scalar shape.
+func shapePtr(shape []int64) *C.int64_t {
+	if len(shape) == 0 {
+		return nil
+	}
+	return (*C.int64_t)(unsafe.Pointer(&shape[0]))
 }
 
 // Define compiles TorchScript methods into the module's class.
@@ -157,10 +184,10 @@ type Optimizer int32
 
 // Optimizers, with the values of kiln_optimizer.
 const (
-	SGD     Optimizer = C.KILN_OPT_SGD
-	Adam    Optimizer = C.KILN_OPT_ADAM
-	AdamW   Optimizer = C.KILN_OPT_ADAMW
-	RMSprop Optimizer = C.KILN_OPT_RMSPROP
+	SGD     Optimizer = C.KILN_OPTIMIZER_SGD
+	Adam    Optimizer = C.KILN_OPTIMIZER_ADAM
+	AdamW   Optimizer = C.KILN_OPTIMIZER_ADAMW
+	RMSprop Optimizer = C.KILN_OPTIMIZER_RMSPROP
 )
 
 // Options mirrors kiln_train_options.

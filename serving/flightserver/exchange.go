@@ -198,7 +198,7 @@ func featureColumns(schema *arrow.Schema, k int64) ([]int, error) {
 // newPlan checks an input schema against a model's configuration.
 func newPlan(model string, cfg *repository.Config, schema *arrow.Schema) (*plan, error) {
 	p := &plan{model: model, batched: cfg.MaxBatchSize > 0, maxRows: cfg.MaxBatchSize}
-	want := func(c repository.Tensor) string {
+	want := func(c repository.TensorSpec) string {
 		if p.batched {
 			return fmt.Sprintf("%s %s per row", c.DataType, shapeString(c.Dims))
 		}

@@ -34,7 +34,7 @@ func shapeString(s []int64) string {
 
 // expectedShape returns an input's full expected shape, -1 for the batch
 // dimension and variable dims.
-func expectedShape(cfg *repository.Config, t repository.Tensor) []int64 {
+func expectedShape(cfg *repository.Config, t repository.TensorSpec) []int64 {
 	if cfg.MaxBatchSize > 0 {
 		return append([]int64{-1}, t.Dims...)
 	}
@@ -140,7 +140,7 @@ func decodeInputs(model string, cfg *repository.Config, req *pb.ModelInferReques
 
 // typedContents converts an input's typed contents to raw little-endian
 // bytes.
-func typedContents(c repository.Tensor, tc *pb.InferTensorContents, n int64, shape []int64) ([]byte, error) {
+func typedContents(c repository.TensorSpec, tc *pb.InferTensorContents, n int64, shape []int64) ([]byte, error) {
 	if tc == nil {
 		return nil, invalid("input %q: no data: neither raw_input_contents nor contents", c.Name)
 	}

@@ -228,8 +228,8 @@ func PackageConfig(model string, man *train.Manifest, maxBatchSize int) (*Config
 		Name:            model,
 		Platform:        Platform,
 		MaxBatchSize:    maxBatchSize,
-		Inputs:          []Tensor{{Name: in.Name, DataType: FP32, Dims: slices.Clone(in.Shape[1:])}},
-		Outputs:         []Tensor{{Name: out.Name, DataType: FP32, Dims: slices.Clone(out.Shape[1:])}},
+		Inputs:          []TensorSpec{{Name: in.Name, DataType: FP32, Dims: slices.Clone(in.Shape[1:])}},
+		Outputs:         []TensorSpec{{Name: out.Name, DataType: FP32, Dims: slices.Clone(out.Shape[1:])}},
 		DynamicBatching: &DynamicBatching{MaxQueueDelayUS: 500},
 		VersionPolicy:   VersionPolicy{Latest: 1},
 	}
@@ -244,39 +244,28 @@ func PackageConfig(model string, man *train.Manifest, maxBatchSize int) (*Config
 	return cfg, labels, nil
 }
 
-// readModelConfig returns the model's existing configuration and its
-// file, or nil when it has none.
+// readModelConfig returns the model's existing configuration (a Kiln file
+// or config.pbtxt) and its file, or nil when it has none.
 func readModelConfig(dir string) (*Config, string, error) {
-	for _, name := range ConfigFiles {
-		p := filepath.Join(dir, name)
-		raw, err := os.ReadFile(p)
-		if errors.Is(err, os.ErrNotExist) {
-			continue
-		}
-		if err != nil {
-			return nil, "", err
-		}
-		cfg, err := ParseConfig(raw, filepath.Ext(p) == ".json")
-		if err != nil {
-			return nil, "", fmt.Errorf("%s: %w", name, err)
-		}
-		return cfg, p, nil
+	cfg, path, err := ReadConfig(dir)
+	if errors.Is(err, ErrNoConfig) {
+		return nil, "", nil
 	}
-	return nil, "", nil
+	return cfg, path, err
 }
 
 // configFits checks that a package with configuration want can be a
 // version of a model configured as have.
 func configFits(have, want *Config, file string) error {
-	describe := func(ts []Tensor) string {
+	describe := func(ts []TensorSpec) string {
 		parts := make([]string, len(ts))
 		for i, t := range ts {
 			parts[i] = fmt.Sprintf("%s %s %v", t.Name, t.DataType, t.Dims)
 		}
 		return "[" + strings.Join(parts, ", ") + "]"
 	}
-	same := func(a, b []Tensor) bool {
-		return slices.EqualFunc(a, b, func(x, y Tensor) bool {
+	same := func(a, b []TensorSpec) bool {
+		return slices.EqualFunc(a, b, func(x, y TensorSpec) bool {
 			return x.Name == y.Name && x.DataType == y.DataType && slices.Equal(x.Dims, y.Dims)
 		})
 	}

@@ -1,7 +1,7 @@
 // Package repository reads a Kiln model repository: a directory holding one
 // directory per model,
 //
-//	<repo>/<model>/config.yaml     (or config.yml, config.json)
+//	<repo>/<model>/config.yaml     (or config.yml, config.json, config.pbtxt)
 //	<repo>/<model>/<version>/model.pt
 //	<repo>/<model>/labels.txt      (optional, named by an output's "labels")
 //
@@ -26,25 +26,31 @@
 //
 // With max_batch_size > 0 every input and output has an implicit leading
 // batch dimension that dims leave out, as in the v2 protocol.
+//
+// The same file may use Triton's spellings of these settings (input/output,
+// data_type: TYPE_FP32, label_filename, max_queue_delay_microseconds,
+// preferred_batch_size, default_queue_policy.max_queue_size,
+// instance_group [{count, kind: KIND_CPU}], backend: pytorch,
+// default_model_filename, version_policy {latest: {num_versions: 1}}); a
+// setting given in both spellings is an error. A model directory may
+// instead hold Triton's config.pbtxt (see ParseTritonConfig), so that a
+// Triton repository of pytorch_libtorch models serves unchanged; a
+// directory with both a config.pbtxt and a Kiln configuration file fails to
+// load, naming both.
 package repository
 
 import (
 	"bufio"
-	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
 	"strings"
-
-	yaml "go.yaml.in/yaml/v3"
 )
 
 // Platform is the platform of a TorchScript model.
@@ -60,8 +66,11 @@ const DefaultModelFile = "model.pt"
 // ErrNotFound is wrapped by errors about a model the repository lacks.
 var ErrNotFound = errors.New("not found")
 
-// Tensor describes one input or output of a model.
-type Tensor struct {
+// TensorSpec declares one input or output of a model in its configuration:
+// the name, element type and shape that requests and responses carry (Triton
+// calls these ModelInput and ModelOutput). It holds no values. Inputs and
+// outputs share the type; Labels and Softmax are valid on outputs only.
+type TensorSpec struct {
 	// Name is the tensor's name in requests and responses.
 	Name string `json:"name" yaml:"name"`
 	// DataType is the v2 element type, e.g. "FP32".
@@ -112,9 +121,9 @@ type Config struct {
 	// model does not batch and dims are whole shapes.
 	MaxBatchSize int `json:"max_batch_size" yaml:"max_batch_size"`
 	// Inputs are the forward method's arguments, in order.
-	Inputs []Tensor `json:"inputs" yaml:"inputs"`
+	Inputs []TensorSpec `json:"inputs" yaml:"inputs"`
 	// Outputs are the tensors forward returns (tuples flattened), in order.
-	Outputs []Tensor `json:"outputs" yaml:"outputs"`
+	Outputs []TensorSpec `json:"outputs" yaml:"outputs"`
 	// DynamicBatching, when set, merges requests into batches; it needs
 	// MaxBatchSize > 0.
 	DynamicBatching *DynamicBatching `json:"dynamic_batching,omitempty" yaml:"dynamic_batching,omitempty"`
@@ -202,7 +211,7 @@ func Open(root string) (*Repository, error) {
 func (r *Repository) Root() string { return r.root }
 
 // Names lists the models: the directories under the root that hold a
-// configuration file, sorted.
+// configuration file (a Kiln one or config.pbtxt), sorted.
 func (r *Repository) Names() ([]string, error) {
 	ents, err := os.ReadDir(r.root)
 	if err != nil {
@@ -213,8 +222,8 @@ func (r *Repository) Names() ([]string, error) {
 		if !e.IsDir() || strings.HasPrefix(e.Name(), ".") {
 			continue
 		}
-		if _, err := findConfig(filepath.Join(r.root, e.Name())); err == nil {
-			names = append(names, e.Name())
+		if _, err := findConfig(filepath.Join(r.root, e.Name())); err == nil || errors.Is(err, errBothConfigs) {
+			names = append(names, e.Name()) // with two configurations: listed, fails to load
 		}
 	}
 	return names, nil
@@ -231,17 +240,9 @@ func (r *Repository) Model(name string) (*Model, error) {
 	if st, err := os.Stat(dir); err != nil || !st.IsDir() {
 		return nil, fmt.Errorf("model %q: no such model in repository %s: %w", name, r.root, ErrNotFound)
 	}
-	cfgPath, err := findConfig(dir)
+	cfg, cfgPath, err := ReadConfig(dir)
 	if err != nil {
 		return nil, fmt.Errorf("model %q: %w", name, err)
-	}
-	raw, err := os.ReadFile(cfgPath)
-	if err != nil {
-		return nil, fmt.Errorf("model %q: %w", name, err)
-	}
-	cfg, err := ParseConfig(raw, filepath.Ext(cfgPath) == ".json")
-	if err != nil {
-		return nil, fmt.Errorf("model %q: %s: %w", name, filepath.Base(cfgPath), err)
 	}
 	if cfg.Name == "" {
 		cfg.Name = name
@@ -339,14 +340,42 @@ func describePolicy(p VersionPolicy) string {
 	return fmt.Sprintf("latest %d", max(p.Latest, 1))
 }
 
-func findConfig(dir string) (string, error) {
-	for _, f := range ConfigFiles {
-		p := filepath.Join(dir, f)
-		if st, err := os.Stat(p); err == nil && !st.IsDir() {
-			return p, nil
-		}
+// ReadConfig reads and validates the configuration file of model directory
+// dir: one of ConfigFiles or config.pbtxt (see findConfigs). It returns the
+// configuration and the file's path. Errors name the file; an error wraps
+// ErrNoConfig when dir holds no configuration file.
+func ReadConfig(dir string) (*Config, string, error) {
+	path, err := findConfig(dir)
+	if err != nil {
+		return nil, "", err
 	}
-	return "", fmt.Errorf("no %s in %s", strings.Join(ConfigFiles, " or "), dir)
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, "", err
+	}
+	var cfg *Config
+	if filepath.Base(path) == TritonConfigFile {
+		cfg, err = ParseTritonConfig(raw)
+	} else {
+		cfg, err = ParseConfig(raw, filepath.Ext(path) == ".json")
+	}
+	if err != nil {
+		return nil, "", fmt.Errorf("%s: %w", filepath.Base(path), err)
+	}
+	return cfg, path, nil
+}
+
+// findConfig returns the path of the configuration file in dir (see
+// findConfigs).
+func findConfig(dir string) (string, error) {
+	f, err := findConfigs(dir, func(name string) bool {
+		st, err := os.Stat(filepath.Join(dir, name))
+		return err == nil && !st.IsDir()
+	})
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(dir, f), nil
 }
 
 func readLabels(path string) ([]string, error) {
@@ -370,159 +399,4 @@ func readLabels(path string) ([]string, error) {
 		return nil, fmt.Errorf("%s holds no labels", path)
 	}
 	return labels, nil
-}
-
-// ParseConfig decodes a configuration (YAML, or JSON when isJSON), rejecting
-// unknown fields, and validates it.
-func ParseConfig(raw []byte, isJSON bool) (*Config, error) {
-	var c Config
-	if isJSON {
-		dec := json.NewDecoder(bytes.NewReader(raw))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(&c); err != nil {
-			return nil, fmt.Errorf("invalid JSON: %w", err)
-		}
-		if dec.More() {
-			return nil, errors.New("invalid JSON: data after the configuration object")
-		}
-	} else {
-		dec := yaml.NewDecoder(bytes.NewReader(raw))
-		dec.KnownFields(true)
-		if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) {
-			return nil, fmt.Errorf("invalid YAML: %w", err)
-		}
-	}
-	if err := c.Validate(); err != nil {
-		return nil, err
-	}
-	return &c, nil
-}
-
-// Validate checks the configuration and fills in defaults (platform).
-func (c *Config) Validate() error {
-	if c.Name != "" && !validName.MatchString(c.Name) {
-		return fmt.Errorf("invalid model name %q", c.Name)
-	}
-	switch c.Platform {
-	case "":
-		c.Platform = Platform
-	case Platform, "pytorch_libtorch":
-		c.Platform = Platform
-	default:
-		return fmt.Errorf("platform %q is not supported (want %q)", c.Platform, Platform)
-	}
-	if c.MaxBatchSize < 0 {
-		return fmt.Errorf("max_batch_size is negative (%d)", c.MaxBatchSize)
-	}
-	if len(c.Inputs) == 0 {
-		return errors.New("no inputs")
-	}
-	if len(c.Outputs) == 0 {
-		return errors.New("no outputs")
-	}
-	seen := map[string]bool{}
-	check := func(kind string, t Tensor) error {
-		if t.Name == "" {
-			return fmt.Errorf("%s without a name", kind)
-		}
-		if seen[kind+"/"+t.Name] {
-			return fmt.Errorf("%s %q is declared twice", kind, t.Name)
-		}
-		seen[kind+"/"+t.Name] = true
-		if !t.DataType.Known() {
-			return fmt.Errorf("%s %q: unknown datatype %q (want one of BOOL, UINT8, INT8, INT16, INT32, INT64, FP16, BF16, FP32, FP64)", kind, t.Name, t.DataType)
-		}
-		if _, ok := t.DataType.DType(); !ok {
-			return fmt.Errorf("%s %q: datatype %s has no TorchScript tensor type", kind, t.Name, t.DataType)
-		}
-		if t.Dims == nil {
-			return fmt.Errorf("%s %q: no dims (use [] for a scalar per batch element)", kind, t.Name)
-		}
-		if c.MaxBatchSize == 0 && len(t.Dims) == 0 {
-			return fmt.Errorf("%s %q: dims [] without batching would be a scalar; give max_batch_size or dims", kind, t.Name)
-		}
-		for i, d := range t.Dims {
-			if d < -1 {
-				return fmt.Errorf("%s %q: dims[%d] is %d (want -1 for variable, or a size ≥ 0)", kind, t.Name, i, d)
-			}
-		}
-		if t.Softmax {
-			if kind != "output" {
-				return fmt.Errorf("input %q: softmax belongs to outputs", t.Name)
-			}
-			if t.DataType != FP32 && t.DataType != FP64 {
-				return fmt.Errorf("output %q: softmax needs FP32 or FP64, not %s", t.Name, t.DataType)
-			}
-			if len(t.Dims) == 0 && c.MaxBatchSize > 0 {
-				return fmt.Errorf("output %q: softmax needs a class dimension (dims is [])", t.Name)
-			}
-		}
-		if t.Labels != "" {
-			if kind != "output" {
-				return fmt.Errorf("input %q: labels belong to outputs", t.Name)
-			}
-			if filepath.IsAbs(t.Labels) || strings.Contains(filepath.ToSlash(t.Labels), "..") {
-				return fmt.Errorf("output %q: labels %q must be a file inside the model's directory", t.Name, t.Labels)
-			}
-		}
-		return nil
-	}
-	for _, t := range c.Inputs {
-		if err := check("input", t); err != nil {
-			return err
-		}
-	}
-	for _, t := range c.Outputs {
-		if err := check("output", t); err != nil {
-			return err
-		}
-	}
-	if b := c.DynamicBatching; b != nil {
-		if c.MaxBatchSize == 0 {
-			return errors.New("dynamic_batching needs max_batch_size > 0")
-		}
-		if b.MaxQueueDelayUS < 0 {
-			return fmt.Errorf("dynamic_batching.max_queue_delay_us is negative (%d)", b.MaxQueueDelayUS)
-		}
-		if b.MaxQueueSize < 0 {
-			return fmt.Errorf("dynamic_batching.max_queue_size is negative (%d)", b.MaxQueueSize)
-		}
-		for _, s := range b.PreferredBatchSizes {
-			if s < 1 || s > c.MaxBatchSize {
-				return fmt.Errorf("dynamic_batching.preferred_batch_sizes: %d is not within 1..max_batch_size (%d)", s, c.MaxBatchSize)
-			}
-		}
-	}
-	if c.InstanceCount < 0 {
-		return fmt.Errorf("instance_count is negative (%d)", c.InstanceCount)
-	}
-	p := c.VersionPolicy
-	set := 0
-	if p.Latest != 0 {
-		set++
-		if p.Latest < 0 {
-			return fmt.Errorf("version_policy.latest is negative (%d)", p.Latest)
-		}
-	}
-	if p.All {
-		set++
-	}
-	if p.Specific != nil {
-		set++
-		if len(p.Specific) == 0 {
-			return errors.New("version_policy.specific lists no versions")
-		}
-		for _, v := range p.Specific {
-			if v < 1 {
-				return fmt.Errorf("version_policy.specific: version %d is not ≥ 1", v)
-			}
-		}
-	}
-	if set > 1 {
-		return errors.New("version_policy: give only one of latest, all, specific")
-	}
-	if c.ModelFile != "" && (c.ModelFile != filepath.Base(c.ModelFile) || c.ModelFile == "." || c.ModelFile == "..") {
-		return fmt.Errorf("model_file %q must be a plain file name", c.ModelFile)
-	}
-	return nil
 }

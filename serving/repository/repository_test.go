@@ -37,7 +37,7 @@ func TestParseConfigYAML(t *testing.T) {
 	assert.Equal(t, "mlp", c.Name)
 	assert.Equal(t, Platform, c.Platform)
 	assert.Equal(t, 16, c.MaxBatchSize)
-	assert.Equal(t, []Tensor{{Name: "x", DataType: FP32, Dims: []int64{-1, 8}}}, c.Inputs)
+	assert.Equal(t, []TensorSpec{{Name: "x", DataType: FP32, Dims: []int64{-1, 8}}}, c.Inputs)
 	assert.Equal(t, "labels.txt", c.Outputs[0].Labels)
 	require.NotNil(t, c.DynamicBatching)
 	assert.Equal(t, int64(500), c.DynamicBatching.MaxQueueDelayUS)
