@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ._errors import InferenceError, KilnError, ModelLoadError, translate
+from ._errors import InferenceError, KilnError, ModelLoadError, ModelNotFoundError, translate
 from ._native import _kilngo as _go
 from ._native import bindings as _b
 
@@ -417,7 +417,7 @@ def load(path: Union[str, os.PathLike]) -> Model:
     file (as torch.jit.save writes)."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise ModelLoadError(f"kiln: no model at {path}")
+        raise ModelNotFoundError(f"kiln: no model at {path}")
     manifest = None
     file = path
     if os.path.isdir(path):
