@@ -10,12 +10,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
+	"runtime"
 	"runtime/debug"
 	"slices"
 	"unsafe"
 
 	"github.com/kilnml/kiln/arrowio"
 	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/internal/kilnenv"
 	"github.com/kilnml/kiln/native"
 )
 
@@ -60,6 +63,22 @@ func tagged(err error) error {
 		return err
 	}
 	return &codeTagged{err}
+}
+
+// Init configures the process once, when the kiln Python package is
+// imported: libtorch's intra-op threads from $KILN_NUM_THREADS, else the
+// number of CPUs (internal/kilnenv reads the environment).
+func Init() (err error) {
+	defer guard(&err)
+	vars, err := kilnenv.Load(os.Getenv)
+	if err != nil {
+		return fmt.Errorf("kiln: %w", err)
+	}
+	n := vars.NumThreads
+	if n == 0 {
+		n = runtime.NumCPU()
+	}
+	return core.SetNumThreads(n)
 }
 
 // Version returns Kiln's version.
