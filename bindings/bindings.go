@@ -8,6 +8,7 @@ package bindings
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"runtime"
@@ -21,11 +22,47 @@ import (
 	"github.com/kilnml/kiln/native"
 )
 
-// guard turns a panic into an error.
+// guard, deferred by every exported function that returns an error, turns
+// a panic into an Internal error and tags the error with its code (see
+// tagged).
 func guard(err *error) {
 	if r := recover(); r != nil {
-		*err = fmt.Errorf("kiln: internal error: %v\n%s", r, debug.Stack())
+		*err = core.Errorf(core.Internal, "kiln: internal error: %v\n%s", r, debug.Stack())
 	}
+	*err = tagged(*err)
+}
+
+// codeTagPrefix and codeTagSuffix frame the code at the start of every
+// error message the bindings return: "[KILN_INVALID_ARGUMENT] message".
+// gopy turns a Go error into RuntimeError(str(err)), so the message is all
+// that reaches Python; python/kiln/_errors.py reads the tag (only at
+// position 0) to pick the exception class and shows the rest.
+const (
+	codeTagPrefix = "[KILN_"
+	codeTagSuffix = "] "
+)
+
+// codeTagged is an error whose message starts with its code's tag.
+type codeTagged struct{ err error }
+
+func (e *codeTagged) Error() string {
+	return codeTagPrefix + core.CodeOf(e.err).String() + codeTagSuffix + e.err.Error()
+}
+
+func (e *codeTagged) Unwrap() error { return e.err }
+
+// tagged returns err with its code (core.CodeOf) written as a tag before
+// its message; nil stays nil and an error tagged already is not tagged
+// again.
+func tagged(err error) error {
+	if err == nil {
+		return nil
+	}
+	var t *codeTagged
+	if errors.As(err, &t) {
+		return err
+	}
+	return &codeTagged{err}
 }
 
 // Init configures the process once, when the kiln Python package is
@@ -115,7 +152,7 @@ func (m *Model) Predict(inputsJSON string) (_ *Output, err error) {
 	defer guard(&err)
 	var refs []tensorRef
 	if err := json.Unmarshal([]byte(inputsJSON), &refs); err != nil {
-		return nil, fmt.Errorf("kiln: predict: bad input description: %w", err)
+		return nil, core.Errorf(core.InvalidArgument, "kiln: predict: bad input description: %v", err)
 	}
 	ins := make([]*core.Tensor, 0, len(refs))
 	defer func() { core.CloseAll(ins) }()
@@ -167,7 +204,7 @@ func (o *Output) Count() int { return len(o.ts) }
 func (o *Output) Addr(i int) (_ uint64, err error) {
 	defer guard(&err)
 	if i < 0 || i >= len(o.ts) {
-		return 0, fmt.Errorf("kiln: output %d of %d", i, len(o.ts))
+		return 0, core.Errorf(core.InvalidArgument, "kiln: output %d of %d", i, len(o.ts))
 	}
 	p, err := o.ts[i].DataPtr()
 	return uint64(uintptr(p)), err
@@ -210,7 +247,7 @@ func (m *Model) PredictArrow(arrayAddr, schemaAddr uint64, columnsJSON string) (
 	defer rec.Release()
 	var cols [][]string
 	if err := json.Unmarshal([]byte(columnsJSON), &cols); err != nil {
-		return nil, fmt.Errorf("kiln: predict: bad column description: %w", err)
+		return nil, core.Errorf(core.InvalidArgument, "kiln: predict: bad column description: %v", err)
 	}
 	ins := make([]*core.Tensor, 0, len(cols))
 	defer func() { core.CloseAll(ins) }()
@@ -218,7 +255,7 @@ func (m *Model) PredictArrow(arrayAddr, schemaAddr uint64, columnsJSON string) (
 		var t *core.Tensor
 		switch len(names) {
 		case 0:
-			return nil, fmt.Errorf("kiln: predict: input %d has no columns", i)
+			return nil, core.Errorf(core.InvalidArgument, "kiln: predict: input %d has no columns", i)
 		case 1:
 			t, err = arrowio.ColumnToTensor(rec, names[0])
 		default:
@@ -284,7 +321,7 @@ func (m *Model) PredictInto(desc, in0, out0 uint64) (_ int, err error) {
 	d := unsafe.Slice((*int64)(native.AddrPointer(uintptr(desc))), 2)
 	nin, nout := int(d[0]), int(d[1])
 	if nin < 0 || nout < 0 || nin > 64 || nout > 64 {
-		return 0, fmt.Errorf("kiln: predict: bad descriptor (%d inputs, %d outputs)", nin, nout)
+		return 0, core.Errorf(core.InvalidArgument, "kiln: predict: bad descriptor (%d inputs, %d outputs)", nin, nout)
 	}
 	// The descriptor's length is known only while reading it: view it with
 	// the largest length it can have and read forward.
@@ -303,7 +340,7 @@ func (m *Model) PredictInto(desc, in0, out0 uint64) (_ int, err error) {
 	next := func(what string, i int) (ref, error) {
 		dt, nd := core.DType(d[pos]), int(d[pos+1])
 		if !dt.Valid() || nd < 0 || nd > maxDims {
-			return ref{}, fmt.Errorf("kiln: predict: bad descriptor for %s %d (dtype code %d, %d dims)", what, i, dt, nd)
+			return ref{}, core.Errorf(core.InvalidArgument, "kiln: predict: bad descriptor for %s %d (dtype code %d, %d dims)", what, i, dt, nd)
 		}
 		r := ref{dt, d[pos+2 : pos+2+nd]}
 		pos += 2 + nd

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"unsafe"
 
+	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/data"
 	"github.com/kilnml/kiln/core/optimize"
 	"github.com/kilnml/kiln/core/train"
@@ -70,10 +71,10 @@ func StartOptimize(pkgDir, optionsJSON string, xAddr uint64, rows, cols int, yAd
 // calibration set for src.
 func numpyCalibration(src *optimize.Source, addr uint64, rows, cols int) (*data.Dataset, error) {
 	if rows == 0 {
-		return nil, fmt.Errorf("kiln: optimize: the calibration data is empty (no rows)")
+		return nil, core.Errorf(core.InvalidArgument, "kiln: optimize: the calibration data is empty (no rows)")
 	}
 	if want := src.Manifest.Preprocessing.NumInputs(); cols != want {
-		return nil, fmt.Errorf("kiln: optimize: the calibration data has %d columns per row, the model takes %d input columns", cols, want)
+		return nil, core.Errorf(core.InvalidArgument, "kiln: optimize: the calibration data has %d columns per row, the model takes %d input columns", cols, want)
 	}
 	x := unsafe.Slice((*float32)(native.AddrPointer(uintptr(addr))), rows*cols)
 	return data.NewDataset(append([]float32(nil), x...), cols, make([]float32, rows))

@@ -8,6 +8,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/data"
 	"github.com/kilnml/kiln/core/train"
 	"github.com/kilnml/kiln/native"
@@ -73,7 +74,7 @@ func StartSelection(jobJSON string, xAddr uint64, rows, cols int, yAddr uint64, 
 // numpyTable copies numpy features and targets into a table.
 func numpyTable(xAddr uint64, rows, cols int, yAddr uint64) (*data.Table, error) {
 	if rows <= 0 || cols <= 0 {
-		return nil, fmt.Errorf("kiln: fit: need at least one row and one feature, got %d×%d", rows, cols)
+		return nil, core.Errorf(core.InvalidArgument, "kiln: fit: need at least one row and one feature, got %d×%d", rows, cols)
 	}
 	x := unsafe.Slice((*float32)(native.AddrPointer(uintptr(xAddr))), rows*cols)
 	y := unsafe.Slice((*float32)(native.AddrPointer(uintptr(yAddr))), rows)
@@ -102,7 +103,7 @@ func startJob(work func(ctx context.Context, onEvent func(train.Event)) (any, er
 		defer func() {
 			if r := recover(); r != nil {
 				job.mu.Lock()
-				job.err = fmt.Errorf("kiln: internal error: %v", r)
+				job.err = core.Errorf(core.Internal, "kiln: internal error: %v", r)
 				job.mu.Unlock()
 			}
 		}()

@@ -72,7 +72,7 @@ func ParseDType(s string) (DType, error) {
 	case "bfloat16", "bf16":
 		return BFloat16, nil
 	}
-	return 0, fmt.Errorf("kiln: unknown dtype %q", s)
+	return 0, Errorf(InvalidArgument, "kiln: unknown dtype %q", s)
 }
 
 // Half is an IEEE 754 half-precision float, stored as its bits.

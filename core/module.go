@@ -2,7 +2,6 @@ package core
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -64,6 +63,7 @@ func newModule(h native.Module, name string) (*Module, error) {
 // for; an engine this libtorch lacks is an error.
 func LoadModule(path string) (*Module, error) {
 	if _, err := os.Stat(path); err != nil {
+		// CodeOf gives NotFound for a missing file (fs.ErrNotExist).
 		return nil, fmt.Errorf("kiln: load module: %w", err)
 	}
 	var h native.Module
@@ -107,7 +107,7 @@ func packageEngine(path string) string {
 // LoadModuleBytes loads a TorchScript archive held in memory.
 func LoadModuleBytes(b []byte) (*Module, error) {
 	if len(b) == 0 {
-		return nil, errors.New("kiln: load module: no bytes")
+		return nil, Errorf(InvalidArgument, "kiln: load module: no bytes")
 	}
 	h, err := native.LoadModuleBytes(b)
 	if err != nil {
@@ -137,7 +137,7 @@ func (m *Module) String() string { return fmt.Sprintf("Module(%s: %s)", m.name, 
 
 func (m *Module) use(f func(h native.Module) error) error {
 	if m == nil {
-		return errors.New("kiln: nil module")
+		return Errorf(InvalidArgument, "kiln: nil module")
 	}
 	m.mu.RLock()
 	defer m.mu.RUnlock()
@@ -155,7 +155,7 @@ func (m *Module) Forward(inputs ...*Tensor) ([]*Tensor, error) {
 	hs := make([]native.Tensor, len(inputs))
 	for i, t := range inputs {
 		if t == nil {
-			return nil, fmt.Errorf("kiln: forward: input %d is nil", i)
+			return nil, Errorf(InvalidArgument, "kiln: forward: input %d is nil", i)
 		}
 		t.mu.RLock()
 		defer t.mu.RUnlock()
@@ -233,7 +233,7 @@ func (m *Module) Close() error {
 // on Close. On error h has been freed.
 func AdoptModule(h native.Module, name string) (*Module, error) {
 	if !h.Valid() {
-		return nil, errors.New("kiln: adopt module: invalid handle")
+		return nil, Errorf(InvalidArgument, "kiln: adopt module: invalid handle")
 	}
 	return newModule(h, name)
 }

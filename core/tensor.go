@@ -1,7 +1,6 @@
 package core
 
 import (
-	"errors"
 	"fmt"
 	"runtime"
 	"sync"
@@ -10,8 +9,9 @@ import (
 	"github.com/kilnml/kiln/native"
 )
 
-// ErrClosed is returned when a closed Tensor or Module is used.
-var ErrClosed = errors.New("kiln: use of closed handle")
+// ErrClosed is returned when a closed Tensor or Module is used; its code
+// is FailedPrecondition.
+var ErrClosed error = &Error{Code: FailedPrecondition, Message: "kiln: use of closed handle"}
 
 // Tensor is an n-dimensional array held by libtorch in C memory.
 //
@@ -41,10 +41,10 @@ func numElements(shape []int64) (int64, error) {
 	n := int64(1)
 	for i, d := range shape {
 		if d < 0 {
-			return 0, fmt.Errorf("dimension %d is negative (%d)", i, d)
+			return 0, Errorf(InvalidArgument, "dimension %d is negative (%d)", i, d)
 		}
 		if d != 0 && n > (1<<62)/d {
-			return 0, fmt.Errorf("shape %v overflows", shape)
+			return 0, Errorf(InvalidArgument, "shape %v overflows", shape)
 		}
 		n *= d
 	}
@@ -62,7 +62,7 @@ func NewTensor[T Element](data []T, shape ...int64) (*Tensor, error) {
 		return nil, fmt.Errorf("kiln: new tensor: %w", err)
 	}
 	if n != int64(len(data)) {
-		return nil, fmt.Errorf("kiln: new tensor: shape %v holds %d elements, data has %d", shape, n, len(data))
+		return nil, Errorf(InvalidArgument, "kiln: new tensor: shape %v holds %d elements, data has %d", shape, n, len(data))
 	}
 	var p unsafe.Pointer
 	if len(data) > 0 {
@@ -84,7 +84,7 @@ func Scalar[T Element](v T) (*Tensor, error) {
 // Zeros makes a zero-filled tensor.
 func Zeros(dt DType, shape ...int64) (*Tensor, error) {
 	if !dt.Valid() {
-		return nil, fmt.Errorf("kiln: zeros: unknown dtype %v", dt)
+		return nil, Errorf(InvalidArgument, "kiln: zeros: unknown dtype %v", dt)
 	}
 	h, err := native.TensorZeros(native.DType(dt), shape)
 	if err != nil {
@@ -102,7 +102,7 @@ func Zeros(dt DType, shape ...int64) (*Tensor, error) {
 // error release does not run and the caller still owns data.
 func FromBlob(data unsafe.Pointer, dt DType, shape, strides []int64, release func()) (*Tensor, error) {
 	if !dt.Valid() {
-		return nil, fmt.Errorf("kiln: from blob: unknown dtype %v", dt)
+		return nil, Errorf(InvalidArgument, "kiln: from blob: unknown dtype %v", dt)
 	}
 	h, err := native.TensorFromBlob(data, native.DType(dt), shape, strides, release)
 	if err != nil {
@@ -140,7 +140,7 @@ func (t *Tensor) String() string {
 // use runs f with the handle while holding a read lock.
 func (t *Tensor) use(f func(h native.Tensor) error) error {
 	if t == nil {
-		return errors.New("kiln: nil tensor")
+		return Errorf(InvalidArgument, "kiln: nil tensor")
 	}
 	t.mu.RLock()
 	defer t.mu.RUnlock()
@@ -192,7 +192,7 @@ func (t *Tensor) Contiguous() (*Tensor, error) {
 // To converts the elements to dt, in a new tensor.
 func (t *Tensor) To(dt DType) (*Tensor, error) {
 	if !dt.Valid() {
-		return nil, fmt.Errorf("kiln: convert %v: unknown dtype %v", t, dt)
+		return nil, Errorf(InvalidArgument, "kiln: convert %v: unknown dtype %v", t, dt)
 	}
 	var out native.Tensor
 	if err := t.use(func(h native.Tensor) (err error) { out, err = h.ToDType(native.DType(dt)); return err }); err != nil {
@@ -207,7 +207,7 @@ func (t *Tensor) To(dt DType) (*Tensor, error) {
 // tensor's dtype.
 func Data[T Element](t *Tensor) ([]T, error) {
 	if want := DTypeOf[T](); t != nil && t.dtype != want {
-		return nil, fmt.Errorf("kiln: data of %v as %v: dtype mismatch", t, want)
+		return nil, Errorf(InvalidArgument, "kiln: data of %v as %v: dtype mismatch", t, want)
 	}
 	p, err := t.DataPtr()
 	if err != nil {
@@ -285,7 +285,7 @@ func CloseAll(ts []*Tensor) {
 // freed.
 func AdoptTensor(h native.Tensor) (*Tensor, error) {
 	if !h.Valid() {
-		return nil, errors.New("kiln: adopt tensor: invalid handle")
+		return nil, Errorf(InvalidArgument, "kiln: adopt tensor: invalid handle")
 	}
 	return wrap(h)
 }

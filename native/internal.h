@@ -12,6 +12,12 @@
 
 #include "kiln.h"
 
+// The struct behind kiln_error.
+struct kiln_error_s {
+  kiln_error_code_t code;
+  char* message;  // malloc'd
+};
+
 struct kiln_tensor {
   at::Tensor t;
 };
@@ -31,13 +37,31 @@ inline char* dup_string(const std::string& msg) {
   return s;
 }
 
-// An error for the caller. Never returns NULL: if even the message cannot be
-// allocated, a static-sized fallback is attempted.
-inline kiln_error make_error(const std::string& msg) {
-  char* s = dup_string(msg.empty() ? std::string("unknown error") : msg);
-  if (s == nullptr) s = dup_string("out of memory");
-  return s;
+// An error for the caller with a code and a copy of msg. Never returns
+// NULL: if the allocation fails, a static out-of-memory error is returned
+// (kiln_error_free knows not to free it). Never throws.
+kiln_error make_error(kiln_error_code_t code, const std::string& msg) noexcept;
+
+// An error from a check Kiln makes that has no more specific kind: the
+// caller passed nothing wrong that Kiln can name, so it is INTERNAL.
+inline kiln_error make_error(const std::string& msg) noexcept {
+  return make_error(KILN_ERROR_INTERNAL, msg);
 }
+
+// A message transform applied to libtorch's message (e.g. concise).
+using message_fn = std::string (*)(const std::string&);
+
+// The error for the exception being handled; call it only inside a catch
+// block. libtorch's typed errors keep their kind whatever `generic` says:
+//   c10::OutOfMemoryError, std::bad_alloc, and libtorch's CPU allocator
+//     failing (a plain c10::Error in libtorch 1.13)     -> OUT_OF_MEMORY
+//   c10::IndexError, c10::ValueError, c10::TypeError     -> INVALID_ARGUMENT
+//   c10::NotImplementedError                             -> UNSUPPORTED
+// Any other exception gets `generic`: INVALID_ARGUMENT where the failure is
+// the caller's input (forward on the caller's tensors, loading the caller's
+// file), INTERNAL elsewhere. fmt, when not NULL, rewrites the message.
+// Never throws.
+kiln_error current_error(kiln_error_code_t generic, message_fn fmt = nullptr) noexcept;
 
 bool to_scalar_type(kiln_dtype d, at::ScalarType* out);
 
@@ -51,24 +75,22 @@ bool from_scalar_type(at::ScalarType s, kiln_dtype* out);
 }  // namespace kiln
 
 // KILN_GUARD wraps a function body so that no C++ exception crosses the C
-// boundary: every exception becomes an error string the caller owns.
+// boundary: every exception becomes an error the caller owns, classified by
+// kiln::current_error with INTERNAL for unclassified ones.
+// KILN_GUARD_END_AS(code) does the same with `code` for unclassified ones.
 #define KILN_GUARD_BEGIN try {
-#define KILN_GUARD_END                                                \
-  }                                                                   \
-  catch (const c10::Error& e) {                                       \
-    return kiln::make_error(e.what_without_backtrace());              \
-  }                                                                   \
-  catch (const std::exception& e) {                                   \
-    return kiln::make_error(e.what());                                \
-  }                                                                   \
-  catch (...) {                                                       \
-    return kiln::make_error("unknown C++ exception");                 \
-  }                                                                   \
+#define KILN_GUARD_END_AS(generic)          \
+  }                                         \
+  catch (...) {                             \
+    return kiln::current_error(generic);    \
+  }                                         \
   return nullptr;
+#define KILN_GUARD_END KILN_GUARD_END_AS(KILN_ERROR_INTERNAL)
 
-#define KILN_CHECK_ARG(cond, msg) \
-  do {                            \
-    if (!(cond)) return kiln::make_error(msg); \
+// KILN_CHECK_ARG returns an INVALID_ARGUMENT error with msg unless cond.
+#define KILN_CHECK_ARG(cond, msg)                                        \
+  do {                                                                   \
+    if (!(cond)) return kiln::make_error(KILN_ERROR_INVALID_ARGUMENT, msg); \
   } while (0)
 
 #endif  // KILN_NATIVE_INTERNAL_H

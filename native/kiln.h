@@ -5,8 +5,9 @@
  * follows:
  *
  *   - No C++ exception escapes. A function that can fail returns a kiln_error:
- *     NULL on success, otherwise a heap string (malloc) holding libtorch's
- *     message, which the caller owns and frees with kiln_error_free.
+ *     NULL on success, otherwise an error the caller owns and frees with
+ *     kiln_error_free, holding a kiln_error_code_t and a message (libtorch's,
+ *     or Kiln's own). Modeled on Triton's TRITONSERVER_Error.
  *   - Results come back through out-parameters, written only on success.
  *   - Every handle (kiln_tensor, kiln_module) has one owner and is released
  *     with its *_free function. Freeing NULL is a no-op.
@@ -23,10 +24,35 @@
 extern "C" {
 #endif
 
-/* An error message owned by the caller; NULL means success. */
-typedef char* kiln_error;
+/* What kind of failure an error is. Values are stable; they follow
+ * Triton's TRITONSERVER_Error_Code and gRPC's status codes, which is where
+ * the serving layer maps them (serving/status). */
+typedef enum {
+  KILN_ERROR_UNKNOWN = 0,           /* unclassified */
+  KILN_ERROR_INTERNAL = 1,          /* a bug or broken invariant in Kiln or libtorch */
+  KILN_ERROR_NOT_FOUND = 2,         /* a file, model, version or name does not exist */
+  KILN_ERROR_INVALID_ARGUMENT = 3,  /* the caller's arguments or data are wrong */
+  KILN_ERROR_UNAVAILABLE = 4,       /* not ready now; retrying later may work */
+  KILN_ERROR_UNSUPPORTED = 5,       /* not implemented by Kiln or this libtorch */
+  KILN_ERROR_ALREADY_EXISTS = 6,    /* the thing to create exists */
+  KILN_ERROR_CANCELLED = 7,         /* the caller cancelled */
+  KILN_ERROR_OUT_OF_MEMORY = 8,     /* an allocation failed */
+  KILN_ERROR_FAILED_PRECONDITION = 9, /* the system is not in the state the call needs */
+  KILN_ERROR_RESOURCE_EXHAUSTED = 10, /* a quota or queue is full (not memory) */
+  KILN_ERROR_DEADLINE_EXCEEDED = 11,  /* the caller's deadline passed */
+} kiln_error_code_t;
 
-/* Frees an error returned by any kiln_* function. */
+/* An error owned by the caller (opaque); NULL means success. */
+typedef struct kiln_error_s* kiln_error;
+
+/* The error's code (KILN_ERROR_UNKNOWN for NULL). */
+kiln_error_code_t kiln_error_code(kiln_error err);
+
+/* The error's message, valid until kiln_error_free; never NULL ("" for
+ * NULL). */
+const char* kiln_error_message(kiln_error err);
+
+/* Frees an error returned by any kiln_* function. Freeing NULL is a no-op. */
 void kiln_error_free(kiln_error err);
 
 /* Element types. Values are Kiln's own and stable across libtorch versions. */

@@ -2,6 +2,9 @@
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/jit/serialization/import.h>
 
+#include <sys/stat.h>
+
+#include <cerrno>
 #include <sstream>
 #include <vector>
 
@@ -50,10 +53,18 @@ extern "C" {
 kiln_error kiln_module_load(const char* path, kiln_module** out) {
   KILN_CHECK_ARG(path != nullptr && out != nullptr, "NULL argument");
   KILN_GUARD_BEGIN
+  // A path that does not exist is NOT_FOUND; libtorch would say only that
+  // opening it failed.
+  struct stat st;
+  if (stat(path, &st) != 0 && (errno == ENOENT || errno == ENOTDIR)) {
+    return kiln::make_error(KILN_ERROR_NOT_FOUND,
+                            std::string("no such file: ") + path);
+  }
   torch::jit::Module m = torch::jit::load(std::string(path), torch::kCPU);
   m.eval();
   *out = new kiln_module{std::move(m)};
-  KILN_GUARD_END
+  // A file that is not a TorchScript archive is the caller's.
+  KILN_GUARD_END_AS(KILN_ERROR_INVALID_ARGUMENT)
 }
 
 kiln_error kiln_module_load_bytes(const void* data, size_t n, kiln_module** out) {
@@ -64,7 +75,7 @@ kiln_error kiln_module_load_bytes(const void* data, size_t n, kiln_module** out)
   torch::jit::Module m = torch::jit::load(in, torch::kCPU);
   m.eval();
   *out = new kiln_module{std::move(m)};
-  KILN_GUARD_END
+  KILN_GUARD_END_AS(KILN_ERROR_INVALID_ARGUMENT)
 }
 
 void kiln_module_free(kiln_module* m) {
@@ -105,14 +116,15 @@ kiln_error kiln_module_forward(kiln_module* m, kiln_tensor* const* inputs, int n
     for (int i = 0; i < n; i++) args.emplace_back(inputs[i]->t);
     c10::IValue r = m->m.forward(std::move(args));
     flatten(r, &results);
-  } catch (const c10::Error& e) {
-    return kiln::make_error(concise(e.what_without_backtrace()));
-  } catch (const std::exception& e) {
-    return kiln::make_error(concise(e.what()));
+  } catch (...) {
+    // The model rejecting the caller's tensors (shapes, dtypes, a raise in
+    // its TorchScript) is the caller's error; libtorch's typed errors keep
+    // their kind (out of memory, unsupported).
+    return kiln::current_error(KILN_ERROR_INVALID_ARGUMENT, concise);
   }
   size_t count = results.size();
   auto** arr = static_cast<kiln_tensor**>(std::malloc(sizeof(kiln_tensor*) * (count ? count : 1)));
-  if (arr == nullptr) return kiln::make_error("out of memory");
+  if (arr == nullptr) return kiln::make_error(KILN_ERROR_OUT_OF_MEMORY, "out of memory");
   size_t made = 0;
   try {
     for (; made < count; made++) arr[made] = new kiln_tensor{std::move(results[made])};
@@ -132,7 +144,7 @@ kiln_error kiln_module_schema(kiln_module* m, char** out) {
   std::ostringstream s;
   s << forward_schema(m);
   *out = kiln::dup_string(s.str());
-  if (*out == nullptr) return kiln::make_error("out of memory");
+  if (*out == nullptr) return kiln::make_error(KILN_ERROR_OUT_OF_MEMORY, "out of memory");
   KILN_GUARD_END
 }
 
@@ -151,7 +163,7 @@ kiln_error kiln_module_input(kiln_module* m, int i, char** name, char** type) {
   const auto& args = forward_schema(m).arguments();
   int n = args.empty() ? 0 : static_cast<int>(args.size()) - 1;
   if (i < 0 || i >= n) {
-    return kiln::make_error("input index " + std::to_string(i) + " out of range [0," +
+    return kiln::make_error(KILN_ERROR_INVALID_ARGUMENT, "input index " + std::to_string(i) + " out of range [0," +
                             std::to_string(n) + ")");
   }
   const auto& a = args[i + 1];
@@ -160,7 +172,7 @@ kiln_error kiln_module_input(kiln_module* m, int i, char** name, char** type) {
   if (nm == nullptr || ty == nullptr) {
     std::free(nm);
     std::free(ty);
-    return kiln::make_error("out of memory");
+    return kiln::make_error(KILN_ERROR_OUT_OF_MEMORY, "out of memory");
   }
   *name = nm;
   *type = ty;
@@ -183,7 +195,7 @@ kiln_error kiln_module_output_type(kiln_module* m, char** type) {
     s += ")";
   }
   *type = kiln::dup_string(s);
-  if (*type == nullptr) return kiln::make_error("out of memory");
+  if (*type == nullptr) return kiln::make_error(KILN_ERROR_OUT_OF_MEMORY, "out of memory");
   KILN_GUARD_END
 }
 

@@ -34,8 +34,6 @@ static void* kiln_go_addr(uintptr_t a) { return (void*)a; }
 import "C"
 
 import (
-	"errors"
-	"fmt"
 	"runtime/cgo"
 	"unsafe"
 )
@@ -57,15 +55,20 @@ const (
 	Int16    DType = C.KILN_INT16
 )
 
-// takeErr converts a kiln_error into a Go error and frees it.
+// takeErr converts a kiln_error into an *Error (nil for NULL) and frees it.
 func takeErr(e C.kiln_error) error {
 	if e == nil {
 		return nil
 	}
-	msg := C.GoString(e)
+	err := &Error{Code: Code(C.kiln_error_code(e)), Message: C.GoString(C.kiln_error_message(e))}
 	C.kiln_error_free(e)
-	return errors.New(msg)
+	return err
 }
+
+// TakeError converts a kiln_error returned by a package extending the C
+// ABI (passed as unsafe.Pointer(err)) into an *Error, nil for NULL, and
+// frees it.
+func TakeError(e unsafe.Pointer) error { return takeErr(C.kiln_error(e)) }
 
 func takeString(s *C.char) string {
 	if s == nil {
@@ -125,7 +128,7 @@ func (t Tensor) Free() { C.kiln_tensor_free(t.p) }
 // point into the Go heap.
 func TensorFromBlob(data unsafe.Pointer, dt DType, shape, strides []int64, release func()) (Tensor, error) {
 	if strides != nil && len(strides) != len(shape) {
-		return Tensor{}, fmt.Errorf("%d strides for %d dimensions", len(strides), len(shape))
+		return Tensor{}, Errorf(InvalidArgument, "%d strides for %d dimensions", len(strides), len(shape))
 	}
 	var h cgo.Handle
 	if release != nil {

@@ -13,7 +13,74 @@ namespace kiln {
 namespace {
 // The thread count set through the C ABI; 0 until set.
 std::atomic<int> g_threads{0};
+
+// The error make_error returns when it cannot allocate one; never freed.
+char g_oom_message[] = "out of memory (allocating an error)";
+kiln_error_s g_oom{KILN_ERROR_OUT_OF_MEMORY, g_oom_message};
+
+// Whether msg is libtorch's CPU allocator failing. libtorch 1.13 raises a
+// plain c10::Error for it ("DefaultCPUAllocator: can't allocate memory"),
+// later versions "DefaultCPUAllocator: not enough memory"; TorchScript's
+// interpreter rethrows either as std::runtime_error with the same text.
+bool is_cpu_alloc_failure(const std::string& msg) {
+  return msg.find("DefaultCPUAllocator: can't allocate memory") != std::string::npos ||
+         msg.find("DefaultCPUAllocator: not enough memory") != std::string::npos;
+}
+
+kiln_error classified(kiln_error_code_t code, std::string msg, message_fn fmt) {
+  if (fmt != nullptr) msg = fmt(msg);
+  return make_error(code, msg);
+}
 }  // namespace
+
+kiln_error make_error(kiln_error_code_t code, const std::string& msg) noexcept {
+  auto* e = static_cast<kiln_error_s*>(std::malloc(sizeof(kiln_error_s)));
+  if (e == nullptr) return &g_oom;
+  static const char kUnknown[] = "unknown error";
+  const char* text = msg.empty() ? kUnknown : msg.c_str();
+  size_t n = msg.empty() ? sizeof(kUnknown) - 1 : msg.size();
+  e->message = static_cast<char*>(std::malloc(n + 1));
+  if (e->message != nullptr) {
+    std::memcpy(e->message, text, n);
+    e->message[n] = '\0';
+  } else {
+    std::free(e);
+    return &g_oom;
+  }
+  e->code = code;
+  return e;
+}
+
+kiln_error current_error(kiln_error_code_t generic, message_fn fmt) noexcept {
+  try {
+    try {
+      throw;
+    } catch (const c10::OutOfMemoryError& e) {
+      return classified(KILN_ERROR_OUT_OF_MEMORY, e.what_without_backtrace(), fmt);
+    } catch (const c10::IndexError& e) {
+      return classified(KILN_ERROR_INVALID_ARGUMENT, e.what_without_backtrace(), fmt);
+    } catch (const c10::ValueError& e) {
+      return classified(KILN_ERROR_INVALID_ARGUMENT, e.what_without_backtrace(), fmt);
+    } catch (const c10::TypeError& e) {
+      return classified(KILN_ERROR_INVALID_ARGUMENT, e.what_without_backtrace(), fmt);
+    } catch (const c10::NotImplementedError& e) {
+      return classified(KILN_ERROR_UNSUPPORTED, e.what_without_backtrace(), fmt);
+    } catch (const c10::Error& e) {
+      std::string msg = e.what_without_backtrace();
+      return classified(is_cpu_alloc_failure(msg) ? KILN_ERROR_OUT_OF_MEMORY : generic, msg, fmt);
+    } catch (const std::bad_alloc&) {
+      return make_error(KILN_ERROR_OUT_OF_MEMORY, "out of memory");
+    } catch (const std::exception& e) {
+      std::string msg = e.what();
+      return classified(is_cpu_alloc_failure(msg) ? KILN_ERROR_OUT_OF_MEMORY : generic, msg, fmt);
+    } catch (...) {
+      return make_error(KILN_ERROR_INTERNAL, "unknown C++ exception");
+    }
+  } catch (...) {
+    // Building the message failed (std::bad_alloc).
+    return &g_oom;
+  }
+}
 
 // Sizes OpenBLAS's own thread pool, when libtorch's BLAS is OpenBLAS (as on
 // Debian): at::set_num_threads bounds OpenMP but not OpenBLAS's pthreads,
@@ -34,7 +101,19 @@ void sync_threads() {
 
 extern "C" {
 
-void kiln_error_free(kiln_error err) { std::free(err); }
+kiln_error_code_t kiln_error_code(kiln_error err) {
+  return err == nullptr ? KILN_ERROR_UNKNOWN : err->code;
+}
+
+const char* kiln_error_message(kiln_error err) {
+  return err == nullptr ? "" : err->message;
+}
+
+void kiln_error_free(kiln_error err) {
+  if (err == nullptr || err == &kiln::g_oom) return;
+  std::free(err->message);
+  std::free(err);
+}
 
 void kiln_string_free(char* s) { std::free(s); }
 

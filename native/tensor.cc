@@ -44,17 +44,17 @@ namespace {
 // Validates a shape and returns it with its element count.
 kiln_error check_shape(const int64_t* shape, int ndim,
                        std::vector<int64_t>* dims, int64_t* numel) {
-  if (ndim < 0) return make_error("ndim must be >= 0, got " + std::to_string(ndim));
-  if (ndim > 0 && shape == nullptr) return make_error("shape is NULL but ndim > 0");
+  if (ndim < 0) return make_error(KILN_ERROR_INVALID_ARGUMENT, "ndim must be >= 0, got " + std::to_string(ndim));
+  if (ndim > 0 && shape == nullptr) return make_error(KILN_ERROR_INVALID_ARGUMENT, "shape is NULL but ndim > 0");
   dims->assign(shape, shape + ndim);
   int64_t n = 1;
   for (int i = 0; i < ndim; i++) {
     if (shape[i] < 0) {
-      return make_error("dimension " + std::to_string(i) + " is negative (" +
+      return make_error(KILN_ERROR_INVALID_ARGUMENT, "dimension " + std::to_string(i) + " is negative (" +
                         std::to_string(shape[i]) + ")");
     }
     if (shape[i] != 0 && n > INT64_MAX / shape[i]) {
-      return make_error("shape overflows int64 element count");
+      return make_error(KILN_ERROR_INVALID_ARGUMENT, "shape overflows int64 element count");
     }
     n *= shape[i];
   }
@@ -152,7 +152,7 @@ kiln_error kiln_tensor_dtype(const kiln_tensor* t, kiln_dtype* out) {
   KILN_GUARD_BEGIN
   at::ScalarType st = t->t.scalar_type();
   if (!kiln::from_scalar_type(st, out)) {
-    return kiln::make_error(std::string("unsupported element type ") +
+    return kiln::make_error(KILN_ERROR_UNSUPPORTED, std::string("unsupported element type ") +
                             c10::toString(st));
   }
   KILN_GUARD_END
@@ -190,10 +190,10 @@ kiln_error kiln_tensor_data_ptr(const kiln_tensor* t, void** out) {
   KILN_CHECK_ARG(t != nullptr && out != nullptr, "NULL argument");
   KILN_GUARD_BEGIN
   if (!t->t.device().is_cpu()) {
-    return kiln::make_error("tensor is on " + t->t.device().str() + ", not the CPU");
+    return kiln::make_error(KILN_ERROR_FAILED_PRECONDITION, "tensor is on " + t->t.device().str() + ", not the CPU");
   }
   if (!t->t.is_contiguous()) {
-    return kiln::make_error("tensor is not contiguous; call contiguous first");
+    return kiln::make_error(KILN_ERROR_FAILED_PRECONDITION, "tensor is not contiguous; call contiguous first");
   }
   *out = t->t.data_ptr();
   KILN_GUARD_END

@@ -15,7 +15,7 @@ import (
 // checkSparsity rejects a pruning amount outside [0, 1).
 func checkSparsity(s float64) error {
 	if !(s >= 0 && s < 1) {
-		return fmt.Errorf("kiln: optimize: sparsity %v is outside [0, 1)", s)
+		return core.Errorf(core.InvalidArgument, "kiln: optimize: sparsity %v is outside [0, 1)", s)
 	}
 	return nil
 }

@@ -36,11 +36,11 @@ func ChooseEngine(engine string) (string, error) {
 		return "", fmt.Errorf("kiln: optimize: %w", err)
 	}
 	if len(have) == 0 {
-		return "", fmt.Errorf("kiln: optimize: this libtorch has no quantized engine")
+		return "", core.Errorf(core.Unsupported, "kiln: optimize: this libtorch has no quantized engine")
 	}
 	if engine != "" {
 		if !slices.Contains(have, engine) {
-			return "", fmt.Errorf("kiln: optimize: quantized engine %q is not supported by this libtorch (it supports: %s)",
+			return "", core.Errorf(core.Unsupported, "kiln: optimize: quantized engine %q is not supported by this libtorch (it supports: %s)",
 				engine, strings.Join(have, ", "))
 		}
 		return engine, nil

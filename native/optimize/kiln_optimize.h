@@ -4,7 +4,7 @@
  * int8 packed Linear weights as module attributes.
  *
  * An extension of kiln.h (whose rules apply unchanged: no C++ exception
- * escapes, errors are malloc'd strings freed with kiln_error_free, every
+ * escapes, errors carry a code and are freed with kiln_error_free, every
  * handle has one owner). It lives in its own cgo package so that its C++
  * compiles apart from the inference core and the trainer.
  */

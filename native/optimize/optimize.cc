@@ -202,7 +202,7 @@ kiln_error kiln_opt_qengines(char** out) {
   KILN_CHECK_ARG(out != nullptr, "NULL argument");
   KILN_GUARD_BEGIN
   *out = kiln::dup_string(supported_list());
-  if (*out == nullptr) return kiln::make_error("out of memory");
+  if (*out == nullptr) return kiln::make_error(KILN_ERROR_OUT_OF_MEMORY, "out of memory");
   KILN_GUARD_END
 }
 
@@ -210,7 +210,7 @@ kiln_error kiln_opt_qengine(char** out) {
   KILN_CHECK_ARG(out != nullptr, "NULL argument");
   KILN_GUARD_BEGIN
   *out = kiln::dup_string(engine_name(at::globalContext().qEngine()));
-  if (*out == nullptr) return kiln::make_error("out of memory");
+  if (*out == nullptr) return kiln::make_error(KILN_ERROR_OUT_OF_MEMORY, "out of memory");
   KILN_GUARD_END
 }
 
@@ -224,7 +224,7 @@ kiln_error kiln_opt_set_qengine(const char* engine) {
       return nullptr;
     }
   }
-  return kiln::make_error("quantized engine \"" + want +
+  return kiln::make_error(KILN_ERROR_UNSUPPORTED, "quantized engine \"" + want +
                           "\" is not supported by this libtorch (it supports: " +
                           supported_list() + ")");
   KILN_GUARD_END

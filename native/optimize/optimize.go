@@ -13,7 +13,6 @@ package optimize
 import "C"
 
 import (
-	"errors"
 	"strings"
 	"sync"
 	"unsafe"
@@ -21,14 +20,8 @@ import (
 	"github.com/kilnml/kiln/native"
 )
 
-func takeErr(e C.kiln_error) error {
-	if e == nil {
-		return nil
-	}
-	msg := C.GoString(e)
-	C.kiln_error_free(e)
-	return errors.New(msg)
-}
+// takeErr converts a kiln_error into a *native.Error and frees it.
+func takeErr(e C.kiln_error) error { return native.TakeError(unsafe.Pointer(e)) }
 
 func mod(m native.Module) *C.kiln_module { return (*C.kiln_module)(m.Ptr()) }
 func ten(t native.Tensor) *C.kiln_tensor { return (*C.kiln_tensor)(t.Ptr()) }

@@ -2,7 +2,7 @@
  * kiln_train.h — Kiln's flat C ABI for building and training models.
  *
  * An extension of kiln.h (whose rules apply unchanged: no C++ exception
- * escapes, errors are malloc'd strings freed with kiln_error_free, every
+ * escapes, errors carry a code and are freed with kiln_error_free, every
  * handle has one owner and a *_free function). It lives in its own cgo
  * package so that its heavy C++ (torch/torch.h) compiles apart from the
  * inference core.

@@ -419,18 +419,18 @@ kiln_error kiln_nn_copy_state(kiln_module* dst, kiln_module* src) {
   for (const auto& a : dst->m.named_attributes(/*recurse=*/true)) {
     if (!a.value.isTensor()) continue;
     if (i >= from.size() || from[i].first != a.name) {
-      return kiln::make_error("state mismatch at " + a.name + ": the source has " +
+      return kiln::make_error(KILN_ERROR_INVALID_ARGUMENT, "state mismatch at " + a.name + ": the source has " +
                               (i < from.size() ? from[i].first : std::string("nothing")));
     }
     at::Tensor d = a.value.toTensor();
     if (!d.sizes().equals(from[i].second.sizes())) {
-      return kiln::make_error("state mismatch: " + a.name + " is " + shape_str(d.sizes()) +
+      return kiln::make_error(KILN_ERROR_INVALID_ARGUMENT, "state mismatch: " + a.name + " is " + shape_str(d.sizes()) +
                               " here but " + shape_str(from[i].second.sizes()) + " in the source");
     }
     d.copy_(from[i].second);
     i++;
   }
-  if (i != from.size()) return kiln::make_error("the source has more tensors than the destination");
+  if (i != from.size()) return kiln::make_error(KILN_ERROR_INVALID_ARGUMENT, "the source has more tensors than the destination");
   KILN_GUARD_END
 }
 
@@ -442,10 +442,11 @@ kiln_error kiln_nn_forward(kiln_module* m, const kiln_tensor* x, kiln_tensor** o
     at::NoGradGuard ng;
     torch::jit::GraphOptimizerEnabledGuard opt(jit_optimize());
     c10::IValue r = m->m.forward({x->t});
-    if (!r.isTensor()) return kiln::make_error("forward returned " + r.tagKind() + ", not a tensor");
+    if (!r.isTensor()) return kiln::make_error(KILN_ERROR_INVALID_ARGUMENT, "forward returned " + r.tagKind() + ", not a tensor");
     *out = new kiln_tensor{r.toTensor()};
-  } catch (const c10::Error& e) {
-    return kiln::make_error(concise(e.what_without_backtrace()));
+  } catch (...) {
+    // Shapes, dtypes or targets that do not fit the model are the caller's.
+    return kiln::current_error(KILN_ERROR_INVALID_ARGUMENT, concise);
   }
   KILN_GUARD_END
 }
@@ -549,8 +550,9 @@ kiln_error kiln_trainer_step(kiln_trainer* t, const kiln_tensor* x,
   try {
     t->m.train(true);
     *loss = train_step(t, x->t, y->t);
-  } catch (const c10::Error& e) {
-    return kiln::make_error(concise(e.what_without_backtrace()));
+  } catch (...) {
+    // Shapes, dtypes or targets that do not fit the model are the caller's.
+    return kiln::current_error(KILN_ERROR_INVALID_ARGUMENT, concise);
   }
   KILN_GUARD_END
 }
@@ -580,12 +582,12 @@ kiln_error kiln_trainer_epoch(kiln_trainer* t, const kiln_tensor* x,
   const at::Tensor& Y = y->t;
   int64_t rows = X.size(0);
   if (Y.size(0) != rows) {
-    return kiln::make_error("features have " + std::to_string(rows) + " rows but targets " +
+    return kiln::make_error(KILN_ERROR_INVALID_ARGUMENT, "features have " + std::to_string(rows) + " rows but targets " +
                             std::to_string(Y.size(0)));
   }
   for (int64_t i = 0; i < n; i++) {
     if (perm[i] < 0 || perm[i] >= rows) {
-      return kiln::make_error("sample index " + std::to_string(perm[i]) + " outside [0, " +
+      return kiln::make_error(KILN_ERROR_INVALID_ARGUMENT, "sample index " + std::to_string(perm[i]) + " outside [0, " +
                               std::to_string(rows) + ")");
     }
   }
@@ -617,8 +619,9 @@ kiln_error kiln_trainer_epoch(kiln_trainer* t, const kiln_tensor* x,
         }
       }
     }
-  } catch (const c10::Error& e) {
-    return kiln::make_error(concise(e.what_without_backtrace()));
+  } catch (...) {
+    // Shapes, dtypes or targets that do not fit the model are the caller's.
+    return kiln::current_error(KILN_ERROR_INVALID_ARGUMENT, concise);
   }
   KILN_GUARD_END
 }
@@ -639,12 +642,13 @@ kiln_error kiln_trainer_evaluate(kiln_trainer* t, const kiln_tensor* x,
     for (int64_t i = 0; i < rows; i += batch) {
       outs.push_back(run_forward(t, x->t.slice(0, i, std::min(rows, i + batch))));
     }
-    if (outs.empty()) return kiln::make_error("no samples to evaluate");
+    if (outs.empty()) return kiln::make_error(KILN_ERROR_INVALID_ARGUMENT, "no samples to evaluate");
     at::Tensor all = outs.size() == 1 ? outs[0] : at::cat(outs);
     *loss = y != nullptr ? compute_loss(t, all, y->t).item<double>() : 0.0;
     *outputs = new kiln_tensor{all.contiguous()};
-  } catch (const c10::Error& e) {
-    return kiln::make_error(concise(e.what_without_backtrace()));
+  } catch (...) {
+    // Shapes, dtypes or targets that do not fit the model are the caller's.
+    return kiln::current_error(KILN_ERROR_INVALID_ARGUMENT, concise);
   }
   KILN_GUARD_END
 }

@@ -28,22 +28,14 @@ static kiln_error kiln_go_epoch(kiln_trainer* t, const kiln_tensor* x,
 import "C"
 
 import (
-	"errors"
-	"fmt"
 	"runtime/cgo"
 	"unsafe"
 
 	"github.com/kilnml/kiln/native"
 )
 
-func takeErr(e C.kiln_error) error {
-	if e == nil {
-		return nil
-	}
-	msg := C.GoString(e)
-	C.kiln_error_free(e)
-	return errors.New(msg)
-}
+// takeErr converts a kiln_error into a *native.Error and frees it.
+func takeErr(e C.kiln_error) error { return native.TakeError(unsafe.Pointer(e)) }
 
 func mod(m native.Module) *C.kiln_module { return (*C.kiln_module)(m.Ptr()) }
 func ten(t native.Tensor) *C.kiln_tensor { return (*C.kiln_tensor)(t.Ptr()) }
@@ -279,10 +271,10 @@ type EpochResult struct {
 // if not nil, runs every `every` steps and after the last.
 func (t Trainer) Epoch(x, y native.Tensor, perm []int64, batch int64, lrs []float64, every int64, progress Progress) (EpochResult, error) {
 	if len(perm) == 0 {
-		return EpochResult{}, errors.New("no samples to train on")
+		return EpochResult{}, native.Errorf(native.InvalidArgument, "no samples to train on")
 	}
 	if want := EpochSteps(int64(len(perm)), batch); int64(len(lrs)) != want {
-		return EpochResult{}, fmt.Errorf("%d learning rates for %d steps", len(lrs), want)
+		return EpochResult{}, native.Errorf(native.InvalidArgument, "%d learning rates for %d steps", len(lrs), want)
 	}
 	var h cgo.Handle
 	if progress != nil {

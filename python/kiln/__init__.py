@@ -4,7 +4,24 @@
 >>> model = kiln.load("model.pt")          # a TorchScript file
 >>> probs = model.predict(features)        # numpy in, numpy out, no copies
 """
-from ._errors import KilnError, ModelLoadError, InferenceError
+from ._errors import (
+    AlreadyExistsError,
+    CancelledError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InferenceError,
+    InternalError,
+    InvalidArgumentError,
+    InvalidModelError,
+    KilnError,
+    ModelLoadError,
+    ModelNotFoundError,
+    NotFoundError,
+    OutOfMemoryError,
+    ResourceExhaustedError,
+    UnavailableError,
+    UnsupportedError,
+)
 from ._model import Model, load
 from . import layers
 
@@ -23,6 +40,19 @@ __all__ = [
     "KilnError",
     "ModelLoadError",
     "InferenceError",
+    "InvalidArgumentError",
+    "InvalidModelError",
+    "NotFoundError",
+    "ModelNotFoundError",
+    "OutOfMemoryError",
+    "CancelledError",
+    "UnsupportedError",
+    "UnavailableError",
+    "InternalError",
+    "AlreadyExistsError",
+    "FailedPreconditionError",
+    "ResourceExhaustedError",
+    "DeadlineExceededError",
     "Model",
     "Sequential",
     "layers",

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _train
-from ._errors import InferenceError, KilnError, ModelLoadError, translate
+from ._errors import InferenceError, KilnError, ModelLoadError, ModelNotFoundError, translate
 from ._inputs import is_arrow, is_pandas, pandas_to_arrow
 from ._native import _kilngo as _go
 from ._native import bindings as _b
@@ -421,7 +421,7 @@ def load(path: Union[str, os.PathLike]) -> Model:
     file (as torch.jit.save writes)."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise ModelLoadError(f"kiln: no model at {path}")
+        raise ModelNotFoundError(f"kiln: no model at {path}")
     manifest = None
     file = path
     if os.path.isdir(path):

@@ -26,11 +26,11 @@ def _progress(total, verbose):
     return tqdm(total=total, unit="epoch", desc="kiln fit")
 
 
-def _run_job(h, bar, on_event, error_class=lambda e: KilnError):
+def _run_job(h, bar, on_event, context=KilnError):
     """Polls a Go job (the GIL is free between polls) until it is done,
     passing each progress event to on_event(event, bar); Ctrl-C cancels the
     job. Returns the job's report, or raises its error (as the Kiln
-    exception class that error_class picks for it)."""
+    exception class for its code, in context: see _errors.error_class)."""
     try:
         while True:
             st = json.loads(h.Poll(200))
@@ -52,7 +52,7 @@ def _run_job(h, bar, on_event, error_class=lambda e: KilnError):
     try:
         return json.loads(h.Report())
     except RuntimeError as e:
-        raise translate(e, error_class(e)) from None
+        raise translate(e, context) from None
 
 
 @contextlib.contextmanager
@@ -194,19 +194,16 @@ def optimize(package, classes, x, y, options, calibration=None):
         cal = _calibration_array(calibration)
         cal_addr, (cal_rows, cal_cols) = cal.ctypes.data, cal.shape
     with _scratch_dir("kiln-optimized-") as out:
-
-        def error_class(e):
-            bad_input = "outside" in str(e) or "calibration" in str(e)
-            return ValueError if bad_input else KilnError
-
         # Runs in a Go goroutine that this thread polls: the GIL stays free and
         # Ctrl-C cancels it.
         try:
             h = _b.StartOptimize(package, json.dumps(options), x.ctypes.data, x.shape[0], x.shape[1],
                                  y.ctypes.data, cal_addr, cal_rows, cal_cols, out)
         except RuntimeError as e:
-            raise translate(e, error_class(e)) from None
-        record = _run_job(h, None, lambda e, bar: None, error_class)
+            # Bad calibration data or sparsity are INVALID_ARGUMENT: an
+            # InvalidArgumentError, which is a ValueError.
+            raise translate(e, KilnError) from None
+        record = _run_job(h, None, lambda e, bar: None)
         if classes is not None:
             _record_labels(out, classes)
         yield out, record

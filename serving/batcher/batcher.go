@@ -63,16 +63,29 @@ type Options struct {
 
 // ErrQueueFull is returned by Submit when the queue holds MaxQueueSize
 // requests.
-var ErrQueueFull = errors.New("queue is full")
+var ErrQueueFull error = &core.Error{Code: core.ResourceExhausted, Message: "queue is full"}
 
 // ErrClosed is returned by Submit after Close.
-var ErrClosed = errors.New("batcher is closed")
+var ErrClosed error = &core.Error{Code: core.Unavailable, Message: "batcher is closed"}
 
 // ExecError is the error of a failed model execution.
 type ExecError struct{ Err error }
 
 // Error returns the execution's error message.
 func (e *ExecError) Error() string { return e.Err.Error() }
+
+// ErrorCode is core.Internal: the inputs passed the configuration's
+// checks, so a model that fails on them (or returns outputs that do not
+// match its configuration) is the server's fault, as in Triton. Running
+// out of memory, an operator this libtorch lacks, and the caller
+// cancelling or running out of time keep their own codes.
+func (e *ExecError) ErrorCode() core.Code {
+	switch c := core.CodeOf(e.Err); c {
+	case core.OutOfMemory, core.ResourceExhausted, core.Unsupported, core.Cancelled, core.DeadlineExceeded:
+		return c
+	}
+	return core.Internal
+}
 
 // Unwrap returns the underlying error.
 func (e *ExecError) Unwrap() error { return e.Err }
@@ -189,7 +202,7 @@ func (b *Batcher) Submit(ctx context.Context, inputs []Tensor) ([]Tensor, error)
 // prepare checks the request's tensors and computes its rows and key.
 func (b *Batcher) prepare(r *request) error {
 	if len(r.inputs) == 0 {
-		return errors.New("batcher: request without inputs")
+		return core.Errorf(core.InvalidArgument, "batcher: request without inputs")
 	}
 	var key []byte
 	for i, t := range r.inputs {
@@ -198,20 +211,20 @@ func (b *Batcher) prepare(r *request) error {
 			return fmt.Errorf("batcher: input %d: %w", i, err)
 		}
 		if !t.DType.Valid() || int64(len(t.Data)) != n*int64(t.DType.Size()) {
-			return fmt.Errorf("batcher: input %d: %d bytes for %v %v", i, len(t.Data), t.DType, t.Shape)
+			return core.Errorf(core.InvalidArgument, "batcher: input %d: %d bytes for %v %v", i, len(t.Data), t.DType, t.Shape)
 		}
 		if b.opts.MaxBatchSize > 0 {
 			if len(t.Shape) == 0 {
-				return fmt.Errorf("batcher: input %d has no batch dimension", i)
+				return core.Errorf(core.InvalidArgument, "batcher: input %d has no batch dimension", i)
 			}
 			rows := t.Shape[0]
 			if i == 0 {
 				if rows < 1 || rows > int64(b.opts.MaxBatchSize) {
-					return fmt.Errorf("batcher: batch size %d is not within 1..%d", rows, b.opts.MaxBatchSize)
+					return core.Errorf(core.InvalidArgument, "batcher: batch size %d is not within 1..%d", rows, b.opts.MaxBatchSize)
 				}
 				r.rows = int(rows)
 			} else if rows != int64(r.rows) {
-				return fmt.Errorf("batcher: input %d has batch size %d, input 0 has %d", i, rows, r.rows)
+				return core.Errorf(core.InvalidArgument, "batcher: input %d has batch size %d, input 0 has %d", i, rows, r.rows)
 			}
 			key = strconv.AppendInt(key, int64(t.DType), 10)
 			for _, d := range t.Shape[1:] {
@@ -229,10 +242,10 @@ func numElements(shape []int64) (int64, error) {
 	n := int64(1)
 	for i, d := range shape {
 		if d < 0 {
-			return 0, fmt.Errorf("dimension %d is negative (%d)", i, d)
+			return 0, core.Errorf(core.InvalidArgument, "dimension %d is negative (%d)", i, d)
 		}
 		if d != 0 && n > (1<<62)/d {
-			return 0, fmt.Errorf("shape %v overflows", shape)
+			return 0, core.Errorf(core.InvalidArgument, "shape %v overflows", shape)
 		}
 		n *= d
 	}
@@ -490,7 +503,7 @@ func newTensor(dt core.DType, shape []int64, parts [][]byte) (*core.Tensor, erro
 	}
 	p := native.Malloc(uintptr(n))
 	if p == nil {
-		return nil, fmt.Errorf("out of memory allocating %d bytes", n)
+		return nil, core.Errorf(core.OutOfMemory, "out of memory allocating %d bytes", n)
 	}
 	dst := unsafe.Slice((*byte)(p), n)
 	off := 0

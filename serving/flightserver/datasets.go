@@ -15,6 +15,8 @@ import (
 	"sync"
 	"syscall"
 
+	"github.com/kilnml/kiln/core"
+
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/ipc"
 	"github.com/apache/arrow-go/v18/arrow/memory"
@@ -202,7 +204,7 @@ type PutProgress struct {
 
 // errInvalidStream marks errors caused by the client's data rather than by
 // the server.
-var errInvalidStream = errors.New("invalid stream")
+var errInvalidStream error = &core.Error{Code: core.InvalidArgument, Message: "invalid stream"}
 
 // countingWriter counts the bytes written through it.
 type countingWriter struct {

@@ -10,6 +10,8 @@ import (
 	"sort"
 	"sync"
 	"time"
+
+	"github.com/kilnml/kiln/core"
 )
 
 // Trainer trains a model on a stored dataset. The Flight `train` action runs
@@ -84,7 +86,7 @@ type JobStatus struct {
 }
 
 // ErrJobNotFound is wrapped by errors about unknown job ids.
-var ErrJobNotFound = errors.New("no such job")
+var ErrJobNotFound error = &core.Error{Code: core.NotFound, Message: "no such job"}
 
 // job is one job of a registry.
 type job struct {

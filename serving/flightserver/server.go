@@ -26,8 +26,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/kilnml/kiln/serving/auth"
-	"github.com/kilnml/kiln/serving/batcher"
-	"github.com/kilnml/kiln/serving/manager"
+	kstatus "github.com/kilnml/kiln/serving/status"
 )
 
 // streamBufferBytes and streamWindowBytes size the gRPC transport's socket
@@ -249,33 +248,9 @@ func recoverStatus(err *error, what string) {
 	}
 }
 
-// toStatus maps an error to a gRPC status.
-func toStatus(err error) error {
-	if err == nil {
-		return nil
-	}
-	if _, ok := status.FromError(err); ok {
-		return err
-	}
-	var ee *batcher.ExecError
-	switch {
-	case errors.Is(err, manager.ErrNotFound), errors.Is(err, os.ErrNotExist), errors.Is(err, ErrJobNotFound):
-		return status.Error(codes.NotFound, err.Error())
-	case errors.Is(err, manager.ErrUnavailable), errors.Is(err, batcher.ErrClosed):
-		return status.Error(codes.Unavailable, err.Error())
-	case errors.Is(err, batcher.ErrQueueFull):
-		return status.Error(codes.ResourceExhausted, err.Error())
-	case errors.Is(err, context.DeadlineExceeded):
-		return status.Error(codes.DeadlineExceeded, err.Error())
-	case errors.Is(err, context.Canceled):
-		return status.Error(codes.Canceled, err.Error())
-	case errors.Is(err, errInvalidStream):
-		return status.Error(codes.InvalidArgument, err.Error())
-	case errors.As(err, &ee):
-		return status.Error(codes.Internal, err.Error())
-	}
-	return status.Error(codes.Internal, err.Error())
-}
+// toStatus maps an error to a gRPC status by its code (serving/status):
+// Flight is gRPC, so it answers as the KServe v2 gRPC service does.
+func toStatus(err error) error { return kstatus.GRPC(err) }
 
 // statusFromReadErr maps an error reading a client's stream: the client
 // going away, or malformed data.

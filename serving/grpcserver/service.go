@@ -17,6 +17,7 @@ import (
 	pb "github.com/kilnml/kiln/serving/inferencepb"
 	"github.com/kilnml/kiln/serving/manager"
 	"github.com/kilnml/kiln/serving/repository"
+	kstatus "github.com/kilnml/kiln/serving/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -67,31 +68,8 @@ func New(mgr *manager.Manager, opts Options) *Service {
 // Register adds the service to g.
 func (s *Service) Register(g *grpc.Server) { pb.RegisterGRPCInferenceServiceServer(g, s) }
 
-// toStatus maps manager and batcher errors to gRPC statuses.
-func toStatus(err error) error {
-	if err == nil {
-		return nil
-	}
-	if _, ok := status.FromError(err); ok {
-		return err
-	}
-	var ee *batcher.ExecError
-	switch {
-	case errors.Is(err, manager.ErrNotFound):
-		return status.Error(codes.NotFound, err.Error())
-	case errors.Is(err, manager.ErrUnavailable), errors.Is(err, batcher.ErrClosed):
-		return status.Error(codes.Unavailable, err.Error())
-	case errors.Is(err, batcher.ErrQueueFull):
-		return status.Error(codes.ResourceExhausted, err.Error())
-	case errors.Is(err, context.DeadlineExceeded):
-		return status.Error(codes.DeadlineExceeded, err.Error())
-	case errors.Is(err, context.Canceled):
-		return status.Error(codes.Canceled, err.Error())
-	case errors.As(err, &ee):
-		return status.Error(codes.Internal, err.Error())
-	}
-	return status.Error(codes.InvalidArgument, err.Error())
-}
+// toStatus maps an error to a gRPC status by its code (serving/status).
+func toStatus(err error) error { return kstatus.GRPC(err) }
 
 // ServerLive reports that the server is live.
 func (s *Service) ServerLive(context.Context, *pb.ServerLiveRequest) (*pb.ServerLiveResponse, error) {

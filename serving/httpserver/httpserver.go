@@ -39,6 +39,7 @@ import (
 	"github.com/kilnml/kiln/serving/auth"
 	"github.com/kilnml/kiln/serving/grpcserver"
 	pb "github.com/kilnml/kiln/serving/inferencepb"
+	kstatus "github.com/kilnml/kiln/serving/status"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -127,35 +128,6 @@ func (h *Handler) route(method, pattern string, scope auth.Scope, fn http.Handle
 	})
 }
 
-// StatusCode returns the HTTP status for a gRPC code.
-func StatusCode(c codes.Code) int {
-	switch c {
-	case codes.OK:
-		return http.StatusOK
-	case codes.InvalidArgument, codes.FailedPrecondition, codes.OutOfRange:
-		return http.StatusBadRequest
-	case codes.Unauthenticated:
-		return http.StatusUnauthorized
-	case codes.PermissionDenied:
-		return http.StatusForbidden
-	case codes.NotFound:
-		return http.StatusNotFound
-	case codes.AlreadyExists, codes.Aborted:
-		return http.StatusConflict
-	case codes.ResourceExhausted:
-		return http.StatusTooManyRequests
-	case codes.Unavailable:
-		return http.StatusServiceUnavailable
-	case codes.DeadlineExceeded:
-		return http.StatusGatewayTimeout
-	case codes.Canceled:
-		return 499 // client closed request
-	case codes.Unimplemented:
-		return http.StatusNotImplemented
-	}
-	return http.StatusInternalServerError
-}
-
 func writeError(w http.ResponseWriter, code int, msg string) {
 	body, _ := json.Marshal(map[string]string{"error": msg})
 	w.Header().Set("Content-Type", "application/json")
@@ -165,8 +137,8 @@ func writeError(w http.ResponseWriter, code int, msg string) {
 }
 
 func writeStatus(w http.ResponseWriter, err error) {
-	st := status.Convert(err)
-	writeError(w, StatusCode(st.Code()), st.Message())
+	st := status.Convert(kstatus.GRPC(err))
+	writeError(w, kstatus.HTTPFromGRPC(st.Code()), st.Message())
 }
 
 func writeJSON(w http.ResponseWriter, v any) {

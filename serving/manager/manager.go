@@ -27,12 +27,13 @@ import (
 	"github.com/kilnml/kiln/serving/repository"
 )
 
-// ErrNotFound is wrapped by errors about unknown models and versions.
-var ErrNotFound = errors.New("not found")
+// ErrNotFound is wrapped by errors about unknown models and versions; its
+// code is core.NotFound.
+var ErrNotFound error = &core.Error{Code: core.NotFound, Message: "not found"}
 
 // ErrUnavailable is wrapped by errors about models that exist but have no
-// version able to serve.
-var ErrUnavailable = errors.New("unavailable")
+// version able to serve; its code is core.Unavailable.
+var ErrUnavailable error = &core.Error{Code: core.Unavailable, Message: "unavailable"}
 
 // States of a model version in the repository index.
 const (
@@ -199,7 +200,7 @@ func (m *Manager) Load(name string) error {
 	for {
 		e := m.entry(name, true)
 		if e == nil {
-			return errors.New("model manager is closed")
+			return core.Errorf(core.Unavailable, "model manager is closed")
 		}
 		e.loadMu.Lock()
 		if !m.current(name, e) { // dropped by a failed load while we waited
