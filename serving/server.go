@@ -38,6 +38,7 @@ import (
 	"github.com/kilnml/kiln/serving/manager"
 	"github.com/kilnml/kiln/serving/metrics"
 	"github.com/kilnml/kiln/serving/repository"
+	kstatus "github.com/kilnml/kiln/serving/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -113,7 +114,8 @@ func New(cfg Config) (*Server, error) {
 	gopts := append([]grpc.ServerOption{
 		grpc.MaxRecvMsgSize(cfg.MaxMessageBytes),
 		grpc.MaxSendMsgSize(cfg.MaxMessageBytes),
-	}, grpccodec.New().ServerOptions()...) // first: malformed messages → INVALID_ARGUMENT
+	}, kstatus.ServerOptions()...) // outermost: every error leaves with its code and a bounded message
+	gopts = append(gopts, grpccodec.New().ServerOptions()...) // then: malformed messages → INVALID_ARGUMENT
 	gopts = append(gopts, policy.GRPCServerOptions(auth.KServeScope)...)
 	if s.tls != nil {
 		gopts = append(gopts, grpc.Creds(credentials.NewTLS(s.tls)))

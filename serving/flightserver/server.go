@@ -149,6 +149,8 @@ func New(opts Options) (*Server, error) {
 		// FlightData bodies are copied once, into reused buffers.
 		grpc.ForceServerCodecV2(newFlightCodec()),
 	}
+	// Outermost: every error leaves with its code and a bounded message.
+	gopts = append(gopts, kstatus.ServerOptions()...)
 	tlsCfg := opts.TLSConfig
 	if tlsCfg == nil && (opts.CertFile != "" || opts.KeyFile != "") {
 		if opts.CertFile == "" || opts.KeyFile == "" {

@@ -129,7 +129,7 @@ func (h *Handler) route(method, pattern string, scope auth.Scope, fn http.Handle
 }
 
 func writeError(w http.ResponseWriter, code int, msg string) {
-	body, _ := json.Marshal(map[string]string{"error": msg})
+	body, _ := json.Marshal(map[string]string{"error": kstatus.Truncate(msg)})
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 	w.WriteHeader(code)

@@ -23,9 +23,13 @@
 package status
 
 import (
+	"context"
+	"fmt"
 	"net/http"
+	"unicode/utf8"
 
 	"github.com/kilnml/kiln/core"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	grpcstatus "google.golang.org/grpc/status"
 )
@@ -58,17 +62,57 @@ func GRPCCode(c core.Code) codes.Code {
 	return codes.Internal
 }
 
-// GRPC returns err as a gRPC status error: nil for nil; err itself when it
-// already is a gRPC status (status.FromError succeeds); otherwise a status
-// with GRPCCode(core.CodeOf(err)) and err's message.
+// MaxMessageBytes bounds the message of a status sent to a client. Longer
+// messages (a 20,000-character model name or a 100 KB ticket echoed in an
+// error) are cut, keeping their start and saying how much was cut: the
+// message travels in an HTTP/2 header (grpc-message), and one over the
+// peer's header limit would turn the answer into INTERNAL.
+const MaxMessageBytes = 1024
+
+// Truncate returns msg cut to at most MaxMessageBytes bytes (on a UTF-8
+// boundary), ending with "… (N bytes cut)" when it was cut.
+func Truncate(msg string) string {
+	if len(msg) <= MaxMessageBytes {
+		return msg
+	}
+	const room = MaxMessageBytes - 32 // for the note
+	cut := room
+	for cut > 0 && !utf8.RuneStart(msg[cut]) {
+		cut--
+	}
+	return fmt.Sprintf("%s… (%d bytes cut)", msg[:cut], len(msg)-cut)
+}
+
+// GRPC returns err as a gRPC status error: nil for nil; a gRPC status
+// (status.FromError succeeds) keeps its code; otherwise the code is
+// GRPCCode(core.CodeOf(err)). The message is err's, cut to
+// MaxMessageBytes.
 func GRPC(err error) error {
 	if err == nil {
 		return nil
 	}
-	if _, ok := grpcstatus.FromError(err); ok {
-		return err
+	if st, ok := grpcstatus.FromError(err); ok {
+		if len(st.Message()) <= MaxMessageBytes {
+			return err
+		}
+		return grpcstatus.Error(st.Code(), Truncate(st.Message()))
 	}
-	return grpcstatus.Error(GRPCCode(core.CodeOf(err)), err.Error())
+	return grpcstatus.Error(GRPCCode(core.CodeOf(err)), Truncate(err.Error()))
+}
+
+// ServerOptions returns interceptors that pass every error a handler (or
+// an inner interceptor) returns through GRPC, so that each answer carries
+// the code of its error and a bounded message. Give them to grpc.NewServer
+// before every other interceptor, so that they see every error.
+func ServerOptions() []grpc.ServerOption {
+	unary := func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		resp, err := handler(ctx, req)
+		return resp, GRPC(err)
+	}
+	stream := func(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+		return GRPC(handler(srv, ss))
+	}
+	return []grpc.ServerOption{grpc.ChainUnaryInterceptor(unary), grpc.ChainStreamInterceptor(stream)}
 }
 
 // HTTPFromGRPC returns the HTTP status for a gRPC code (grpc-gateway's
