@@ -399,7 +399,12 @@ func (s *Server) DoExchange(stream flight.FlightService_DoExchangeServer) (err e
 	if err != nil {
 		return statusFromReadErr(ctx, "DoExchange: reading the input schema", err)
 	}
-	defer rdr.Release()
+	readerOwned := true // until readLoop takes the reader over
+	defer func() {
+		if readerOwned {
+			rdr.Release()
+		}
+	}()
 	name, version, err := modelDescriptor(rdr.LatestFlightDescriptor())
 	if err != nil {
 		return err
@@ -421,7 +426,9 @@ func (s *Server) DoExchange(stream flight.FlightService_DoExchangeServer) (err e
 
 	pending := make(chan *result, exchangeDepth)
 	readErr := make(chan error, 1)
+	readerOwned = false
 	go func() {
+		defer rdr.Release() // after the last Read, which may outlive the handler on shutdown
 		defer close(pending)
 		readErr <- x.readLoop(ctx, rdr, pending)
 	}()
@@ -437,21 +444,21 @@ func (s *Server) DoExchange(stream flight.FlightService_DoExchangeServer) (err e
 		}
 	}
 	var firstErr error
-	for r := range pending {
+	handle := func(r *result) {
+		<-r.done
 		if firstErr != nil {
-			<-r.done
 			if r.rec != nil {
 				r.rec.Release()
 			}
-			continue
+			return
 		}
-		<-r.done
 		if r.err != nil {
 			firstErr = r.err
 			cancel()
-			continue
+			return
 		}
 		startWriter()
+		var err error
 		if len(r.meta) > 0 {
 			err = w.WriteWithAppMetadata(r.rec, r.meta)
 		} else {
@@ -462,6 +469,53 @@ func (s *Server) DoExchange(stream flight.FlightService_DoExchangeServer) (err e
 			firstErr = status.Errorf(codes.Unavailable, "DoExchange %s: sending predictions: %v", x.label(), err)
 			cancel()
 		}
+	}
+	stopping := false
+read:
+	for {
+		select {
+		case r, ok := <-pending:
+			if !ok {
+				break read
+			}
+			handle(r)
+		case <-s.stopping:
+			stopping = true
+			break read
+		}
+	}
+	if stopping {
+		// Answer every batch already read. If the client's stream had
+		// ended (the read loop is done), this is an ordinary end;
+		// otherwise the read loop may still be in a Read that ends with
+		// the stream: what it produces from now on is released in the
+		// background, and the client is told to send the rest elsewhere.
+		for drained := false; !drained; {
+			select {
+			case r, ok := <-pending:
+				if !ok {
+					stopping, drained = false, true
+					break
+				}
+				handle(r)
+			default:
+				drained = true
+			}
+		}
+	}
+	if stopping {
+		go func() {
+			for r := range pending {
+				<-r.done
+				if r.rec != nil {
+					r.rec.Release()
+				}
+			}
+		}()
+		if firstErr == nil {
+			firstErr = status.Errorf(codes.Unavailable, "DoExchange %s: the server is shutting down; the batches read so far were answered, send the rest again", x.label())
+		}
+		return toStatus(firstErr)
 	}
 	if rerr := <-readErr; firstErr == nil && rerr != nil {
 		firstErr = rerr

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"testing"
+	"time"
 
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/array"
@@ -411,4 +412,34 @@ func TestExchangeCorruptIPC(t *testing.T) {
 			require.EqualValues(t, 3, out[0].NumRows())
 		})
 	}
+}
+
+// TestShutdownEndsIdleExchange: a client that keeps a DoExchange stream
+// open after its batches were answered does not hold a graceful shutdown
+// up: the stream ends (UNAVAILABLE: send the rest again) and Shutdown
+// returns without waiting for its deadline.
+func TestShutdownEndsIdleExchange(t *testing.T) {
+	mgr := newManager(t)
+	e := start(t, kflight.Options{Models: kflight.ManagerModels(mgr)})
+	ctx := ctxT(t)
+	stream, err := e.client.DoExchange(ctx)
+	require.NoError(t, err)
+	rec := record([]string{"x"}, tensorColumn(t, rows4(0, 3), 4))
+	w := flight.NewRecordWriter(stream, ipc.WithSchema(rec.Schema()))
+	w.SetFlightDescriptor(modelDesc("affine"))
+	require.NoError(t, w.Write(rec))
+	rdr, err := flight.NewRecordReader(stream)
+	require.NoError(t, err)
+	defer rdr.Release()
+	require.True(t, rdr.Next(), "the first batch is answered: %v", rdr.Err())
+	require.EqualValues(t, 3, rdr.RecordBatch().NumRows())
+	// The client keeps its stream open and sends nothing more.
+
+	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	begin := time.Now()
+	require.NoError(t, e.srv.Shutdown(sctx), "shutdown must not wait for the idle stream's client")
+	require.Less(t, time.Since(begin), 20*time.Second)
+	require.False(t, rdr.Next())
+	requireCode(t, rdr.Err(), codes.Unavailable, "shutting down")
 }

@@ -109,6 +109,10 @@ type Server struct {
 	lis      net.Listener
 	started  bool
 	serveErr chan error
+
+	stopping    chan struct{} // closed when Shutdown begins
+	stopOnce    sync.Once
+	shutdownErr error
 }
 
 // New validates opts and opens the data directory; nothing listens yet.
@@ -132,7 +136,7 @@ func New(opts Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("flight: %w", err)
 	}
-	s := &Server{opts: opts, log: opts.Logger, mem: opts.Allocator, store: st}
+	s := &Server{opts: opts, log: opts.Logger, mem: opts.Allocator, store: st, stopping: make(chan struct{})}
 	if opts.Trainer != nil {
 		s.jobs = NewJobs(opts.Trainer)
 	}
@@ -204,7 +208,20 @@ func (s *Server) Addr() net.Addr {
 // Shutdown stops accepting calls, lets calls in flight finish until ctx
 // ends (then cancels them), and cancels running training jobs, waiting for
 // them to return. An interrupted DoPut leaves no dataset behind.
+//
+// Shutdown first closes the streams that wait on their client: an open
+// DoExchange answers the batches it has read and ends with UNAVAILABLE.
+// A second Shutdown waits for the first and returns its error.
 func (s *Server) Shutdown(ctx context.Context) error {
+	s.stopOnce.Do(func() {
+		close(s.stopping)
+		s.shutdownErr = s.shutdown(ctx)
+	})
+	return s.shutdownErr
+}
+
+// shutdown is Shutdown's one run.
+func (s *Server) shutdown(ctx context.Context) error {
 	done := make(chan struct{})
 	go func() {
 		s.grpc.GracefulStop()
