@@ -4,12 +4,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
+
+	"github.com/kilnml/kiln/internal/testkit"
 )
 
-// fixtureDir holds the models tests/fixtures/make_models.py exported with
+// fixtureDir holds the models kiln_fixtures.py torch-models exported with
 // Python torch for this test run.
 var fixtureDir string
 
@@ -27,20 +28,6 @@ type fixture struct {
 
 var fixtures map[string]fixture
 
-// pythonBin is the interpreter with torch: $KILN_PYTHON, the project's
-// virtualenv, or Debian's python3.
-func pythonBin() string {
-	if p := os.Getenv("KILN_PYTHON"); p != "" {
-		return p
-	}
-	if p, err := filepath.Abs("../.venv/bin/python"); err == nil {
-		if _, err := os.Stat(p); err == nil {
-			return p
-		}
-	}
-	return "/usr/bin/python3"
-}
-
 func TestMain(m *testing.M) {
 	os.Exit(runMain(m))
 }
@@ -52,10 +39,8 @@ func runMain(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
-	cmd := exec.Command(pythonBin(), "../tests/fixtures/make_models.py", dir)
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Run(); err != nil {
-		fmt.Fprintf(os.Stderr, "exporting fixtures with %s: %v\n", pythonBin(), err)
+	if err := testkit.MakeFixture("torch-models", dir); err != nil {
+		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
 	raw, err := os.ReadFile(filepath.Join(dir, "manifest.json"))

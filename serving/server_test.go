@@ -7,13 +7,12 @@ import (
 	"io"
 	"log/slog"
 	"math"
-	"os"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/kilnml/kiln/internal/testkit"
 	pb "github.com/kilnml/kiln/serving/inferencepb"
-	"github.com/kilnml/kiln/serving/internal/testmodels"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
@@ -23,28 +22,11 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-var built string
-
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "kiln-serving-repo-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	if err := testmodels.Build(dir); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	built = dir
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testkit.Main(m) }
 
 func start(t *testing.T, opts Options) (*Server, pb.GRPCInferenceServiceClient, *grpc.ClientConn) {
 	t.Helper()
-	root := t.TempDir()
-	require.NoError(t, os.CopyFS(root, os.DirFS(built)))
+	root := testkit.CopyFixture(t, "serving-repo")
 	opts.ModelRepository = root
 	opts.GRPCAddr = "127.0.0.1:0"
 	if !testing.Verbose() {
@@ -429,8 +411,7 @@ func TestStartErrors(t *testing.T) {
 	require.ErrorContains(t, err, "both a certificate and a key")
 	_, err = New(Options{ModelRepository: t.TempDir(), TLSCertFile: "missing.pem", TLSKeyFile: "missing.key"})
 	require.ErrorContains(t, err, "missing.pem")
-	root := t.TempDir()
-	require.NoError(t, os.CopyFS(root, os.DirFS(built)))
+	root := testkit.CopyFixture(t, "serving-repo")
 	srv, err := New(Options{ModelRepository: root, GRPCAddr: "127.0.0.1:0", StrictModelLoad: true})
 	require.NoError(t, err)
 	require.ErrorContains(t, srv.Start(context.Background()), "corrupt")
@@ -439,8 +420,7 @@ func TestStartErrors(t *testing.T) {
 // TestShutdownEndsIdleStreams: a client that keeps a ModelStreamInfer
 // stream open does not hold a graceful shutdown up; the stream ends with OK.
 func TestShutdownEndsIdleStreams(t *testing.T) {
-	root := t.TempDir()
-	require.NoError(t, os.CopyFS(root, os.DirFS(built)))
+	root := testkit.CopyFixture(t, "serving-repo")
 	srv, err := New(Options{ModelRepository: root, GRPCAddr: "127.0.0.1:0", Logger: slog.New(slog.DiscardHandler)})
 	require.NoError(t, err)
 	require.NoError(t, srv.Start(context.Background()))

@@ -17,21 +17,10 @@ import (
 	"github.com/kilnml/kiln/core/nn"
 	"github.com/kilnml/kiln/core/optimize"
 	"github.com/kilnml/kiln/core/train"
+	"github.com/kilnml/kiln/internal/testkit"
 )
 
 var dataDir, pkgDir string
-
-func pythonBin() string {
-	if p := os.Getenv("KILN_PYTHON"); p != "" {
-		return p
-	}
-	if p, err := filepath.Abs("../../.venv/bin/python"); err == nil {
-		if _, err := os.Stat(p); err == nil {
-			return p
-		}
-	}
-	return "/usr/bin/python3"
-}
 
 func TestMain(m *testing.M) { os.Exit(runMain(m)) }
 
@@ -44,10 +33,8 @@ func runMain(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
-	cmd := exec.Command(pythonBin(), "../../tests/fixtures/make_datasets.py", dir)
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Run(); err != nil {
-		fmt.Fprintf(os.Stderr, "exporting data sets with %s: %v\n", pythonBin(), err)
+	if err := testkit.MakeFixture("datasets", dir); err != nil {
+		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
 	dataDir = dir
@@ -104,7 +91,7 @@ m = torch.jit.load(sys.argv[1])
 m.eval()
 x = torch.zeros(3, 64)
 print(tuple(m(x).shape))`
-	out, err := exec.Command(pythonBin(), "-c", code, filepath.Join(dir, "model.pt")).CombinedOutput()
+	out, err := exec.Command(testkit.Python(t), "-c", code, filepath.Join(dir, "model.pt")).CombinedOutput()
 	require.NoError(t, err, "%s", out)
 	return strings.TrimSpace(string(out))
 }

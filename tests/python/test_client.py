@@ -1,16 +1,15 @@
 """kiln.Client against Kiln's gRPC server: the same answers as the stock
 tritonclient.grpc client, and errors as Kiln exceptions."""
 import json
-import os
 import pathlib
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
 import kiln
+from conftest import make_fixture  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -19,8 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def url(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("client")
     repo = tmp / "repo"
-    py = os.environ.get("KILN_PYTHON", sys.executable)
-    subprocess.run([py, str(ROOT / "serving/internal/testmodels/make_repo.py"), str(repo)], check=True)
+    make_fixture("serving-repo", repo)
     binary = tmp / "kiln-testserver"
     subprocess.run(["go", "build", "-o", str(binary), "./serving/internal/testserver"], cwd=ROOT, check=True)
     with open(tmp / "server.log", "w") as log:

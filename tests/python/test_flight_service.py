@@ -3,15 +3,13 @@
 The server is serving/flightserver/internal/flighttestserver: Kiln's gRPC
 inference server and its Flight service in one process, sharing one model
 manager and its dynamic batchers, over the repository that
-serving/flightserver/internal/flighttest/make_models.py writes, with the column
+the flight-repo fixture (tests/fixtures/kiln_fixtures.py) writes, with the column
 statistics trainer of serving/flightserver/internal/flighttest.
 """
 import json
-import os
 import pathlib
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 
@@ -23,16 +21,14 @@ fl = pytest.importorskip("pyarrow.flight")
 grpcclient = pytest.importorskip("tritonclient.grpc")
 grpc = pytest.importorskip("grpc")
 
-from conftest import ROOT  # noqa: E402
-
-PYTHON = os.environ.get("KILN_PYTHON", sys.executable)
+from conftest import PYTHON, ROOT, make_fixture  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("flight")
     repo = tmp / "repo"
-    subprocess.run([PYTHON, str(ROOT / "serving/flightserver/internal/flighttest/make_models.py"), str(repo)], check=True)
+    make_fixture("flight-repo", repo)
     binary = tmp / "kiln-flighttestserver"
     subprocess.run(["go", "build", "-o", str(binary), "./serving/flightserver/internal/flighttestserver"], cwd=ROOT, check=True)
     return {"tmp": tmp, "repo": repo, "binary": binary}

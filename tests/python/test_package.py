@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory):
     out = tmp_path_factory.mktemp("fixtures")
-    subprocess.run([sys.executable, os.path.join(ROOT, "tests/fixtures/make_models.py"), str(out)], check=True)
+    make_fixture("torch-models", out)
 
     class Identity(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -296,6 +296,7 @@ import resource, sys
 import numpy as np
 import torch
 import kiln
+from conftest import make_fixture  # noqa: E402
 
 torch.manual_seed(0)
 torch.jit.script(torch.nn.Linear(64, 2)).save(sys.argv[1])

@@ -1,22 +1,21 @@
 """Kiln's gRPC inference server against the stock tritonclient.grpc client.
 
 The server is serving/internal/testserver, built into a temp dir, over the
-repository serving/internal/testmodels/make_repo.py writes (models affine,
+repository the serving-repo fixture (tests/fixtures/kiln_fixtures.py) writes (models affine,
 classifier, int_ops and corrupt).
 """
 import json
-import os
 import pathlib
 import queue
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
+from conftest import make_fixture  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -25,10 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serving")
     repo = tmp / "repo"
-    subprocess.run(
-        [os.environ.get("KILN_PYTHON", sys.executable), str(ROOT / "serving/internal/testmodels/make_repo.py"), str(repo)],
-        check=True,
-    )
+    make_fixture("serving-repo", repo)
     binary = tmp / "kiln-testserver"
     subprocess.run(["go", "build", "-o", str(binary), "./serving/internal/testserver"], cwd=ROOT, check=True)
     proc = subprocess.Popen(
