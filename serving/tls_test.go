@@ -25,7 +25,7 @@ func withAuth(ctx context.Context, value string) context.Context {
 
 func TestTLS(t *testing.T) {
 	certFile, keyFile, pool := testkit.SelfSigned(t, t.TempDir())
-	srv, base := startAll(t, Options{TLSCertFile: certFile, TLSKeyFile: keyFile}, nil)
+	srv, base := startAll(t, Config{TLSCertFile: certFile, TLSKeyFile: keyFile}, nil)
 	require.True(t, srv.TLS())
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -64,6 +64,6 @@ func TestAutoThreadsFitInstances(t *testing.T) {
 	prev := core.NumThreads()
 	defer core.SetNumThreads(prev)
 	// affine runs 2 instances: each gets half the CPUs.
-	start(t, Options{})
+	start(t, Config{})
 	assert.Equal(t, max(1, runtime.NumCPU()/2), core.NumThreads())
 }
