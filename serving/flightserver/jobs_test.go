@@ -22,7 +22,7 @@ import (
 	"github.com/kilnml/kiln/internal/testkit"
 	"github.com/kilnml/kiln/serving/auth"
 	kflight "github.com/kilnml/kiln/serving/flightserver"
-	"github.com/kilnml/kiln/serving/flightserver/internal/flighttest"
+	"github.com/kilnml/kiln/serving/internal/flighttest"
 )
 
 func (e *env) action(ctx context.Context, typ string, body any) ([]byte, error) {
