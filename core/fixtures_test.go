@@ -28,30 +28,17 @@ type fixture struct {
 
 var fixtures map[string]fixture
 
-func TestMain(m *testing.M) {
-	os.Exit(runMain(m))
-}
+func TestMain(m *testing.M) { testkit.MainWithFixture(m, "torch-models", &fixtureDir, readManifest) }
 
-func runMain(m *testing.M) int {
-	dir, err := os.MkdirTemp("", "kiln-fixtures-")
+// readManifest reads fixtureDir's manifest.json into fixtures.
+func readManifest() error {
+	raw, err := os.ReadFile(filepath.Join(fixtureDir, "manifest.json"))
 	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer os.RemoveAll(dir)
-	if err := testkit.MakeFixture("torch-models", dir); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	raw, err := os.ReadFile(filepath.Join(dir, "manifest.json"))
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
+		return err
 	}
 	var all map[string]json.RawMessage
 	if err := json.Unmarshal(raw, &all); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
+		return fmt.Errorf("%s: %w", filepath.Join(fixtureDir, "manifest.json"), err)
 	}
 	fixtures = map[string]fixture{}
 	for k, v := range all {
@@ -60,8 +47,7 @@ func runMain(m *testing.M) int {
 			fixtures[k] = f
 		}
 	}
-	fixtureDir = dir
-	return m.Run()
+	return nil
 }
 
 func fixturePath(name string) string { return filepath.Join(fixtureDir, name) }

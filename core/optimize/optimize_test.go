@@ -22,32 +22,20 @@ import (
 
 var dataDir, pkgDir string
 
-func TestMain(m *testing.M) { os.Exit(runMain(m)) }
-
-// runMain exports the data sets and trains the digits MLP once into a
+// TestMain exports the data sets and trains the digits MLP once into a
 // package the tests optimize.
-func runMain(m *testing.M) int {
-	dir, err := os.MkdirTemp("", "kiln-optimize-test-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer os.RemoveAll(dir)
-	if err := testkit.MakeFixture("datasets", dir); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	dataDir = dir
-	pkgDir = filepath.Join(dir, "digits-mlp")
-	tb, err := data.ReadCSVFile(filepath.Join(dir, "digits.csv"))
+func TestMain(m *testing.M) { testkit.MainWithFixture(m, "datasets", &dataDir, trainDigits) }
+
+func trainDigits() error {
+	pkgDir = filepath.Join(dataDir, "digits-mlp")
+	tb, err := data.ReadCSVFile(filepath.Join(dataDir, "digits.csv"))
 	if err == nil {
 		_, err = train.Run(context.Background(), digitsJob(), tb, "digits.csv", pkgDir, nil)
 	}
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "training the digits MLP:", err)
-		return 1
+		return fmt.Errorf("training the digits MLP: %w", err)
 	}
-	return m.Run()
+	return nil
 }
 
 // digitsJob is core/train's digits MLP check, wider so that pruning has

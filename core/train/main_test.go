@@ -1,7 +1,6 @@
 package train_test
 
 import (
-	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -23,22 +22,7 @@ func TestMain(m *testing.M) {
 	if os.Getenv("KILN_TRAIN_CHILD") != "" {
 		os.Exit(m.Run())
 	}
-	os.Exit(runMain(m))
-}
-
-func runMain(m *testing.M) int {
-	dir, err := os.MkdirTemp("", "kiln-datasets-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer os.RemoveAll(dir)
-	if err := testkit.MakeFixture("datasets", dir); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	dataDir = dir
-	return m.Run()
+	testkit.MainWithFixture(m, "datasets", &dataDir, nil)
 }
 
 func loadCSV(t *testing.T, name string) *data.Table {

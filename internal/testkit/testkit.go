@@ -102,10 +102,30 @@ type made struct {
 // fixtures made meanwhile and exits with the tests' status. Call it from
 // TestMain: func TestMain(m *testing.M) { testkit.Main(m) }.
 func Main(m *testing.M) {
-	os.Exit(runMain(m))
+	os.Exit(runMain(m, nil))
 }
 
-func runMain(m *testing.M) int {
+// MainWithFixture is Main for a package whose TestMain needs fixture name
+// before the tests run: it makes the fixture (cached, as Fixture), stores
+// its directory in *dir, runs setup when not nil (work done once for every
+// test, such as training a model into *dir), then the tests. When making
+// the fixture or setup fails it prints the error and exits with status 1
+// without running the tests.
+func MainWithFixture(m *testing.M, name string, dir *string, setup func() error) {
+	os.Exit(runMain(m, func() error {
+		d, err := cached(name)
+		if err != nil {
+			return err
+		}
+		*dir = d
+		if setup != nil {
+			return setup()
+		}
+		return nil
+	}))
+}
+
+func runMain(m *testing.M, before func() error) int {
 	dir, err := os.MkdirTemp("", "kiln-fixtures-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "testkit:", err)
@@ -120,8 +140,38 @@ func runMain(m *testing.M) int {
 		cache.Unlock()
 		os.RemoveAll(dir)
 	}()
+	if before != nil {
+		if err := before(); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+	}
 	return m.Run()
 }
+
+// cached returns fixture name's directory in the cache, making it on the
+// first call; outside Main the error is errNoCache.
+func cached(name string) (string, error) {
+	cache.Lock()
+	root := cache.dir
+	if root == "" {
+		cache.Unlock()
+		return "", errNoCache
+	}
+	e := cache.made[name]
+	if e == nil {
+		e = &made{}
+		cache.made[name] = e
+	}
+	cache.Unlock()
+	e.once.Do(func() {
+		e.dir = filepath.Join(root, name)
+		e.err = MakeFixture(name, e.dir)
+	})
+	return e.dir, e.err
+}
+
+var errNoCache = errors.New("testkit: no fixture cache outside Main")
 
 // Fixture returns a directory holding fixture name. Under Main the fixture
 // is made once per test binary and the directory is shared by every test:
@@ -130,31 +180,15 @@ func runMain(m *testing.M) int {
 // test.
 func Fixture(t testing.TB, name string) string {
 	t.Helper()
-	cache.Lock()
-	root := cache.dir
-	var e *made
-	if root != "" {
-		if e = cache.made[name]; e == nil {
-			e = &made{}
-			cache.made[name] = e
-		}
+	dir, err := cached(name)
+	if errors.Is(err, errNoCache) {
+		dir = t.TempDir()
+		err = MakeFixture(name, dir)
 	}
-	cache.Unlock()
-	if e == nil {
-		dir := t.TempDir()
-		if err := MakeFixture(name, dir); err != nil {
-			t.Fatal(err)
-		}
-		return dir
+	if err != nil {
+		t.Fatal(err)
 	}
-	e.once.Do(func() {
-		e.dir = filepath.Join(root, name)
-		e.err = MakeFixture(name, e.dir)
-	})
-	if e.err != nil {
-		t.Fatal(e.err)
-	}
-	return e.dir
+	return dir
 }
 
 // CopyFixture returns a new t.TempDir() holding a copy of fixture name,
