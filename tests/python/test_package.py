@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kiln
+from conftest import make_fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -296,7 +297,6 @@ import resource, sys
 import numpy as np
 import torch
 import kiln
-from conftest import make_fixture  # noqa: E402
 
 torch.manual_seed(0)
 torch.jit.script(torch.nn.Linear(64, 2)).save(sys.argv[1])
