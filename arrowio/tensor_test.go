@@ -2,8 +2,6 @@ package arrowio
 
 import (
 	"errors"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -15,6 +13,7 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/memory"
 
 	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/internal/testkit"
 )
 
 // cmem returns a checked C allocator that fails the test if anything it
@@ -441,11 +440,7 @@ func TestTensorToArrayRejects(t *testing.T) {
 // writes into the Arrow input buffer in place and returns a view of it, and
 // its other output becomes an Arrow array over libtorch's memory.
 func TestZeroCopyThroughModel(t *testing.T) {
-	model := filepath.Join(t.TempDir(), "inplace.pt")
-	out, err := exec.Command(pythonBin(), "testdata/make_ptr_model.py", model).CombinedOutput()
-	if err != nil {
-		t.Fatalf("exporting the model with %s: %v\n%s", pythonBin(), err, out)
-	}
+	model := filepath.Join(testkit.Fixture(t, "inplace"), "inplace.pt")
 	m, err := core.LoadModule(model)
 	if err != nil {
 		t.Fatal(err)
@@ -490,20 +485,6 @@ func TestZeroCopyThroughModel(t *testing.T) {
 	if got := yv.(*array.Float32).Float32Values(); got[0] != 2 || got[11] != 24 {
 		t.Errorf("output values %v", got)
 	}
-}
-
-// pythonBin is the interpreter with torch: $KILN_PYTHON, the project's
-// virtualenv, or Debian's python3.
-func pythonBin() string {
-	if p := os.Getenv("KILN_PYTHON"); p != "" {
-		return p
-	}
-	if p, err := filepath.Abs("../.venv/bin/python"); err == nil {
-		if _, err := os.Stat(p); err == nil {
-			return p
-		}
-	}
-	return "/usr/bin/python3"
 }
 
 func TestIsCMemory(t *testing.T) {

@@ -4,12 +4,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
+
+	"github.com/kilnml/kiln/internal/testkit"
 )
 
-// fixtureDir holds the models tests/fixtures/make_models.py exported with
+// fixtureDir holds the models kiln_fixtures.py torch-models exported with
 // Python torch for this test run.
 var fixtureDir string
 
@@ -27,46 +28,17 @@ type fixture struct {
 
 var fixtures map[string]fixture
 
-// pythonBin is the interpreter with torch: $KILN_PYTHON, the project's
-// virtualenv, or Debian's python3.
-func pythonBin() string {
-	if p := os.Getenv("KILN_PYTHON"); p != "" {
-		return p
-	}
-	if p, err := filepath.Abs("../.venv/bin/python"); err == nil {
-		if _, err := os.Stat(p); err == nil {
-			return p
-		}
-	}
-	return "/usr/bin/python3"
-}
+func TestMain(m *testing.M) { testkit.MainWithFixture(m, "torch-models", &fixtureDir, readManifest) }
 
-func TestMain(m *testing.M) {
-	os.Exit(runMain(m))
-}
-
-func runMain(m *testing.M) int {
-	dir, err := os.MkdirTemp("", "kiln-fixtures-")
+// readManifest reads fixtureDir's manifest.json into fixtures.
+func readManifest() error {
+	raw, err := os.ReadFile(filepath.Join(fixtureDir, "manifest.json"))
 	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer os.RemoveAll(dir)
-	cmd := exec.Command(pythonBin(), "../tests/fixtures/make_models.py", dir)
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Run(); err != nil {
-		fmt.Fprintf(os.Stderr, "exporting fixtures with %s: %v\n", pythonBin(), err)
-		return 1
-	}
-	raw, err := os.ReadFile(filepath.Join(dir, "manifest.json"))
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
+		return err
 	}
 	var all map[string]json.RawMessage
 	if err := json.Unmarshal(raw, &all); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
+		return fmt.Errorf("%s: %w", filepath.Join(fixtureDir, "manifest.json"), err)
 	}
 	fixtures = map[string]fixture{}
 	for k, v := range all {
@@ -75,8 +47,7 @@ func runMain(m *testing.M) int {
 			fixtures[k] = f
 		}
 	}
-	fixtureDir = dir
-	return m.Run()
+	return nil
 }
 
 func fixturePath(name string) string { return filepath.Join(fixtureDir, name) }

@@ -17,6 +17,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/internal/testkit"
 )
 
 // loadTensor reads a raw little-endian tensor the fixture script wrote.
@@ -140,7 +141,7 @@ with torch.no_grad():
     for v in m(x).flatten().tolist():
         print(repr(v))
 `
-	cmd := exec.Command(pythonBin(), "-c", script, out, fixturePath(f.Inputs[0].File))
+	cmd := exec.Command(testkit.Python(t), "-c", script, out, fixturePath(f.Inputs[0].File))
 	stdout, err := cmd.Output()
 	require.NoError(t, err, "torch.jit.load of Kiln's file")
 	sc := bufio.NewScanner(strings.NewReader(string(stdout)))

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kilnml/kiln/internal/testkit"
 	"github.com/kilnml/kiln/serving/auth"
 	pb "github.com/kilnml/kiln/serving/inferencepb"
 	"github.com/stretchr/testify/assert"
@@ -28,8 +29,7 @@ import (
 // given, edits the copy first) with gRPC, HTTP and metrics on loopback.
 func startAll(t *testing.T, opts Config, prepare func(root string)) (*Server, string) {
 	t.Helper()
-	root := t.TempDir()
-	require.NoError(t, os.CopyFS(root, os.DirFS(built)))
+	root := testkit.CopyFixture(t, "serving-repo")
 	if prepare != nil {
 		prepare(root)
 	}
@@ -379,8 +379,7 @@ func TestPollModeFollowsTheRepository(t *testing.T) {
 // every model has loaded and warmed up ("slow" holds its warmup request in
 // the queue for 5 s).
 func TestNotReadyUntilWarm(t *testing.T) {
-	root := t.TempDir()
-	require.NoError(t, os.CopyFS(root, os.DirFS(built)))
+	root := testkit.CopyFixture(t, "serving-repo")
 	require.NoError(t, os.RemoveAll(filepath.Join(root, "corrupt")))
 	require.NoError(t, os.CopyFS(filepath.Join(root, "slow"), os.DirFS(filepath.Join(root, "affine"))))
 	require.NoError(t, os.WriteFile(filepath.Join(root, "slow", "config.yaml"), []byte(`

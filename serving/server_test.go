@@ -7,13 +7,12 @@ import (
 	"io"
 	"log/slog"
 	"math"
-	"os"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/kilnml/kiln/internal/testkit"
 	pb "github.com/kilnml/kiln/serving/inferencepb"
-	"github.com/kilnml/kiln/serving/internal/testmodels"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
@@ -23,23 +22,7 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-var built string
-
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "kiln-serving-repo-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	if err := testmodels.Build(dir); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	built = dir
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testkit.Main(m) }
 
 // testToken is a bearer token long enough for auth.MinTokenLength.
 const testToken = "s3cret-test-token-0123"
@@ -71,8 +54,7 @@ func testConfig(root string, opts Config) Config {
 
 func start(t *testing.T, opts Config) (*Server, pb.GRPCInferenceServiceClient, *grpc.ClientConn) {
 	t.Helper()
-	root := t.TempDir()
-	require.NoError(t, os.CopyFS(root, os.DirFS(built)))
+	root := testkit.CopyFixture(t, "serving-repo")
 	srv, err := New(testConfig(root, opts))
 	require.NoError(t, err)
 	require.NoError(t, srv.Start(context.Background()))
@@ -460,8 +442,7 @@ func TestStartErrors(t *testing.T) {
 	require.ErrorContains(t, bad(func(c *Config) { c.FlightPort, c.DataDir = 0, "" }), "data directory")
 	require.ErrorContains(t, bad(func(c *Config) { c.Auth.Token = "short" }), "at least 16")
 	require.ErrorContains(t, bad(func(c *Config) { c.Auth.Inference = true }), "needs a token")
-	root := t.TempDir()
-	require.NoError(t, os.CopyFS(root, os.DirFS(built)))
+	root := testkit.CopyFixture(t, "serving-repo")
 	cfg := testConfig(root, Config{StrictModelLoad: true})
 	srv, err := New(cfg)
 	require.NoError(t, err)
@@ -471,8 +452,7 @@ func TestStartErrors(t *testing.T) {
 // TestShutdownEndsIdleStreams: a client that keeps a ModelStreamInfer
 // stream open does not hold a graceful shutdown up; the stream ends with OK.
 func TestShutdownEndsIdleStreams(t *testing.T) {
-	root := t.TempDir()
-	require.NoError(t, os.CopyFS(root, os.DirFS(built)))
+	root := testkit.CopyFixture(t, "serving-repo")
 	srv, err := New(testConfig(root, Config{}))
 	require.NoError(t, err)
 	require.NoError(t, srv.Start(context.Background()))

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/internal/testkit"
 	"github.com/kilnml/kiln/native"
 )
 
@@ -58,13 +59,6 @@ func must(err error) {
 	}
 }
 
-func python() string {
-	if p := os.Getenv("KILN_PYTHON"); p != "" {
-		return p
-	}
-	return "/usr/bin/python3"
-}
-
 func main() {
 	// libgomp keeps one OpenMP team per calling OS thread: pin this
 	// goroutine, as a serving worker would, so that every forward pass
@@ -87,14 +81,10 @@ func main() {
 	dir, err := os.MkdirTemp("", "kiln-bench-cgo-")
 	must(err)
 	defer os.RemoveAll(dir)
+	must(testkit.MakeFixture("bench-cgo", dir))
 	model := filepath.Join(dir, "mlp.pt")
-	src := "bench/cgo"
-	if _, err := os.Stat(filepath.Join(src, "make_mlp.py")); err != nil {
-		src = "." // run from inside bench/cgo
-	}
-	cmd := exec.Command(python(), filepath.Join(src, "make_mlp.py"), model)
-	cmd.Stderr = os.Stderr
-	must(cmd.Run())
+	python, err := testkit.PythonPath()
+	must(err)
 
 	m, err := core.LoadModule(model)
 	must(err)
@@ -123,7 +113,7 @@ func main() {
 		in.Close()
 	}
 
-	out, err := exec.Command(python(), filepath.Join(src, "peer.py"), model, fmt.Sprint(*threads)).Output()
+	out, err := exec.Command(python, filepath.Join(testkit.Root(), "bench", "cgo", "peer.py"), model, fmt.Sprint(*threads)).Output()
 	must(err)
 	var peer map[string]any
 	must(json.Unmarshal(out, &peer))

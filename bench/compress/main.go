@@ -42,14 +42,8 @@ import (
 	"github.com/kilnml/kiln/core/nn"
 	"github.com/kilnml/kiln/core/optimize"
 	"github.com/kilnml/kiln/core/train"
+	"github.com/kilnml/kiln/internal/testkit"
 )
-
-func python() string {
-	if p := os.Getenv("KILN_PYTHON"); p != "" {
-		return p
-	}
-	return "python3"
-}
 
 // variant is one compression, done by both sides.
 type variant struct {
@@ -110,8 +104,8 @@ func run(threads int, dir, jsonOut string, cnn bool) error {
 		return err
 	}
 	dataDir := filepath.Join(dir, "data")
-	if out, err := exec.Command(python(), "tests/fixtures/make_datasets.py", dataDir).CombinedOutput(); err != nil {
-		return fmt.Errorf("exporting digits: %v\n%s", err, out)
+	if err := testkit.MakeFixture("datasets", dataDir); err != nil {
+		return fmt.Errorf("exporting digits: %w", err)
 	}
 	tb, err := data.ReadCSVFile(filepath.Join(dataDir, "digits.csv"))
 	if err != nil {
@@ -241,7 +235,11 @@ func compare(dir, model string, spec nn.Spec, tb *data.Table, threads int) ([]Ro
 	if err := os.WriteFile(filepath.Join(dir, "meta.json"), b, 0o644); err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(python(), "bench/compress/peer.py", dir)
+	py, err := testkit.PythonPath()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(py, filepath.Join(testkit.Root(), "bench", "compress", "peer.py"), dir)
 	cmd.Env = append(os.Environ(), fmt.Sprintf("OMP_NUM_THREADS=%d", threads))
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("peer.py: %v\n%s", err, out)

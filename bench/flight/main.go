@@ -45,6 +45,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/kilnml/kiln/arrowio"
+	"github.com/kilnml/kiln/internal/testkit"
 	kflight "github.com/kilnml/kiln/serving/flightserver"
 	"github.com/kilnml/kiln/serving/manager"
 	"github.com/kilnml/kiln/serving/repository"
@@ -88,17 +89,6 @@ func here() string {
 	return filepath.Dir(file)
 }
 
-func python() string {
-	if p := os.Getenv("KILN_PYTHON"); p != "" {
-		return p
-	}
-	p := filepath.Join(here(), "..", "..", ".venv", "bin", "python")
-	if _, err := os.Stat(p); err == nil {
-		return p
-	}
-	return "python3"
-}
-
 // row is one line of the table.
 type row struct {
 	op, client, server string
@@ -112,8 +102,8 @@ func run() error {
 	}
 	defer os.RemoveAll(work)
 	repo := filepath.Join(work, "repo")
-	if out, err := exec.Command(python(), filepath.Join(here(), "make_model.py"), repo).CombinedOutput(); err != nil {
-		return fmt.Errorf("make_model.py: %v\n%s", err, out)
+	if err := testkit.MakeFixture("bench-flight", repo); err != nil {
+		return err
 	}
 	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
 	r, err := repository.Open(repo)
@@ -498,7 +488,11 @@ func selfCPU() (float64, float64) {
 // to addr. It returns the best time and the client's user and system CPU
 // seconds over all runs.
 func pyPut(addr string, n int) (time.Duration, float64, float64, error) {
-	out, err := exec.Command(python(), filepath.Join(here(), "pyclient.py"), "--addr", addr,
+	py, err := testkit.PythonPath()
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	out, err := exec.Command(py, filepath.Join(here(), "pyclient.py"), "--addr", addr,
 		"--batches", strconv.Itoa(n), "--batch-mb", strconv.Itoa(*batchMB), "--runs", strconv.Itoa(*runs)).Output()
 	if err != nil {
 		var ee *exec.ExitError
@@ -522,7 +516,11 @@ type pyServer struct {
 }
 
 func startPy(data, model string) (*pyServer, error) {
-	cmd := exec.Command(python(), filepath.Join(here(), "pyserver.py"), "--data", data, "--model", model)
+	py, err := testkit.PythonPath()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(py, filepath.Join(here(), "pyserver.py"), "--data", data, "--model", model)
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {

@@ -52,6 +52,7 @@ import (
 	"time"
 
 	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/internal/testkit"
 	"github.com/kilnml/kiln/serving"
 	pb "github.com/kilnml/kiln/serving/inferencepb"
 	"google.golang.org/grpc"
@@ -218,14 +219,36 @@ func randomRow(m model, seed uint64) []byte {
 	return b
 }
 
-func python() string {
-	if p := os.Getenv("KILN_PYTHON"); p != "" {
-		return p
+// archive writes TorchServe archives of the models in out/repo (mlp and
+// cnn, version 1) into out/store, with torchserve_handler.py as their
+// handler and each model's input shape in shape.json.
+func archive(archiver, out string) error {
+	handler := filepath.Join(testkit.Root(), "bench", "serve", "torchserve_handler.py")
+	for _, m := range models {
+		work := filepath.Join(out, "ts-src", m.name)
+		if err := os.MkdirAll(work, 0o755); err != nil {
+			return err
+		}
+		shape, err := json.Marshal(m.row)
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(work, "shape.json"), shape, 0o644); err != nil {
+			return err
+		}
+		if err := os.MkdirAll(filepath.Join(out, "store"), 0o755); err != nil {
+			return err
+		}
+		cmd := exec.Command(archiver, "--model-name", m.name, "--version", "1.0",
+			"--serialized-file", filepath.Join(out, "repo", m.name, "1", "model.pt"),
+			"--handler", handler, "--extra-files", filepath.Join(work, "shape.json"),
+			"--export-path", filepath.Join(out, "store"), "--force")
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		if err := cmd.Run(); err != nil {
+			return fmt.Errorf("torch-model-archiver %s: %w", m.name, err)
+		}
 	}
-	if _, err := os.Stat(".venv/bin/python"); err == nil {
-		return ".venv/bin/python"
-	}
-	return "/usr/bin/python3"
+	return nil
 }
 
 func must(err error) {
@@ -272,13 +295,10 @@ func main() {
 	if tsNote != "" {
 		archiver = ""
 	}
-	args := []string{"bench/serve/make_models.py", *out}
+	must(testkit.MakeFixture("bench-serve", filepath.Join(*out, "repo")))
 	if archiver != "" {
-		args = append(args, archiver)
+		must(archive(archiver, *out))
 	}
-	cmd := exec.Command(python(), args...)
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	must(cmd.Run())
 
 	type key struct {
 		model, server string
@@ -607,7 +627,7 @@ func freePort() int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
-// runTorchServe starts TorchServe on the archives make_models.py wrote,
+// runTorchServe starts TorchServe on the archives archive wrote,
 // loads it like Kiln, and returns the table's footnote (its version and
 // settings, or why it could not be measured).
 func runTorchServe(venv, out string, concs []int, warm, dur time.Duration, record func(model, int, result)) string {
@@ -692,7 +712,7 @@ models=%s
 			record(m, c, load(c, warm, dur, func() time.Duration { return groupCPU(cmd.Process.Pid) }, func(w int) error { return post(m, rows[w]) }))
 		}
 	}
-	return fmt.Sprintf("torchserve %s (PyPI, JVM %s) over REST, same TorchScript files, handler bench/serve/make_models.py, 2 workers × 1 thread (OPENBLAS_NUM_THREADS=1), batchSize 64, maxBatchDelay 1 ms; log %s.",
+	return fmt.Sprintf("torchserve %s (PyPI, JVM %s) over REST, same TorchScript files, handler bench/serve/torchserve_handler.py, 2 workers × 1 thread (OPENBLAS_NUM_THREADS=1), batchSize 64, maxBatchDelay 1 ms; log %s.",
 		strings.TrimSpace(string(ver)), javaVersion(), logPath)
 }
 

@@ -40,14 +40,8 @@ import (
 	"github.com/kilnml/kiln/core/data"
 	"github.com/kilnml/kiln/core/nn"
 	"github.com/kilnml/kiln/core/train"
+	"github.com/kilnml/kiln/internal/testkit"
 )
-
-func python() string {
-	if p := os.Getenv("KILN_PYTHON"); p != "" {
-		return p
-	}
-	return "python3"
-}
 
 // rate is a throughput: samples per wall-clock second and per CPU second
 // of the process (the latter barely moves when other processes compete
@@ -171,8 +165,8 @@ func run() error {
 	defer mlp.Close()
 
 	// (b) digits, min-max scaled, as the Python side does.
-	if out, err := exec.Command(python(), "tests/fixtures/make_datasets.py", tmp).CombinedOutput(); err != nil {
-		return fmt.Errorf("exporting digits: %v\n%s", err, out)
+	if err := testkit.MakeFixture("datasets", tmp); err != nil {
+		return fmt.Errorf("exporting digits: %w", err)
 	}
 	tb, err := data.ReadCSVFile(filepath.Join(tmp, "digits.csv"))
 	if err != nil {
@@ -209,7 +203,11 @@ func run() error {
 	}
 	defer cnn.Close()
 
-	cmd := exec.Command(python(), "bench/train/peer.py", tab, fmt.Sprint(rows), fmt.Sprint(*threads))
+	py, err := testkit.PythonPath()
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command(py, filepath.Join(testkit.Root(), "bench", "train", "peer.py"), tab, fmt.Sprint(rows), fmt.Sprint(*threads))
 	cmd.Stderr = os.Stderr
 	in, err := cmd.StdinPipe()
 	if err != nil {

@@ -17,50 +17,25 @@ import (
 	"github.com/kilnml/kiln/core/nn"
 	"github.com/kilnml/kiln/core/optimize"
 	"github.com/kilnml/kiln/core/train"
+	"github.com/kilnml/kiln/internal/testkit"
 )
 
 var dataDir, pkgDir string
 
-func pythonBin() string {
-	if p := os.Getenv("KILN_PYTHON"); p != "" {
-		return p
-	}
-	if p, err := filepath.Abs("../../.venv/bin/python"); err == nil {
-		if _, err := os.Stat(p); err == nil {
-			return p
-		}
-	}
-	return "/usr/bin/python3"
-}
-
-func TestMain(m *testing.M) { os.Exit(runMain(m)) }
-
-// runMain exports the data sets and trains the digits MLP once into a
+// TestMain exports the data sets and trains the digits MLP once into a
 // package the tests optimize.
-func runMain(m *testing.M) int {
-	dir, err := os.MkdirTemp("", "kiln-optimize-test-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer os.RemoveAll(dir)
-	cmd := exec.Command(pythonBin(), "../../tests/fixtures/make_datasets.py", dir)
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Run(); err != nil {
-		fmt.Fprintf(os.Stderr, "exporting data sets with %s: %v\n", pythonBin(), err)
-		return 1
-	}
-	dataDir = dir
-	pkgDir = filepath.Join(dir, "digits-mlp")
-	tb, err := data.ReadCSVFile(filepath.Join(dir, "digits.csv"))
+func TestMain(m *testing.M) { testkit.MainWithFixture(m, "datasets", &dataDir, trainDigits) }
+
+func trainDigits() error {
+	pkgDir = filepath.Join(dataDir, "digits-mlp")
+	tb, err := data.ReadCSVFile(filepath.Join(dataDir, "digits.csv"))
 	if err == nil {
 		_, err = train.Run(context.Background(), digitsJob(), tb, "digits.csv", pkgDir, nil)
 	}
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "training the digits MLP:", err)
-		return 1
+		return fmt.Errorf("training the digits MLP: %w", err)
 	}
-	return m.Run()
+	return nil
 }
 
 // digitsJob is core/train's digits MLP check, wider so that pruning has
@@ -104,7 +79,7 @@ m = torch.jit.load(sys.argv[1])
 m.eval()
 x = torch.zeros(3, 64)
 print(tuple(m(x).shape))`
-	out, err := exec.Command(pythonBin(), "-c", code, filepath.Join(dir, "model.pt")).CombinedOutput()
+	out, err := exec.Command(testkit.Python(t), "-c", code, filepath.Join(dir, "model.pt")).CombinedOutput()
 	require.NoError(t, err, "%s", out)
 	return strings.TrimSpace(string(out))
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/kilnml/kiln/core/nn"
 	"github.com/kilnml/kiln/core/optimize"
 	"github.com/kilnml/kiln/core/train"
+	"github.com/kilnml/kiln/internal/testkit"
 	"github.com/kilnml/kiln/native"
 	nopt "github.com/kilnml/kiln/native/optimize"
 )
@@ -66,7 +67,7 @@ x = torch.from_numpy(np.fromfile(inp, dtype="<f4").reshape(-1, cols))
 with torch.no_grad():
     m(x).numpy().astype("<f4").tofile(out)`
 	outp := filepath.Join(t.TempDir(), "y.f32")
-	res, err := exec.Command(pythonBin(), "-c", code, dir, in, outp, itoa(ds.Features)).CombinedOutput()
+	res, err := exec.Command(testkit.Python(t), "-c", code, dir, in, outp, itoa(ds.Features)).CombinedOutput()
 	require.NoError(t, err, "%s", res)
 	raw, err := os.ReadFile(outp)
 	require.NoError(t, err)

@@ -22,6 +22,7 @@ import (
 	"github.com/kilnml/kiln/core/data"
 	"github.com/kilnml/kiln/core/nn"
 	"github.com/kilnml/kiln/core/train"
+	"github.com/kilnml/kiln/internal/testkit"
 )
 
 // mixedCSV has numeric columns with gaps and a categorical one; the class
@@ -129,7 +130,7 @@ with torch.no_grad():
     y = m(x)
 y.numpy().astype("<f4").tofile(sys.argv[3])
 `
-	cmd := exec.Command(pythonBin(), "-c", script, filepath.Join(out, "model.pt"),
+	cmd := exec.Command(testkit.Python(t), "-c", script, filepath.Join(out, "model.pt"),
 		filepath.Join(dir, "x.bin"), filepath.Join(dir, "y.bin"))
 	msg, err := cmd.CombinedOutput()
 	require.NoError(t, err, string(msg))

@@ -8,7 +8,6 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -21,31 +20,13 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
+	"github.com/kilnml/kiln/internal/testkit"
 	kflight "github.com/kilnml/kiln/serving/flightserver"
-	"github.com/kilnml/kiln/serving/flightserver/internal/flighttest"
 	"github.com/kilnml/kiln/serving/manager"
 	"github.com/kilnml/kiln/serving/repository"
 )
 
-// repoDir is the test model repository, built once by TestMain.
-var repoDir string
-
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "kiln-flight-models-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	repoDir = filepath.Join(dir, "repo")
-	if err := flighttest.BuildRepo(repoDir); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testkit.Main(m) }
 
 func quietLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -54,7 +35,7 @@ func quietLogger() *slog.Logger {
 // newManager loads every test model.
 func newManager(t *testing.T) *manager.Manager {
 	t.Helper()
-	repo, err := repository.Open(repoDir)
+	repo, err := repository.Open(testkit.Fixture(t, "flight-repo"))
 	require.NoError(t, err)
 	mgr := manager.New(repo, manager.Options{Logger: quietLogger()})
 	require.NoError(t, mgr.LoadAll())

@@ -3,42 +3,24 @@ package manager
 import (
 	"context"
 	"encoding/binary"
-	"fmt"
 	"math"
 	"os"
 	"path/filepath"
 	"testing"
 
 	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/internal/testkit"
 	"github.com/kilnml/kiln/serving/batcher"
-	"github.com/kilnml/kiln/serving/internal/testmodels"
 	"github.com/kilnml/kiln/serving/repository"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
 
-var built string // a repository make_repo.py wrote, copied per test
-
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "kiln-serving-repo-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	if err := testmodels.Build(dir); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	built = dir
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testkit.Main(m) }
 
 func newManager(t *testing.T) (*Manager, string) {
 	t.Helper()
-	root := t.TempDir()
-	require.NoError(t, os.CopyFS(root, os.DirFS(built)))
+	root := testkit.CopyFixture(t, "serving-repo")
 	repo, err := repository.Open(root)
 	require.NoError(t, err)
 	m := New(repo, Options{})

@@ -3,14 +3,12 @@ data, and Python's torch.jit.load of the saved package predicts the test
 rows as the manifest says (raw features in, preprocessing inside)."""
 import csv
 import json
-import os
 import subprocess
-import sys
 
 import numpy as np
 import torch
 
-from conftest import ROOT
+from conftest import make_fixture
 
 SPEC = """
 model:
@@ -29,8 +27,7 @@ train:
 
 
 def test_train_saves_a_package_python_serves(kiln_bin, tmp_path):
-    python = os.environ.get("KILN_PYTHON", sys.executable)
-    subprocess.run([python, str(ROOT / "tests/fixtures/make_datasets.py"), str(tmp_path)], check=True)
+    make_fixture("datasets", tmp_path)
     spec = tmp_path / "spec.yaml"
     spec.write_text(SPEC)
     out = tmp_path / "pkg"

@@ -1,38 +1,22 @@
 """kiln.Client against Kiln's gRPC server: the same answers as the stock
 tritonclient.grpc client, and errors as Kiln exceptions."""
-import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
 import kiln
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from conftest import make_fixture, start_testserver  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory):
+def url(tmp_path_factory, testserver_bin):
     tmp = tmp_path_factory.mktemp("client")
-    repo = tmp / "repo"
-    py = os.environ.get("KILN_PYTHON", sys.executable)
-    subprocess.run([py, str(ROOT / "serving/internal/testmodels/make_repo.py"), str(repo)], check=True)
-    binary = tmp / "kiln-testserver"
-    subprocess.run(["go", "build", "-o", str(binary), "./serving/internal/testserver"], cwd=ROOT, check=True)
-    with open(tmp / "server.log", "w") as log:
-        proc = subprocess.Popen([str(binary), "-repo", str(repo), "-grpc", "127.0.0.1:0"],
-                                stdout=subprocess.PIPE, stderr=log, text=True)
-    line = proc.stdout.readline()
-    if not line:
-        proc.kill()
-        pytest.fail("server did not start: " + (tmp / "server.log").read_text())
-    yield json.loads(line)["grpc"]
-    proc.kill()
-    proc.wait()
+    repo = make_fixture("serving-repo", tmp / "repo")
+    info = start_testserver(testserver_bin, tmp / "server.log", "-repo", str(repo), "-grpc", "127.0.0.1:0")
+    yield info["grpc"]
+    info["proc"].kill()
+    info["proc"].wait()
 
 
 def test_infer_matches_tritonclient(url):

@@ -1,17 +1,14 @@
 """Kiln's Arrow Flight service against the real pyarrow.flight client.
 
-The server is serving/flightserver/internal/flighttestserver: Kiln's gRPC
-inference server and its Flight service in one process, sharing one model
-manager and its dynamic batchers, over the repository that
-serving/flightserver/internal/flighttest/make_models.py writes, with the column
-statistics trainer of serving/flightserver/internal/flighttest.
+The server is serving/internal/testserver with -flight: Kiln's gRPC
+inference server and its Flight service in one process (serving.Run),
+sharing one model manager and its dynamic batchers, over the repository that
+the flight-repo fixture (tests/fixtures/kiln_fixtures.py) writes, with the column
+statistics trainer of serving/internal/flighttest.
 """
 import json
-import os
 import pathlib
-import signal
 import subprocess
-import sys
 import textwrap
 import time
 
@@ -23,48 +20,26 @@ fl = pytest.importorskip("pyarrow.flight")
 grpcclient = pytest.importorskip("tritonclient.grpc")
 grpc = pytest.importorskip("grpc")
 
-from conftest import ROOT  # noqa: E402
-
-PYTHON = os.environ.get("KILN_PYTHON", sys.executable)
+from conftest import PYTHON, make_fixture, start_testserver, stop_testserver  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, testserver_bin):
     tmp = tmp_path_factory.mktemp("flight")
-    repo = tmp / "repo"
-    subprocess.run([PYTHON, str(ROOT / "serving/flightserver/internal/flighttest/make_models.py"), str(repo)], check=True)
-    binary = tmp / "kiln-flighttestserver"
-    subprocess.run(["go", "build", "-o", str(binary), "./serving/flightserver/internal/flighttestserver"], cwd=ROOT, check=True)
-    return {"tmp": tmp, "repo": repo, "binary": binary}
+    repo = make_fixture("flight-repo", tmp / "repo")
+    return {"tmp": tmp, "repo": repo, "binary": testserver_bin}
 
 
 def launch(built, name, *args):
     data = built["tmp"] / (name + "-data")
-    log = built["tmp"] / (name + ".log")
-    proc = subprocess.Popen(
-        [str(built["binary"]), "-repo", str(built["repo"]), "-data", str(data), *args],
-        stdout=subprocess.PIPE,
-        stderr=open(log, "w"),
-        text=True,
-    )
-    line = proc.stdout.readline()
-    if not line:
-        proc.kill()
-        pytest.fail("server did not start: " + log.read_text())
-    info = json.loads(line)
-    info.update(proc=proc, data=data, log=log)
+    info = start_testserver(built["binary"], built["tmp"] / (name + ".log"), "-repo", str(built["repo"]),
+                            "-flight", "127.0.0.1:0", "-data", str(data), *args)
+    info["data"] = data
     return info
 
 
 def stop(info):
-    proc = info["proc"]
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_testserver(info)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Training through Kiln's Arrow Flight service, with the real pyarrow.flight client.
 
-The server is serving/flightserver/internal/flighttestserver with `-trainer kiln`:
+The server is serving/internal/testserver with `-flight ... -trainer kiln`:
 flight.ModelTrainer, Kiln's training engine (core/train over libtorch),
 writing each trained model as the next version of a model repository that
 the same process serves (gRPC and Flight DoExchange), and loading it there.
@@ -11,8 +11,6 @@ target is categorical).
 """
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 
@@ -23,7 +21,7 @@ pa = pytest.importorskip("pyarrow")
 fl = pytest.importorskip("pyarrow.flight")
 datasets = pytest.importorskip("sklearn.datasets")
 
-from conftest import ROOT  # noqa: E402
+from conftest import start_testserver, stop_testserver  # noqa: E402
 
 SPEC_YAML = """
 model:
@@ -35,34 +33,15 @@ train: {optimizer: {type: adam}}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, testserver_bin):
     tmp = tmp_path_factory.mktemp("flight-train")
     repo = tmp / "repo"
     repo.mkdir()
-    binary = tmp / "kiln-flighttestserver"
-    subprocess.run(["go", "build", "-o", str(binary), "./serving/flightserver/internal/flighttestserver"], cwd=ROOT, check=True)
-    log = tmp / "server.log"
-    proc = subprocess.Popen(
-        [str(binary), "-repo", str(repo), "-data", str(tmp / "data"), "-trainer", "kiln"],
-        stdout=subprocess.PIPE,
-        stderr=open(log, "w"),
-        text=True,
-    )
-    line = proc.stdout.readline()
-    if not line:
-        proc.kill()
-        pytest.fail("server did not start: " + log.read_text())
-    info = json.loads(line)
-    info.update(proc=proc, repo=repo, log=log)
+    info = start_testserver(testserver_bin, tmp / "server.log", "-repo", str(repo),
+                            "-flight", "127.0.0.1:0", "-data", str(tmp / "data"), "-trainer", "kiln")
+    info["repo"] = repo
     yield info
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, log.read_text()
+    assert stop_testserver(info) == 0, info["log"].read_text()
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kiln
+from conftest import make_fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -18,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory):
     out = tmp_path_factory.mktemp("fixtures")
-    subprocess.run([sys.executable, os.path.join(ROOT, "tests/fixtures/make_models.py"), str(out)], check=True)
+    make_fixture("torch-models", out)
 
     class Identity(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

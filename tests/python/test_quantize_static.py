@@ -4,9 +4,7 @@ on the CLI; the packages load in Python torch (with the engine their
 manifest records) and give Kiln's outputs."""
 import csv
 import json
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +15,7 @@ from sklearn.datasets import load_digits
 
 import kiln
 from kiln import layers as L
-from conftest import ROOT
+from conftest import make_fixture
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +101,7 @@ train:
 
 
 def test_cli_prune_then_static_int8(kiln_bin, tmp_path):
-    python = os.environ.get("KILN_PYTHON", sys.executable)
-    subprocess.run([python, str(ROOT / "tests/fixtures/make_datasets.py"), str(tmp_path)], check=True)
+    make_fixture("datasets", tmp_path)
     data = tmp_path / "digits.csv"
     spec = tmp_path / "spec.yaml"
     spec.write_text(SPEC)

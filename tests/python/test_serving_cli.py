@@ -2,11 +2,9 @@
 examples/repository/make_repo.py builds, queried with the stock tritonclient
 HTTP and gRPC clients, and stopped with SIGTERM."""
 import csv
-import os
 import pathlib
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -15,6 +13,7 @@ import pytest
 
 httpclient = pytest.importorskip("tritonclient.http")
 grpcclient = pytest.importorskip("tritonclient.grpc")
+from conftest import PYTHON  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -22,8 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def demo_repo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo-repo")
-    subprocess.run([os.environ.get("KILN_PYTHON", sys.executable), str(ROOT / "examples/repository/make_repo.py"), str(out)],
-                   check=True)
+    subprocess.run([PYTHON, str(ROOT / "examples/repository/make_repo.py"), str(out)], check=True)
     return out
 
 

@@ -1,48 +1,27 @@
 """Kiln's gRPC inference server against the stock tritonclient.grpc client.
 
 The server is serving/internal/testserver, built into a temp dir, over the
-repository serving/internal/testmodels/make_repo.py writes (models affine,
+repository the serving-repo fixture (tests/fixtures/kiln_fixtures.py) writes (models affine,
 classifier, int_ops and corrupt).
 """
-import json
-import os
-import pathlib
 import queue
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from conftest import make_fixture, start_testserver  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, testserver_bin):
     tmp = tmp_path_factory.mktemp("serving")
-    repo = tmp / "repo"
-    subprocess.run(
-        [os.environ.get("KILN_PYTHON", sys.executable), str(ROOT / "serving/internal/testmodels/make_repo.py"), str(repo)],
-        check=True,
-    )
-    binary = tmp / "kiln-testserver"
-    subprocess.run(["go", "build", "-o", str(binary), "./serving/internal/testserver"], cwd=ROOT, check=True)
-    proc = subprocess.Popen(
-        [str(binary), "-repo", str(repo), "-grpc", "127.0.0.1:0"],
-        stdout=subprocess.PIPE,
-        stderr=open(tmp / "server.log", "w"),
-        text=True,
-    )
-    line = proc.stdout.readline()
-    if not line:
-        proc.kill()
-        pytest.fail("server did not start: " + (tmp / "server.log").read_text())
-    info = json.loads(line)
-    yield {"url": info["grpc"], "proc": proc, "log": tmp / "server.log", "repo": repo}
+    repo = make_fixture("serving-repo", tmp / "repo")
+    info = start_testserver(testserver_bin, tmp / "server.log", "-repo", str(repo), "-grpc", "127.0.0.1:0")
+    proc = info["proc"]
+    yield {"url": info["grpc"], "proc": proc, "log": info["log"], "repo": repo}
     if proc.poll() is None:
         proc.kill()
         proc.wait()

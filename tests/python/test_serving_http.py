@@ -1,11 +1,9 @@
 """Kiln's HTTP/REST (KServe v2) endpoints and metrics against the stock
 tritonclient.http client: binary data extension (the client's default) and
 plain JSON, on `kiln serve` over the serving test repository
-(serving/internal/testmodels/make_repo.py)."""
-import os
+(the serving-repo fixture of tests/fixtures/kiln_fixtures.py)."""
 import pathlib
 import subprocess
-import sys
 import time
 import urllib.request
 
@@ -16,6 +14,7 @@ httpclient = pytest.importorskip("tritonclient.http")
 grpcclient = pytest.importorskip("tritonclient.grpc")
 fl = pytest.importorskip("pyarrow.flight")
 from tritonclient.utils import InferenceServerException  # noqa: E402
+from conftest import make_fixture  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -44,10 +43,7 @@ def start_serve(kiln_bin, repo, log_path, *extra):
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("serving-http") / "repo"
-    subprocess.run([os.environ.get("KILN_PYTHON", sys.executable), str(ROOT / "serving/internal/testmodels/make_repo.py"), str(out)],
-                   check=True)
-    return out
+    return make_fixture("serving-repo", tmp_path_factory.mktemp("serving-http") / "repo")
 
 
 @pytest.fixture(scope="module")

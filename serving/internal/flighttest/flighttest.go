@@ -1,7 +1,7 @@
-// Package flighttest holds what the Flight service's tests share: the model
-// repository they serve (make_models.py, written with Python torch) and
-// StatsTrainer, a real trainer of column statistics that exercises the
-// training job machinery.
+// Package flighttest holds StatsTrainer, a real trainer of column
+// statistics that exercises the Flight service's training job machinery in
+// its tests and in the test server. (The models those tests serve are the
+// flight-repo fixture of internal/testkit.)
 package flighttest
 
 import (
@@ -10,9 +10,6 @@ import (
 	"fmt"
 	"math"
 	"os"
-	"os/exec"
-	"path/filepath"
-	"runtime"
 	"time"
 
 	"github.com/apache/arrow-go/v18/arrow"
@@ -21,37 +18,6 @@ import (
 
 	"github.com/kilnml/kiln/serving/flightserver"
 )
-
-func here() string {
-	_, file, _, _ := runtime.Caller(0)
-	return filepath.Dir(file)
-}
-
-// Root returns the repository's root directory.
-func Root() string { return filepath.Join(here(), "..", "..", "..", "..") }
-
-// Python returns the interpreter with torch and pyarrow: $KILN_PYTHON, the
-// project's .venv, or Debian's python3.
-func Python() string {
-	if p := os.Getenv("KILN_PYTHON"); p != "" {
-		return p
-	}
-	p := filepath.Join(Root(), ".venv", "bin", "python")
-	if _, err := os.Stat(p); err == nil {
-		return p
-	}
-	return "/usr/bin/python3"
-}
-
-// BuildRepo writes the test model repository (see make_models.py) into dir.
-func BuildRepo(dir string) error {
-	cmd := exec.Command(Python(), filepath.Join(here(), "make_models.py"), dir)
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("make_models.py with %s: %v\n%s", Python(), err, out)
-	}
-	return nil
-}
 
 // StatsSpec is the spec StatsTrainer accepts.
 type StatsSpec struct {
