@@ -268,11 +268,15 @@ def select_model(candidates, x, y, *, epochs=20, batch_size=32, validation_split
 
 
 def _record_labels(manifest, pkg_dir, labels):
-    """Writes the caller's class labels into a package's manifest: as text
-    in "labels" (what Go and the server read) and with their Python types
-    (ints, strings, bools) in "python_labels" (what classes_ returns)."""
+    """Records the caller's class labels in the manifest of the package in
+    pkg_dir (Go rewrites it): as text in "labels" (what Go and the server
+    read) and with their Python types (ints, strings, bools) in
+    "python_labels" (what classes_ returns); manifest, the package's
+    manifest dict, is updated to match."""
     typed = [l.item() if hasattr(l, "item") else l for l in labels]
-    manifest["labels"] = [str(l) for l in typed]
-    manifest["python_labels"] = typed
-    with open(os.path.join(pkg_dir, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
+    try:
+        new = _b.RecordLabels(pkg_dir, json.dumps([str(l) for l in typed]), json.dumps(typed))
+    except RuntimeError as e:
+        raise translate(e, KilnError) from None
+    manifest.clear()
+    manifest.update(json.loads(new))
