@@ -299,7 +299,9 @@ func prepare(dir string, m *Manifest) ([]byte, error) {
 
 // Load reads the package in dir and loads its model, under the quantized
 // engine the manifest records (see Manifest.QuantizedEngine); an engine
-// this libtorch lacks is an error. The caller closes the module.
+// this libtorch lacks is an error, and so is a forward that does not take
+// as many arguments as the manifest declares inputs. Errors name the file
+// at fault. The caller closes the module.
 func Load(dir string) (*core.Module, Manifest, error) {
 	m, err := Read(dir)
 	if err != nil {
@@ -309,6 +311,11 @@ func Load(dir string) (*core.Module, Manifest, error) {
 	mod, err := core.LoadQuantizedModule(filepath.Join(dir, ModelFile), engine)
 	if err != nil {
 		return nil, Manifest{}, fmt.Errorf("kiln: model package %s: %w", dir, err)
+	}
+	if got := len(mod.Inputs()); got != len(m.Inputs) {
+		mod.Close()
+		return nil, Manifest{}, fmt.Errorf("kiln: model package %s: %w: %s's forward takes %d arguments, %s declares %d inputs",
+			dir, ErrManifest, ModelFile, got, ManifestFile, len(m.Inputs))
 	}
 	return mod, m, nil
 }
@@ -352,27 +359,15 @@ func siblingEngine(path string) string {
 // Check verifies the package in dir and returns its manifest: both files
 // present, manifest.json parses and validates (known format, inputs and
 // outputs declared), and model.pt loads (under its quantized engine) with
-// a forward that takes as many arguments as the manifest declares inputs.
-// Errors name the file at fault.
+// a forward that takes as many arguments as the manifest declares inputs
+// (see Load). Errors name the file at fault; a missing file wraps
+// fs.ErrNotExist, an invalid manifest ErrManifest or ErrFormat.
 func Check(dir string) (Manifest, error) {
-	m, err := Read(dir)
+	mod, m, err := Load(dir)
 	if err != nil {
 		return Manifest{}, err
 	}
-	p := filepath.Join(dir, ModelFile)
-	if _, err := os.Stat(p); err != nil {
-		return Manifest{}, fmt.Errorf("kiln: model package %s: %w", dir, err)
-	}
-	engine, _ := m.QuantizedEngine() // validated by Read
-	mod, err := core.LoadQuantizedModule(p, engine)
-	if err != nil {
-		return Manifest{}, fmt.Errorf("kiln: model package %s: %w", dir, err)
-	}
-	defer mod.Close()
-	if got := len(mod.Inputs()); got != len(m.Inputs) {
-		return Manifest{}, fmt.Errorf("kiln: model package %s: %w: %s's forward takes %d arguments, %s declares %d inputs",
-			dir, ErrManifest, ModelFile, got, ManifestFile, len(m.Inputs))
-	}
+	mod.Close()
 	return m, nil
 }
 
