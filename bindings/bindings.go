@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"runtime"
 	"runtime/debug"
 	"slices"
 	"unsafe"
@@ -17,6 +18,7 @@ import (
 	"github.com/kilnml/kiln/arrowio"
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/modelpkg"
+	"github.com/kilnml/kiln/internal/kilnenv"
 	"github.com/kilnml/kiln/native"
 )
 
@@ -25,6 +27,22 @@ func guard(err *error) {
 	if r := recover(); r != nil {
 		*err = fmt.Errorf("kiln: internal error: %v\n%s", r, debug.Stack())
 	}
+}
+
+// Init configures the process once, when the kiln Python package is
+// imported: libtorch's intra-op threads from $KILN_NUM_THREADS, else the
+// number of CPUs (internal/kilnenv reads the environment).
+func Init() (err error) {
+	defer guard(&err)
+	vars, err := kilnenv.Load(os.Getenv)
+	if err != nil {
+		return fmt.Errorf("kiln: %w", err)
+	}
+	n := vars.NumThreads
+	if n == 0 {
+		n = runtime.NumCPU()
+	}
+	return core.SetNumThreads(n)
 }
 
 // Version returns Kiln's version.

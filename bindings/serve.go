@@ -4,105 +4,94 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
+	"os"
 	"time"
 
+	"github.com/kilnml/kiln/internal/kilnenv"
 	"github.com/kilnml/kiln/serving"
-	"github.com/kilnml/kiln/serving/flightserver"
 	"github.com/kilnml/kiln/serving/repository"
 )
 
-// serveOptions is what Python's kiln.serve passes, as JSON.
+// serveOptions is what Python's kiln.serve passes, as JSON: the fields of
+// serving.Config under the names of `kiln serve`'s flags (snake_case).
+// An option Python leaves out keeps serving.DefaultConfig's value, so the
+// defaults are the CLI's.
 type serveOptions struct {
-	Repository   string `json:"repository"`
-	Host         string `json:"host"`
-	GRPCPort     int    `json:"grpc_port"`
-	HTTPPort     int    `json:"http_port"`
-	MetricsPort  int    `json:"metrics_port"`
-	FlightPort   int    `json:"flight_port"`
-	DataDir      string `json:"data_dir"`
-	ModelControl string `json:"model_control"`
-	AuthToken    string `json:"auth_token"`
-	Threads      int    `json:"threads"`
+	serving.Config
+	PollSecs          *float64 `json:"repository_poll_secs"`
+	ShutdownTimeoutMs *int64   `json:"shutdown_timeout_ms"`
+	AuthToken         string   `json:"auth_token"`
+	AuthTokenFile     string   `json:"auth_token_file"`
+	AuthInference     bool     `json:"auth_inference"`
 }
 
-func addr(host string, port int) string {
-	if port < 0 {
-		return ""
-	}
-	return fmt.Sprintf("%s:%d", host, port)
-}
-
-// Server is a Kiln server running inside this process (gRPC, HTTP,
-// metrics and Arrow Flight over one model manager).
+// Server is a Kiln server running inside this process: serving.Run (gRPC,
+// HTTP, metrics and Arrow Flight over one model manager) in a goroutine.
 type Server struct {
 	s      *serving.Server
-	fs     *flightserver.Server
 	cancel context.CancelFunc
+	done   chan error
 }
 
-// Serve starts a server in the background from optionsJSON (see
-// kiln.serve); a port of 0 picks a free one, -1 turns that listener off.
+// Serve starts serving.Run in the background with the options in
+// optionsJSON (see kiln.serve) and returns once the server has started
+// (or failed to); a port of 0 picks a free one, -1 turns that listener
+// off.
 func Serve(optionsJSON string) (_ *Server, err error) {
 	defer guard(&err)
-	var o serveOptions
+	o := serveOptions{Config: serving.DefaultConfig()}
 	if err := json.Unmarshal([]byte(optionsJSON), &o); err != nil {
 		return nil, fmt.Errorf("kiln: serve: bad options: %w", err)
 	}
-	if o.GRPCPort < 0 {
-		return nil, fmt.Errorf("kiln: serve: the gRPC service cannot be turned off")
+	cfg := o.Config
+	if o.PollSecs != nil {
+		cfg.PollInterval = time.Duration(*o.PollSecs * float64(time.Second))
 	}
-	s, err := serving.New(serving.Options{
-		ModelRepository: o.Repository,
-		GRPCAddr:        addr(o.Host, o.GRPCPort),
-		HTTPAddr:        addr(o.Host, o.HTTPPort),
-		MetricsAddr:     addr(o.Host, o.MetricsPort),
-		ModelControl:    o.ModelControl,
-		AuthToken:       o.AuthToken,
-		IntraOpThreads:  o.Threads,
-	})
+	if o.ShutdownTimeoutMs != nil {
+		cfg.ShutdownTimeout = time.Duration(*o.ShutdownTimeoutMs) * time.Millisecond
+	}
+	cfg.Auth.Token, cfg.Auth.TokenFile, cfg.Auth.Inference = o.AuthToken, o.AuthTokenFile, o.AuthInference
+	vars, err := kilnenv.Load(os.Getenv)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("kiln: serve: %w", err)
 	}
+	cfg.ApplyEnv(vars)
+	started := make(chan *serving.Server, 1)
+	cfg.Started = func(s *serving.Server) { started <- s }
 	ctx, cancel := context.WithCancel(context.Background())
-	if err := s.Start(ctx); err != nil {
+	h := &Server{cancel: cancel, done: make(chan error, 1)}
+	go func() {
+		defer func() {
+			if r := recover(); r != nil {
+				h.done <- fmt.Errorf("kiln: serve: internal error: %v", r)
+			}
+		}()
+		h.done <- serving.Run(ctx, cfg)
+	}()
+	select {
+	case h.s = <-started:
+		return h, nil
+	case err := <-h.done:
 		cancel()
+		if err == nil {
+			err = fmt.Errorf("kiln: serve: the server stopped before it started")
+		}
 		return nil, err
 	}
-	h := &Server{s: s, cancel: cancel}
-	if a := addr(o.Host, o.FlightPort); a != "" {
-		trainer, err := flightserver.NewModelTrainer(flightserver.ModelTrainerOptions{Repository: o.Repository, Load: s.Manager().Load})
-		if err == nil {
-			fo := flightserver.Options{DataDir: o.DataDir, Addr: a, Models: flightserver.ManagerModels(s.Manager()), Trainer: trainer}
-			if o.AuthToken != "" {
-				fo.Auth = &flightserver.Auth{Tokens: map[string]string{o.AuthToken: "kiln"}}
-			}
-			if h.fs, err = flightserver.New(fo); err == nil {
-				err = h.fs.Start(ctx)
-			}
-		}
-		if err != nil {
-			h.Stop(5000)
-			return nil, fmt.Errorf("kiln: serve: flight: %w", err)
-		}
-	}
-	return h, nil
 }
 
 // AddressesJSON returns {"grpc": ..., "http": ..., "metrics": ...,
 // "flight": ...} with the addresses actually listened on ("" when off).
 func (h *Server) AddressesJSON() string {
-	m := map[string]string{"grpc": "", "http": "", "metrics": "", "flight": ""}
-	if a := h.s.GRPCAddr(); a != nil {
-		m["grpc"] = a.String()
-	}
-	if a := h.s.HTTPAddr(); a != nil {
-		m["http"] = a.String()
-	}
-	if a := h.s.MetricsAddr(); a != nil {
-		m["metrics"] = a.String()
-	}
-	if h.fs != nil && h.fs.Addr() != nil {
-		m["flight"] = h.fs.Addr().String()
+	m := map[string]string{}
+	for k, a := range map[string]net.Addr{
+		"grpc": h.s.GRPCAddr(), "http": h.s.HTTPAddr(), "metrics": h.s.MetricsAddr(), "flight": h.s.FlightAddr(),
+	} {
+		m[k] = ""
+		if a != nil {
+			m[k] = a.String()
+		}
 	}
 	b, _ := json.Marshal(m)
 	return string(b)
@@ -111,18 +100,23 @@ func (h *Server) AddressesJSON() string {
 // Ready reports whether every model is loaded and warm.
 func (h *Server) Ready() bool { return h.s.Ready() }
 
+// TLS reports whether the server serves TLS.
+func (h *Server) TLS() bool { return h.s.TLS() }
+
 // Stop shuts the server down gracefully, waiting at most timeoutMs for
-// requests in flight.
+// requests in flight (then they are cancelled), and returns Run's error.
+// A second Stop returns nil.
 func (h *Server) Stop(timeoutMs int) (err error) {
 	defer guard(&err)
+	if h.cancel == nil {
+		return nil
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(timeoutMs)*time.Millisecond)
 	defer cancel()
-	if h.fs != nil {
-		h.fs.Shutdown(ctx)
-		h.fs = nil
-	}
-	err = h.s.Shutdown(ctx)
+	h.s.Stop(ctx)
+	err = <-h.done
 	h.cancel()
+	h.cancel = nil
 	return err
 }
 

@@ -7,7 +7,8 @@
 // (allocated by libtorch, or handed in by FromBlob), so libtorch never keeps
 // a pointer into the Go heap.
 //
-// On import, core sets libtorch's intra-op thread count to the number of
-// CPUs (or to KILN_NUM_THREADS when set), since some libtorch builds start
-// with one thread.
+// Importing core changes nothing in the process: the entry points (the
+// kiln command, the Python bindings, serving.Run) set libtorch's thread
+// counts with SetNumThreads from their flags or the environment
+// (internal/kilnenv).
 package core

@@ -2,30 +2,12 @@ package core
 
 import (
 	"fmt"
-	"log/slog"
-	"os"
-	"runtime"
-	"strconv"
 
 	"github.com/kilnml/kiln/native"
 )
 
 // Version is Kiln's version.
 const Version = "0.1.0"
-
-func init() {
-	n := runtime.NumCPU()
-	if v := os.Getenv("KILN_NUM_THREADS"); v != "" {
-		if k, err := strconv.Atoi(v); err == nil && k > 0 {
-			n = k
-		} else {
-			slog.Warn("kiln: ignoring invalid KILN_NUM_THREADS", "value", v)
-		}
-	}
-	if err := native.SetNumThreads(n); err != nil {
-		slog.Warn("kiln: cannot set libtorch threads", "threads", n, "err", err)
-	}
-}
 
 // TorchVersion returns the version of the libtorch Kiln is linked with.
 func TorchVersion() string { return native.TorchVersion() }

@@ -36,7 +36,7 @@ def main(workdir: str) -> float:
 
     # 3. Deploy into a repository and serve it from this process.
     version = model.deploy(f"{workdir}/repository", "breast_cancer")
-    with kiln.serve(f"{workdir}/repository", grpc_port=0, http_port=0, metrics_port=0, flight_port=-1) as server:
+    with kiln.serve(f"{workdir}/repository", host="127.0.0.1", grpc_port=0, http_port=0, metrics_port=0, flight_port=-1) as server:
         print(f"serving version {version}: {server}")
 
         # 4a. Query with the stock tritonclient...

@@ -125,7 +125,7 @@ again
 
 # %%
 version = model.deploy(f"{workdir}/repository", "iris")
-with kiln.serve(f"{workdir}/repository", grpc_port=0, http_port=0, metrics_port=0, flight_port=-1) as server:
+with kiln.serve(f"{workdir}/repository", host="127.0.0.1", grpc_port=0, http_port=0, metrics_port=0, flight_port=-1) as server:
     with kiln.Client(server.grpc) as client:
         served = client.infer("iris", {"x": x_test[:5]})["y"]
 np.testing.assert_allclose(served, model.predict(x_test[:5]), atol=1e-5)

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"log/slog"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -16,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kilnml/kiln/serving/auth"
 	pb "github.com/kilnml/kiln/serving/inferencepb"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -26,21 +26,16 @@ import (
 
 // startAll starts a server on a copy of the test repository (prepare, when
 // given, edits the copy first) with gRPC, HTTP and metrics on loopback.
-func startAll(t *testing.T, opts Options, prepare func(root string)) (*Server, string) {
+func startAll(t *testing.T, opts Config, prepare func(root string)) (*Server, string) {
 	t.Helper()
 	root := t.TempDir()
 	require.NoError(t, os.CopyFS(root, os.DirFS(built)))
 	if prepare != nil {
 		prepare(root)
 	}
-	opts.ModelRepository = root
-	opts.GRPCAddr = "127.0.0.1:0"
-	opts.HTTPAddr = "127.0.0.1:0"
-	opts.MetricsAddr = "127.0.0.1:0"
-	if !testing.Verbose() {
-		opts.Logger = slog.New(slog.DiscardHandler)
-	}
-	srv, err := New(opts)
+	cfg := testConfig(root, opts)
+	cfg.HTTPPort, cfg.MetricsPort = 0, 0
+	srv, err := New(cfg)
 	require.NoError(t, err)
 	require.NoError(t, srv.Start(context.Background()))
 	t.Cleanup(func() {
@@ -98,7 +93,7 @@ func requireHTTPError(t *testing.T, r httpResult, code int, fragments ...string)
 }
 
 func TestHTTPEndToEnd(t *testing.T) {
-	_, base := startAll(t, Options{}, nil)
+	_, base := startAll(t, Config{}, nil)
 	v2 := base + "/v2"
 
 	assert.Equal(t, 200, do(t, nil, "GET", v2+"/health/live", nil, nil).code)
@@ -217,7 +212,7 @@ func TestHTTPEndToEnd(t *testing.T) {
 // TestHTTPQueueFull answers 429 (gRPC: RESOURCE_EXHAUSTED) when a model's
 // queue is full: "slow" queues one request for up to 5 s.
 func TestHTTPQueueFull(t *testing.T) {
-	srv, base := startAll(t, Options{StartupModels: []string{"slow"}, ModelControl: ControlExplicit}, func(root string) {
+	srv, base := startAll(t, Config{StartupModels: []string{"slow"}, ModelControl: ControlExplicit}, func(root string) {
 		require.NoError(t, os.CopyFS(filepath.Join(root, "slow"), os.DirFS(filepath.Join(root, "affine"))))
 		require.NoError(t, os.WriteFile(filepath.Join(root, "slow", "config.yaml"), []byte(`
 max_batch_size: 8
@@ -239,7 +234,7 @@ warmup: false
 }
 
 func TestAuthToken(t *testing.T) {
-	srv, base := startAll(t, Options{AuthToken: "s3cret"}, nil)
+	srv, base := startAll(t, Config{Auth: auth.Config{Token: testToken}}, nil)
 	conn, err := grpc.NewClient(srv.GRPCAddr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	require.NoError(t, err)
 	defer conn.Close()
@@ -251,7 +246,7 @@ func TestAuthToken(t *testing.T) {
 	requireCode(t, err, codes.Unauthenticated, "bearer token")
 	_, err = c.RepositoryModelLoad(ctx, &pb.RepositoryModelLoadRequest{ModelName: "affine"})
 	requireCode(t, err, codes.Unauthenticated, "bearer token")
-	_, err = c.RepositoryIndex(withAuth(ctx, "Bearer s3cret"), &pb.RepositoryIndexRequest{})
+	_, err = c.RepositoryIndex(withAuth(ctx, "Bearer "+testToken), &pb.RepositoryIndexRequest{})
 	require.NoError(t, err)
 	_, err = c.ModelInfer(ctx, affineReq("", 1, 1, 2, 3, 4))
 	require.NoError(t, err, "inference needs no token")
@@ -260,13 +255,13 @@ func TestAuthToken(t *testing.T) {
 	r := do(t, nil, "POST", base+"/v2/repository/models/affine/unload", nil, map[string]string{"Authorization": "Bearer nope"})
 	requireHTTPError(t, r, 401)
 	assert.Contains(t, r.header.Get("WWW-Authenticate"), "Bearer")
-	assert.Equal(t, 200, do(t, nil, "POST", base+"/v2/repository/index", nil, map[string]string{"Authorization": "bearer s3cret"}).code)
+	assert.Equal(t, 200, do(t, nil, "POST", base+"/v2/repository/index", nil, map[string]string{"Authorization": "bearer " + testToken}).code)
 	assert.Equal(t, 200, do(t, nil, "POST", base+"/v2/models/affine/infer",
 		[]byte(`{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":[1,2,3,4]}]}`), nil).code)
 }
 
 func TestMetricsMoveWithRequests(t *testing.T) {
-	srv, base := startAll(t, Options{}, nil)
+	srv, base := startAll(t, Config{}, nil)
 	scrape := func() map[string]float64 {
 		r := do(t, nil, "GET", "http://"+srv.MetricsAddr().String()+"/metrics", nil, nil)
 		require.Equal(t, 200, r.code)
@@ -314,7 +309,7 @@ func TestMetricsMoveWithRequests(t *testing.T) {
 
 func TestPollModeFollowsTheRepository(t *testing.T) {
 	var root string
-	srv, base := startAll(t, Options{ModelControl: ControlPoll, PollInterval: 50 * time.Millisecond}, func(r string) {
+	srv, base := startAll(t, Config{ModelControl: ControlPoll, PollInterval: 50 * time.Millisecond}, func(r string) {
 		root = r
 		require.NoError(t, os.RemoveAll(filepath.Join(r, "corrupt")))
 	})
@@ -394,8 +389,9 @@ inputs: [{name: x, datatype: FP32, dims: [4]}]
 outputs: [{name: y, datatype: FP32, dims: [4]}, {name: s, datatype: FP32, dims: []}]
 dynamic_batching: {max_queue_delay_us: 5000000}
 `), 0o644))
-	opts := Options{ModelRepository: root, GRPCAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0", Logger: slog.New(slog.DiscardHandler)}
-	srv, err := New(opts)
+	cfg := testConfig(root, Config{})
+	cfg.HTTPPort = 0
+	srv, err := New(cfg)
 	require.NoError(t, err)
 	started := make(chan error, 1)
 	go func() { started <- srv.Start(context.Background()) }()

@@ -1,18 +1,20 @@
 // Package serving is Kiln's model server: KServe v2 / Triton compatible
-// gRPC (with grpc.health.v1) and HTTP/REST inference services and
-// Prometheus metrics over a versioned model repository, with dynamic
-// batching, optional bearer-token auth on the repository calls and
-// optional TLS.
+// gRPC (with grpc.health.v1) and HTTP/REST inference services, Prometheus
+// metrics and the Arrow Flight service (serving/flightserver) over one
+// versioned model repository and one model manager, with dynamic
+// batching, one authentication policy (serving/auth) and optional TLS.
 //
-//	srv, err := serving.New(serving.Options{ModelRepository: "models"})
-//	if err != nil { ... }
-//	if err := srv.Start(ctx); err != nil { ... }
-//	...
-//	err = srv.Shutdown(ctx)
+// One composition serves every caller (`kiln serve`, Python's kiln.serve,
+// the test servers): a Config and Run.
 //
-// Serve wraps the three for a command that runs until its context ends.
-// See the sub-packages: repository (config.yaml), manager (atomic loads),
-// batcher (dynamic batching), grpcserver, httpserver, metrics, auth.
+//	cfg := serving.DefaultConfig()
+//	cfg.ModelRepository = "models"
+//	err := serving.Run(ctx, cfg) // until ctx ends, then a graceful stop
+//
+// New, Start and Shutdown are the same steps for a caller that keeps the
+// server beside other work. See the sub-packages: repository (model
+// configs, installing packages), manager (atomic loads), batcher (dynamic
+// batching), grpcserver, httpserver, flightserver, metrics, auth.
 package serving
 
 import (
@@ -21,16 +23,15 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"net"
 	"net/http"
-	"os"
 	"runtime"
 	"sync"
 	"time"
 
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/serving/auth"
+	"github.com/kilnml/kiln/serving/flightserver"
 	"github.com/kilnml/kiln/serving/grpcserver"
 	"github.com/kilnml/kiln/serving/httpserver"
 	"github.com/kilnml/kiln/serving/manager"
@@ -43,82 +44,19 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// Model control modes.
-const (
-	// ControlNone loads every model of the repository at start.
-	ControlNone = "none"
-	// ControlPoll loads every model at start, then polls the repository
-	// every Options.PollInterval: changed models reload atomically (new
-	// versions appear, removed ones go), removed models unload.
-	ControlPoll = "poll"
-	// ControlExplicit loads only Options.StartupModels at start; clients
-	// load and unload the others with the repository API.
-	ControlExplicit = "explicit"
-)
-
-// DefaultMaxMessageBytes is the default gRPC message size limit: the
-// largest protobuf message (2 GiB - 1), so 1 GiB tensors fit.
-const DefaultMaxMessageBytes = math.MaxInt32
-
-// DefaultPollInterval is how often ControlPoll looks at the repository
-// unless Options.PollInterval says otherwise.
-const DefaultPollInterval = 15 * time.Second
-
-// Options configure a Server.
-type Options struct {
-	// ModelRepository is the model repository directory (required).
-	ModelRepository string
-	// GRPCAddr is the gRPC listen address (default ":8001"); port 0 picks
-	// a free port (see Server.GRPCAddr).
-	GRPCAddr string
-	// HTTPAddr is the HTTP/REST listen address; empty disables HTTP.
-	HTTPAddr string
-	// MetricsAddr is the Prometheus /metrics listen address; empty
-	// disables metrics.
-	MetricsAddr string
-	// MaxMessageBytes limits received and sent gRPC messages and HTTP
-	// request bodies (default DefaultMaxMessageBytes).
-	MaxMessageBytes int
-	// ModelControl is ControlNone (default), ControlPoll or
-	// ControlExplicit.
-	ModelControl string
-	// PollInterval is ControlPoll's period (default DefaultPollInterval).
-	PollInterval time.Duration
-	// StartupModels are loaded at start in ControlExplicit mode.
-	StartupModels []string
-	// StrictModelLoad makes Start fail when a model fails to load;
-	// otherwise the failure is logged, reported by the repository index,
-	// and the server stays not ready until the model loads or is unloaded.
-	StrictModelLoad bool
-	// IntraOpThreads sets libtorch's intra-op threads when > 0; 0 picks
-	// max(1, CPUs / instances), instances being the largest instance_count
-	// among the models loaded at start, so that one model's concurrent
-	// executions fit the cores (unless KILN_NUM_THREADS is set, which
-	// core applies at start). OpenBLAS, when libtorch uses it, gets the
-	// same thread count unless OPENBLAS_NUM_THREADS is set.
-	IntraOpThreads int
-	// AuthToken, when set, is the bearer token the repository calls
-	// (index, load, unload) need, on gRPC and HTTP.
-	AuthToken string
-	// TLSCertFile and TLSKeyFile, when both set, serve gRPC and HTTP over
-	// TLS with that PEM certificate (chain) and key.
-	TLSCertFile, TLSKeyFile string
-	// Name is the server name in ServerMetadata (default "kiln").
-	Name string
-	// Logger receives structured logs (default slog.Default()).
-	Logger *slog.Logger
-}
-
 // Server is a running (or runnable) inference server.
 type Server struct {
-	opts     Options
+	cfg      Config
+	addrs    listenAddrs
 	log      *slog.Logger
 	mgr      *manager.Manager
 	grpc     *grpc.Server
-	http     *http.Server  // nil when HTTP is off
-	metrics  *http.Server  // nil when metrics are off
-	tls      *tls.Config   // nil without TLS
-	stop     chan struct{} // closed by Shutdown
+	http     *http.Server         // nil when HTTP is off
+	metrics  *http.Server         // nil when metrics are off
+	flight   *flightserver.Server // nil when Flight is off
+	tls      *tls.Config          // nil without TLS
+	stop     chan struct{}        // closed by Shutdown
+	stopReq  chan context.Context // Stop's request to Run
 	stopOnce sync.Once
 	pollDone chan struct{} // closed when the poller returns
 
@@ -131,82 +69,101 @@ type Server struct {
 	serveErr chan error
 }
 
-// New validates opts and opens the repository; nothing listens yet.
-func New(opts Options) (*Server, error) {
-	if opts.ModelRepository == "" {
-		return nil, errors.New("serving: no model repository")
+// listenAddrs are the "host:port" addresses of the listeners ("" when
+// off).
+type listenAddrs struct{ grpc, http, metrics, flight string }
+
+// New validates cfg, opens the repository and builds every service; nothing
+// listens and no model loads yet.
+func New(cfg Config) (*Server, error) {
+	if cfg.Name == "" {
+		cfg.Name = "kiln"
 	}
-	repo, err := repository.Open(opts.ModelRepository)
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("serving: %w", err)
+	}
+	var addrs listenAddrs
+	for _, a := range []struct {
+		dst  *string
+		port int
+	}{{&addrs.grpc, cfg.GRPCPort}, {&addrs.http, cfg.HTTPPort}, {&addrs.metrics, cfg.MetricsPort}, {&addrs.flight, cfg.FlightPort}} {
+		*a.dst, _ = cfg.listenAddr(a.port) // Validate checked the host
+	}
+	repo, err := repository.Open(cfg.ModelRepository)
 	if err != nil {
 		return nil, fmt.Errorf("serving: %w", err)
 	}
-	if opts.GRPCAddr == "" {
-		opts.GRPCAddr = ":8001"
+	policy, err := auth.New(cfg.Auth)
+	if err != nil {
+		return nil, fmt.Errorf("serving: %w", err)
 	}
-	if opts.MaxMessageBytes <= 0 {
-		opts.MaxMessageBytes = DefaultMaxMessageBytes
-	}
-	switch opts.ModelControl {
-	case "":
-		opts.ModelControl = ControlNone
-	case ControlNone, ControlPoll, ControlExplicit:
-	default:
-		return nil, fmt.Errorf("serving: unknown model control mode %q (want %q, %q or %q)", opts.ModelControl, ControlNone, ControlPoll, ControlExplicit)
-	}
-	if opts.PollInterval <= 0 {
-		opts.PollInterval = DefaultPollInterval
-	}
-	if len(opts.StartupModels) > 0 && opts.ModelControl != ControlExplicit {
-		return nil, fmt.Errorf("serving: startup models %v need model control mode %q (mode %q loads every model)", opts.StartupModels, ControlExplicit, opts.ModelControl)
-	}
-	if opts.Name == "" {
-		opts.Name = "kiln"
-	}
-	if opts.Logger == nil {
-		opts.Logger = slog.Default()
-	}
-	s := &Server{opts: opts, log: opts.Logger, stop: make(chan struct{})}
-	if (opts.TLSCertFile == "") != (opts.TLSKeyFile == "") {
-		return nil, errors.New("serving: TLS needs both a certificate and a key file")
-	}
-	if opts.TLSCertFile != "" {
-		cert, err := tls.LoadX509KeyPair(opts.TLSCertFile, opts.TLSKeyFile)
+	s := &Server{cfg: cfg, addrs: addrs, log: cfg.Logger, stop: make(chan struct{}), stopReq: make(chan context.Context, 1)}
+	if cfg.TLSCertFile != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.TLSCertFile, cfg.TLSKeyFile)
 		if err != nil {
-			return nil, fmt.Errorf("serving: TLS certificate %s, key %s: %w", opts.TLSCertFile, opts.TLSKeyFile, err)
+			return nil, fmt.Errorf("serving: TLS certificate %s, key %s: %w", cfg.TLSCertFile, cfg.TLSKeyFile, err)
 		}
 		s.tls = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
-	token := auth.New(opts.AuthToken)
-	s.mgr = manager.New(repo, manager.Options{Logger: opts.Logger})
-	gopts := []grpc.ServerOption{
-		grpc.MaxRecvMsgSize(opts.MaxMessageBytes),
-		grpc.MaxSendMsgSize(opts.MaxMessageBytes),
-		grpc.ChainUnaryInterceptor(token.UnaryInterceptor()),
-		grpc.ChainStreamInterceptor(token.StreamInterceptor()),
-	}
+	s.mgr = manager.New(repo, manager.Options{Logger: cfg.Logger})
+	gopts := append([]grpc.ServerOption{
+		grpc.MaxRecvMsgSize(cfg.MaxMessageBytes),
+		grpc.MaxSendMsgSize(cfg.MaxMessageBytes),
+	}, policy.GRPCServerOptions(auth.KServeScope)...)
 	if s.tls != nil {
 		gopts = append(gopts, grpc.Creds(credentials.NewTLS(s.tls)))
 	}
 	s.grpc = grpc.NewServer(gopts...)
 	svc := grpcserver.New(s.mgr, grpcserver.Options{
-		Name: opts.Name, Version: core.Version, Ready: s.Ready, Logger: opts.Logger, Stopping: s.stop,
+		Name: cfg.Name, Version: core.Version, Ready: s.Ready, Logger: cfg.Logger, Stopping: s.stop,
 	})
 	svc.Register(s.grpc)
 	healthpb.RegisterHealthServer(s.grpc, &healthService{s: s})
-	if opts.HTTPAddr != "" {
-		h := httpserver.New(svc, httpserver.Options{Auth: token, MaxBodyBytes: int64(opts.MaxMessageBytes), Logger: opts.Logger})
+	if addrs.http != "" {
+		h := httpserver.New(svc, httpserver.Options{Auth: policy, MaxBodyBytes: int64(cfg.MaxMessageBytes), Logger: cfg.Logger})
 		s.http = &http.Server{
 			Handler: h, TLSConfig: s.tls, ReadHeaderTimeout: 30 * time.Second, IdleTimeout: 5 * time.Minute,
-			ErrorLog: slog.NewLogLogger(opts.Logger.Handler(), slog.LevelWarn),
+			ErrorLog: slog.NewLogLogger(cfg.Logger.Handler(), slog.LevelWarn),
 		}
 	}
-	if opts.MetricsAddr != "" {
+	if addrs.metrics != "" {
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", metrics.Handler(s.mgr))
 		s.metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 30 * time.Second,
-			ErrorLog: slog.NewLogLogger(opts.Logger.Handler(), slog.LevelWarn)}
+			ErrorLog: slog.NewLogLogger(cfg.Logger.Handler(), slog.LevelWarn)}
+	}
+	if addrs.flight != "" {
+		if s.flight, err = s.newFlight(policy); err != nil {
+			s.mgr.Close()
+			return nil, fmt.Errorf("serving: flight (a Flight port of -1 turns it off): %w", err)
+		}
 	}
 	return s, nil
+}
+
+// newFlight builds the Flight service over the server's model manager,
+// with Kiln's trainer unless Config.FlightTrainer names another.
+func (s *Server) newFlight(policy *auth.Policy) (*flightserver.Server, error) {
+	trainer := s.cfg.FlightTrainer
+	if trainer == nil && !s.cfg.DisableFlightTraining {
+		mt, err := flightserver.NewModelTrainer(flightserver.ModelTrainerOptions{
+			Repository: s.cfg.ModelRepository, Load: s.mgr.Load,
+		})
+		if err != nil {
+			return nil, err
+		}
+		trainer = mt
+	}
+	if s.cfg.DisableFlightTraining {
+		trainer = nil
+	}
+	return flightserver.New(flightserver.Options{
+		DataDir: s.cfg.DataDir, Addr: s.addrs.flight, Models: flightserver.ManagerModels(s.mgr),
+		Trainer: trainer, Auth: policy, TLSConfig: s.tls, MaxMessageBytes: s.cfg.MaxMessageBytes, Logger: s.log,
+	})
 }
 
 // healthService is grpc.health.v1 for the server as a whole ("") and the
@@ -272,10 +229,10 @@ func (h *healthService) Watch(req *healthpb.HealthCheckRequest, stream healthpb.
 // Manager returns the server's model manager.
 func (s *Server) Manager() *manager.Manager { return s.mgr }
 
-// Start listens (gRPC, then HTTP and metrics when configured), then loads
-// the models (the server is live but not ready meanwhile), and serves in
-// the background until Shutdown. In ControlPoll mode it then polls the
-// repository.
+// Start listens (gRPC, then HTTP, metrics and Flight when configured),
+// then loads the models (the server is live but not ready meanwhile), and
+// serves in the background until Shutdown. In ControlPoll mode it then
+// polls the repository.
 func (s *Server) Start(ctx context.Context) error {
 	s.mu.Lock()
 	if s.started {
@@ -284,101 +241,23 @@ func (s *Server) Start(ctx context.Context) error {
 	}
 	s.started = true
 	s.mu.Unlock()
-	threads := s.opts.IntraOpThreads
-	if threads <= 0 && os.Getenv("KILN_NUM_THREADS") == "" {
+	threads := s.cfg.IntraOpThreads
+	if threads <= 0 {
 		threads = s.autoThreads()
 	}
-	if threads > 0 {
-		if err := core.SetNumThreads(threads); err != nil {
-			return fmt.Errorf("serving: intra-op threads: %w", err)
-		}
+	if err := core.SetNumThreads(threads); err != nil {
+		return fmt.Errorf("serving: intra-op threads: %w", err)
 	}
-	var lc net.ListenConfig
-	listen := func(what, addr string) (net.Listener, error) {
-		l, err := lc.Listen(ctx, "tcp", addr)
-		if err != nil {
-			return nil, fmt.Errorf("serving: %s listener: %w", what, err)
-		}
-		return l, nil
-	}
-	lis, err := listen("gRPC", s.opts.GRPCAddr)
-	if err != nil {
+	if err := s.listen(ctx); err != nil {
 		return err
 	}
-	var httpLis, metLis net.Listener
-	if s.http != nil {
-		if httpLis, err = listen("HTTP", s.opts.HTTPAddr); err != nil {
-			lis.Close()
-			return err
-		}
+	s.serveAll()
+	if err := s.loadModels(); err != nil {
+		s.closeListeners()
+		s.mgr.Close()
+		return fmt.Errorf("serving: %w", err)
 	}
-	if s.metrics != nil {
-		if metLis, err = listen("metrics", s.opts.MetricsAddr); err != nil {
-			lis.Close()
-			if httpLis != nil {
-				httpLis.Close()
-			}
-			return err
-		}
-	}
-	s.mu.Lock()
-	s.lis, s.httpLis, s.metLis = lis, httpLis, metLis
-	s.serveErr = make(chan error, 3)
-	s.mu.Unlock()
-	go func() {
-		if err := s.grpc.Serve(lis); err != nil {
-			s.serveErr <- fmt.Errorf("gRPC server: %w", err)
-		}
-	}()
-	scheme := "http"
-	if s.tls != nil {
-		scheme = "https"
-	}
-	s.log.Info("gRPC inference service listening", "addr", lis.Addr().String(), "tls", s.tls != nil, "repository", s.opts.ModelRepository,
-		"max_message_bytes", s.opts.MaxMessageBytes, "intra_op_threads", core.NumThreads(), "cpus", runtime.NumCPU(),
-		"model_control", s.opts.ModelControl, "auth", s.opts.AuthToken != "")
-	if httpLis != nil {
-		go func() {
-			var err error
-			if s.tls != nil {
-				err = s.http.ServeTLS(httpLis, "", "")
-			} else {
-				err = s.http.Serve(httpLis)
-			}
-			if !errors.Is(err, http.ErrServerClosed) {
-				s.serveErr <- fmt.Errorf("HTTP server: %w", err)
-			}
-		}()
-		s.log.Info("HTTP/REST inference service listening", "url", scheme+"://"+httpLis.Addr().String()+"/v2")
-	}
-	if metLis != nil {
-		go func() {
-			if err := s.metrics.Serve(metLis); !errors.Is(err, http.ErrServerClosed) {
-				s.serveErr <- fmt.Errorf("metrics server: %w", err)
-			}
-		}()
-		s.log.Info("Prometheus metrics listening", "url", "http://"+metLis.Addr().String()+"/metrics")
-	}
-
-	var loadErr error
-	if s.opts.ModelControl == ControlExplicit {
-		var errs []error
-		for _, n := range s.opts.StartupModels {
-			errs = append(errs, s.mgr.Load(n))
-		}
-		loadErr = errors.Join(errs...)
-	} else {
-		loadErr = s.mgr.LoadAll()
-	}
-	if loadErr != nil {
-		if s.opts.StrictModelLoad {
-			s.closeListeners()
-			s.mgr.Close()
-			return fmt.Errorf("serving: %w", loadErr)
-		}
-		s.log.Error("some models failed to load", "err", loadErr)
-	}
-	if s.opts.ModelControl == ControlPoll {
+	if s.cfg.ModelControl == ControlPoll {
 		s.pollDone = make(chan struct{})
 		go s.poll()
 	}
@@ -387,6 +266,112 @@ func (s *Server) Start(ctx context.Context) error {
 	s.mu.Unlock()
 	s.log.Info("server started", "ready", s.Ready())
 	return nil
+}
+
+// listen opens every listener, or none.
+func (s *Server) listen(ctx context.Context) error {
+	var lc net.ListenConfig
+	var opened []net.Listener
+	listen := func(what, addr string) (net.Listener, error) {
+		if addr == "" {
+			return nil, nil
+		}
+		l, err := lc.Listen(ctx, "tcp", addr)
+		if err != nil {
+			for _, o := range opened {
+				o.Close()
+			}
+			return nil, fmt.Errorf("serving: %s listener on %s: %w", what, addr, err)
+		}
+		opened = append(opened, l)
+		return l, nil
+	}
+	lis, err := listen("gRPC", s.addrs.grpc)
+	if err != nil {
+		return err
+	}
+	httpLis, err := listen("HTTP", s.addrs.http)
+	if err != nil {
+		return err
+	}
+	metLis, err := listen("metrics", s.addrs.metrics)
+	if err != nil {
+		return err
+	}
+	if s.flight != nil {
+		if err := s.flight.Start(ctx); err != nil {
+			for _, o := range opened {
+				o.Close()
+			}
+			return fmt.Errorf("serving: flight listener on %s: %w", s.addrs.flight, err)
+		}
+	}
+	s.mu.Lock()
+	s.lis, s.httpLis, s.metLis = lis, httpLis, metLis
+	s.serveErr = make(chan error, 3)
+	s.mu.Unlock()
+	return nil
+}
+
+// serveAll serves gRPC, HTTP and metrics on their listeners in the
+// background (Flight serves from its own Start).
+func (s *Server) serveAll() {
+	go func() {
+		if err := s.grpc.Serve(s.lis); err != nil {
+			s.serveErr <- fmt.Errorf("gRPC server: %w", err)
+		}
+	}()
+	scheme := "http"
+	if s.tls != nil {
+		scheme = "https"
+	}
+	s.log.Info("gRPC inference service listening", "addr", s.lis.Addr().String(), "tls", s.tls != nil, "repository", s.cfg.ModelRepository,
+		"max_message_bytes", s.cfg.MaxMessageBytes, "intra_op_threads", core.NumThreads(), "cpus", runtime.NumCPU(),
+		"model_control", s.cfg.ModelControl, "auth", s.cfg.Auth.Token != "" || s.cfg.Auth.TokenFile != "" || len(s.cfg.Auth.Users) > 0,
+		"auth_inference", s.cfg.Auth.Inference)
+	if s.httpLis != nil {
+		go func() {
+			var err error
+			if s.tls != nil {
+				err = s.http.ServeTLS(s.httpLis, "", "")
+			} else {
+				err = s.http.Serve(s.httpLis)
+			}
+			if !errors.Is(err, http.ErrServerClosed) {
+				s.serveErr <- fmt.Errorf("HTTP server: %w", err)
+			}
+		}()
+		s.log.Info("HTTP/REST inference service listening", "url", scheme+"://"+s.httpLis.Addr().String()+"/v2")
+	}
+	if s.metLis != nil {
+		go func() {
+			if err := s.metrics.Serve(s.metLis); !errors.Is(err, http.ErrServerClosed) {
+				s.serveErr <- fmt.Errorf("metrics server: %w", err)
+			}
+		}()
+		s.log.Info("Prometheus metrics listening", "url", "http://"+s.metLis.Addr().String()+"/metrics")
+	}
+}
+
+// loadModels loads the models the model control mode names; a failure is
+// an error only with StrictModelLoad (otherwise it is logged and the
+// server stays not ready).
+func (s *Server) loadModels() error {
+	var loadErr error
+	if s.cfg.ModelControl == ControlExplicit {
+		var errs []error
+		for _, n := range s.cfg.StartupModels {
+			errs = append(errs, s.mgr.Load(n))
+		}
+		loadErr = errors.Join(errs...)
+	} else {
+		loadErr = s.mgr.LoadAll()
+	}
+	if loadErr != nil && !s.cfg.StrictModelLoad {
+		s.log.Error("some models failed to load", "err", loadErr)
+		return nil
+	}
+	return loadErr
 }
 
 // closeListeners stops every server at once, without waiting for requests.
@@ -398,13 +383,18 @@ func (s *Server) closeListeners() {
 	if s.metrics != nil {
 		s.metrics.Close()
 	}
+	if s.flight != nil {
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel() // an ended context: stop at once
+		s.flight.Shutdown(ctx)
+	}
 }
 
 // autoThreads returns max(1, CPUs / instances), instances being the largest
 // instance_count among the models Start loads.
 func (s *Server) autoThreads() int {
-	names := s.opts.StartupModels
-	if s.opts.ModelControl != ControlExplicit {
+	names := s.cfg.StartupModels
+	if s.cfg.ModelControl != ControlExplicit {
 		names, _ = s.mgr.Repository().Names()
 	}
 	inst := 1
@@ -419,7 +409,7 @@ func (s *Server) autoThreads() int {
 // poll runs Manager.Poll every PollInterval until Shutdown.
 func (s *Server) poll() {
 	defer close(s.pollDone)
-	t := time.NewTicker(s.opts.PollInterval)
+	t := time.NewTicker(s.cfg.PollInterval)
 	defer t.Stop()
 	for {
 		select {
@@ -445,6 +435,22 @@ func (s *Server) HTTPAddr() net.Addr { return s.addr(&s.httpLis) }
 // Start or without metrics.
 func (s *Server) MetricsAddr() net.Addr { return s.addr(&s.metLis) }
 
+// FlightAddr returns the address Arrow Flight listens on, or nil before
+// Start or without Flight.
+func (s *Server) FlightAddr() net.Addr {
+	if s.flight == nil {
+		return nil
+	}
+	return s.flight.Addr()
+}
+
+// Flight returns the Flight service (datasets, jobs), or nil without
+// Flight.
+func (s *Server) Flight() *flightserver.Server { return s.flight }
+
+// Config returns the server's configuration, defaults filled in.
+func (s *Server) Config() Config { return s.cfg }
+
 // TLS reports whether gRPC and HTTP are served over TLS.
 func (s *Server) TLS() bool { return s.tls != nil }
 
@@ -466,7 +472,9 @@ func (s *Server) Ready() bool {
 	return ready && s.mgr.Ready()
 }
 
-// Shutdown stops accepting connections and requests, lets requests in
+// Shutdown turns the server not ready (health checks say NOT_SERVING at
+// once), stops every listener from accepting connections and requests —
+// gRPC, HTTP, metrics and Flight together — lets requests and streams in
 // flight finish (until ctx ends, when the rest are cancelled), then
 // unloads every model.
 func (s *Server) Shutdown(ctx context.Context) error {
@@ -478,12 +486,15 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		<-s.pollDone
 	}
 	var wg sync.WaitGroup
-	var httpErr error
+	var httpErr, flightErr error
 	if s.http != nil {
 		wg.Go(func() { httpErr = s.http.Shutdown(ctx) })
 	}
 	if s.metrics != nil {
 		wg.Go(func() { s.metrics.Shutdown(ctx) })
+	}
+	if s.flight != nil {
+		wg.Go(func() { flightErr = s.flight.Shutdown(ctx) })
 	}
 	done := make(chan struct{})
 	go func() {
@@ -503,32 +514,57 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.http.Close()
 		err = errors.Join(err, fmt.Errorf("HTTP shutdown: %w", httpErr))
 	}
+	if flightErr != nil {
+		err = errors.Join(err, fmt.Errorf("flight shutdown: %w", flightErr))
+	}
 	s.mgr.Close()
 	s.log.Info("server stopped")
 	return err
 }
 
-// Serve runs a server with opts until ctx ends (on SIGTERM, say), then
-// shuts it down gracefully: no new requests, those in flight finish, the
-// models are unloaded, and Serve returns nil. started, when not nil, is
-// called once the server has started.
-func Serve(ctx context.Context, opts Options, started func(*Server)) error {
-	s, err := New(opts)
+// Stop makes Run return: the server shuts down as when Run's context ends,
+// but ctx (not Config.ShutdownTimeout) bounds the wait for requests in
+// flight. It returns at once; a second Stop, or a Stop after Run has
+// begun to shut down, does nothing.
+func (s *Server) Stop(ctx context.Context) {
+	select {
+	case s.stopReq <- ctx:
+	default:
+	}
+}
+
+// Run serves cfg until ctx ends (on SIGTERM, say), then shuts the server
+// down gracefully, waiting at most cfg.ShutdownTimeout (when set) for
+// requests in flight, and returns nil; cfg.Started, when set, is called
+// once the server has started. It is the one composition of Kiln's
+// services: `kiln serve`, Python's kiln.serve and the test servers all run
+// it. A listener that fails while serving stops the server with an error.
+func Run(ctx context.Context, cfg Config) error {
+	s, err := New(cfg)
 	if err != nil {
 		return err
 	}
 	if err := s.Start(ctx); err != nil {
 		return err
 	}
-	if started != nil {
-		started(s)
+	if cfg.Started != nil {
+		cfg.Started(s)
 	}
+	sctx, cancel := context.WithoutCancel(ctx), context.CancelFunc(func() {})
 	select {
 	case <-ctx.Done():
+		if cfg.ShutdownTimeout > 0 {
+			sctx, cancel = context.WithTimeout(sctx, cfg.ShutdownTimeout)
+		}
+	case sctx = <-s.stopReq:
 	case err := <-s.serveErr:
 		s.closeListeners()
 		s.mgr.Close()
 		return fmt.Errorf("serving: %w", err)
 	}
-	return s.Shutdown(context.WithoutCancel(ctx))
+	defer cancel()
+	if err := s.Shutdown(sctx); err != nil {
+		return fmt.Errorf("serving: shutdown: %w", err)
+	}
+	return nil
 }

@@ -41,16 +41,39 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-func start(t *testing.T, opts Options) (*Server, pb.GRPCInferenceServiceClient, *grpc.ClientConn) {
+// testToken is a bearer token long enough for auth.MinTokenLength.
+const testToken = "s3cret-test-token-0123"
+
+// testConfig is DefaultConfig serving root with gRPC on a free loopback
+// port, HTTP, metrics and Flight off, and the fields opts sets (model
+// control, startup models, strictness, auth, TLS, message size).
+func testConfig(root string, opts Config) Config {
+	cfg := DefaultConfig()
+	cfg.ModelRepository = root
+	cfg.Host, cfg.GRPCPort = "127.0.0.1", 0
+	cfg.HTTPPort, cfg.MetricsPort, cfg.FlightPort = PortOff, PortOff, PortOff
+	if opts.ModelControl != "" {
+		cfg.ModelControl = opts.ModelControl
+	}
+	if opts.PollInterval != 0 {
+		cfg.PollInterval = opts.PollInterval
+	}
+	cfg.StartupModels, cfg.StrictModelLoad, cfg.Auth = opts.StartupModels, opts.StrictModelLoad, opts.Auth
+	cfg.TLSCertFile, cfg.TLSKeyFile = opts.TLSCertFile, opts.TLSKeyFile
+	if opts.MaxMessageBytes != 0 {
+		cfg.MaxMessageBytes = opts.MaxMessageBytes
+	}
+	if !testing.Verbose() {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	return cfg
+}
+
+func start(t *testing.T, opts Config) (*Server, pb.GRPCInferenceServiceClient, *grpc.ClientConn) {
 	t.Helper()
 	root := t.TempDir()
 	require.NoError(t, os.CopyFS(root, os.DirFS(built)))
-	opts.ModelRepository = root
-	opts.GRPCAddr = "127.0.0.1:0"
-	if !testing.Verbose() {
-		opts.Logger = slog.New(slog.DiscardHandler)
-	}
-	srv, err := New(opts)
+	srv, err := New(testConfig(root, opts))
 	require.NoError(t, err)
 	require.NoError(t, srv.Start(context.Background()))
 	conn, err := grpc.NewClient(srv.GRPCAddr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -98,7 +121,7 @@ func requireCode(t *testing.T, err error, code codes.Code, contains string) {
 }
 
 func TestServerEndToEnd(t *testing.T) {
-	srv, c, conn := start(t, Options{})
+	srv, c, conn := start(t, Config{})
 	ctx := context.Background()
 
 	live, err := c.ServerLive(ctx, &pb.ServerLiveRequest{})
@@ -258,7 +281,7 @@ func bytesElems(b []byte) []string {
 }
 
 func TestBadInputsNeverHurtTheServer(t *testing.T) {
-	_, c, _ := start(t, Options{})
+	_, c, _ := start(t, Config{})
 	ctx := context.Background()
 	ids := func(shape []int64, raw []byte) *pb.ModelInferRequest {
 		return &pb.ModelInferRequest{ModelName: "int_ops",
@@ -335,7 +358,7 @@ func TestBadInputsNeverHurtTheServer(t *testing.T) {
 }
 
 func TestConcurrentClientsGetTheirOwnResults(t *testing.T) {
-	_, c, _ := start(t, Options{})
+	_, c, _ := start(t, Config{})
 	const clients, each = 48, 15
 	var wg sync.WaitGroup
 	for cl := range clients {
@@ -368,7 +391,7 @@ func TestConcurrentClientsGetTheirOwnResults(t *testing.T) {
 }
 
 func TestStreamInfer(t *testing.T) {
-	_, c, _ := start(t, Options{})
+	_, c, _ := start(t, Config{})
 	stream, err := c.ModelStreamInfer(context.Background())
 	require.NoError(t, err)
 	for i := range 5 {
@@ -402,7 +425,7 @@ func TestStreamInfer(t *testing.T) {
 }
 
 func TestLargeMessage(t *testing.T) {
-	_, c, _ := start(t, Options{})
+	_, c, _ := start(t, Config{})
 	// 64 MiB of INT64 ids, above gRPC's 4 MiB default limit.
 	n := 8 << 20
 	raw := make([]byte, 8*n)
@@ -419,19 +442,28 @@ func TestLargeMessage(t *testing.T) {
 }
 
 func TestStartErrors(t *testing.T) {
-	_, err := New(Options{})
-	require.Error(t, err)
-	_, err = New(Options{ModelRepository: t.TempDir(), ModelControl: "sometimes"})
-	require.ErrorContains(t, err, `unknown model control mode "sometimes"`)
-	_, err = New(Options{ModelRepository: t.TempDir(), StartupModels: []string{"affine"}})
-	require.ErrorContains(t, err, "explicit")
-	_, err = New(Options{ModelRepository: t.TempDir(), TLSCertFile: "cert.pem"})
-	require.ErrorContains(t, err, "both a certificate and a key")
-	_, err = New(Options{ModelRepository: t.TempDir(), TLSCertFile: "missing.pem", TLSKeyFile: "missing.key"})
-	require.ErrorContains(t, err, "missing.pem")
+	_, err := New(DefaultConfig())
+	require.ErrorContains(t, err, "no model repository")
+	bad := func(edit func(*Config)) error {
+		cfg := testConfig(t.TempDir(), Config{})
+		edit(&cfg)
+		_, err := New(cfg)
+		return err
+	}
+	require.ErrorContains(t, bad(func(c *Config) { c.ModelControl = "sometimes" }), `unknown model control mode "sometimes"`)
+	require.ErrorContains(t, bad(func(c *Config) { c.StartupModels = []string{"affine"} }), "explicit")
+	require.ErrorContains(t, bad(func(c *Config) { c.TLSCertFile = "cert.pem" }), "both a certificate and a key")
+	require.ErrorContains(t, bad(func(c *Config) { c.TLSCertFile, c.TLSKeyFile = "missing.pem", "missing.key" }), "missing.pem")
+	require.ErrorContains(t, bad(func(c *Config) { c.GRPCPort = PortOff }), "cannot be turned off")
+	require.ErrorContains(t, bad(func(c *Config) { c.HTTPPort = 70000 }), "http port 70000")
+	require.ErrorContains(t, bad(func(c *Config) { c.Host = "::1]" }), "host")
+	require.ErrorContains(t, bad(func(c *Config) { c.FlightPort, c.DataDir = 0, "" }), "data directory")
+	require.ErrorContains(t, bad(func(c *Config) { c.Auth.Token = "short" }), "at least 16")
+	require.ErrorContains(t, bad(func(c *Config) { c.Auth.Inference = true }), "needs a token")
 	root := t.TempDir()
 	require.NoError(t, os.CopyFS(root, os.DirFS(built)))
-	srv, err := New(Options{ModelRepository: root, GRPCAddr: "127.0.0.1:0", StrictModelLoad: true})
+	cfg := testConfig(root, Config{StrictModelLoad: true})
+	srv, err := New(cfg)
 	require.NoError(t, err)
 	require.ErrorContains(t, srv.Start(context.Background()), "corrupt")
 }
@@ -441,7 +473,7 @@ func TestStartErrors(t *testing.T) {
 func TestShutdownEndsIdleStreams(t *testing.T) {
 	root := t.TempDir()
 	require.NoError(t, os.CopyFS(root, os.DirFS(built)))
-	srv, err := New(Options{ModelRepository: root, GRPCAddr: "127.0.0.1:0", Logger: slog.New(slog.DiscardHandler)})
+	srv, err := New(testConfig(root, Config{}))
 	require.NoError(t, err)
 	require.NoError(t, srv.Start(context.Background()))
 	conn, err := grpc.NewClient(srv.GRPCAddr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))

@@ -64,7 +64,7 @@ func rssBytes(t *testing.T) int64 {
 // the first quarter of the run may grow by at most 25% + 64 MiB.
 func TestSoak256Clients(t *testing.T) {
 	dur := soakDuration(t)
-	srv, base := startAll(t, Options{}, func(root string) {
+	srv, base := startAll(t, Config{}, func(root string) {
 		require.NoError(t, os.RemoveAll(filepath.Join(root, "corrupt")))
 		require.NoError(t, os.CopyFS(filepath.Join(root, "tight"), os.DirFS(filepath.Join(root, "affine"))))
 		require.NoError(t, os.WriteFile(filepath.Join(root, "tight", "config.yaml"), []byte(`

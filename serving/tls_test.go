@@ -61,7 +61,7 @@ func selfSigned(t *testing.T, dir string) (certFile, keyFile string, pool *x509.
 
 func TestTLS(t *testing.T) {
 	certFile, keyFile, pool := selfSigned(t, t.TempDir())
-	srv, base := startAll(t, Options{TLSCertFile: certFile, TLSKeyFile: keyFile}, nil)
+	srv, base := startAll(t, Config{TLSCertFile: certFile, TLSKeyFile: keyFile}, nil)
 	require.True(t, srv.TLS())
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -100,6 +100,6 @@ func TestAutoThreadsFitInstances(t *testing.T) {
 	prev := core.NumThreads()
 	defer core.SetNumThreads(prev)
 	// affine runs 2 instances: each gets half the CPUs.
-	start(t, Options{})
+	start(t, Config{})
 	assert.Equal(t, max(1, runtime.NumCPU()/2), core.NumThreads())
 }

@@ -292,10 +292,12 @@ func main() {
 	ceilings := map[key]ceil{}
 
 	// Kiln.
-	srv, err := serving.New(serving.Options{
-		ModelRepository: filepath.Join(*out, "repo"), GRPCAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0",
-		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
-	})
+	cfg := serving.DefaultConfig()
+	cfg.ModelRepository = filepath.Join(*out, "repo")
+	cfg.Host, cfg.GRPCPort, cfg.HTTPPort = "127.0.0.1", 0, 0
+	cfg.MetricsPort, cfg.FlightPort = serving.PortOff, serving.PortOff
+	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	srv, err := serving.New(cfg)
 	must(err)
 	must(srv.Start(context.Background()))
 	threads := core.NumThreads()

@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"runtime"
 	"strings"
 
 	"github.com/spf13/cobra"
 
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/modelpkg"
+	"github.com/kilnml/kiln/internal/kilnenv"
 )
 
 func main() {
@@ -39,13 +41,10 @@ func newRoot() *cobra.Command {
 				level = slog.LevelDebug
 			}
 			slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})))
-			if threads > 0 {
-				return core.SetNumThreads(threads)
-			}
-			return nil
+			return setThreads(threads)
 		},
 	}
-	root.PersistentFlags().IntVar(&threads, "threads", 0, "libtorch intra-op threads (default: number of CPUs)")
+	root.PersistentFlags().IntVar(&threads, "threads", 0, "libtorch intra-op threads (default $KILN_NUM_THREADS, else the number of CPUs)")
 	root.PersistentFlags().BoolVarP(&verbose, "verbose", "v", false, "debug logging")
 	root.AddCommand(newVersionCmd(), newInfoCmd(), newPredictCmd(), newTrainCmd(), newSelectCmd(), newServeCmd(), newOptimizeCmd())
 	return root
@@ -102,4 +101,21 @@ manifest summarized.`,
 			return nil
 		},
 	}
+}
+
+// setThreads sets libtorch's intra-op threads to n, or when n is 0 to
+// $KILN_NUM_THREADS, else to the number of CPUs (some libtorch builds
+// start with one thread).
+func setThreads(n int) error {
+	vars, err := kilnenv.Load(os.Getenv)
+	if err != nil {
+		return err
+	}
+	if n == 0 {
+		n = vars.NumThreads
+	}
+	if n == 0 {
+		n = runtime.NumCPU()
+	}
+	return core.SetNumThreads(n)
 }

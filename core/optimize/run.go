@@ -176,8 +176,44 @@ type Result struct {
 // quantizes, measuring the model before and after each stage on the test
 // split (the validation split without one).
 func Run(ctx context.Context, s *Source, sp *Splits, o Options) (*Result, error) {
-	if err := checkSparsity(o.Prune); err != nil {
+	o, err := checkOptions(s, o)
+	if err != nil {
 		return nil, err
+	}
+	r := &runner{ctx: ctx, s: s, sp: sp, o: o, rec: &Record{Source: s.Dir, Options: o, Quantize: o.Quantize}}
+	defer r.close()
+	if err := r.measureSource(); err != nil {
+		return nil, err
+	}
+	if err := r.cloneSource(); err != nil {
+		return nil, err
+	}
+	if o.Prune > 0 {
+		if err := r.prune(); err != nil {
+			return nil, err
+		}
+	}
+	if err := r.live(); err != nil {
+		return nil, err
+	}
+	m, err := r.finalModule()
+	if err != nil {
+		return nil, err
+	}
+	res := &Result{Record: r.rec, Module: m, Spec: r.spec, Params: r.net.Params}
+	if err := r.timeAll(); err != nil {
+		m.Close()
+		return nil, err
+	}
+	return res, nil
+}
+
+// checkOptions rejects options Run cannot carry out on s and returns o
+// with its defaults filled in (one step, fine-tuning at half the learning
+// rate).
+func checkOptions(s *Source, o Options) (Options, error) {
+	if err := checkSparsity(o.Prune); err != nil {
+		return o, err
 	}
 	if o.Steps <= 0 {
 		o.Steps = 1
@@ -186,173 +222,262 @@ func Run(ctx context.Context, s *Source, sp *Splits, o Options) (*Result, error)
 		o.FineTuneLRScale = 0.5
 	}
 	if o.Prune == 0 && o.Quantize == None {
-		return nil, fmt.Errorf("kiln: optimize: nothing to do: give a pruning amount or a quantization")
+		return o, fmt.Errorf("kiln: optimize: nothing to do: give a pruning amount or a quantization")
 	}
 	if o.Quantize != None && o.Quantize != Int8 && o.Quantize != FP16 && o.Quantize != BF16 {
-		return nil, fmt.Errorf("kiln: optimize: unknown quantization %q (want int8, fp16 or bf16)", o.Quantize)
+		return o, fmt.Errorf("kiln: optimize: unknown quantization %q (want int8, fp16 or bf16)", o.Quantize)
 	}
 	if o.Quantize == Int8 {
 		if _, err := ChooseEngine(o.Engine); err != nil {
-			return nil, err
+			return o, err
 		}
 	}
 	if o.Calibration != nil {
 		if o.Quantize != Int8 {
-			return nil, fmt.Errorf("kiln: optimize: calibration data is for static int8 quantization, not %q", o.Quantize)
+			return o, fmt.Errorf("kiln: optimize: calibration data is for static int8 quantization, not %q", o.Quantize)
 		}
 		if err := checkCalibration(s, o.Calibration); err != nil {
-			return nil, err
+			return o, err
 		}
 	}
 	if o.Weights != "" && o.Weights != PerChannel && o.Weights != PerTensor {
-		return nil, fmt.Errorf("kiln: optimize: unknown weight scheme %q (want %s or %s)", o.Weights, PerChannel, PerTensor)
+		return o, fmt.Errorf("kiln: optimize: unknown weight scheme %q (want %s or %s)", o.Weights, PerChannel, PerTensor)
 	}
-	rec := &Record{Source: s.Dir, Options: o, Quantize: o.Quantize}
-	var timed []*core.Module
-	defer func() {
-		for _, m := range timed {
-			m.Close()
-		}
-	}()
-	// Each stage starts only while ctx is live, so a cancelled run stops at
-	// the next stage boundary (fine-tuning also stops between epochs).
-	live := func() error {
-		if err := ctx.Err(); err != nil {
-			return fmt.Errorf("kiln: optimize: %w", err)
-		}
-		return nil
+	return o, nil
+}
+
+// runner is the state of one Run: the network being optimized and what
+// has been measured so far. Its methods are Run's stages, in order:
+// measureSource, cloneSource, prune, finalModule (quantize), timeAll.
+type runner struct {
+	ctx context.Context
+	s   *Source
+	sp  *Splits
+	o   Options
+	rec *Record
+	// net is the working copy of the source network and spec its spec
+	// (smaller after structured pruning); sparsity its share of zero
+	// weights.
+	net      *nn.Net
+	spec     nn.Spec
+	sparsity float64
+	// timed are the reloaded modules of the report's variants, in order,
+	// which timeAll times together.
+	timed []*core.Module
+}
+
+// close releases the working network and the timed modules.
+func (r *runner) close() {
+	if r.net != nil {
+		r.net.Close()
 	}
+	for _, m := range r.timed {
+		m.Close()
+	}
+}
+
+// live returns the context's error once it is cancelled: each stage starts
+// only while ctx is live, so a cancelled run stops at the next stage
+// boundary (fine-tuning also stops between epochs).
+func (r *runner) live() error {
+	if err := r.ctx.Err(); err != nil {
+		return fmt.Errorf("kiln: optimize: %w", err)
+	}
+	return nil
+}
+
+// measure measures m as the report's next variant.
+func (r *runner) measure(name string, m *core.Module, params int64) (Variant, error) {
+	v, err := measureModule(r.s, name, m, params, r.sparsity, r.sp, &r.timed)
+	if err != nil {
+		return Variant{}, err
+	}
+	r.rec.Report.Variants = append(r.rec.Report.Variants, v)
+	return v, nil
+}
+
+// measureSource measures the source model as the record's Before.
+func (r *runner) measureSource() error {
+	s := r.s
 	sparsity, err := netSparsity(s.Net, s.Manifest.Spec)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	before, err := measureModule(s, "fp32", s.Net.Module, s.Net.Params, sparsity, sp, &timed)
+	r.sparsity = sparsity
+	before, err := r.measure("fp32", s.Net.Module, s.Net.Params)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	rec.Before = before
-	rec.Report.Variants = append(rec.Report.Variants, before)
+	r.rec.Before = before
 	slog.Info("optimize: source", "file_bytes", before.FileBytes, "params", before.Params, before.Metric, before.Value)
+	return nil
+}
 
-	net, err := s.Cloned()
+// cloneSource makes the working copy of the source network that the later
+// stages change.
+func (r *runner) cloneSource() error {
+	net, err := r.s.Cloned()
 	if err != nil {
-		return nil, err
+		return err
 	}
-	defer func() { net.Close() }()
-	spec := s.Manifest.Spec
-	if o.Prune > 0 {
-		cfg := s.Hyperparameters
-		cfg.Epochs, cfg.CheckpointDir, cfg.CheckpointEvery, cfg.Resume, cfg.MaxSeconds = o.FineTuneEpochs, "", 0, false, 0
-		cfg.Optimizer.LR *= o.FineTuneLRScale
-		cfg.Schedule.WarmupEpochs = 0
-		if cfg.EarlyStopping != nil && sp.Val == nil {
-			cfg.EarlyStopping = nil
-		}
-		for step := 1; step <= o.Steps; step++ {
-			if err := live(); err != nil {
-				return nil, err
-			}
-			amount := o.Prune * float64(step) / float64(o.Steps)
-			if o.Structured {
-				// Each step prunes the original layer widths to the
-				// step's amount: remove the right share of what is left.
-				left := 1 - amount
-				prev := 1 - o.Prune*float64(step-1)/float64(o.Steps)
-				small, ns, err := PruneStructured(s, net, spec, 1-left/prev, o.Norm)
-				if err != nil {
-					return nil, err
-				}
-				net.Close()
-				net, spec = small, ns
-			} else {
-				if _, err := PruneUnstructured(net, amount, o.Global); err != nil {
-					return nil, err
-				}
-			}
-			slog.Info("optimize: pruned", "step", step, "amount", amount, "params", net.Params)
-			if o.FineTuneEpochs > 0 {
-				res, err := train.Fit(ctx, net, sp.Train, sp.Val, cfg, nil)
-				if err != nil {
-					return nil, fmt.Errorf("kiln: optimize: fine-tuning: %w", err)
-				}
-				rec.FineTune = append(rec.FineTune, res)
-				slog.Info("optimize: fine-tuned", "step", step, "best_epoch", res.BestEpoch, "val", res.Best)
-			}
-		}
-		if !o.Structured && o.FineTuneEpochs > 0 {
-			// Fine-tuning regrows pruned weights: prune back to the target.
-			if _, err := PruneUnstructured(net, o.Prune, o.Global); err != nil {
-				return nil, err
-			}
-		}
-		if sparsity, err = netSparsity(net, spec); err != nil {
-			return nil, err
-		}
-		name := fmt.Sprintf("pruned %.0f%%", 100*o.Prune)
-		if o.Structured {
-			name = fmt.Sprintf("pruned %.0f%% structured", 100*o.Prune)
-		}
-		v, err := measureModule(s, name, net.Module, net.Params, sparsity, sp, &timed)
-		if err != nil {
-			return nil, err
-		}
-		rec.Report.Variants = append(rec.Report.Variants, v)
-		rec.After = v
+	r.net, r.spec = net, r.s.Manifest.Spec
+	return nil
+}
+
+// fineTuneConfig is the source's training configuration for fine-tuning:
+// o.FineTuneEpochs epochs at the scaled learning rate, without warm-up,
+// checkpoints, a time budget or (without a validation split) early
+// stopping.
+func (r *runner) fineTuneConfig() train.Config {
+	cfg := r.s.Hyperparameters
+	cfg.Epochs, cfg.CheckpointDir, cfg.CheckpointEvery, cfg.Resume, cfg.MaxSeconds = r.o.FineTuneEpochs, "", 0, false, 0
+	cfg.Optimizer.LR *= r.o.FineTuneLRScale
+	cfg.Schedule.WarmupEpochs = 0
+	if cfg.EarlyStopping != nil && r.sp.Val == nil {
+		cfg.EarlyStopping = nil
 	}
-	if err := live(); err != nil {
-		return nil, err
+	return cfg
+}
+
+// prune prunes the working network to o.Prune in o.Steps steps, each
+// followed by fine-tuning, and measures the pruned model.
+func (r *runner) prune() error {
+	o := r.o
+	cfg := r.fineTuneConfig()
+	for step := 1; step <= o.Steps; step++ {
+		if err := r.live(); err != nil {
+			return err
+		}
+		if err := r.pruneStep(step); err != nil {
+			return err
+		}
+		if err := r.fineTune(step, cfg); err != nil {
+			return err
+		}
 	}
-	res := &Result{Record: rec, Spec: spec, Params: net.Params}
-	if o.Quantize != None {
-		var q *core.Module
-		var engine string
-		var err error
-		name := o.Quantize
-		if o.Quantize == Int8 && o.Calibration != nil {
-			if engine, err = useEngine(o.Engine); err != nil {
-				return nil, err
-			}
-			q, rec.Static, err = QuantizeStatic(s, net, spec, engine, o.Calibration, o.Weights)
-			rec.Method = "static"
-			name = "int8 static (" + engine + ")"
-		} else {
-			q, engine, err = Quantize(s, net, spec, o.Quantize, o.Engine)
-			if o.Quantize == Int8 {
-				rec.Method = "dynamic"
-				name = "int8 dynamic (" + engine + ")"
-			}
+	if !o.Structured && o.FineTuneEpochs > 0 {
+		// Fine-tuning regrows pruned weights: prune back to the target.
+		if _, err := PruneUnstructured(r.net, o.Prune, o.Global); err != nil {
+			return err
 		}
+	}
+	sparsity, err := netSparsity(r.net, r.spec)
+	if err != nil {
+		return err
+	}
+	r.sparsity = sparsity
+	name := fmt.Sprintf("pruned %.0f%%", 100*o.Prune)
+	if o.Structured {
+		name = fmt.Sprintf("pruned %.0f%% structured", 100*o.Prune)
+	}
+	v, err := r.measure(name, r.net.Module, r.net.Params)
+	if err != nil {
+		return err
+	}
+	r.rec.After = v
+	return nil
+}
+
+// pruneStep prunes the working network to step's share of o.Prune.
+func (r *runner) pruneStep(step int) error {
+	o := r.o
+	amount := o.Prune * float64(step) / float64(o.Steps)
+	if o.Structured {
+		// Each step prunes the original layer widths to the step's amount:
+		// remove the right share of what is left.
+		left := 1 - amount
+		prev := 1 - o.Prune*float64(step-1)/float64(o.Steps)
+		small, ns, err := PruneStructured(r.s, r.net, r.spec, 1-left/prev, o.Norm)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		rec.Engine = engine
-		if o.Prune > 0 {
-			name = rec.After.Name + " + " + name
-		}
-		v, err := measureModule(s, name, q, net.Params, sparsity, sp, &timed)
-		if err != nil {
-			q.Close()
-			return nil, err
-		}
-		rec.Report.Variants = append(rec.Report.Variants, v)
-		rec.After = v
-		res.Module = q
+		r.net.Close()
+		r.net, r.spec = small, ns
 	} else {
-		m, err := reload(net.Module)
-		if err != nil {
-			return nil, err
+		if _, err := PruneUnstructured(r.net, amount, o.Global); err != nil {
+			return err
 		}
-		res.Module = m
 	}
-	err = live()
-	if err == nil {
-		err = timeVariants(rec, timed, sp)
+	slog.Info("optimize: pruned", "step", step, "amount", amount, "params", r.net.Params)
+	return nil
+}
+
+// fineTune trains the working network after pruning step, when o asks for
+// fine-tuning, and records the result.
+func (r *runner) fineTune(step int, cfg train.Config) error {
+	if r.o.FineTuneEpochs <= 0 {
+		return nil
 	}
+	res, err := train.Fit(r.ctx, r.net, r.sp.Train, r.sp.Val, cfg, nil)
 	if err != nil {
-		res.Module.Close()
+		return fmt.Errorf("kiln: optimize: fine-tuning: %w", err)
+	}
+	r.rec.FineTune = append(r.rec.FineTune, res)
+	slog.Info("optimize: fine-tuned", "step", step, "best_epoch", res.BestEpoch, "val", res.Best)
+	return nil
+}
+
+// finalModule is the optimized model the caller gets: the working network
+// quantized as o says (and measured), or without quantization the working
+// network reloaded as the server would load it.
+func (r *runner) finalModule() (*core.Module, error) {
+	if r.o.Quantize == None {
+		return reload(r.net.Module)
+	}
+	q, name, err := r.quantize()
+	if err != nil {
 		return nil, err
 	}
-	return res, nil
+	if r.o.Prune > 0 {
+		name = r.rec.After.Name + " + " + name
+	}
+	v, err := r.measure(name, q, r.net.Params)
+	if err != nil {
+		q.Close()
+		return nil, err
+	}
+	r.rec.After = v
+	return q, nil
+}
+
+// quantize quantizes the working network (static int8 with calibration
+// data, else dynamic int8 or fp16/bf16 weights), noting the engine and
+// method in the record; it returns the quantized module and its name in
+// the report.
+func (r *runner) quantize() (*core.Module, string, error) {
+	o, rec := r.o, r.rec
+	var q *core.Module
+	var engine string
+	var err error
+	name := o.Quantize
+	if o.Quantize == Int8 && o.Calibration != nil {
+		if engine, err = useEngine(o.Engine); err != nil {
+			return nil, "", err
+		}
+		q, rec.Static, err = QuantizeStatic(r.s, r.net, r.spec, engine, o.Calibration, o.Weights)
+		rec.Method = "static"
+		name = "int8 static (" + engine + ")"
+	} else {
+		q, engine, err = Quantize(r.s, r.net, r.spec, o.Quantize, o.Engine)
+		if o.Quantize == Int8 {
+			rec.Method = "dynamic"
+			name = "int8 dynamic (" + engine + ")"
+		}
+	}
+	if err != nil {
+		return nil, "", err
+	}
+	rec.Engine = engine
+	return q, name, nil
+}
+
+// timeAll times every measured variant together, once the run is still
+// live, filling in the report's latencies.
+func (r *runner) timeAll() error {
+	if err := r.live(); err != nil {
+		return err
+	}
+	return timeVariants(r.rec, r.timed, r.sp)
 }
 
 // SavePackage writes res as a Kiln model package in dir with

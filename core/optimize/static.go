@@ -310,32 +310,83 @@ func reduceRange(engine string) bool { return engine != "qnnpack" }
 // is in eval mode; the caller closes it. weights is PerChannel, PerTensor
 // or "" (the engine's default).
 func QuantizeStatic(src *Source, net *nn.Net, spec nn.Spec, engine string, cal *data.Dataset, weights string) (*core.Module, *StaticInfo, error) {
+	weights, err := staticWeights(engine, weights)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := checkStatic(src, net, cal); err != nil {
+		return nil, nil, err
+	}
+	steps, at, endQ := staticPlan(net)
+	info, scales, zps, err := calibrate(src, net, spec, engine, weights, steps, at, cal)
+	if err != nil {
+		return nil, nil, err
+	}
+	h, err := newVariant(src)
+	if err != nil {
+		return nil, nil, err
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			h.Free()
+		}
+	}()
+	b := &staticBuild{src: src, net: net, spec: spec, engine: engine, perTensor: weights == PerTensor,
+		steps: steps, scales: scales, zps: zps, h: h}
+	if err := b.forward(endQ); err != nil {
+		return nil, nil, err
+	}
+	ok = true
+	info.Quantized, info.Float = b.qnames, b.fnames
+	m, err := core.AdoptModule(h, spec.Name+"-int8-static")
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := m.SetTraining(false); err != nil {
+		m.Close()
+		return nil, nil, err
+	}
+	return m, info, nil
+}
+
+// staticWeights resolves the weight scheme: weights itself, or for "" the
+// engine's default (per tensor on qnnpack, per channel on the others).
+func staticWeights(engine, weights string) (string, error) {
 	switch weights {
 	case "":
-		weights = PerChannel
 		if engine == "qnnpack" {
-			weights = PerTensor
+			return PerTensor, nil
 		}
+		return PerChannel, nil
 	case PerChannel, PerTensor:
-	default:
-		return nil, nil, fmt.Errorf("kiln: optimize: unknown weight scheme %q (want %s or %s)", weights, PerChannel, PerTensor)
+		return weights, nil
 	}
-	perTensor := weights == PerTensor
-	var kinds, qnames, fnames []string
+	return "", fmt.Errorf("kiln: optimize: unknown weight scheme %q (want %s or %s)", weights, PerChannel, PerTensor)
+}
+
+// checkStatic rejects a network without a layer static int8 quantizes, or
+// calibration rows src's model does not take.
+func checkStatic(src *Source, net *nn.Net, cal *data.Dataset) error {
+	var kinds []string
 	for _, info := range net.Layers {
 		kinds = append(kinds, info.Type)
 	}
 	if !slices.ContainsFunc(kinds, quantizableStatic) {
-		return nil, nil, fmt.Errorf("kiln: optimize: nothing to quantize to static int8: the network has no linear or conv layers (it has %s)",
+		return fmt.Errorf("kiln: optimize: nothing to quantize to static int8: the network has no linear or conv layers (it has %s)",
 			strings.Join(kinds, ", "))
 	}
-	if err := checkCalibration(src, cal); err != nil {
-		return nil, nil, err
-	}
-	steps, at, endQ := staticPlan(net)
+	return checkCalibration(src, cal)
+}
+
+// calibrate observes the ranges of the activations at (as steps plans
+// them) on cal and works out their quantization parameters for the
+// engine; it returns the record so far and each activation's scale and
+// zero point.
+func calibrate(src *Source, net *nn.Net, spec nn.Spec, engine, weights string, steps []staticStep, at []string, cal *data.Dataset) (*StaticInfo, []float64, []int64, error) {
 	mins, maxs, err := observe(src, net, spec, steps, at, cal)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	qmax := int64(255)
 	if reduceRange(engine) {
@@ -347,101 +398,126 @@ func QuantizeStatic(src *Source, net *nn.Net, spec nn.Spec, engine string, cal *
 		scales[k], zps[k] = affineQParams(mins[k], maxs[k], qmax)
 		info.Activations = append(info.Activations, QParams{At: at[k], Min: mins[k], Max: maxs[k], Scale: scales[k], ZeroPoint: zps[k]})
 	}
+	return info, scales, zps, nil
+}
 
-	h, err := newVariant(src)
-	if err != nil {
-		return nil, nil, err
-	}
-	ok := false
-	defer func() {
-		if !ok {
-			h.Free()
-		}
-	}()
-	nh := net.Handle()
-	body := nn.ForwardPreamble(spec, src.Prelude)
+// staticBuild writes a static int8 forward into the new module h: the
+// packed weights and float tensors it needs, and the TorchScript source.
+type staticBuild struct {
+	src       *Source
+	net       *nn.Net
+	spec      nn.Spec
+	engine    string
+	perTensor bool
+	steps     []staticStep
+	// scales and zps are the activations' quantization parameters.
+	scales []float64
+	zps    []int64
+	h      native.Module
+	// body is forward's source so far; qnames and fnames name the layers
+	// that run in int8 and in float.
+	body           []string
+	qnames, fnames []string
+}
+
+// forward writes every layer's step into h and compiles the forward; endQ
+// says x ends quantized (and is dequantized before returning).
+func (b *staticBuild) forward(endQ bool) error {
+	b.body = nn.ForwardPreamble(b.spec, b.src.Prelude)
 	inQ := false
-	for i, li := range net.Layers {
-		l := spec.Layers[i]
-		st := steps[i]
+	for i := range b.net.Layers {
+		st := b.steps[i]
 		if st.dequantizeIn {
-			body = append(body, "x = x.dequantize()")
+			b.body = append(b.body, "x = x.dequantize()")
 			inQ = false
 		}
 		if st.quantizeIn {
 			inQ = true
 			// 13 is torch.quint8's ScalarType.
-			body = append(body, fmt.Sprintf("x = torch.quantize_per_tensor(x, %s, %d, 13)", tsFloat(scales[st.obsIn]), zps[st.obsIn]))
+			b.body = append(b.body, fmt.Sprintf("x = torch.quantize_per_tensor(x, %s, %d, 13)", tsFloat(b.scales[st.obsIn]), b.zps[st.obsIn]))
 		}
+		var err error
 		switch {
 		case st.skip:
 			// A folded batchnorm, a fused ReLU, or dropout (the identity
 			// in eval mode).
 			continue
 		case st.quantized:
-			var w, b native.Tensor
-			var release func()
-			var err error
-			if st.bn >= 0 {
-				w, b, release, err = foldBatchNorm(nh, li, l, net.Layers[st.bn], spec.Layers[st.bn])
-			} else {
-				w, b, release, err = weightBias(nh, li, l)
-			}
-			if err != nil {
-				return nil, nil, err
-			}
-			stride := l.Stride
-			if stride == 0 {
-				stride = 1
-			}
-			_, err = optimize.AddPackedInt8(h, li.Name+"_packed", li.Type, w, b, !perTensor, stride, l.Padding)
-			release()
-			if err != nil {
-				return nil, nil, fmt.Errorf("kiln: optimize: static int8 layer %s (%s engine): %w", li.Name, engine, err)
-			}
-			op := li.Type
-			name := li.Name
-			if st.bn >= 0 {
-				name += "+" + net.Layers[st.bn].Name
-			}
-			if st.fused >= 0 {
-				op += "_relu"
-				name += "+" + net.Layers[st.fused].Name
-			}
-			qnames = append(qnames, name)
-			body = append(body, fmt.Sprintf("x = quantized.%s(x, self.%s_packed, %s, %d)", op, li.Name, tsFloat(scales[st.obsOut]), zps[st.obsOut]))
-			continue
+			err = b.packed(i)
+		default:
+			err = b.copied(i, inQ)
 		}
-		if inQ {
-			qnames = append(qnames, li.Name)
-		} else {
-			fnames = append(fnames, li.Name)
+		if err != nil {
+			return err
 		}
-		for _, name := range nn.LayerTensors(li, l) {
-			param := strings.HasSuffix(name, "_weight") || strings.HasSuffix(name, "_bias")
-			if err := copyTensor(h, nh, name, nil, param); err != nil {
-				return nil, nil, err
-			}
-		}
-		body = append(body, nn.LayerSource(li, l)...)
 	}
 	if endQ {
-		body = append(body, "x = x.dequantize()")
+		b.body = append(b.body, "x = x.dequantize()")
 	}
-	if err := defineForward(h, body, "x"); err != nil {
-		return nil, nil, fmt.Errorf("kiln: optimize: compiling the static int8 forward: %w", err)
+	if err := defineForward(b.h, b.body, "x"); err != nil {
+		return fmt.Errorf("kiln: optimize: compiling the static int8 forward: %w", err)
 	}
-	ok = true
-	info.Quantized, info.Float = qnames, fnames
-	m, err := core.AdoptModule(h, spec.Name+"-int8-static")
+	return nil
+}
+
+// packed writes quantized layer i: its int8 weights (with a following
+// batchnorm folded in) packed for the engine, and a call of the quantized
+// kernel (the _relu one when a ReLU fuses into it).
+func (b *staticBuild) packed(i int) error {
+	nh := b.net.Handle()
+	li, l, st := b.net.Layers[i], b.spec.Layers[i], b.steps[i]
+	var w, bias native.Tensor
+	var release func()
+	var err error
+	if st.bn >= 0 {
+		w, bias, release, err = foldBatchNorm(nh, li, l, b.net.Layers[st.bn], b.spec.Layers[st.bn])
+	} else {
+		w, bias, release, err = weightBias(nh, li, l)
+	}
 	if err != nil {
-		return nil, nil, err
+		return err
 	}
-	if err := m.SetTraining(false); err != nil {
-		m.Close()
-		return nil, nil, err
+	stride := l.Stride
+	if stride == 0 {
+		stride = 1
 	}
-	return m, info, nil
+	_, err = optimize.AddPackedInt8(b.h, li.Name+"_packed", li.Type, w, bias, !b.perTensor, stride, l.Padding)
+	release()
+	if err != nil {
+		return fmt.Errorf("kiln: optimize: static int8 layer %s (%s engine): %w", li.Name, b.engine, err)
+	}
+	op := li.Type
+	name := li.Name
+	if st.bn >= 0 {
+		name += "+" + b.net.Layers[st.bn].Name
+	}
+	if st.fused >= 0 {
+		op += "_relu"
+		name += "+" + b.net.Layers[st.fused].Name
+	}
+	b.qnames = append(b.qnames, name)
+	b.body = append(b.body, fmt.Sprintf("x = quantized.%s(x, self.%s_packed, %s, %d)", op, li.Name, tsFloat(b.scales[st.obsOut]), b.zps[st.obsOut]))
+	return nil
+}
+
+// copied writes layer i as it is, running on x quantized (inQ: a layer
+// passQuantized allows) or in float: its tensors copied from the network
+// and its float source.
+func (b *staticBuild) copied(i int, inQ bool) error {
+	li, l := b.net.Layers[i], b.spec.Layers[i]
+	if inQ {
+		b.qnames = append(b.qnames, li.Name)
+	} else {
+		b.fnames = append(b.fnames, li.Name)
+	}
+	for _, name := range nn.LayerTensors(li, l) {
+		param := strings.HasSuffix(name, "_weight") || strings.HasSuffix(name, "_bias")
+		if err := copyTensor(b.h, b.net.Handle(), name, nil, param); err != nil {
+			return err
+		}
+	}
+	b.body = append(b.body, nn.LayerSource(li, l)...)
+	return nil
 }
 
 // foldable says whether bn (a layer after layer info) is a batchnorm that

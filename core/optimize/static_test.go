@@ -20,6 +20,7 @@ import (
 	"github.com/kilnml/kiln/core/nn"
 	"github.com/kilnml/kiln/core/optimize"
 	"github.com/kilnml/kiln/core/train"
+	"github.com/kilnml/kiln/native"
 	nopt "github.com/kilnml/kiln/native/optimize"
 )
 
@@ -287,4 +288,42 @@ func TestStaticInt8Errors(t *testing.T) {
 		[]byte(`{"model": "model.pt", "optimization": {"engine": "no-such-engine"}}`), 0o644))
 	_, err = modelpkg.LoadModule(filepath.Join(dir, "model.pt"))
 	assert.ErrorContains(t, err, `(int8 for the no-such-engine engine): quantized engine "no-such-engine" is not supported by this libtorch`)
+}
+
+// TestAddPackedInt8 checks that the native packing of int8 layers names
+// what is wrong with a layer it cannot pack, and packs good linear and
+// conv layers, returning the weight's element count.
+func TestAddPackedInt8(t *testing.T) {
+	engine, err := optimize.ChooseEngine("")
+	require.NoError(t, err)
+	net, err := nn.Build(nn.Sequential(nn.Linear(4)), 3, 1)
+	require.NoError(t, err)
+	defer net.Close()
+	h := net.Handle()
+	zeros := func(shape ...int64) native.Tensor {
+		x, err := core.Zeros(core.Float32, shape...)
+		require.NoError(t, err)
+		t.Cleanup(func() { x.Close() })
+		return x.Handle()
+	}
+	w2, w3, bias, wide := zeros(4, 3), zeros(4, 3, 2), zeros(4), zeros(5)
+	none := native.Tensor{}
+	require.NoError(t, nopt.WithQEngine(engine, func() error {
+		_, err := nopt.AddPackedInt8(h, "p", "conv3d", w2, none, true, 1, 0)
+		assert.EqualError(t, err, `int8 layer p: unknown kind "conv3d" (want linear, conv1d or conv2d)`)
+		_, err = nopt.AddPackedInt8(h, "p", "conv1d", w2, none, true, 1, 0)
+		assert.EqualError(t, err, "int8 conv1d p: weight has shape [4, 3], want 3 dimensions")
+		_, err = nopt.AddPackedInt8(h, "p", "conv1d", w3, none, true, 0, 0)
+		assert.EqualError(t, err, "int8 conv1d p: stride 0, padding 0")
+		_, err = nopt.AddPackedInt8(h, "p", "linear", w2, wide, false, 1, 0)
+		assert.EqualError(t, err, "int8 linear p: bias has shape [5], want [4]")
+
+		n, err := nopt.AddPackedInt8(h, "lin_packed", "linear", w2, bias, true, 1, 0)
+		require.NoError(t, err)
+		assert.Equal(t, int64(12), n)
+		n, err = nopt.AddPackedInt8(h, "conv_packed", "conv1d", w3, none, false, 1, 1)
+		require.NoError(t, err)
+		assert.Equal(t, int64(24), n)
+		return nil
+	}))
 }

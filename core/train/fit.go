@@ -276,35 +276,13 @@ func Fit(ctx context.Context, net *nn.Net, trainSet, valSet *data.Dataset, cfg C
 			res, err = nil, fmt.Errorf("kiln: train: internal error: %v", r)
 		}
 	}()
-	if err := cfg.validate(); err != nil {
+	valSet, h, err := checkFit(net, trainSet, valSet, cfg)
+	if err != nil {
 		return nil, err
-	}
-	if trainSet == nil || trainSet.Len() == 0 {
-		return nil, errors.New("kiln: train: the training set is empty")
-	}
-	if int64(trainSet.Features) != net.Inputs {
-		return nil, fmt.Errorf("kiln: train: the data has %d feature columns but the network takes %d", trainSet.Features, net.Inputs)
-	}
-	if valSet != nil && valSet.Len() == 0 {
-		valSet = nil
-	}
-	if cfg.EarlyStopping != nil && valSet == nil {
-		return nil, errors.New("kiln: train: early stopping needs a validation set")
-	}
-	lk, _ := lossKind(cfg.Loss.Type)
-	h := headOf(lk)
-	if err := checkTargets(trainSet, h, net.Outputs, "training"); err != nil {
-		return nil, err
-	}
-	if valSet != nil {
-		if err := checkTargets(valSet, h, net.Outputs, "validation"); err != nil {
-			return nil, err
-		}
 	}
 	if onEvent == nil {
 		onEvent = func(Event) {}
 	}
-
 	tr, err := newTrainer(net, cfg)
 	if err != nil {
 		return nil, err
@@ -317,116 +295,194 @@ func Fit(ctx context.Context, net *nn.Net, trainSet, valSet *data.Dataset, cfg C
 	defer x.Close()
 	defer y.Close()
 
-	r := &run{cfg: cfg, net: net, tr: tr, h: h, res: &Result{StopReason: "epochs"}}
+	r := &run{cfg: cfg, net: net, tr: tr, h: h, res: &Result{StopReason: "epochs"},
+		ctx: ctx, trainSet: trainSet, valSet: valSet, x: x, y: y, onEvent: onEvent}
 	defer r.freeBest()
-	r.src = rand.NewPCG(cfg.Seed, 0x5eed)
-	core.ManualSeed(cfg.Seed)
-	start := 0
-	if cfg.Resume && cfg.CheckpointDir != "" {
-		if start, err = r.resume(); err != nil {
-			return nil, err
-		}
+	if err := r.begin(); err != nil {
+		return nil, err
 	}
-	rng := rand.New(r.src)
-	n := int64(trainSet.Len())
-	steps := trainer.EpochSteps(n, int64(cfg.BatchSize))
-	every := int64(cfg.ProgressEvery)
-	if every <= 0 {
-		every = max(1, steps/10)
-	}
-	t0 := time.Now()
-	var samples int64
-	for epoch := start; epoch < cfg.Epochs; epoch++ {
-		if err := ctx.Err(); err != nil {
-			return r.res, fmt.Errorf("kiln: train: %w", err)
-		}
-		e0 := time.Now()
-		perm := trainSet.Shuffle(rng)
-		lrs := make([]float64, steps)
-		for i := range lrs {
-			lrs[i] = cfg.LR(int64(epoch)*steps+int64(i), steps)
-		}
-		ev := Event{Kind: "step", Epoch: epoch + 1, Epochs: cfg.Epochs, Steps: steps}
-		progress := func(step, nsteps int64, lossSum float64, seen int64) bool {
-			if ctx.Err() != nil {
-				return false
-			}
-			el := time.Since(t0)
-			ev.Step, ev.Loss, ev.LR = step, lossSum/float64(seen), lrs[step-1]
-			ev.Elapsed = el
-			ev.SamplesPerSec = float64(samples+seen) / el.Seconds()
-			left := float64(cfg.Epochs-epoch)*float64(n) - float64(seen)
-			ev.ETA = time.Duration(left / ev.SamplesPerSec * float64(time.Second))
-			onEvent(ev)
-			return true
-		}
-		er, err := tr.Epoch(x.Handle(), y.Handle(), perm, int64(cfg.BatchSize), lrs, every, progress)
-		if err != nil {
-			return r.res, fmt.Errorf("kiln: train: epoch %d: %w", epoch+1, err)
-		}
-		samples += er.Seen
-		if er.Stopped {
-			if err := ctx.Err(); err != nil {
-				return r.res, fmt.Errorf("kiln: train: %w", err)
-			}
-			return r.res, errors.New("kiln: train: stopped by the progress callback")
-		}
-		st := EpochStats{Epoch: epoch + 1, TrainLoss: er.LossSum / float64(er.Seen), LR: lrs[len(lrs)-1]}
-		if math.IsNaN(st.TrainLoss) || math.IsInf(st.TrainLoss, 0) {
-			return r.res, fmt.Errorf("kiln: train: the training loss diverged (%v) in epoch %d; lower the learning rate or clip gradients", st.TrainLoss, epoch+1)
-		}
-		if valSet != nil {
-			if st.Val, err = evaluate(tr, valSet, h, cfg.BatchSize); err != nil {
-				return r.res, err
-			}
-		}
-		st.Seconds = time.Since(e0).Seconds()
-		r.res.History = append(r.res.History, st)
-		stop, err := r.track(st)
+	for epoch := r.start; epoch < cfg.Epochs; epoch++ {
+		st, err := r.trainEpoch(epoch)
 		if err != nil {
 			return r.res, err
 		}
-		if !stop && cfg.MaxSeconds > 0 && time.Since(t0).Seconds() >= cfg.MaxSeconds && epoch+1 < cfg.Epochs {
-			stop, r.res.StopReason = true, "time_budget"
+		stop, err := r.endEpoch(epoch, st)
+		if err != nil {
+			return r.res, err
 		}
-		if cfg.CheckpointDir != "" {
-			ce := max(cfg.CheckpointEvery, 1)
-			if (epoch+1)%ce == 0 || epoch+1 == cfg.Epochs || stop {
-				if err := r.checkpoint(epoch + 1); err != nil {
-					return r.res, err
-				}
-			}
-		}
-		el := time.Since(t0)
-		ev = Event{Kind: "epoch", Epoch: epoch + 1, Epochs: cfg.Epochs, Step: steps, Steps: steps,
-			Loss: st.TrainLoss, LR: st.LR, Metrics: st.Val, Elapsed: el,
-			SamplesPerSec: float64(samples) / el.Seconds()}
-		ev.ETA = time.Duration(el.Seconds() / float64(epoch+1-start) * float64(cfg.Epochs-epoch-1) * float64(time.Second))
-		onEvent(ev)
-		slog.Debug("kiln: epoch", "epoch", epoch+1, "train_loss", st.TrainLoss, "val", st.Val)
 		if stop {
 			break
 		}
 	}
+	return r.finish()
+}
+
+// checkFit rejects a config, data or network Fit cannot train, and returns
+// the validation set to use (nil for an empty one) and the network's head.
+func checkFit(net *nn.Net, trainSet, valSet *data.Dataset, cfg Config) (*data.Dataset, head, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, 0, err
+	}
+	if trainSet == nil || trainSet.Len() == 0 {
+		return nil, 0, errors.New("kiln: train: the training set is empty")
+	}
+	if int64(trainSet.Features) != net.Inputs {
+		return nil, 0, fmt.Errorf("kiln: train: the data has %d feature columns but the network takes %d", trainSet.Features, net.Inputs)
+	}
+	if valSet != nil && valSet.Len() == 0 {
+		valSet = nil
+	}
+	if cfg.EarlyStopping != nil && valSet == nil {
+		return nil, 0, errors.New("kiln: train: early stopping needs a validation set")
+	}
+	lk, _ := lossKind(cfg.Loss.Type)
+	h := headOf(lk)
+	if err := checkTargets(trainSet, h, net.Outputs, "training"); err != nil {
+		return nil, 0, err
+	}
+	if valSet != nil {
+		if err := checkTargets(valSet, h, net.Outputs, "validation"); err != nil {
+			return nil, 0, err
+		}
+	}
+	return valSet, h, nil
+}
+
+// begin seeds the generators, resumes from the latest checkpoint when the
+// config asks to, and works out the steps per epoch and the progress
+// interval.
+func (r *run) begin() error {
+	cfg := r.cfg
+	r.src = rand.NewPCG(cfg.Seed, 0x5eed)
+	core.ManualSeed(cfg.Seed)
+	if cfg.Resume && cfg.CheckpointDir != "" {
+		start, err := r.resume()
+		if err != nil {
+			return err
+		}
+		r.start = start
+	}
+	r.rng = rand.New(r.src)
+	r.steps = trainer.EpochSteps(int64(r.trainSet.Len()), int64(cfg.BatchSize))
+	r.every = int64(cfg.ProgressEvery)
+	if r.every <= 0 {
+		r.every = max(1, r.steps/10)
+	}
+	r.t0 = time.Now()
+	return nil
+}
+
+// trainEpoch trains one epoch (0-based) over a fresh shuffle and validates
+// after it, returning the epoch's statistics.
+func (r *run) trainEpoch(epoch int) (EpochStats, error) {
+	if err := r.ctx.Err(); err != nil {
+		return EpochStats{}, fmt.Errorf("kiln: train: %w", err)
+	}
+	e0 := time.Now()
+	perm := r.trainSet.Shuffle(r.rng)
+	lrs := make([]float64, r.steps)
+	for i := range lrs {
+		lrs[i] = r.cfg.LR(int64(epoch)*r.steps+int64(i), r.steps)
+	}
+	er, err := r.tr.Epoch(r.x.Handle(), r.y.Handle(), perm, int64(r.cfg.BatchSize), lrs, r.every, r.progress(epoch, lrs))
+	if err != nil {
+		return EpochStats{}, fmt.Errorf("kiln: train: epoch %d: %w", epoch+1, err)
+	}
+	r.samples += er.Seen
+	if er.Stopped {
+		if err := r.ctx.Err(); err != nil {
+			return EpochStats{}, fmt.Errorf("kiln: train: %w", err)
+		}
+		return EpochStats{}, errors.New("kiln: train: stopped by the progress callback")
+	}
+	st := EpochStats{Epoch: epoch + 1, TrainLoss: er.LossSum / float64(er.Seen), LR: lrs[len(lrs)-1]}
+	if math.IsNaN(st.TrainLoss) || math.IsInf(st.TrainLoss, 0) {
+		return EpochStats{}, fmt.Errorf("kiln: train: the training loss diverged (%v) in epoch %d; lower the learning rate or clip gradients", st.TrainLoss, epoch+1)
+	}
+	if r.valSet != nil {
+		if st.Val, err = evaluate(r.tr, r.valSet, r.h, r.cfg.BatchSize); err != nil {
+			return EpochStats{}, err
+		}
+	}
+	st.Seconds = time.Since(e0).Seconds()
+	return st, nil
+}
+
+// progress is the trainer's progress callback for epoch (0-based), whose
+// learning rates are lrs: it sends a "step" event, and stops the epoch
+// once ctx is cancelled.
+func (r *run) progress(epoch int, lrs []float64) func(step, nsteps int64, lossSum float64, seen int64) bool {
+	ev := Event{Kind: "step", Epoch: epoch + 1, Epochs: r.cfg.Epochs, Steps: r.steps}
+	n := int64(r.trainSet.Len())
+	return func(step, nsteps int64, lossSum float64, seen int64) bool {
+		if r.ctx.Err() != nil {
+			return false
+		}
+		el := time.Since(r.t0)
+		ev.Step, ev.Loss, ev.LR = step, lossSum/float64(seen), lrs[step-1]
+		ev.Elapsed = el
+		ev.SamplesPerSec = float64(r.samples+seen) / el.Seconds()
+		left := float64(r.cfg.Epochs-epoch)*float64(n) - float64(seen)
+		ev.ETA = time.Duration(left / ev.SamplesPerSec * float64(time.Second))
+		r.onEvent(ev)
+		return true
+	}
+}
+
+// endEpoch records epoch's statistics, updates early stopping and the time
+// budget, writes a checkpoint when one is due and sends the "epoch" event;
+// true means training stops here.
+func (r *run) endEpoch(epoch int, st EpochStats) (bool, error) {
+	cfg := r.cfg
+	r.res.History = append(r.res.History, st)
+	stop, err := r.track(st)
+	if err != nil {
+		return false, err
+	}
+	if !stop && cfg.MaxSeconds > 0 && time.Since(r.t0).Seconds() >= cfg.MaxSeconds && epoch+1 < cfg.Epochs {
+		stop, r.res.StopReason = true, "time_budget"
+	}
+	if cfg.CheckpointDir != "" {
+		ce := max(cfg.CheckpointEvery, 1)
+		if (epoch+1)%ce == 0 || epoch+1 == cfg.Epochs || stop {
+			if err := r.checkpoint(epoch + 1); err != nil {
+				return false, err
+			}
+		}
+	}
+	el := time.Since(r.t0)
+	ev := Event{Kind: "epoch", Epoch: epoch + 1, Epochs: cfg.Epochs, Step: r.steps, Steps: r.steps,
+		Loss: st.TrainLoss, LR: st.LR, Metrics: st.Val, Elapsed: el,
+		SamplesPerSec: float64(r.samples) / el.Seconds()}
+	ev.ETA = time.Duration(el.Seconds() / float64(epoch+1-r.start) * float64(cfg.Epochs-epoch-1) * float64(time.Second))
+	r.onEvent(ev)
+	slog.Debug("kiln: epoch", "epoch", epoch+1, "train_loss", st.TrainLoss, "val", st.Val)
+	return stop, nil
+}
+
+// finish leaves the network with the best epoch's weights (under early
+// stopping) in eval mode, completes the result and sends the "done" event.
+func (r *run) finish() (*Result, error) {
 	if r.best.Valid() {
-		if err := trainer.CopyState(net.Handle(), r.best); err != nil {
+		if err := trainer.CopyState(r.net.Handle(), r.best); err != nil {
 			return r.res, fmt.Errorf("kiln: train: restoring the best epoch's weights: %w", err)
 		}
 	}
-	if err := net.SetTraining(false); err != nil {
+	if err := r.net.SetTraining(false); err != nil {
 		return r.res, err
 	}
-	r.res.Seconds = time.Since(t0).Seconds()
-	if r.res.Seconds > 0 {
-		r.res.SamplesPerSec = float64(samples) / r.res.Seconds
+	res := r.res
+	res.Seconds = time.Since(r.t0).Seconds()
+	if res.Seconds > 0 {
+		res.SamplesPerSec = float64(r.samples) / res.Seconds
 	}
-	if r.res.BestEpoch == 0 && len(r.res.History) > 0 {
-		last := r.res.History[len(r.res.History)-1]
-		r.res.BestEpoch, r.res.Best = last.Epoch, last.Val
+	if res.BestEpoch == 0 && len(res.History) > 0 {
+		last := res.History[len(res.History)-1]
+		res.BestEpoch, res.Best = last.Epoch, last.Val
 	}
-	onEvent(Event{Kind: "done", Epoch: len(r.res.History) + r.res.ResumedFrom, Epochs: cfg.Epochs,
-		Metrics: r.res.Best, Elapsed: time.Since(t0), SamplesPerSec: r.res.SamplesPerSec})
-	return r.res, nil
+	r.onEvent(Event{Kind: "done", Epoch: len(res.History) + res.ResumedFrom, Epochs: r.cfg.Epochs,
+		Metrics: res.Best, Elapsed: time.Since(r.t0), SamplesPerSec: res.SamplesPerSec})
+	return res, nil
 }
 
 // run is the state of one Fit call.
@@ -441,6 +497,20 @@ type run struct {
 	best      native.Module
 	bestValue float64
 	bad       int
+
+	ctx              context.Context
+	trainSet, valSet *data.Dataset
+	x, y             *core.Tensor
+	onEvent          func(Event)
+	// rng shuffles each epoch (drawing on src); start is the first epoch
+	// to train (after a resume); steps the steps per epoch and every the
+	// progress interval in steps.
+	rng          *rand.Rand
+	start        int
+	steps, every int64
+	// t0 is when training began; samples the rows trained on so far.
+	t0      time.Time
+	samples int64
 }
 
 func (r *run) freeBest() {

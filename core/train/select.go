@@ -165,6 +165,66 @@ type Leaderboard struct {
 // and may be called from several goroutines at once.
 func Select(ctx context.Context, j SelectJob, t *data.Table, source, out string, onEvent func(string, Event)) (*Leaderboard, error) {
 	t0 := time.Now()
+	s, err := newSelection(j, t)
+	if err != nil {
+		return nil, err
+	}
+	conc := j.Concurrency
+	if conc <= 0 {
+		conc = runtime.NumCPU()
+	}
+	conc = min(conc, len(s.cands))
+	prevThreads := core.NumThreads()
+	if err := core.SetNumThreads(max(1, runtime.NumCPU()/conc)); err != nil {
+		return nil, err
+	}
+	defer core.SetNumThreads(prevThreads)
+	defer s.close()
+
+	s.trainAll(ctx, conc, onEvent)
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("kiln: select: %w", err)
+	}
+	s.score()
+	lb, order := s.rank()
+	if lb.Entries[0].Err != "" {
+		return lb, fmt.Errorf("kiln: select: every candidate failed; first error: %s", lb.Entries[0].Err)
+	}
+	lb.Winner = &lb.Entries[0]
+	if out != "" {
+		if err := s.saveWinner(order[0], out, source); err != nil {
+			return lb, err
+		}
+	}
+	lb.Seconds = time.Since(t0).Seconds()
+	if slices.ContainsFunc(lb.Entries, func(e Entry) bool { return math.IsNaN(e.Score) }) {
+		return lb, errors.New("kiln: select: a candidate's score is NaN")
+	}
+	return lb, nil
+}
+
+// selection is the state of one Select: the candidates, the prepared data
+// they all train on, and each one's leaderboard entry and trained network.
+// Its methods are Select's stages, in order: trainAll, score, rank,
+// saveWinner.
+type selection struct {
+	j     SelectJob
+	cands []Candidate
+	prep  *Prepared
+	// cfg is the training config every candidate starts from (the job's,
+	// bounded by the budget); metric ranks them, higher being better when
+	// up.
+	cfg     Config
+	metric  string
+	up      bool
+	entries []Entry
+	nets    []*nn.Net
+}
+
+// newSelection expands the job's candidates, prepares the data with the
+// first one's network and works out the training config and the ranking
+// metric.
+func newSelection(j SelectJob, t *data.Table) (*selection, error) {
 	cands, err := j.candidates()
 	if err != nil {
 		return nil, err
@@ -197,31 +257,26 @@ func Select(ctx context.Context, j SelectJob, t *data.Table, source, out string,
 	if err != nil {
 		return nil, err
 	}
+	return &selection{j: j, cands: cands, prep: prep, cfg: cfg, metric: metric, up: up,
+		entries: make([]Entry, len(cands)), nets: make([]*nn.Net, len(cands))}, nil
+}
 
-	conc := j.Concurrency
-	if conc <= 0 {
-		conc = runtime.NumCPU()
-	}
-	conc = min(conc, len(cands))
-	prevThreads := core.NumThreads()
-	if err := core.SetNumThreads(max(1, runtime.NumCPU()/conc)); err != nil {
-		return nil, err
-	}
-	defer core.SetNumThreads(prevThreads)
-
-	entries := make([]Entry, len(cands))
-	nets := make([]*nn.Net, len(cands))
-	defer func() {
-		for _, n := range nets {
-			if n != nil {
-				n.Close()
-			}
+// close releases the candidates' networks.
+func (s *selection) close() {
+	for _, n := range s.nets {
+		if n != nil {
+			n.Close()
 		}
-	}()
+	}
+}
+
+// trainAll trains the candidates, conc at a time, each one's failure
+// (or a panic) becoming its entry's Err.
+func (s *selection) trainAll(ctx context.Context, conc int, onEvent func(string, Event)) {
 	sem := make(chan struct{}, conc)
 	var wg sync.WaitGroup
-	for i, c := range cands {
-		entries[i] = Entry{Candidate: c}
+	for i, c := range s.cands {
+		s.entries[i] = Entry{Candidate: c}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -229,44 +284,53 @@ func Select(ctx context.Context, j SelectJob, t *data.Table, source, out string,
 			defer func() { <-sem }()
 			defer func() {
 				if r := recover(); r != nil {
-					entries[i].Err = fmt.Sprintf("internal error: %v", r)
+					s.entries[i].Err = fmt.Sprintf("internal error: %v", r)
 				}
 			}()
 			if ctx.Err() != nil {
-				entries[i].Err = ctx.Err().Error()
+				s.entries[i].Err = ctx.Err().Error()
 				return
 			}
-			net, err := trainCandidate(ctx, prep, c, cfg, metric, &entries[i], onEvent)
+			net, err := trainCandidate(ctx, s.prep, c, s.cfg, s.metric, &s.entries[i], onEvent)
 			if err != nil {
-				entries[i].Err = err.Error()
+				s.entries[i].Err = err.Error()
 				return
 			}
-			nets[i] = net
+			s.nets[i] = net
 		}()
 	}
 	wg.Wait()
-	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("kiln: select: %w", err)
-	}
-	// Latency is measured after training, one candidate at a time, so
-	// that candidates do not slow each other's measurement.
-	for i, net := range nets {
+}
+
+// score measures each trained candidate's latency and works out its
+// score. Latency is measured after training, one candidate at a time, so
+// that candidates do not slow each other's measurement.
+func (s *selection) score() {
+	rk := s.j.Rank
+	for i, net := range s.nets {
 		if net == nil {
 			continue
 		}
 		lat, err := latency(net)
 		if err != nil {
-			entries[i].Err = err.Error()
+			s.entries[i].Err = err.Error()
 			continue
 		}
-		e := &entries[i]
+		e := &s.entries[i]
 		e.LatencyMs = lat
 		v := e.Metric
-		if !up {
+		if !s.up {
 			v = -v
 		}
-		e.Score = v - j.Rank.ParamsPenalty*float64(e.Params)/1e6 - j.Rank.LatencyPenalty*lat
+		e.Score = v - rk.ParamsPenalty*float64(e.Params)/1e6 - rk.LatencyPenalty*lat
 	}
+}
+
+// rank orders the entries, those that trained first and then by score,
+// and returns the leaderboard with order[r], the index in s.entries of
+// the candidate ranked r+1.
+func (s *selection) rank() (*Leaderboard, []int) {
+	entries := s.entries
 	order := make([]int, len(entries))
 	for i := range order {
 		order[i] = i
@@ -278,31 +342,24 @@ func Select(ctx context.Context, j SelectJob, t *data.Table, source, out string,
 		}
 		return ea.Score > eb.Score
 	})
-	lb := &Leaderboard{Metric: metric}
+	lb := &Leaderboard{Metric: s.metric}
 	for r, i := range order {
 		entries[i].Rank = r + 1
 		lb.Entries = append(lb.Entries, entries[i])
 	}
-	if lb.Entries[0].Err != "" {
-		return lb, fmt.Errorf("kiln: select: every candidate failed; first error: %s", lb.Entries[0].Err)
-	}
-	lb.Winner = &lb.Entries[0]
-	if out != "" {
-		wi := order[0]
-		pj := *prep
-		pj.Job.Model = autoOut(cands[wi].Spec, prep.Pre, cfg.Loss.Type)
-		pj.Job.Train = cfg
-		pj.Job.Train.Optimizer.LR = entries[wi].LR
-		rep := &Report{Val: entries[wi].Val, Test: entries[wi].Test, Result: &Result{BestEpoch: entries[wi].Epochs}}
-		if err := SavePackage(out, nets[wi], &pj, rep, source); err != nil {
-			return lb, err
-		}
-	}
-	lb.Seconds = time.Since(t0).Seconds()
-	if slices.ContainsFunc(lb.Entries, func(e Entry) bool { return math.IsNaN(e.Score) }) {
-		return lb, errors.New("kiln: select: a candidate's score is NaN")
-	}
-	return lb, nil
+	return lb, order
+}
+
+// saveWinner saves candidate wi (the winner) as a model package in out,
+// with the job it was trained by and its metrics.
+func (s *selection) saveWinner(wi int, out, source string) error {
+	pj := *s.prep
+	pj.Job.Model = autoOut(s.cands[wi].Spec, s.prep.Pre, s.cfg.Loss.Type)
+	pj.Job.Train = s.cfg
+	pj.Job.Train.Optimizer.LR = s.entries[wi].LR
+	e := s.entries[wi]
+	rep := &Report{Val: e.Val, Test: e.Test, Result: &Result{BestEpoch: e.Epochs}}
+	return SavePackage(out, s.nets[wi], &pj, rep, source)
 }
 
 // latency is the median time of a single-sample forward pass, in ms.

@@ -16,7 +16,7 @@ def Sequential(layers_):
 
 from .client import Client, ServerError
 from ._serve import Server, serve
-from ._train import select_model
+from ._select import select_model
 from ._runtime import get_num_threads, set_num_threads, torch_version, __version__
 
 __all__ = [

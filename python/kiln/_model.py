@@ -9,7 +9,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from . import _train
 from ._errors import InferenceError, KilnError, ModelLoadError, translate
+from ._inputs import is_arrow, is_pandas, pandas_to_arrow
 from ._native import _kilngo as _go
 from ._native import bindings as _b
 
@@ -64,20 +66,6 @@ def _wrap_output(out, i: int, keep) -> np.ndarray:
     buf = (ctypes.c_char * n).from_address(out.Addr(i))
     buf._kiln_keep = keep
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
-
-
-def _is_arrow(x) -> bool:
-    return type(x).__module__.startswith("pyarrow") and type(x).__name__ in ("Table", "RecordBatch")
-
-
-def _is_pandas(x) -> bool:
-    return type(x).__module__.startswith("pandas") and type(x).__name__ == "DataFrame"
-
-
-def _pandas_to_arrow(df):
-    import pyarrow as pa
-
-    return pa.Table.from_pandas(df, preserve_index=False)
 
 
 class _Owner:
@@ -171,18 +159,16 @@ class Model:
         """Trains in Kiln's Go core (the GIL is released while it works) and
         returns the history: per-epoch loss and validation metrics. Class
         targets may be any labels (kept as ``classes_``); Ctrl-C cancels."""
-        from ._train import fit
-
-        return fit(self, x, y, epochs=epochs, batch_size=batch_size, validation_split=validation_split,
-                   optimizer=optimizer, lr=lr, loss=loss, seed=seed, early_stopping=early_stopping,
-                   verbose=verbose, callbacks=callbacks)
+        with _train.fit(self.spec, x, y, epochs=epochs, batch_size=batch_size, validation_split=validation_split,
+                        optimizer=optimizer, lr=lr, loss=loss, seed=seed, early_stopping=early_stopping,
+                        verbose=verbose, callbacks=callbacks) as (out, history):
+            self._adopt(load(out), out)
+        return history
 
     def evaluate(self, x, y) -> Dict[str, float]:
         """Metrics of the trained model on (x, y): accuracy for a classifier,
         mse/mae/r2 for a regressor."""
-        from ._train import evaluate
-
-        return evaluate(self, x, y)
+        return _train.evaluate(self, x, y)
 
     def save(self, path) -> None:
         """Writes the Kiln model package (model.pt + manifest.json) to the
@@ -213,9 +199,7 @@ class Model:
         re-created). Returns the record with the size/accuracy/latency report."""
         if not 0 <= amount < 1:
             raise ValueError(f"amount (sparsity) {amount} is outside [0, 1)")
-        from ._train import optimize
-
-        return optimize(self, x, y, {"prune": amount, "structured": structured, "global": global_,
+        return self._optimize(x, y, {"prune": amount, "structured": structured, "global": global_,
                                      "finetune_epochs": finetune_epochs, "steps": steps})
 
     def quantize(self, mode: str, x, y, engine: str = "", calibration=None, weights: str = "") -> dict:
@@ -239,10 +223,30 @@ class Model:
         weight scales, "per-channel" (more accurate) or "per-tensor"
         (smaller file); "" takes the engine's default (per-tensor on
         qnnpack, as PyTorch's default qconfig)."""
-        from ._train import optimize
+        return self._optimize(x, y, {"quantize": mode, "engine": engine, "weights": weights},
+                              calibration=calibration)
 
-        return optimize(self, x, y, {"quantize": mode, "engine": engine, "weights": weights},
-                        calibration=calibration)
+    def _optimize(self, x, y, options, calibration=None) -> dict:
+        """Runs the Go optimizer on this model's package with options (see
+        core/optimize.Options) and takes over the optimized package;
+        returns the optimization record."""
+        with _train.optimize(self._package, self.classes_, x, y, options, calibration) as (out, record):
+            new = load(out)
+        old = self._adopt(new, out)
+        if old is not None:
+            old.Close()
+        return record
+
+    def _adopt(self, new: "Model", package: str):
+        """Takes over new's native model and manifest, which it loaded from
+        the package directory package, and returns the native model this one
+        had (the caller closes it, or leaves it to the garbage collector)."""
+        old = self._h
+        self._h, self.path, self.manifest, self._package = new._h, package, new.manifest, package
+        self._fast.clear()
+        self._inputs = new._inputs
+        new._h = None
+        return old
 
     def deploy(self, repository, name: str) -> int:
         """Installs this trained model into a model repository as the next
@@ -332,9 +336,9 @@ class Model:
     def _predict_general(self, inputs, key):
         if self._h is None:
             raise KilnError("model is closed" if self.spec is None or self._package else "model is not trained: call fit first")
-        if len(inputs) == 1 and _is_pandas(inputs[0]):
-            inputs = (_pandas_to_arrow(inputs[0]),)
-        if len(inputs) == 1 and _is_arrow(inputs[0]):
+        if len(inputs) == 1 and is_pandas(inputs[0]):
+            inputs = (pandas_to_arrow(inputs[0]),)
+        if len(inputs) == 1 and is_arrow(inputs[0]):
             return self._predict_arrow(inputs[0])
         arrays = [_as_input(x, i) for i, x in enumerate(inputs)]
         spec = json.dumps(

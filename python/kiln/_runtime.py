@@ -4,6 +4,13 @@ from ._native import bindings as _b
 
 __version__: str = _b.Version()
 
+# The one place the process is configured on import (threads from
+# $KILN_NUM_THREADS, else the CPUs): Go's bindings.Init.
+try:
+    _b.Init()
+except RuntimeError as _e:
+    raise translate(_e, KilnError) from None
+
 
 def torch_version() -> str:
     """The version of the libtorch Kiln runs on."""

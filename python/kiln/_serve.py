@@ -1,7 +1,7 @@
 """kiln.serve: Kiln's inference server inside this process."""
 import json
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 from ._errors import KilnError, translate
 from ._native import bindings as _b
@@ -43,21 +43,53 @@ class Server:
         return f"kiln.Server(grpc={self.grpc!r}, http={self.http!r}, flight={self.flight!r}, {state})"
 
 
-def serve(repository, *, host: str = "127.0.0.1", grpc_port: int = 8001, http_port: int = 8000,
+def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int = 8000,
           metrics_port: int = 8002, flight_port: int = 8815, data_dir: Optional[str] = None,
-          model_control: str = "none", auth_token: str = "", threads: int = 0) -> Server:
-    """Serves a model repository from this process in the background (the
-    same server as `kiln serve`) and returns a handle with ``.stop()``.
-    A port of 0 picks a free one; -1 turns that listener off."""
+          model_control: str = "none", repository_poll_secs: Optional[float] = None,
+          load_models: Optional[Sequence[str]] = None, strict_model_config: bool = False,
+          auth_token: str = "", auth_token_file: Optional[str] = None, auth_inference: bool = False,
+          tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
+          max_message_bytes: Optional[int] = None, shutdown_timeout: Optional[float] = None,
+          threads: int = 0) -> Server:
+    """Serves a model repository from this process in the background and
+    returns a handle with ``.stop()``: the same server as `kiln serve`
+    (Go's serving.Run), with the same options under the flags' names and
+    the same defaults.
+
+    host: "" listens on every interface; IPv6 as "::1" or "[::1]".
+    grpc_port, http_port, metrics_port, flight_port: 0 picks a free port,
+    -1 turns that listener off (not gRPC). data_dir: Flight's datasets
+    (default "kiln-data"). model_control: "none", "poll" (every
+    repository_poll_secs, default 15) or "explicit" (load_models at
+    start). auth_token / auth_token_file (at least 16 characters; default
+    $KILN_AUTH_TOKEN / $KILN_AUTH_TOKEN_FILE): the repository API and
+    Flight's datasets and jobs need it, inference too with auth_inference.
+    tls_cert, tls_key: PEM files serving gRPC, HTTP and Flight over TLS.
+    max_message_bytes: largest message / HTTP body (default 2 GiB - 1).
+    shutdown_timeout: seconds a shutdown waits for requests in flight when
+    the process ends the server (stop() takes its own). threads: libtorch
+    intra-op threads (0: $KILN_NUM_THREADS, else CPUs / instance_count).
+
+    Raises KilnError (a subclass by the error's code) when an option is
+    invalid or a listener cannot open."""
     repository = os.fspath(repository)
     if not os.path.isdir(repository):
         raise KilnError(f"kiln: no model repository at {repository}")
     opts = {
-        "repository": repository, "host": host, "grpc_port": grpc_port, "http_port": http_port,
-        "metrics_port": metrics_port, "flight_port": flight_port,
-        "data_dir": os.fspath(data_dir) if data_dir else os.path.join(repository, os.pardir, "kiln-data"),
-        "model_control": model_control, "auth_token": auth_token, "threads": threads,
+        "model_repository": repository, "host": host, "grpc_port": grpc_port, "http_port": http_port,
+        "metrics_port": metrics_port, "flight_port": flight_port, "model_control": model_control,
+        "strict_model_config": strict_model_config, "auth_token": auth_token,
+        "auth_inference": auth_inference, "threads": threads,
     }
+    optional = {
+        "data_dir": data_dir and os.fspath(data_dir), "repository_poll_secs": repository_poll_secs,
+        "load_models": list(load_models) if load_models else None,
+        "auth_token_file": auth_token_file and os.fspath(auth_token_file),
+        "tls_cert": tls_cert and os.fspath(tls_cert), "tls_key": tls_key and os.fspath(tls_key),
+        "max_message_bytes": max_message_bytes,
+        "shutdown_timeout_ms": None if shutdown_timeout is None else int(shutdown_timeout * 1000),
+    }
+    opts.update({k: v for k, v in optional.items() if v is not None})
     try:
         return Server(_b.Serve(json.dumps(opts)))
     except RuntimeError as e:

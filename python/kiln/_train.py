@@ -1,7 +1,9 @@
-"""Training kiln.Model networks in the Go core, with progress in Python."""
+"""Go core jobs run from Python: training, optimization and model
+selection, polled with progress in Python. Each writes a model package to
+a temporary directory that the caller (kiln.Model, select_model) loads;
+this module knows nothing of kiln.Model beyond what evaluate calls."""
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -9,6 +11,7 @@ import time
 import numpy as np
 
 from ._errors import InferenceError, KilnError, translate
+from ._inputs import is_arrow, is_pandas
 from ._native import bindings as _b
 
 
@@ -64,11 +67,14 @@ def _scratch_dir(prefix):
         raise
 
 
-def fit(model, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss, seed, early_stopping,
+@contextlib.contextmanager
+def fit(spec, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss, seed, early_stopping,
         verbose, callbacks):
-    from ._model import load
-
-    if model.spec is None:
+    """Trains the network spec on (x, y) in the Go core, writing a model
+    package (with the caller's class labels) to a new temporary directory.
+    Yields (directory, history); the directory is removed again if the job
+    or the with block fails."""
+    if spec is None:
         raise KilnError("this model has no spec to train (load a package or use kiln.Model.from_spec)")
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
     if x.ndim != 2:
@@ -84,7 +90,7 @@ def fit(model, x, y, *, epochs, batch_size, validation_split, optimizer, lr, los
     if not 0 <= validation_split < 1:
         raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
     job = {
-        "model": model.spec,
+        "model": spec,
         "data": {"target": "target", "task": "classification" if labels is not None else "regression"},
         "split": {"val": validation_split, "test": 0, "stratify": labels is not None},
         "train": {"epochs": epochs, "batch_size": batch_size, "seed": seed,
@@ -113,17 +119,11 @@ def fit(model, x, y, *, epochs, batch_size, validation_split, optimizer, lr, los
             for cb in callbacks:
                 cb(e)
 
-        report = _run_job(h, _progress(epochs, verbose), on_event)
-        trained = load(report.get("dir") or out)
-        model._h, model.path, model.manifest, model._package = trained._h, out, trained.manifest, out
-        model._fast.clear()
-        model._inputs = trained._inputs
-        trained._h = None
+        history["report"] = _run_job(h, _progress(epochs, verbose), on_event)
         if labels is not None:
             # Go saw class codes 0..k-1; the package records the caller's labels.
-            _record_labels(model.manifest, out, labels)
-    history["report"] = report
-    return history
+            _record_labels(out, labels)
+        yield out, history
 
 
 def evaluate(model, x, y):
@@ -145,11 +145,11 @@ def evaluate(model, x, y):
             "r2": float(1 - ((p - t) ** 2).sum() / ss) if ss else float("nan")}
 
 
-def _encode_like_fit(model, x, y):
-    """x and y as fit passed them to Go: float32 features, class codes."""
+def _encode_like_fit(labels, x, y):
+    """x and y as fit passed them to Go for a model with class labels
+    (None for a regressor): float32 features, class codes."""
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
     y = np.asarray(y)
-    labels = model.classes_
     if labels is not None:
         index = {v: i for i, v in enumerate(labels)}
         try:
@@ -163,11 +163,9 @@ def _calibration_array(data):
     """Calibration rows as a C-contiguous float32 [rows, features] array:
     numpy (or array-like), pandas DataFrame or pyarrow Table/RecordBatch
     (columns stacked in order)."""
-    from ._model import _is_arrow, _is_pandas
-
-    if _is_pandas(data):
+    if is_pandas(data):
         data = data.to_numpy(dtype=np.float32)
-    elif _is_arrow(data):
+    elif is_arrow(data):
         cols = [c.to_numpy(zero_copy_only=False) if hasattr(c, "to_numpy") else np.asarray(c) for c in data.columns]
         data = np.column_stack(cols) if cols else np.zeros((data.num_rows, 0))
     try:
@@ -179,12 +177,17 @@ def _calibration_array(data):
     return np.ascontiguousarray(a)
 
 
-def optimize(model, x, y, options, calibration=None):
-    from ._model import load
-
-    if model._package is None:
+@contextlib.contextmanager
+def optimize(package, classes, x, y, options, calibration=None):
+    """Prunes and/or quantizes the model package at package (whose class
+    labels are classes, None for a regressor) as options say, measuring it
+    on the splits of (x, y), the data it was fitted on; writes the result,
+    with the class labels, to a new temporary directory. Yields (directory,
+    record); the directory is removed again if the job or the with block
+    fails."""
+    if package is None:
         raise KilnError("only a model trained by fit (or loaded from a package) can be optimized")
-    x, y = _encode_like_fit(model, x, y)
+    x, y = _encode_like_fit(classes, x, y)
     cal_addr, cal_rows, cal_cols = 0, -1, 0
     if calibration is not None:
         cal = _calibration_array(calibration)
@@ -198,43 +201,24 @@ def optimize(model, x, y, options, calibration=None):
         # Runs in a Go goroutine that this thread polls: the GIL stays free and
         # Ctrl-C cancels it.
         try:
-            h = _b.StartOptimize(model._package, json.dumps(options), x.ctypes.data, x.shape[0], x.shape[1],
+            h = _b.StartOptimize(package, json.dumps(options), x.ctypes.data, x.shape[0], x.shape[1],
                                  y.ctypes.data, cal_addr, cal_rows, cal_cols, out)
         except RuntimeError as e:
             raise translate(e, error_class(e)) from None
         record = _run_job(h, None, lambda e, bar: None, error_class)
-        labels = model.classes_
-        new = load(out)
-        if labels is not None:
-            _record_labels(new.manifest, out, labels)
-    old = model._h
-    model._h, model.path, model.manifest, model._package = new._h, out, new.manifest, out
-    model._fast.clear()
-    model._inputs = new._inputs
-    new._h = None
-    if old is not None:
-        old.Close()
-    return record
+        if classes is not None:
+            _record_labels(out, classes)
+        yield out, record
 
 
-def select_model(candidates, x, y, *, epochs=20, batch_size=32, validation_split=0.2, optimizer="adam",
-                 lr=1e-3, seed=0, budget_seconds=None, concurrency=None, metric=None, verbose=1):
-    """Trains each candidate (a list of layer lists or specs) on the same
-    split, ranks them on the validation metric with a cost term, and returns
-    (leaderboard, best_model)."""
-    from ._model import Model, load
-
-    specs = []
-    for c in candidates:
-        if isinstance(c, Model):
-            c = c.spec
-        elif isinstance(c, (list, tuple)):
-            c = {"layers": list(c)}
-        if not isinstance(c, dict) or "layers" not in c:
-            raise ValueError(f"a candidate is a list of layers or a spec with 'layers', got {c!r}")
-        specs.append(c)
-    if not specs:
-        raise ValueError("select_model needs at least one candidate")
+@contextlib.contextmanager
+def select(specs, x, y, *, epochs, batch_size, validation_split, optimizer, lr, seed, budget_seconds,
+           concurrency, metric, verbose):
+    """Trains each network spec on the same split of (x, y) and ranks them
+    (see core/train.Select), writing the winner's model package (with the
+    caller's class labels) to a new temporary directory. Yields (directory,
+    leaderboard); the directory is removed again if the job or the with
+    block fails."""
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
     y = np.asarray(y)
     labels = None
@@ -260,23 +244,18 @@ def select_model(candidates, x, y, *, epochs=20, batch_size=32, validation_split
         except RuntimeError as e:
             raise translate(e, KilnError) from None
         board = _run_job(h, _progress(len(specs), verbose), lambda e, bar: bar is not None and bar.update(1))
-        best = load(out)
-        best._package = out
         if labels is not None:
-            _record_labels(best.manifest, out, labels)
-    return board, best
+            _record_labels(out, labels)
+        yield out, board
 
 
-def _record_labels(manifest, pkg_dir, labels):
+def _record_labels(pkg_dir, labels):
     """Records the caller's class labels in the manifest of the package in
-    pkg_dir (Go rewrites it): as text in "labels" (what Go and the server
-    read) and with their Python types (ints, strings, bools) in
-    "python_labels" (what classes_ returns); manifest, the package's
-    manifest dict, is updated to match."""
+    pkg_dir (Go reads and rewrites it, core/modelpkg): as text in "labels"
+    (what Go and the server read) and with their Python types (ints,
+    strings, bools) in "python_labels" (what classes_ returns)."""
     typed = [l.item() if hasattr(l, "item") else l for l in labels]
     try:
-        new = _b.RecordLabels(pkg_dir, json.dumps([str(l) for l in typed]), json.dumps(typed))
+        _b.RecordLabels(pkg_dir, json.dumps([str(l) for l in typed]), json.dumps(typed))
     except RuntimeError as e:
         raise translate(e, KilnError) from None
-    manifest.clear()
-    manifest.update(json.loads(new))

@@ -95,7 +95,9 @@
 //
 // # Security
 //
-// Options.Auth requires bearer tokens, static or issued by the Flight
-// basic-auth handshake (see Auth); Options.TLSConfig or CertFile and
-// KeyFile serve TLS.
+// Options.Auth is the server's one authentication policy (serving/auth,
+// the same as gRPC's and HTTP's): with a token or users, datasets and
+// actions need a bearer token, static or issued by the Flight basic-auth
+// handshake, and DoExchange needs one when the policy protects inference.
+// Options.TLSConfig or CertFile and KeyFile serve TLS.
 package flightserver

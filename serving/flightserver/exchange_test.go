@@ -16,9 +16,9 @@ import (
 	"google.golang.org/grpc/codes"
 
 	"github.com/kilnml/kiln/arrowio"
-	kflight "github.com/kilnml/kiln/serving/flightserver"
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/serving/batcher"
+	kflight "github.com/kilnml/kiln/serving/flightserver"
 )
 
 // exchange sends recs to a DoExchange with desc, each with app metadata

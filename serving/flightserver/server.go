@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
+	"github.com/kilnml/kiln/serving/auth"
 	"github.com/kilnml/kiln/serving/batcher"
 	"github.com/kilnml/kiln/serving/manager"
 )
@@ -70,8 +71,11 @@ type Options struct {
 	// Trainer runs the `train` action's jobs; nil makes `train` fail with
 	// UNIMPLEMENTED.
 	Trainer Trainer
-	// Auth, when set, requires bearer tokens (see Auth).
-	Auth *Auth
+	// Auth is the authentication policy (serving/auth): with a token or
+	// users, datasets and actions need a bearer token, DoExchange too
+	// when the policy protects inference; Handshake runs Flight's
+	// basic-auth exchange. nil lets every call through.
+	Auth *auth.Policy
 	// TLSConfig, when set, serves TLS with it.
 	TLSConfig *tls.Config
 	// CertFile and KeyFile, when TLSConfig is nil and both are set, serve
@@ -160,13 +164,7 @@ func New(opts Options) (*Server, error) {
 	if tlsCfg != nil {
 		gopts = append(gopts, grpc.Creds(credentials.NewTLS(tlsCfg)))
 	}
-	if opts.Auth != nil {
-		a, err := newAuthenticator(*opts.Auth)
-		if err != nil {
-			return nil, fmt.Errorf("flight: %w", err)
-		}
-		gopts = append(gopts, a.interceptors()...)
-	}
+	gopts = append(gopts, opts.Auth.FlightServerOptions()...)
 	s.grpc = grpc.NewServer(gopts...)
 	flight.RegisterFlightServiceServer(s.grpc, s)
 	return s, nil

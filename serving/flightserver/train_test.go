@@ -17,8 +17,8 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/memory"
 	"github.com/stretchr/testify/require"
 
-	kflight "github.com/kilnml/kiln/serving/flightserver"
 	"github.com/kilnml/kiln/core"
+	kflight "github.com/kilnml/kiln/serving/flightserver"
 	"github.com/kilnml/kiln/serving/manager"
 	"github.com/kilnml/kiln/serving/repository"
 )

@@ -54,8 +54,11 @@ const DefaultMaxBodyBytes = 1<<31 - 1
 
 // Options configure the HTTP handler.
 type Options struct {
-	// Auth guards the /v2/repository endpoints; the zero Token allows all.
-	Auth auth.Token
+	// Auth is the authentication policy: the /v2/repository endpoints are
+	// auth.Control calls, inference, model metadata, configuration and
+	// statistics auth.Inference calls, health and server metadata
+	// auth.Open. nil lets every call through.
+	Auth *auth.Policy
 	// MaxBodyBytes bounds request bodies (0: DefaultMaxBodyBytes).
 	MaxBodyBytes int64
 	// Logger receives the handler's logs; nil means slog.Default().
@@ -80,20 +83,21 @@ func New(svc *grpcserver.Service, opts Options) *Handler {
 	}
 	h := &Handler{svc: svc, opts: opts, log: opts.Logger, mux: http.NewServeMux()}
 	get, post := http.MethodGet, http.MethodPost
-	h.route(get, "/v2/health/live", h.live)
-	h.route(get, "/v2/health/ready", h.ready)
-	h.route(get, "/v2", h.serverMetadata)
-	h.route(get, "/v2/models/stats", h.stats)
+	open, infer, control := auth.Open, auth.Inference, auth.Control
+	h.route(get, "/v2/health/live", open, h.live)
+	h.route(get, "/v2/health/ready", open, h.ready)
+	h.route(get, "/v2", open, h.serverMetadata)
+	h.route(get, "/v2/models/stats", infer, h.stats)
 	for _, base := range []string{"/v2/models/{model}", "/v2/models/{model}/versions/{version}"} {
-		h.route(get, base, h.modelMetadata)
-		h.route(get, base+"/ready", h.modelReady)
-		h.route(get, base+"/config", h.modelConfig)
-		h.route(get, base+"/stats", h.stats)
-		h.route(post, base+"/infer", h.infer)
+		h.route(get, base, infer, h.modelMetadata)
+		h.route(get, base+"/ready", open, h.modelReady)
+		h.route(get, base+"/config", infer, h.modelConfig)
+		h.route(get, base+"/stats", infer, h.stats)
+		h.route(post, base+"/infer", infer, h.infer)
 	}
-	h.route(post, "/v2/repository/index", h.protect(h.index))
-	h.route(post, "/v2/repository/models/{model}/load", h.protect(h.load))
-	h.route(post, "/v2/repository/models/{model}/unload", h.protect(h.unload))
+	h.route(post, "/v2/repository/index", control, h.index)
+	h.route(post, "/v2/repository/models/{model}/load", control, h.load)
+	h.route(post, "/v2/repository/models/{model}/unload", control, h.unload)
 	h.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no endpoint %s %s", r.Method, r.URL.Path))
 	})
@@ -103,26 +107,24 @@ func New(svc *grpcserver.Service, opts Options) *Handler {
 // ServeHTTP serves one request.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) { h.mux.ServeHTTP(w, r) }
 
-func (h *Handler) route(method, pattern string, fn http.HandlerFunc) {
+// route serves pattern with fn for method (GET also answers HEAD) to
+// callers that the auth policy lets make calls of scope.
+func (h *Handler) route(method, pattern string, scope auth.Scope, fn http.HandlerFunc) {
 	h.mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != method && !(method == http.MethodGet && r.Method == http.MethodHead) {
 			w.Header().Set("Allow", method)
 			writeError(w, http.StatusMethodNotAllowed, fmt.Sprintf("%s takes %s, not %s", r.URL.Path, method, r.Method))
 			return
 		}
-		fn(w, r)
-	})
-}
-
-func (h *Handler) protect(fn http.HandlerFunc) http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
-		if !h.opts.Auth.CheckHTTP(r) {
-			w.Header().Set("WWW-Authenticate", `Bearer realm="kiln"`)
-			writeError(w, http.StatusUnauthorized, r.URL.Path+" needs a valid bearer token (header \"Authorization: Bearer <token>\")")
+		if err := h.opts.Auth.CheckHTTP(r, scope); err != nil {
+			if status.Code(err) == codes.Unauthenticated {
+				w.Header().Set("WWW-Authenticate", `Bearer realm="kiln"`)
+			}
+			writeStatus(w, err)
 			return
 		}
 		fn(w, r)
-	}
+	})
 }
 
 // StatusCode returns the HTTP status for a gRPC code.

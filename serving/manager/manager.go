@@ -197,12 +197,24 @@ func (m *Manager) LoadAll() error {
 // serving versions at once. A version that fails keeps its previous
 // instance serving, if any; the error lists each failure.
 func (m *Manager) Load(name string) error {
-	e := m.entry(name, true)
-	if e == nil {
-		return errors.New("model manager is closed")
+	for {
+		e := m.entry(name, true)
+		if e == nil {
+			return errors.New("model manager is closed")
+		}
+		e.loadMu.Lock()
+		if !m.current(name, e) { // dropped by a failed load while we waited
+			e.loadMu.Unlock()
+			continue
+		}
+		err := m.load(name, e)
+		e.loadMu.Unlock()
+		return err
 	}
-	e.loadMu.Lock()
-	defer e.loadMu.Unlock()
+}
+
+// load is Load with e's loadMu held.
+func (m *Manager) load(name string, e *entry) error {
 	e.mu.Lock()
 	e.loading = true
 	e.mu.Unlock()
@@ -224,6 +236,7 @@ func (m *Manager) Load(name string) error {
 		e.mu.Unlock()
 		m.log.Error("model load failed", "model", name, "err", err)
 		if errors.Is(err, repository.ErrNotFound) {
+			m.dropIfEmpty(name, e)
 			return fmt.Errorf("%w: %w", ErrNotFound, err)
 		}
 		return err
@@ -284,6 +297,29 @@ func (m *Manager) Load(name string) error {
 		m.log.Info("model loaded", "model", name, "versions", slices.Sorted(maps.Keys(fresh)), "duration", time.Since(start))
 	}
 	return nil
+}
+
+// current reports whether e is still the manager's entry of name.
+func (m *Manager) current(name string, e *entry) bool {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.models[name] == e
+}
+
+// dropIfEmpty forgets the entry of a name that is not a model of the
+// repository, unless it serves versions (a model whose directory went away
+// keeps serving until it is unloaded or polled away), so that a load of a
+// missing model leaves no trace: the index does not list it, readiness does
+// not wait for it, and its model endpoints answer NOT_FOUND.
+func (m *Manager) dropIfEmpty(name string, e *entry) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	e.mu.RLock()
+	empty := len(e.versions) == 0
+	e.mu.RUnlock()
+	if empty && m.models[name] == e {
+		delete(m.models, name)
+	}
 }
 
 func (m *Manager) retireAsync(v *Version) {

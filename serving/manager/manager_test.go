@@ -200,3 +200,30 @@ outputs: [{name: doubled, datatype: INT64, dims: [-1]}]
 	require.NoError(t, os.WriteFile(filepath.Join(root, "int_ops", "config.yaml"), []byte(cfg), 0o644))
 	require.ErrorContains(t, m.Load("int_ops"), "forward takes 1 inputs (ids), the config declares 2")
 }
+
+// TestLoadOfMissingModelLeavesNoTrace: loading a name that is not a model
+// answers NOT_FOUND and leaves nothing behind: readiness, the index, model
+// lookups and a later unload all behave as if it had never been asked for,
+// even after thousands of such names.
+func TestLoadOfMissingModelLeavesNoTrace(t *testing.T) {
+	m, _ := newManager(t)
+	require.NoError(t, m.Load("classifier"))
+	require.True(t, m.Ready())
+	before, err := m.Index(false)
+	require.NoError(t, err)
+	for i := range 2000 {
+		require.ErrorIs(t, m.Load(fmt.Sprintf("no_such_model_%d", i)), ErrNotFound)
+	}
+	assert.True(t, m.Ready(), "a failed load of a missing model must not make the server unready")
+	after, err := m.Index(false)
+	require.NoError(t, err)
+	assert.Equal(t, before, after)
+	_, err = m.Acquire("no_such_model_7", "")
+	require.ErrorIs(t, err, ErrNotFound)
+	assert.Contains(t, err.Error(), "unknown model")
+	require.ErrorIs(t, m.Unload("no_such_model_7"), ErrNotFound)
+	m.mu.RLock()
+	n := len(m.models)
+	m.mu.RUnlock()
+	assert.Equal(t, 1, n, "only the loaded model has an entry")
+}

@@ -13,15 +13,19 @@ import numpy as np
 import pytest
 
 httpclient = pytest.importorskip("tritonclient.http")
+grpcclient = pytest.importorskip("tritonclient.grpc")
+fl = pytest.importorskip("pyarrow.flight")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def start_serve(kiln_bin, repo, log_path, *extra):
+    host = ["--host", "127.0.0.1"] if "--host" not in extra else []
+    flight = ["--flight-port", "-1"] if "--flight-port" not in extra else []
     proc = subprocess.Popen(
-        [str(kiln_bin), "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
-         "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0", "--flight-port", "-1", *extra],
+        [str(kiln_bin), "serve", "--model-repository", str(repo), *host,
+         "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0", *flight, *extra],
         stdout=subprocess.PIPE, stderr=open(log_path, "w"), text=True)
     addrs = {}
     deadline = time.time() + 120
@@ -68,6 +72,12 @@ def expect_error(fn, status, *fragments):
     assert e.value.status() == status, e.value
     for f in fragments:
         assert f in e.value.message(), e.value.message()
+
+
+def expect_grpc_error(fn, code):
+    with pytest.raises(InferenceServerException) as e:
+        fn()
+    assert e.value.status() == "StatusCode." + code, e.value
 
 
 def affine_input(x, binary=True):
@@ -180,16 +190,68 @@ def test_load_unload_stats_and_metrics(client, server):
     assert count() == before + 3
 
 
+TOKEN = "s3cret-token-for-tests-0123"
+
+
 def test_auth_token(kiln_bin, repo, tmp_path):
-    proc, addrs = start_serve(kiln_bin, repo, tmp_path / "serve.log", "--auth-token", "s3cret")
+    """One policy: the repository API needs the token on HTTP and gRPC, so
+    do Flight's datasets; inference, health and metadata need none."""
+    proc, addrs = start_serve(kiln_bin, repo, tmp_path / "serve.log", "--auth-token", TOKEN,
+                              "--flight-port", "0", "--data-dir", str(tmp_path / "data"))
     try:
         c = httpclient.InferenceServerClient(url=addrs["http"])
         expect_error(lambda: c.get_model_repository_index(), "401", "bearer token")
         expect_error(lambda: c.unload_model("affine"), "401")
-        assert c.get_model_repository_index(headers={"Authorization": "Bearer s3cret"})
-        c.unload_model("corrupt", headers={"Authorization": "Bearer s3cret"})
+        assert c.get_model_repository_index(headers={"Authorization": "Bearer " + TOKEN})
+        c.unload_model("corrupt", headers={"Authorization": "Bearer " + TOKEN})
         res = c.infer("affine", [affine_input(np.ones((1, 4), np.float32))])  # inference needs no token
         np.testing.assert_allclose(res.as_numpy("y"), np.full((1, 4), 4.0))
+        assert c.is_server_live()
+        g = grpcclient.InferenceServerClient(url=addrs["gRPC"])
+        expect_grpc_error(lambda: g.get_model_repository_index(), "UNAUTHENTICATED")
+        assert g.get_model_repository_index(headers={"authorization": "Bearer " + TOKEN})
+        flight = addrs["Flight"].split("://", 1)[1].split(" ", 1)[0]
+        f = fl.FlightClient("grpc://" + flight)
+        with pytest.raises(fl.FlightUnauthenticatedError):
+            list(f.list_flights())
+        opts = fl.FlightCallOptions(headers=[(b"authorization", b"Bearer " + TOKEN.encode())])
+        assert list(f.list_flights(options=opts)) == []
+        f.close()
     finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0
+
+
+def test_auth_inference_token_file_ipv6(kiln_bin, repo, tmp_path):
+    """--auth-inference protects inference too; the token comes from a
+    file; the server listens on IPv6 loopback."""
+    tok = tmp_path / "token"
+    tok.write_text(TOKEN + "\n")
+    proc, addrs = start_serve(kiln_bin, repo, tmp_path / "serve.log", "--auth-token-file", str(tok),
+                              "--auth-inference", "--host", "::1")
+    try:
+        assert addrs["gRPC"].startswith("[::1]:")
+        c = httpclient.InferenceServerClient(url=addrs["http"])
+        expect_error(lambda: c.infer("affine", [affine_input(np.ones((1, 4), np.float32))]), "401")
+        res = c.infer("affine", [affine_input(np.ones((1, 4), np.float32))], headers={"Authorization": "Bearer " + TOKEN})
+        np.testing.assert_allclose(res.as_numpy("y"), np.full((1, 4), 4.0))
+        assert c.is_server_live()  # health stays open (the repository has a corrupt model: not ready)
+        assert c.is_server_ready() is False
+        g = grpcclient.InferenceServerClient(url=addrs["gRPC"])
+        x = grpcclient.InferInput("x", [1, 4], "FP32")
+        x.set_data_from_numpy(np.ones((1, 4), np.float32))
+        expect_grpc_error(lambda: g.infer("affine", [x]), "UNAUTHENTICATED")
+        assert g.infer("affine", [x], headers={"authorization": "Bearer " + TOKEN}).as_numpy("y").shape == (1, 4)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+
+
+def test_short_token_refused_everywhere(kiln_bin, repo, tmp_path):
+    for flight in ("-1", "0"):
+        r = subprocess.run([str(kiln_bin), "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
+                            "--grpc-port", "0", "--http-port", "-1", "--metrics-port", "-1", "--flight-port", flight,
+                            "--data-dir", str(tmp_path / "data"), "--auth-token", "short"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0
+        assert "at least 16" in r.stderr

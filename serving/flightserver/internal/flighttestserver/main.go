@@ -5,15 +5,14 @@
 //
 //	go run ./serving/flightserver/internal/flighttestserver -repo DIR -data DIR \
 //	    [-grpc 127.0.0.1:0] [-flight 127.0.0.1:0] [-trainer stats|kiln|none] \
-//	    [-train-repo DIR] [-user NAME -password PW] [-token TOKEN] \
-//	    [-tls-cert PEM -tls-key PEM]
+//	    [-user NAME -password PW] [-token TOKEN] [-tls-cert PEM -tls-key PEM]
 //
 // The stats trainer is flighttest.StatsTrainer (column statistics), a real
 // but trivial trainer that exercises the training job machinery. The kiln
 // trainer is flightserver.ModelTrainer, Kiln's training engine: it writes each
-// trained model as a new version into -train-repo (default: -repo, the
-// served repository) and loads it into the server's model manager, so that
-// DoExchange and gRPC serve it at once.
+// trained model as a new version into -repo, the served repository, and
+// loads it into the server's model manager, so that DoExchange and gRPC
+// serve it at once. It runs serving.Run, the composition `kiln serve` runs.
 package main
 
 import (
@@ -22,14 +21,15 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
+	"strconv"
 	"syscall"
 	"time"
 
-	"github.com/kilnml/kiln/serving/flightserver"
-	"github.com/kilnml/kiln/serving/flightserver/internal/flighttest"
 	"github.com/kilnml/kiln/serving"
+	"github.com/kilnml/kiln/serving/flightserver/internal/flighttest"
 )
 
 func main() {
@@ -38,69 +38,58 @@ func main() {
 	grpcAddr := flag.String("grpc", "127.0.0.1:0", "gRPC listen address")
 	flightAddr := flag.String("flight", "127.0.0.1:0", "Flight listen address")
 	trainer := flag.String("trainer", "stats", "trainer: stats, kiln or none")
-	trainRepo := flag.String("train-repo", "", "model repository the kiln trainer writes to (default: -repo)")
 	user := flag.String("user", "", "user name accepted by the basic-auth handshake")
 	password := flag.String("password", "", "its password")
 	token := flag.String("token", "", "static bearer token")
 	cert := flag.String("tls-cert", "", "TLS certificate (PEM)")
 	key := flag.String("tls-key", "", "TLS key (PEM)")
 	flag.Parse()
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-
-	srv, err := serving.New(serving.Options{ModelRepository: *repo, GRPCAddr: *grpcAddr, Logger: log})
-	if err != nil {
-		fail(2, err)
+	cfg := serving.DefaultConfig()
+	cfg.ModelRepository, cfg.DataDir = *repo, *data
+	cfg.HTTPPort, cfg.MetricsPort = serving.PortOff, serving.PortOff
+	var err error
+	if cfg.Host, cfg.GRPCPort, err = hostPort(*grpcAddr); err != nil {
+		fail(2, fmt.Errorf("-grpc: %w", err))
 	}
-	if err := srv.Start(ctx); err != nil {
-		fail(1, err)
+	var fhost string
+	if fhost, cfg.FlightPort, err = hostPort(*flightAddr); err != nil || fhost != cfg.Host {
+		fail(2, fmt.Errorf("-flight %s: want a port on the gRPC host %s (%v)", *flightAddr, cfg.Host, err))
 	}
-	opts := flightserver.Options{DataDir: *data, Addr: *flightAddr, Models: flightserver.ManagerModels(srv.Manager()), Logger: log, CertFile: *cert, KeyFile: *key}
+	cfg.TLSCertFile, cfg.TLSKeyFile = *cert, *key
+	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	switch *trainer {
 	case "stats":
-		opts.Trainer = flighttest.StatsTrainer
-	case "kiln":
-		to := flightserver.ModelTrainerOptions{Repository: *trainRepo}
-		if to.Repository == "" {
-			to.Repository = *repo
-			to.Load = srv.Manager().Load
-		}
-		mt, err := flightserver.NewModelTrainer(to)
-		if err != nil {
-			fail(2, err)
-		}
-		opts.Trainer = mt
+		cfg.FlightTrainer = flighttest.StatsTrainer
+	case "kiln": // serving.Run's default: Kiln's trainer into the served repository
 	case "none":
+		cfg.DisableFlightTraining = true
 	default:
 		fail(2, fmt.Errorf("unknown trainer %q", *trainer))
 	}
-	if *user != "" || *token != "" {
-		opts.Auth = &flightserver.Auth{}
-		if *user != "" {
-			opts.Auth.Users = map[string]string{*user: *password}
-		}
-		if *token != "" {
-			opts.Auth.Tokens = map[string]string{*token: "static"}
-		}
+	cfg.Auth.Token = *token
+	if *user != "" {
+		cfg.Auth.Users = map[string]string{*user: *password}
 	}
-	fs, err := flightserver.New(opts)
-	if err != nil {
-		fail(2, err)
+	cfg.Started = func(srv *serving.Server) {
+		line, _ := json.Marshal(map[string]any{"grpc": srv.GRPCAddr().String(), "flight": srv.FlightAddr().String(), "ready": srv.Ready()})
+		fmt.Println(string(line))
 	}
-	if err := fs.Start(ctx); err != nil {
+	cfg.ShutdownTimeout = 30 * time.Second
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := serving.Run(ctx, cfg); err != nil {
 		fail(1, err)
 	}
-	line, _ := json.Marshal(map[string]any{"grpc": srv.GRPCAddr().String(), "flight": fs.Addr().String(), "ready": srv.Ready()})
-	fmt.Println(string(line))
-	<-ctx.Done()
-	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	ferr := fs.Shutdown(sctx)
-	serr := srv.Shutdown(sctx)
-	if ferr != nil || serr != nil {
-		fail(1, fmt.Errorf("shutdown: flight: %v, grpc: %v", ferr, serr))
+}
+
+// hostPort splits "host:port".
+func hostPort(addr string) (string, int, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", 0, err
 	}
+	p, err := strconv.Atoi(port)
+	return host, p, err
 }
 
 func fail(code int, err error) {

@@ -1,0 +1,214 @@
+package serving
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/kilnml/kiln/internal/kilnenv"
+	"github.com/kilnml/kiln/serving/auth"
+	"github.com/kilnml/kiln/serving/flightserver"
+)
+
+// Model control modes.
+const (
+	// ControlNone loads every model of the repository at start.
+	ControlNone = "none"
+	// ControlPoll loads every model at start, then polls the repository
+	// every Config.PollInterval: changed models reload atomically (new
+	// versions appear, removed ones go), removed models unload.
+	ControlPoll = "poll"
+	// ControlExplicit loads only Config.StartupModels at start; clients
+	// load and unload the others with the repository API.
+	ControlExplicit = "explicit"
+)
+
+// Default ports, as Triton users expect (HTTP 8000, gRPC 8001, metrics
+// 8002) and Arrow Flight's customary 8815.
+const (
+	DefaultHTTPPort    = 8000
+	DefaultGRPCPort    = 8001
+	DefaultMetricsPort = 8002
+	DefaultFlightPort  = 8815
+)
+
+// PortOff turns a listener off (every listener but gRPC's may be off).
+const PortOff = -1
+
+// DefaultMaxMessageBytes is the default gRPC message size limit: the
+// largest protobuf message (2 GiB - 1), so 1 GiB tensors fit.
+const DefaultMaxMessageBytes = math.MaxInt32
+
+// DefaultPollInterval is how often ControlPoll looks at the repository
+// unless Config.PollInterval says otherwise.
+const DefaultPollInterval = 15 * time.Second
+
+// DefaultDataDir is where Flight stores datasets unless Config.DataDir
+// says otherwise (relative to the working directory).
+const DefaultDataDir = "kiln-data"
+
+// Config is every option of a Kiln server: the KServe v2 gRPC and
+// HTTP/REST services, Prometheus metrics, Arrow Flight, authentication,
+// TLS and limits. `kiln serve`'s flags and Python's kiln.serve keyword
+// arguments map onto it one to one; start from DefaultConfig, which holds
+// their defaults, and set what differs.
+type Config struct {
+	// ModelRepository is the model repository directory (required).
+	ModelRepository string `json:"model_repository"`
+	// Host is the address every listener binds ("" or "0.0.0.0": every
+	// IPv4 interface, "::": every interface; an IPv6 literal may be
+	// written with or without brackets, e.g. "::1" or "[::1]").
+	Host string `json:"host"`
+	// GRPCPort, HTTPPort, MetricsPort and FlightPort are the listeners'
+	// ports: 0 picks a free port (see Server's *Addr methods), PortOff
+	// turns that listener off (not gRPC's).
+	GRPCPort    int `json:"grpc_port"`
+	HTTPPort    int `json:"http_port"`
+	MetricsPort int `json:"metrics_port"`
+	FlightPort  int `json:"flight_port"`
+
+	// ModelControl is ControlNone, ControlPoll or ControlExplicit.
+	ModelControl string `json:"model_control"`
+	// PollInterval is ControlPoll's period.
+	PollInterval time.Duration `json:"poll_interval"`
+	// StartupModels are loaded at start in ControlExplicit mode.
+	StartupModels []string `json:"load_models"`
+	// StrictModelLoad makes Start fail when a model fails to load;
+	// otherwise the failure is logged, reported by the repository index,
+	// and the server stays not ready until the model loads or is unloaded.
+	StrictModelLoad bool `json:"strict_model_config"`
+	// IntraOpThreads sets libtorch's intra-op threads when > 0; 0 picks
+	// max(1, CPUs / instances), instances being the largest instance_count
+	// among the models loaded at start, so that one model's concurrent
+	// executions fit the cores. OpenBLAS, when libtorch uses it, gets the
+	// same thread count unless OPENBLAS_NUM_THREADS is set.
+	IntraOpThreads int `json:"threads"`
+
+	// Auth is the one authentication policy of gRPC, HTTP and Flight
+	// (serving/auth): with a token, the repository API and Flight's
+	// datasets and jobs need it, inference too when Auth.Inference is set.
+	Auth auth.Config `json:"-"`
+	// TLSCertFile and TLSKeyFile, when both set, serve gRPC, HTTP and
+	// Flight over TLS with that PEM certificate (chain) and key.
+	TLSCertFile string `json:"tls_cert"`
+	TLSKeyFile  string `json:"tls_key"`
+	// MaxMessageBytes limits received and sent gRPC and Flight messages
+	// and HTTP request bodies, in bytes.
+	MaxMessageBytes int `json:"max_message_bytes"`
+
+	// DataDir is the directory of Flight's datasets (created if missing).
+	DataDir string `json:"data_dir"`
+	// FlightTrainer runs Flight's `train` action; nil means Kiln's own
+	// (flightserver.ModelTrainer), which trains into ModelRepository and
+	// loads the new version into this server.
+	FlightTrainer flightserver.Trainer `json:"-"`
+	// DisableFlightTraining turns Flight's `train` action off (it answers
+	// UNIMPLEMENTED).
+	DisableFlightTraining bool `json:"disable_flight_training"`
+
+	// ShutdownTimeout bounds how long Run waits for requests in flight
+	// when its context ends (0: no limit).
+	ShutdownTimeout time.Duration `json:"shutdown_timeout"`
+	// Name is the server name in ServerMetadata (default "kiln").
+	Name string `json:"-"`
+	// Logger receives structured logs (default slog.Default()).
+	Logger *slog.Logger `json:"-"`
+	// Started, when set, is called by Run once every listener is up and
+	// the models are loaded (the server may still be not ready, when a
+	// model failed to load).
+	Started func(*Server) `json:"-"`
+}
+
+// DefaultConfig returns the defaults of `kiln serve` and kiln.serve: every
+// interface, gRPC 8001, HTTP 8000, metrics 8002, Flight 8815, datasets in
+// DefaultDataDir, model control "none", no auth, no TLS, messages up to
+// DefaultMaxMessageBytes, threads picked from the models. ModelRepository
+// is left for the caller.
+func DefaultConfig() Config {
+	return Config{
+		GRPCPort: DefaultGRPCPort, HTTPPort: DefaultHTTPPort, MetricsPort: DefaultMetricsPort, FlightPort: DefaultFlightPort,
+		ModelControl: ControlNone, PollInterval: DefaultPollInterval, MaxMessageBytes: DefaultMaxMessageBytes,
+		DataDir: DefaultDataDir, Name: "kiln",
+	}
+}
+
+// ApplyEnv fills what the environment sets and the config leaves unset:
+// the auth token (KILN_AUTH_TOKEN, KILN_AUTH_TOKEN_FILE) and the intra-op
+// threads (KILN_NUM_THREADS). See package internal/kilnenv.
+func (c *Config) ApplyEnv(v kilnenv.Vars) {
+	if c.Auth.Token == "" && c.Auth.TokenFile == "" {
+		c.Auth.Token, c.Auth.TokenFile = v.AuthToken, v.AuthTokenFile
+	}
+	if c.IntraOpThreads == 0 {
+		c.IntraOpThreads = v.NumThreads
+	}
+}
+
+// Validate reports the first option that cannot work, naming it.
+func (c *Config) Validate() error {
+	if c.ModelRepository == "" {
+		return errors.New("no model repository")
+	}
+	if c.GRPCPort == PortOff {
+		return errors.New("grpc port -1: the gRPC service cannot be turned off")
+	}
+	for _, p := range []struct {
+		name string
+		port int
+	}{{"grpc", c.GRPCPort}, {"http", c.HTTPPort}, {"metrics", c.MetricsPort}, {"flight", c.FlightPort}} {
+		if p.port < PortOff || p.port > 65535 {
+			return fmt.Errorf("%s port %d is not within -1..65535", p.name, p.port)
+		}
+	}
+	if _, err := c.listenAddr(0); err != nil {
+		return err
+	}
+	switch c.ModelControl {
+	case ControlNone, ControlPoll, ControlExplicit:
+	default:
+		return fmt.Errorf("unknown model control mode %q (want %q, %q or %q)", c.ModelControl, ControlNone, ControlPoll, ControlExplicit)
+	}
+	if c.PollInterval <= 0 {
+		return fmt.Errorf("repository poll interval %v: want a positive duration", c.PollInterval)
+	}
+	if len(c.StartupModels) > 0 && c.ModelControl != ControlExplicit {
+		return fmt.Errorf("startup models %v need model control mode %q (mode %q loads every model)", c.StartupModels, ControlExplicit, c.ModelControl)
+	}
+	if c.IntraOpThreads < 0 {
+		return fmt.Errorf("threads %d: want ≥ 0", c.IntraOpThreads)
+	}
+	if (c.TLSCertFile == "") != (c.TLSKeyFile == "") {
+		return errors.New("TLS needs both a certificate and a key file")
+	}
+	if c.MaxMessageBytes <= 0 {
+		return fmt.Errorf("max message bytes %d: want a positive number", c.MaxMessageBytes)
+	}
+	if c.FlightPort != PortOff && c.DataDir == "" {
+		return errors.New("Flight needs a data directory (a Flight port of -1 turns Flight off)")
+	}
+	if c.ShutdownTimeout < 0 {
+		return fmt.Errorf("shutdown timeout %v: want ≥ 0", c.ShutdownTimeout)
+	}
+	return nil
+}
+
+// listenAddr returns the "host:port" address of a port, IPv6 hosts in
+// brackets, or "" for PortOff.
+func (c *Config) listenAddr(port int) (string, error) {
+	if port == PortOff {
+		return "", nil
+	}
+	host := c.Host
+	if strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
+		host = host[1 : len(host)-1]
+	}
+	if strings.ContainsAny(host, "[]/ ") || (strings.Contains(host, ":") && net.ParseIP(host) == nil) {
+		return "", fmt.Errorf("host %q: want a host name or an IP address (IPv6 with or without brackets)", c.Host)
+	}
+	return net.JoinHostPort(host, strconv.Itoa(port)), nil
+}
