@@ -18,6 +18,7 @@ import (
 
 	"github.com/kilnml/kiln/arrowio"
 	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/core/modelpkg"
 	"github.com/kilnml/kiln/internal/kilnenv"
 	"github.com/kilnml/kiln/native"
 )
@@ -99,16 +100,79 @@ func NumThreads() int { return core.NumThreads() }
 // Model is a loaded TorchScript model.
 type Model struct {
 	m *core.Module
+	// manifest is the package's manifest.json as JSON ("" for a file).
+	manifest string
 }
 
-// LoadModel loads a TorchScript file.
+// LoadModel loads a Kiln model package directory or a TorchScript file
+// (modelpkg.LoadModule: an int8 package's model loads under the quantized
+// engine its manifest records).
 func LoadModel(path string) (_ *Model, err error) {
 	defer guard(&err)
-	m, err := core.LoadModule(path)
+	if st, err := os.Stat(path); err == nil && st.IsDir() {
+		m, man, err := modelpkg.Load(path)
+		if err != nil {
+			return nil, err
+		}
+		b, err := json.Marshal(man)
+		if err != nil {
+			m.Close()
+			return nil, fmt.Errorf("kiln: model package %s: %w", path, err)
+		}
+		return &Model{m: m, manifest: string(b)}, nil
+	}
+	m, err := modelpkg.LoadModule(path)
 	if err != nil {
 		return nil, err
 	}
 	return &Model{m: m}, nil
+}
+
+// ManifestJSON returns the manifest of the package the model was loaded
+// from (modelpkg.Manifest as JSON), or "" for a TorchScript file.
+func (m *Model) ManifestJSON() string { return m.manifest }
+
+// RecordLabels records a classifier's class labels in the manifest of the
+// package in pkgDir and returns the new manifest as JSON. labelsJSON is a
+// JSON list of the labels as text ("labels", what Go and the server read);
+// pythonLabelsJSON the same labels, as many, with their Python types
+// ("python_labels", what kiln.Model.classes_ returns). The manifest is
+// rewritten atomically (modelpkg.WriteManifest).
+func RecordLabels(pkgDir, labelsJSON, pythonLabelsJSON string) (_ string, err error) {
+	defer guard(&err)
+	var labels []string
+	if err := json.Unmarshal([]byte(labelsJSON), &labels); err != nil {
+		return "", fmt.Errorf("kiln: record labels: labels: %w", err)
+	}
+	var typed []json.RawMessage
+	if err := json.Unmarshal([]byte(pythonLabelsJSON), &typed); err != nil {
+		return "", fmt.Errorf("kiln: record labels: python labels: %w", err)
+	}
+	if len(typed) != len(labels) {
+		return "", fmt.Errorf("kiln: record labels: %d labels but %d python labels", len(labels), len(typed))
+	}
+	man, err := modelpkg.Read(pkgDir)
+	if err != nil {
+		return "", err
+	}
+	man.Labels, man.PythonLabels = labels, json.RawMessage(pythonLabelsJSON)
+	if err := modelpkg.WriteManifest(pkgDir, man); err != nil {
+		return "", err
+	}
+	b, err := json.Marshal(man)
+	if err != nil {
+		return "", fmt.Errorf("kiln: record labels: %w", err)
+	}
+	return string(b), nil
+}
+
+// CopyPackage copies the Kiln model package in src (model.pt and
+// manifest.json) into the directory dst, creating it if missing
+// (modelpkg.Copy).
+func CopyPackage(src, dst string) (err error) {
+	defer guard(&err)
+	_, err = modelpkg.Copy(src, dst)
+	return err
 }
 
 // InputsJSON describes forward's arguments as a JSON list of

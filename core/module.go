@@ -1,10 +1,8 @@
 package core
 
 import (
-	"encoding/json"
 	"fmt"
 	"os"
-	"path/filepath"
 	"runtime"
 	"sync"
 
@@ -55,20 +53,30 @@ func newModule(h native.Module, name string) (*Module, error) {
 	return m, nil
 }
 
-// LoadModule loads a TorchScript archive (as written by torch.jit.save).
-// When the file is the model of a Kiln model package whose manifest.json
-// (next to it) records a quantized engine (int8 packages of
-// core/optimize), the module loads under that engine, so that its int8
-// weights are packed for, and run with, the engine they were quantized
-// for; an engine this libtorch lacks is an error.
+// LoadModule loads a TorchScript archive (as written by torch.jit.save)
+// under the process's current quantized engine. It reads only the file:
+// the model of a Kiln model package, whose manifest may record the
+// quantized engine its int8 weights were packed for, loads with
+// core/modelpkg (Load, LoadModule), which reads the manifest and calls
+// LoadQuantizedModule.
 func LoadModule(path string) (*Module, error) {
+	return LoadQuantizedModule(path, "")
+}
+
+// LoadQuantizedModule loads a TorchScript archive under the quantized
+// engine engine (a name of torch.backends.quantized.engine: "qnnpack",
+// "onednn", "fbgemm", "x86"), so that int8 weights are packed for, and
+// run with, the engine they were quantized for; the process's engine is
+// put back afterwards. An engine this libtorch lacks is an error; ""
+// loads under the current engine, as LoadModule does.
+func LoadQuantizedModule(path, engine string) (*Module, error) {
 	if _, err := os.Stat(path); err != nil {
 		// CodeOf gives NotFound for a missing file (fs.ErrNotExist).
 		return nil, fmt.Errorf("kiln: load module: %w", err)
 	}
 	var h native.Module
 	var err error
-	if engine := packageEngine(path); engine != "" {
+	if engine != "" {
 		err = optimize.WithQEngine(engine, func() error {
 			h, err = native.LoadModule(path)
 			return err
@@ -80,28 +88,6 @@ func LoadModule(path string) (*Module, error) {
 		return nil, fmt.Errorf("kiln: load module %s: %w", path, err)
 	}
 	return newModule(h, path)
-}
-
-// packageEngine returns the quantized engine recorded in the manifest.json
-// next to path ("" when there is none or it records none).
-func packageEngine(path string) string {
-	b, err := os.ReadFile(filepath.Join(filepath.Dir(path), "manifest.json"))
-	if err != nil {
-		return ""
-	}
-	var m struct {
-		Model        string `json:"model"`
-		Optimization *struct {
-			Engine string `json:"engine"`
-		} `json:"optimization"`
-	}
-	if json.Unmarshal(b, &m) != nil || m.Optimization == nil {
-		return ""
-	}
-	if m.Model != "" && m.Model != filepath.Base(path) {
-		return ""
-	}
-	return m.Optimization.Engine
 }
 
 // LoadModuleBytes loads a TorchScript archive held in memory.

@@ -39,6 +39,7 @@ import (
 
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/data"
+	"github.com/kilnml/kiln/core/modelpkg"
 	"github.com/kilnml/kiln/core/nn"
 	"github.com/kilnml/kiln/core/optimize"
 	"github.com/kilnml/kiln/core/train"
@@ -210,7 +211,7 @@ func compare(dir, model string, spec nn.Spec, tb *data.Table, threads int) ([]Ro
 	}
 
 	// The PyTorch side, on the same weights and rows.
-	hp := src.Manifest.Lineage.Hyperparameters
+	hp := src.Hyperparameters
 	meta := map[string]any{
 		"features": sp.Train.Features, "spec": src.Manifest.Spec, "engine": engine, "threads": threads,
 		"structured_layers": structured,
@@ -291,7 +292,7 @@ func compare(dir, model string, spec nn.Spec, tb *data.Table, threads int) ([]Ro
 			return nil, err
 		}
 		both[i].Bytes = st.Size()
-		if mods[i], err = core.LoadModule(both[i].File); err != nil {
+		if mods[i], err = modelpkg.LoadModule(both[i].File); err != nil { // Kiln int8: under its engine
 			return nil, err
 		}
 		met, err := optimize.Score(mods[i], sp.Test, data.Classification, len(src.Manifest.Labels))

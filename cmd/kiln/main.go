@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/core/modelpkg"
 	"github.com/kilnml/kiln/internal/kilnenv"
 )
 
@@ -63,16 +64,35 @@ func newVersionCmd() *cobra.Command {
 
 func newInfoCmd() *cobra.Command {
 	return &cobra.Command{
-		Use:   "info MODEL.pt",
-		Short: "Describe a TorchScript model: inputs, output type, parameters",
-		Args:  cobra.ExactArgs(1),
+		Use:   "info MODEL",
+		Short: "Describe a TorchScript model or check a Kiln model package: inputs, output type, parameters",
+		Long: `Loads MODEL, a TorchScript file or a Kiln model package directory, and
+prints its forward's schema, inputs, output type and parameters. A package
+is checked first (modelpkg.Check: model.pt and manifest.json present, the
+manifest valid, the model loading under its quantized engine) and its
+manifest summarized.`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			m, err := core.LoadModule(args[0])
+			w := cmd.OutOrStdout()
+			if st, err := os.Stat(args[0]); err == nil && st.IsDir() {
+				man, err := modelpkg.Check(args[0])
+				if err != nil {
+					return err
+				}
+				engine, _ := man.QuantizedEngine()
+				fmt.Fprintf(w, "package    %s (%s)\nname       %s\ntask       %s\n", args[0], man.Format, man.Name, man.Task)
+				if len(man.Labels) > 0 {
+					fmt.Fprintf(w, "labels     %s\n", strings.Join(man.Labels, ", "))
+				}
+				if engine != "" {
+					fmt.Fprintf(w, "engine     %s\n", engine)
+				}
+			}
+			m, err := modelpkg.LoadModule(args[0])
 			if err != nil {
 				return err
 			}
 			defer m.Close()
-			w := cmd.OutOrStdout()
 			fmt.Fprintf(w, "model      %s\nschema     %s\n", args[0], m.Schema())
 			for i, a := range m.Inputs() {
 				fmt.Fprintf(w, "input %-4d %s: %s\n", i, a.Name, a.Type)

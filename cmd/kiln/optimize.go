@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kilnml/kiln/core/data"
+	"github.com/kilnml/kiln/core/modelpkg"
 	"github.com/kilnml/kiln/core/optimize"
 )
 
@@ -130,6 +131,6 @@ func runOptimize(cmd *cobra.Command, stdout io.Writer, o optimizeOptions) error 
 	if err := res.Record.Report.WriteText(stdout); err != nil {
 		return err
 	}
-	_, err = fmt.Fprintf(stdout, "wrote %s\n", filepath.Join(o.out, "model.pt"))
+	_, err = fmt.Fprintf(stdout, "wrote %s\n", filepath.Join(o.out, modelpkg.ModelFile))
 	return err
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/core/modelpkg"
 )
 
 type predictOptions struct {
@@ -42,7 +43,7 @@ true class index and is excluded from the features; accuracy is reported.`,
 		RunE: func(cmd *cobra.Command, args []string) error { return runPredict(cmd.OutOrStdout(), o) },
 	}
 	f := cmd.Flags()
-	f.StringVar(&o.model, "model", "", "TorchScript model file (required)")
+	f.StringVar(&o.model, "model", "", "TorchScript model file or Kiln model package directory (required)")
 	f.StringVar(&o.data, "data", "", "CSV file of feature rows (required)")
 	f.StringVar(&o.labels, "labels", "", "file with one class label per line")
 	f.StringVar(&o.target, "target", "", "CSV column holding the true class index")
@@ -171,7 +172,7 @@ func runPredict(w io.Writer, o predictOptions) error {
 	if o.topK < 1 {
 		return fmt.Errorf("--top-k must be >= 1, got %d", o.topK)
 	}
-	m, err := core.LoadModule(o.model)
+	m, err := modelpkg.LoadModule(o.model)
 	if err != nil {
 		return err
 	}

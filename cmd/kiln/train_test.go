@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -15,7 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/kilnml/kiln/core"
-	"github.com/kilnml/kiln/core/train"
+	"github.com/kilnml/kiln/core/modelpkg"
 )
 
 // blobsCSV writes three well-separated classes in 2-D.
@@ -53,10 +52,8 @@ train: {epochs: 10, batch_size: 16, seed: 1, optimizer: {type: adam, lr: 0.01}}
 	m, err := core.LoadModule(filepath.Join(out, "model.pt"))
 	require.NoError(t, err)
 	m.Close()
-	raw, err := os.ReadFile(filepath.Join(out, "manifest.json"))
+	man, err := modelpkg.Read(out)
 	require.NoError(t, err)
-	var man train.Manifest
-	require.NoError(t, json.Unmarshal(raw, &man))
 	assert.Equal(t, []string{"a", "b", "c"}, man.Labels)
 
 	err = runTrain(context.Background(), &stdout, &stderr, trainOptions{spec: spec, data: csv, target: "klass", out: out, seed: -1})

@@ -12,8 +12,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/data"
+	"github.com/kilnml/kiln/core/modelpkg"
 	"github.com/kilnml/kiln/core/nn"
 	"github.com/kilnml/kiln/core/optimize"
 	"github.com/kilnml/kiln/core/train"
@@ -100,7 +100,7 @@ func TestDynamicInt8(t *testing.T) {
 	assert.GreaterOrEqual(t, after.Value, before.Value-0.01)
 
 	// The package serves in Kiln and loads in Python torch.
-	m, err := core.LoadModule(filepath.Join(out, "model.pt"))
+	m, err := modelpkg.LoadModule(filepath.Join(out, "model.pt"))
 	require.NoError(t, err)
 	defer m.Close()
 	acc, err := optimize.Score(m, sp.Test, data.Classification, 10)
@@ -206,7 +206,7 @@ func TestErrors(t *testing.T) {
 	net, err := nn.Build(spec, 64, 1)
 	require.NoError(t, err)
 	defer net.Close()
-	noLin := &optimize.Source{Net: net, Manifest: train.Manifest{Spec: spec}, Prelude: nn.Prelude{Inputs: 64, Features: 64}}
+	noLin := &optimize.Source{Net: net, Manifest: modelpkg.Manifest{Spec: spec}, Prelude: nn.Prelude{Inputs: 64, Features: 64}}
 	_, _, err = optimize.Quantize(noLin, net, spec, optimize.Int8, "")
 	assert.ErrorContains(t, err, "nothing to quantize to int8: the network has no linear layers (it has conv2d, flatten)")
 	_, _, err = optimize.PruneStructured(noLin, net, spec, 0.5, optimize.L2)
@@ -221,7 +221,7 @@ func TestErrors(t *testing.T) {
 	assert.ErrorContains(t, err, "the network has no linear or conv layers to prune")
 	_, err = optimize.PruneUnstructured(anet, 0.5, true)
 	assert.ErrorContains(t, err, "the network has no linear or conv layers to prune")
-	_, _, err = optimize.PruneStructured(&optimize.Source{Net: anet, Manifest: train.Manifest{Spec: act}, Prelude: nn.Prelude{Inputs: 64, Features: 64}}, anet, act, 0.5, optimize.L2)
+	_, _, err = optimize.PruneStructured(&optimize.Source{Net: anet, Manifest: modelpkg.Manifest{Spec: act}, Prelude: nn.Prelude{Inputs: 64, Features: 64}}, anet, act, 0.5, optimize.L2)
 	assert.ErrorContains(t, err, "structured pruning needs a linear layer feeding another")
 	_, _, err = optimize.PruneStructured(noLin, net, spec, 1, optimize.L2)
 	assert.ErrorContains(t, err, "outside [0, 1)")
@@ -231,7 +231,7 @@ func TestErrors(t *testing.T) {
 	lnet, err := nn.Build(ln, 64, 1)
 	require.NoError(t, err)
 	defer lnet.Close()
-	_, _, err = optimize.PruneStructured(&optimize.Source{Net: lnet, Manifest: train.Manifest{Spec: ln}, Prelude: nn.Prelude{Inputs: 64, Features: 64}}, lnet, ln, 0.5, optimize.L2)
+	_, _, err = optimize.PruneStructured(&optimize.Source{Net: lnet, Manifest: modelpkg.Manifest{Spec: ln}, Prelude: nn.Prelude{Inputs: 64, Features: 64}}, lnet, ln, 0.5, optimize.L2)
 	assert.ErrorContains(t, err, "layernorm l1 after it normalizes over all its outputs")
 
 	// Data that is not the training data.

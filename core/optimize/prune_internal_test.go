@@ -11,8 +11,8 @@ import (
 
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/data"
+	"github.com/kilnml/kiln/core/modelpkg"
 	"github.com/kilnml/kiln/core/nn"
-	"github.com/kilnml/kiln/core/train"
 )
 
 // smallCNN is a conv-bn-relu-pool, conv-relu, flatten, MLP network on 8×8
@@ -97,7 +97,7 @@ func TestPruneStructuredConvEquivalent(t *testing.T) {
 	randomize(t, net, "l1_weight", r, 0.5, 1.5)
 	randomize(t, net, "l1_bias", r, -0.5, 0.5)
 	require.NoError(t, net.SetTraining(false))
-	src := &Source{Net: net, Manifest: train.Manifest{Spec: spec}, Prelude: nn.Prelude{Inputs: 64, Features: 64}}
+	src := &Source{Net: net, Manifest: modelpkg.Manifest{Spec: spec}, Prelude: nn.Prelude{Inputs: 64, Features: 64}}
 
 	keep, err := StructuredKeep(net, 0.5, L1)
 	require.NoError(t, err)

@@ -10,6 +10,7 @@ import (
 
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/data"
+	"github.com/kilnml/kiln/core/modelpkg"
 	"github.com/kilnml/kiln/core/nn"
 	"github.com/kilnml/kiln/core/train"
 	"github.com/kilnml/kiln/native/trainer"
@@ -67,13 +68,6 @@ type Record struct {
 	After    Variant         `json:"after"`
 	// Report has every variant measured along the way.
 	Report Report `json:"report"`
-}
-
-// Manifest is a Kiln model package's manifest with the optimization
-// record.
-type Manifest struct {
-	train.Manifest
-	Optimization *Record `json:"optimization,omitempty"`
 }
 
 // Cloned returns a new network with src's spec and weights.
@@ -335,7 +329,7 @@ func (r *runner) cloneSource() error {
 // checkpoints, a time budget or (without a validation split) early
 // stopping.
 func (r *runner) fineTuneConfig() train.Config {
-	cfg := r.s.Manifest.Lineage.Hyperparameters
+	cfg := r.s.Hyperparameters
 	cfg.Epochs, cfg.CheckpointDir, cfg.CheckpointEvery, cfg.Resume, cfg.MaxSeconds = r.o.FineTuneEpochs, "", 0, false, 0
 	cfg.Optimizer.LR *= r.o.FineTuneLRScale
 	cfg.Schedule.WarmupEpochs = 0
@@ -486,25 +480,20 @@ func (r *runner) timeAll() error {
 	return timeVariants(r.rec, r.timed, r.sp)
 }
 
-// SavePackage writes res as a Kiln model package in dir: model.pt and
-// manifest.json (the source's, with the new spec, parameter count,
-// metrics on the splits and the optimization record).
+// SavePackage writes res as a Kiln model package in dir with
+// modelpkg.Write: model.pt and manifest.json (the source's, with the new
+// spec, parameter count, metrics on the splits and the optimization
+// record).
 func SavePackage(dir string, s *Source, sp *Splits, res *Result) error {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("kiln: optimize: %w", err)
+	m := s.Manifest
+	rec, err := json.Marshal(res.Record)
+	if err != nil {
+		return fmt.Errorf("kiln: optimize: optimization record: %w", err)
 	}
-	tmp := filepath.Join(dir, ".tmp-model.pt")
-	if err := res.Module.Save(tmp); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, filepath.Join(dir, "model.pt")); err != nil {
-		return fmt.Errorf("kiln: optimize: %w", err)
-	}
-	m := Manifest{Manifest: s.Manifest, Optimization: res.Record}
-	m.Model = "model.pt"
+	m.Optimization = rec
 	m.Spec = res.Spec
 	m.Parameters = res.Params
-	m.Metrics = map[string]train.Metrics{}
+	m.Metrics = map[string]map[string]float64{}
 	if sp.Val != nil {
 		v, err := Score(res.Module, sp.Val, s.Manifest.Task, numClasses(s))
 		if err != nil {
@@ -519,15 +508,7 @@ func SavePackage(dir string, s *Source, sp *Splits, res *Result) error {
 		}
 		m.Metrics["test"] = v
 	}
-	b, err := json.MarshalIndent(m, "", "  ")
-	if err != nil {
-		return fmt.Errorf("kiln: optimize: manifest: %w", err)
-	}
-	tmpm := filepath.Join(dir, ".tmp-manifest.json")
-	if err := os.WriteFile(tmpm, append(b, '\n'), 0o644); err != nil {
-		return fmt.Errorf("kiln: optimize: %w", err)
-	}
-	if err := os.Rename(tmpm, filepath.Join(dir, "manifest.json")); err != nil {
+	if err := modelpkg.Write(dir, res.Module, m); err != nil {
 		return fmt.Errorf("kiln: optimize: %w", err)
 	}
 	return nil

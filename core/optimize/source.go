@@ -13,10 +13,10 @@ package optimize
 import (
 	"encoding/json"
 	"fmt"
-	"os"
 	"path/filepath"
 
 	"github.com/kilnml/kiln/core/data"
+	"github.com/kilnml/kiln/core/modelpkg"
 	"github.com/kilnml/kiln/core/nn"
 	"github.com/kilnml/kiln/core/train"
 	"github.com/kilnml/kiln/native"
@@ -27,7 +27,10 @@ import (
 // and its network rebuilt from the spec with the package's weights.
 type Source struct {
 	Dir      string
-	Manifest train.Manifest
+	Manifest modelpkg.Manifest
+	// Hyperparameters is the training configuration the manifest records
+	// (fine-tuning trains with it).
+	Hyperparameters train.Config
 	// Net is in eval mode; the caller closes the Source.
 	Net     *nn.Net
 	Prelude nn.Prelude
@@ -36,35 +39,35 @@ type Source struct {
 // Close releases the network.
 func (s *Source) Close() error { return s.Net.Close() }
 
-// Open reads the model package in dir (manifest.json and model.pt as
-// core/train.SavePackage writes them).
+// Open reads the float model package in dir (modelpkg.Read: manifest.json
+// and model.pt as core/train.SavePackage writes them).
 func Open(dir string) (*Source, error) {
-	b, err := os.ReadFile(filepath.Join(dir, "manifest.json"))
+	m, err := modelpkg.Read(dir)
 	if err != nil {
 		return nil, fmt.Errorf("kiln: optimize: %w", err)
 	}
-	var m train.Manifest
-	if err := json.Unmarshal(b, &m); err != nil {
-		return nil, fmt.Errorf("kiln: optimize: %s/manifest.json: %w", dir, err)
-	}
-	if m.Format != train.ManifestFormat {
-		return nil, fmt.Errorf("kiln: optimize: %s is not a Kiln model package (format %q, want %q)", dir, m.Format, train.ManifestFormat)
-	}
 	if m.Preprocessing == nil {
-		return nil, fmt.Errorf("kiln: optimize: %s/manifest.json has no preprocessing section", dir)
+		return nil, fmt.Errorf("kiln: optimize: %s/%s has no preprocessing section", dir, modelpkg.ManifestFile)
 	}
-	var rec struct {
-		Optimization *Record `json:"optimization"`
+	if len(m.Optimization) > 0 {
+		var rec Record
+		if err := json.Unmarshal(m.Optimization, &rec); err != nil {
+			return nil, fmt.Errorf("kiln: optimize: %s/%s: optimization: %w", dir, modelpkg.ManifestFile, err)
+		}
+		if rec.Quantize != "" {
+			return nil, fmt.Errorf("kiln: optimize: %s is already quantized (%s); optimize the float model instead", dir, rec.Quantize)
+		}
 	}
-	if json.Unmarshal(b, &rec) == nil && rec.Optimization != nil && rec.Optimization.Quantize != "" {
-		return nil, fmt.Errorf("kiln: optimize: %s is already quantized (%s); optimize the float model instead", dir, rec.Optimization.Quantize)
+	hp, err := train.Hyperparameters(&m)
+	if err != nil {
+		return nil, fmt.Errorf("kiln: optimize: %s: %w", dir, err)
 	}
 	pre := m.Preprocessing.Prelude()
 	net, err := nn.BuildWithPrelude(m.Spec, pre, m.Lineage.Seed)
 	if err != nil {
 		return nil, fmt.Errorf("kiln: optimize: rebuilding %s from its spec: %w", dir, err)
 	}
-	saved, err := native.LoadModule(filepath.Join(dir, m.Model))
+	saved, err := native.LoadModule(filepath.Join(dir, modelpkg.ModelFile))
 	if err != nil {
 		net.Close()
 		return nil, fmt.Errorf("kiln: optimize: %w", err)
@@ -72,13 +75,13 @@ func Open(dir string) (*Source, error) {
 	defer saved.Free()
 	if err := trainer.CopyState(net.Handle(), saved); err != nil {
 		net.Close()
-		return nil, fmt.Errorf("kiln: optimize: %s/%s does not match its spec: %w", dir, m.Model, err)
+		return nil, fmt.Errorf("kiln: optimize: %s/%s does not match its spec: %w", dir, modelpkg.ModelFile, err)
 	}
 	if err := net.SetTraining(false); err != nil {
 		net.Close()
 		return nil, err
 	}
-	return &Source{Dir: dir, Manifest: m, Net: net, Prelude: pre}, nil
+	return &Source{Dir: dir, Manifest: m, Hyperparameters: hp, Net: net, Prelude: pre}, nil
 }
 
 // Splits are the package's training, validation and test data.

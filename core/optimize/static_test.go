@@ -16,6 +16,7 @@ import (
 
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/data"
+	"github.com/kilnml/kiln/core/modelpkg"
 	"github.com/kilnml/kiln/core/nn"
 	"github.com/kilnml/kiln/core/optimize"
 	"github.com/kilnml/kiln/core/train"
@@ -140,7 +141,7 @@ func checkStatic(t *testing.T, src *optimize.Source, sp *optimize.Splits, engine
 		other = engines[len(engines)-1]
 	}
 	require.NoError(t, nopt.SetQEngine(other))
-	m, err := core.LoadModule(filepath.Join(out, "model.pt"))
+	m, err := modelpkg.LoadModule(filepath.Join(out, "model.pt"))
 	require.NoError(t, err)
 	defer m.Close()
 	cur, err := nopt.QEngine()
@@ -275,7 +276,7 @@ func TestStaticInt8Errors(t *testing.T) {
 	net, err := nn.Build(spec, 64, 1)
 	require.NoError(t, err)
 	defer net.Close()
-	bare := &optimize.Source{Net: net, Manifest: train.Manifest{Spec: spec}, Prelude: nn.Prelude{Inputs: 64, Features: 64}}
+	bare := &optimize.Source{Net: net, Manifest: modelpkg.Manifest{Spec: spec}, Prelude: nn.Prelude{Inputs: 64, Features: 64}}
 	_, _, err = optimize.QuantizeStatic(bare, net, spec, "qnnpack", cal, "")
 	assert.ErrorContains(t, err, "nothing to quantize to static int8: the network has no linear or conv layers (it has flatten, softmax)")
 
@@ -286,7 +287,7 @@ func TestStaticInt8Errors(t *testing.T) {
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "model.pt"), b, 0o644))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "manifest.json"),
 		[]byte(`{"model": "model.pt", "optimization": {"engine": "no-such-engine"}}`), 0o644))
-	_, err = core.LoadModule(filepath.Join(dir, "model.pt"))
+	_, err = modelpkg.LoadModule(filepath.Join(dir, "model.pt"))
 	assert.ErrorContains(t, err, `(int8 for the no-such-engine engine): quantized engine "no-such-engine" is not supported by this libtorch`)
 }
 

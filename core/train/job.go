@@ -4,12 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/data"
+	"github.com/kilnml/kiln/core/modelpkg"
 	"github.com/kilnml/kiln/core/nn"
 )
 
@@ -212,53 +211,6 @@ func Run(ctx context.Context, j Job, t *data.Table, source, out string, onEvent 
 	return rep, nil
 }
 
-// TensorInfo describes one input or output of a packaged model.
-type TensorInfo struct {
-	Name  string  `json:"name"`
-	DType string  `json:"dtype"`
-	Shape []int64 `json:"shape"` // -1: the batch dimension
-	// Columns describes each raw input column (inputs only).
-	Columns []data.FeatureInfo `json:"columns,omitempty"`
-	// Meaning of the values (outputs only), e.g. "logits".
-	Meaning string `json:"meaning,omitempty"`
-}
-
-// Lineage records where a model came from.
-type Lineage struct {
-	DataSHA256 string `json:"data_sha256"`
-	DataSource string `json:"data_source,omitempty"`
-	Rows       int    `json:"rows"`
-	SplitRows  [3]int `json:"split_rows"` // train, val, test
-	// Split is how the rows were split (with Seed it reproduces the
-	// splits; absent from packages written before it was recorded).
-	Split           *data.SplitOptions `json:"split,omitempty"`
-	Seed            uint64             `json:"seed"`
-	Hyperparameters Config             `json:"hyperparameters"`
-	Created         time.Time          `json:"created"`
-	KilnVersion     string             `json:"kiln_version"`
-	TorchVersion    string             `json:"torch_version"`
-}
-
-// Manifest is manifest.json of a Kiln model package.
-type Manifest struct {
-	Format        string             `json:"format"`
-	Name          string             `json:"name,omitempty"`
-	Task          data.Task          `json:"task"`
-	Model         string             `json:"model"`
-	Inputs        []TensorInfo       `json:"inputs"`
-	Outputs       []TensorInfo       `json:"outputs"`
-	Labels        []string           `json:"labels,omitempty"`
-	Metrics       map[string]Metrics `json:"metrics"`
-	Parameters    int64              `json:"parameters"`
-	Spec          nn.Spec            `json:"spec"`
-	Preprocessing *data.Preprocessor `json:"preprocessing"`
-	Training      *Result            `json:"training"`
-	Lineage       Lineage            `json:"lineage"`
-}
-
-// ManifestFormat identifies Kiln model packages.
-const ManifestFormat = "kiln-model/1"
-
 func rows(d *data.Dataset) int {
 	if d == nil {
 		return 0
@@ -266,27 +218,15 @@ func rows(d *data.Dataset) int {
 	return d.Len()
 }
 
-// SavePackage writes a Kiln model package into dir: model.pt, the trained
-// network as TorchScript with the preprocessing at the start of forward
-// (raw feature columns in, outputs out; torch.jit.load reads it and
-// core.LoadModule serves it), and manifest.json (see Manifest). Each file
-// is written to a temporary name and renamed into place.
+// SavePackage writes a Kiln model package into dir with modelpkg.Write:
+// model.pt, the trained network as TorchScript with the preprocessing at
+// the start of forward (raw feature columns in, outputs out; torch.jit.load
+// reads it and modelpkg.Load serves it), and manifest.json (see
+// modelpkg.Manifest), each written to a temporary name and renamed into
+// place.
 func SavePackage(dir string, net *nn.Net, p *Prepared, rep *Report, source string) error {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("kiln: save package: %w", err)
-	}
 	if err := net.SetTraining(false); err != nil {
 		return err
-	}
-	tmp := filepath.Join(dir, ".tmp-model.pt")
-	if err := net.Save(tmp); err != nil {
-		return fmt.Errorf("kiln: save package: %w", err)
-	}
-	if err := syncFile(tmp); err != nil {
-		return fmt.Errorf("kiln: save package: %w", err)
-	}
-	if err := os.Rename(tmp, filepath.Join(dir, "model.pt")); err != nil {
-		return fmt.Errorf("kiln: save package: %w", err)
 	}
 	meaning := "prediction"
 	lk, _ := lossKind(p.Job.Train.Loss.Type)
@@ -296,33 +236,47 @@ func SavePackage(dir string, net *nn.Net, p *Prepared, rep *Report, source strin
 	case binary:
 		meaning = "logit of labels[1] (sigmoid for its probability)"
 	}
-	metrics := map[string]Metrics{}
+	metrics := map[string]map[string]float64{}
 	if rep.Val != nil {
 		metrics["val"] = rep.Val
 	}
 	if rep.Test != nil {
 		metrics["test"] = rep.Test
 	}
-	m := Manifest{
-		Format: ManifestFormat, Name: p.Job.Model.Name, Task: p.Pre.Task, Model: "model.pt",
-		Inputs: []TensorInfo{{Name: "x", DType: "float32", Shape: []int64{-1, net.Inputs}, Columns: p.Pre.Features}},
-		Outputs: []TensorInfo{{Name: "y", DType: "float32", Shape: append([]int64{-1}, net.Outputs...),
+	training, err := json.Marshal(rep.Result)
+	if err != nil {
+		return fmt.Errorf("kiln: save package: training result: %w", err)
+	}
+	hyper, err := json.Marshal(p.Job.Train)
+	if err != nil {
+		return fmt.Errorf("kiln: save package: hyperparameters: %w", err)
+	}
+	m := modelpkg.Manifest{
+		Format: modelpkg.Format, Name: p.Job.Model.Name, Task: p.Pre.Task, Model: modelpkg.ModelFile,
+		Inputs: []modelpkg.TensorInfo{{Name: "x", DType: "float32", Shape: []int64{-1, net.Inputs}, Columns: p.Pre.Features}},
+		Outputs: []modelpkg.TensorInfo{{Name: "y", DType: "float32", Shape: append([]int64{-1}, net.Outputs...),
 			Meaning: meaning}},
 		Labels: p.Pre.Labels, Metrics: metrics, Parameters: net.Params, Spec: p.Job.Model,
-		Preprocessing: p.Pre, Training: rep.Result,
-		Lineage: Lineage{
+		Preprocessing: p.Pre, Training: training,
+		Lineage: modelpkg.Lineage{
 			DataSHA256: p.Table.Fingerprint, DataSource: source, Rows: p.Table.Rows(),
 			SplitRows: [3]int{rows(p.Train), rows(p.Val), rows(p.Test)}, Split: &p.Job.Split,
-			Seed: p.Job.Train.Seed, Hyperparameters: p.Job.Train,
+			Seed: p.Job.Train.Seed, Hyperparameters: hyper,
 			Created: time.Now().UTC(), KilnVersion: core.Version, TorchVersion: core.TorchVersion(),
 		},
 	}
-	b, err := json.MarshalIndent(m, "", "  ")
-	if err != nil {
-		return fmt.Errorf("kiln: save package: manifest: %w", err)
-	}
-	if err := writeAtomic(filepath.Join(dir, "manifest.json"), append(b, '\n')); err != nil {
+	if err := modelpkg.Write(dir, net.Module, m); err != nil {
 		return fmt.Errorf("kiln: save package: %w", err)
 	}
 	return nil
+}
+
+// Hyperparameters decodes the training configuration that m's lineage
+// records (SavePackage writes it; core/optimize fine-tunes with it).
+func Hyperparameters(m *modelpkg.Manifest) (Config, error) {
+	var c Config
+	if err := json.Unmarshal(m.Lineage.Hyperparameters, &c); err != nil {
+		return c, fmt.Errorf("kiln: manifest lineage: hyperparameters: %w", err)
+	}
+	return c, nil
 }

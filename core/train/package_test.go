@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -20,6 +19,7 @@ import (
 
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/data"
+	"github.com/kilnml/kiln/core/modelpkg"
 	"github.com/kilnml/kiln/core/nn"
 	"github.com/kilnml/kiln/core/train"
 	"github.com/kilnml/kiln/internal/testkit"
@@ -74,11 +74,9 @@ func TestPackagePredictsTheSameInPython(t *testing.T) {
 	require.NoError(t, err)
 	assert.Greater(t, rep.Test["accuracy"], 0.85)
 
-	raw, err := os.ReadFile(filepath.Join(out, "manifest.json"))
+	m, err := modelpkg.Read(out)
 	require.NoError(t, err)
-	var m train.Manifest
-	require.NoError(t, json.Unmarshal(raw, &m))
-	assert.Equal(t, train.ManifestFormat, m.Format)
+	assert.Equal(t, modelpkg.Format, m.Format)
 	assert.Equal(t, data.Classification, m.Task)
 	assert.Equal(t, []string{"large", "small"}, m.Labels)
 	assert.Equal(t, []int64{-1, 3}, m.Inputs[0].Shape)
@@ -90,7 +88,9 @@ func TestPackagePredictsTheSameInPython(t *testing.T) {
 	assert.Equal(t, hex.EncodeToString(sum[:]), m.Lineage.DataSHA256)
 	assert.Equal(t, uint64(5), m.Lineage.Seed)
 	assert.Equal(t, 600, m.Lineage.Rows)
-	assert.Equal(t, "adam", m.Lineage.Hyperparameters.Optimizer.Type)
+	hp, err := train.Hyperparameters(&m)
+	require.NoError(t, err)
+	assert.Equal(t, "adam", hp.Optimizer.Type)
 	assert.False(t, m.Lineage.Created.IsZero())
 
 	// Raw features in, including gaps and an unseen category.

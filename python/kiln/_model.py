@@ -173,11 +173,12 @@ class Model:
     def save(self, path) -> None:
         """Writes the Kiln model package (model.pt + manifest.json) to the
         directory path, which kiln.load reads back."""
-        import shutil
-
         if self._package is None:
             raise KilnError("only a model trained by fit (or loaded from a package) can be saved")
-        shutil.copytree(self._package, os.fspath(path), dirs_exist_ok=True)
+        try:
+            _b.CopyPackage(self._package, os.fspath(path))
+        except RuntimeError as e:
+            raise translate(e, KilnError) from None
 
     def export_torchscript(self, path) -> None:
         """Writes the TorchScript module alone; torch.jit.load reads it."""
@@ -418,23 +419,16 @@ class Model:
 def load(path: Union[str, os.PathLike]) -> Model:
     """Loads a Kiln model package (a directory with model.pt and
     manifest.json, as fit/save and `kiln train` write) or a TorchScript
-    file (as torch.jit.save writes)."""
+    file (as torch.jit.save writes). Go reads and checks the package
+    (core/modelpkg) and hands over its manifest."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ModelNotFoundError(f"kiln: no model at {path}")
-    manifest = None
-    file = path
-    if os.path.isdir(path):
-        try:
-            with open(os.path.join(path, "manifest.json")) as f:
-                manifest = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"kiln: {path} is not a Kiln model package: {e}") from None
-        file = os.path.join(path, manifest.get("model", "model.pt"))
     try:
-        h = _b.LoadModel(os.path.abspath(file))
+        h = _b.LoadModel(os.path.abspath(path))
     except RuntimeError as e:
         raise translate(e, ModelLoadError) from None
+    manifest = json.loads(h.ManifestJSON() or "null")
     m = Model(h, path, spec=(manifest or {}).get("spec"), manifest=manifest)
     if manifest is not None:
         m._package = os.path.abspath(path)

@@ -4,7 +4,6 @@ a temporary directory that the caller (kiln.Model, select_model) loads;
 this module knows nothing of kiln.Model beyond what evaluate calls."""
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -248,15 +247,12 @@ def select(specs, x, y, *, epochs, batch_size, validation_split, optimizer, lr, 
 
 
 def _record_labels(pkg_dir, labels):
-    """Writes the caller's class labels into the manifest of the package in
-    pkg_dir: as text in "labels" (what Go and the server read) and with
-    their Python types (ints, strings, bools) in "python_labels" (what
-    classes_ returns)."""
-    path = os.path.join(pkg_dir, "manifest.json")
-    with open(path) as f:
-        manifest = json.load(f)
+    """Records the caller's class labels in the manifest of the package in
+    pkg_dir (Go reads and rewrites it, core/modelpkg): as text in "labels"
+    (what Go and the server read) and with their Python types (ints,
+    strings, bools) in "python_labels" (what classes_ returns)."""
     typed = [l.item() if hasattr(l, "item") else l for l in labels]
-    manifest["labels"] = [str(l) for l in typed]
-    manifest["python_labels"] = typed
-    with open(path, "w") as f:
-        json.dump(manifest, f, indent=1)
+    try:
+        _b.RecordLabels(pkg_dir, json.dumps([str(l) for l in typed]), json.dumps(typed))
+    except RuntimeError as e:
+        raise translate(e, KilnError) from None

@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/core/modelpkg"
 	"github.com/kilnml/kiln/serving/batcher"
 	"github.com/kilnml/kiln/serving/repository"
 )
@@ -352,7 +353,7 @@ func versionIdent(rm *repository.Model, v int64) (string, error) {
 // loadVersion loads and warms up one version.
 func (m *Manager) loadVersion(rm *repository.Model, v int64, ident string) (*Version, error) {
 	cfg := rm.Config
-	mod, err := core.LoadModule(rm.ModelPath(v))
+	mod, err := modelpkg.LoadModule(rm.ModelPath(v)) // a Kiln int8 package loads under its engine
 	if err != nil {
 		return nil, err
 	}

@@ -1,7 +1,6 @@
 package repository
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -14,7 +13,7 @@ import (
 
 	yaml "go.yaml.in/yaml/v3"
 
-	"github.com/kilnml/kiln/core/train"
+	"github.com/kilnml/kiln/core/modelpkg"
 )
 
 // DefaultInstallMaxBatchSize is the max_batch_size of the config.yaml that
@@ -45,7 +44,7 @@ type Installed struct {
 	// model was new to the repository).
 	ConfigCreated bool
 	// Manifest is the package's manifest.json.
-	Manifest train.Manifest
+	Manifest modelpkg.Manifest
 }
 
 // installMu serializes version allocation and config writes of the
@@ -86,8 +85,9 @@ func NewStaging(repo, model string) (string, error) {
 }
 
 // Install puts the Kiln model package in pkgDir (model.pt and
-// manifest.json, as core/train writes it) into the model repository repo
-// as the next version of model. When the model has no configuration yet
+// manifest.json, as core/train writes it; modelpkg.Check verifies it,
+// loading the model) into the model repository repo as the next version
+// of model. When the model has no configuration yet
 // it writes config.yaml (input and output FP32 with the package's shapes
 // less the batch dimension, dynamic batching, labels.txt when the output
 // has one value per class label); otherwise it checks that the package
@@ -97,7 +97,7 @@ func NewStaging(repo, model string) (string, error) {
 // renamed into place. Python's Model.deploy and Flight's train action use
 // it.
 func Install(repo, model, pkgDir string, opts InstallOptions) (Installed, error) {
-	man, err := readManifest(pkgDir)
+	man, err := modelpkg.Check(pkgDir)
 	if err != nil {
 		return Installed{}, fmt.Errorf("install %s: %w", pkgDir, err)
 	}
@@ -127,19 +127,6 @@ func Install(repo, model, pkgDir string, opts InstallOptions) (Installed, error)
 		ConfigCreated: created, Manifest: man}, nil
 }
 
-// readManifest reads dir/manifest.json.
-func readManifest(dir string) (train.Manifest, error) {
-	var man train.Manifest
-	raw, err := os.ReadFile(filepath.Join(dir, "manifest.json"))
-	if err != nil {
-		return man, err
-	}
-	if err := json.Unmarshal(raw, &man); err != nil {
-		return man, fmt.Errorf("manifest.json: %w", err)
-	}
-	return man, nil
-}
-
 // copyPackage copies the package files of pkgDir into a new staging
 // directory of model and returns it.
 func copyPackage(repo, model, pkgDir string) (string, error) {
@@ -147,15 +134,9 @@ func copyPackage(repo, model, pkgDir string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	for _, f := range []string{"model.pt", "manifest.json"} {
-		b, err := os.ReadFile(filepath.Join(pkgDir, f))
-		if err == nil {
-			err = writeFileAtomic(filepath.Join(tmp, f), b)
-		}
-		if err != nil {
-			os.RemoveAll(tmp)
-			return "", fmt.Errorf("install %s: %w", pkgDir, err)
-		}
+	if _, err := modelpkg.Copy(pkgDir, tmp); err != nil {
+		os.RemoveAll(tmp)
+		return "", fmt.Errorf("install %s: %w", pkgDir, err)
 	}
 	return tmp, nil
 }
@@ -213,7 +194,7 @@ func renameToNextVersion(modelDir, staged string) (int64, error) {
 // input and one output, FP32, with the package's shapes less the batch
 // dimension, dynamic batching (500 µs) and maxBatchSize (0: 64); the
 // labels are returned when the output has one value per class label.
-func PackageConfig(model string, man *train.Manifest, maxBatchSize int) (*Config, []string, error) {
+func PackageConfig(model string, man *modelpkg.Manifest, maxBatchSize int) (*Config, []string, error) {
 	if len(man.Inputs) != 1 || len(man.Outputs) != 1 {
 		return nil, nil, fmt.Errorf("package has %d inputs and %d outputs (want 1 and 1)", len(man.Inputs), len(man.Outputs))
 	}

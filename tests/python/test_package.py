@@ -322,3 +322,27 @@ def test_predict_large_input_adds_no_copy(tmp_path):
                          capture_output=True, text=True, check=True, cwd=tmp_path, env=env).stdout
     nbytes, before, after = map(int, out.split())
     assert after - before < 0.10 * nbytes, f"peak RSS grew by {(after - before) / 2**20:.1f} MiB for a {nbytes / 2**20:.0f} MiB input"
+
+
+def test_packages_load_through_go(tmp_path):
+    """kiln.load takes a package's manifest from Go (core/modelpkg): a
+    package written before that module existed loads, under the quantized
+    engine it records; a directory without a valid manifest is refused,
+    naming the file."""
+    pkg = os.path.join(ROOT, "core", "modelpkg", "testdata", "v1-int8")
+    m = kiln.load(pkg)
+    assert m.manifest["format"] == "kiln-model/1"
+    assert m.manifest["optimization"]["engine"] == "qnnpack"
+    assert m.classes_ == ["x", "y"]
+    assert m.predict(np.zeros((4, 3), dtype=np.float32)).shape == (4, 2)
+    m.save(tmp_path / "copy")
+    assert sorted(os.listdir(tmp_path / "copy")) == ["manifest.json", "model.pt"]
+    assert kiln.load(tmp_path / "copy").manifest == m.manifest
+    m.close()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(kiln.ModelLoadError, match="manifest.json"):
+        kiln.load(empty)
+    (tmp_path / "copy" / "manifest.json").write_text('{"format": "kiln-model/9"}')
+    with pytest.raises(kiln.ModelLoadError, match="unknown model package format"):
+        kiln.load(tmp_path / "copy")
