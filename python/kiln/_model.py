@@ -45,7 +45,9 @@ def _as_input(x, i: int) -> np.ndarray:
             x = np.asarray(x)
         except Exception as e:  # ragged lists and the like
             raise TypeError(f"input {i}: cannot convert {type(x).__name__} to an array: {e}") from None
-    if x.dtype not in _DTYPES:
+    # Byte order does not change the element type: a big-endian ">f4" array
+    # is float32, copied into native order below.
+    if x.dtype.newbyteorder("=") not in _DTYPES:
         raise TypeError(f"input {i}: dtype {x.dtype} is not supported; use one of {sorted(_DTYPES.values())}")
     # Row-major, aligned, native byte order: view as is; otherwise one copy.
     if x.flags.c_contiguous and x.flags.aligned and x.dtype.isnative:
