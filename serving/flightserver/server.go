@@ -27,6 +27,7 @@ import (
 
 	"github.com/kilnml/kiln/serving/auth"
 	"github.com/kilnml/kiln/serving/batcher"
+	"github.com/kilnml/kiln/serving/limits"
 	"github.com/kilnml/kiln/serving/manager"
 )
 
@@ -84,6 +85,13 @@ type Options struct {
 	// MaxMessageBytes limits received and sent gRPC messages (default
 	// math.MaxInt32), so record batches up to 2 GiB fit.
 	MaxMessageBytes int
+	// MaxTensorElements bounds the length of a received record batch and
+	// of each of its columns (0: limits.DefaultMaxTensorElements);
+	// MaxConcurrentStreams the concurrent streams of one connection (0:
+	// limits.DefaultMaxConcurrentStreams). Every FlightData header is
+	// checked against its body before decoding (see checkIPCHeader).
+	MaxTensorElements    int64
+	MaxConcurrentStreams uint32
 	// Allocator allocates the memory of decoded batches (default
 	// memory.DefaultAllocator).
 	Allocator memory.Allocator
@@ -105,6 +113,8 @@ type Server struct {
 	store *store
 	jobs  *Jobs
 	grpc  *grpc.Server
+	// hdrLim bounds the IPC headers of received FlightData.
+	hdrLim headerLimits
 
 	mu       sync.Mutex
 	lis      net.Listener
@@ -123,6 +133,12 @@ func New(opts Options) (*Server, error) {
 	if opts.MaxMessageBytes <= 0 {
 		opts.MaxMessageBytes = math.MaxInt32
 	}
+	if opts.MaxTensorElements <= 0 {
+		opts.MaxTensorElements = limits.DefaultMaxTensorElements
+	}
+	if opts.MaxConcurrentStreams == 0 {
+		opts.MaxConcurrentStreams = limits.DefaultMaxConcurrentStreams
+	}
 	if opts.Allocator == nil {
 		opts.Allocator = memory.DefaultAllocator
 	}
@@ -133,7 +149,8 @@ func New(opts Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("flight: %w", err)
 	}
-	s := &Server{opts: opts, log: opts.Logger, mem: opts.Allocator, store: st}
+	s := &Server{opts: opts, log: opts.Logger, mem: opts.Allocator, store: st,
+		hdrLim: headerLimits{maxLength: opts.MaxTensorElements, maxUncompressed: int64(opts.MaxMessageBytes)}}
 	if opts.Trainer != nil {
 		s.jobs = NewJobs(opts.Trainer)
 	}
@@ -149,6 +166,7 @@ func New(opts Options) (*Server, error) {
 		grpc.InitialConnWindowSize(2 * streamWindowBytes),
 		// FlightData bodies are copied once, into reused buffers.
 		grpc.ForceServerCodecV2(newFlightCodec()),
+		grpc.MaxConcurrentStreams(opts.MaxConcurrentStreams),
 	}
 	tlsCfg := opts.TLSConfig
 	if tlsCfg == nil && (opts.CertFile != "" || opts.KeyFile != "") {
@@ -533,7 +551,7 @@ func (a *acker) finish() error {
 func (s *Server) DoPut(stream flight.FlightService_DoPutServer) (err error) {
 	defer recoverStatus(&err, "DoPut")
 	ctx := stream.Context()
-	rdr, err := newPutReader(stream, s.mem)
+	rdr, err := newPutReader(stream, s.mem, s.hdrLim)
 	if err != nil {
 		return statusFromReadErr(ctx, "DoPut: reading the schema", err)
 	}
