@@ -14,6 +14,7 @@ import (
 
 	pb "github.com/kilnml/kiln/serving/inferencepb"
 	"github.com/kilnml/kiln/serving/internal/testmodels"
+	"github.com/kilnml/kiln/serving/limits"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
@@ -62,6 +63,9 @@ func testConfig(root string, opts Config) Config {
 	cfg.TLSCertFile, cfg.TLSKeyFile = opts.TLSCertFile, opts.TLSKeyFile
 	if opts.MaxMessageBytes != 0 {
 		cfg.MaxMessageBytes = opts.MaxMessageBytes
+	}
+	if opts.Limits != (limits.Limits{}) {
+		cfg.Limits = opts.Limits.WithDefaults()
 	}
 	if !testing.Verbose() {
 		cfg.Logger = slog.New(slog.DiscardHandler)
