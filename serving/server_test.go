@@ -429,8 +429,9 @@ func TestStreamInfer(t *testing.T) {
 }
 
 func TestLargeMessage(t *testing.T) {
-	_, c, _ := start(t, Config{})
-	// 64 MiB of INT64 ids, above gRPC's 4 MiB default limit.
+	// 64 MiB of INT64 ids, above gRPC's 4 MiB default limit and Kiln's
+	// 64 MiB default (limits.DefaultMaxMessageBytes): the limit raised.
+	_, c, _ := start(t, Config{MaxMessageBytes: 128 << 20})
 	n := 8 << 20
 	raw := make([]byte, 8*n)
 	for i := 0; i < n; i += 1 << 16 {

@@ -122,7 +122,7 @@ func decodeInputs(model string, cfg *repository.Config, req *pb.ModelInferReques
 		n := int64(1)
 		for _, d := range got {
 			if d != 0 && n > lim.maxElements/d {
-				return nil, invalid("input %q: shape %s has more than the limit of %d elements", c.Name, shapeString(got), lim.maxElements)
+				return nil, invalid("input %q: shape %s is too large: more than the limit of %d elements", c.Name, shapeString(got), lim.maxElements)
 			}
 			n *= d
 		}
