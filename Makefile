@@ -17,7 +17,7 @@ ENV := eval "$$(scripts/env.sh --print)" &&
 PY := .venv/bin/python
 DEMO := build/demo
 
-.PHONY: deps build python run demo test test-go test-python vet bench bench-serve clean
+.PHONY: deps build python run demo test test-go test-python test-fuzz fuzz vet bench bench-serve clean
 
 deps:
 	scripts/install-deps
@@ -59,7 +59,17 @@ python: deps
 test-python: build python
 	$(ENV) $(PY) -m pytest -q tests/python
 
-test: vet test-go test-python
+# Every Go native fuzz target (func FuzzXxx), one at a time: briefly in
+# `make test` (CI), long with `make fuzz` (FUZZTIME each), which prints
+# each target's executions.
+FUZZTIME ?= 60s
+test-fuzz: deps
+	$(ENV) scripts/fuzz 10s
+
+fuzz: deps
+	$(ENV) scripts/fuzz $(FUZZTIME)
+
+test: vet test-go test-python test-fuzz
 
 bench: build
 	$(ENV) go run ./bench/cgo

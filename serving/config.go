@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"net"
 	"strconv"
 	"strings"
@@ -13,6 +12,7 @@ import (
 	"github.com/kilnml/kiln/internal/kilnenv"
 	"github.com/kilnml/kiln/serving/auth"
 	"github.com/kilnml/kiln/serving/flightserver"
+	"github.com/kilnml/kiln/serving/limits"
 )
 
 // Model control modes.
@@ -40,9 +40,10 @@ const (
 // PortOff turns a listener off (every listener but gRPC's may be off).
 const PortOff = -1
 
-// DefaultMaxMessageBytes is the default gRPC message size limit: the
-// largest protobuf message (2 GiB - 1), so 1 GiB tensors fit.
-const DefaultMaxMessageBytes = math.MaxInt32
+// DefaultMaxMessageBytes is the default limit of gRPC and Flight messages
+// and HTTP bodies: limits.DefaultMaxMessageBytes (64 MiB), sized for a
+// small box (see package limits); raise it for larger tensors.
+const DefaultMaxMessageBytes = limits.DefaultMaxMessageBytes
 
 // DefaultPollInterval is how often ControlPoll looks at the repository
 // unless Config.PollInterval says otherwise.
@@ -100,6 +101,11 @@ type Config struct {
 	// MaxMessageBytes limits received and sent gRPC and Flight messages
 	// and HTTP request bodies, in bytes.
 	MaxMessageBytes int `json:"max_message_bytes"`
+	// Limits are the other resource limits (decompressed bytes, inputs
+	// per request, elements per tensor, bytes in flight, read timeouts,
+	// concurrent streams); their fields are promoted, and a zero field
+	// means its default (limits.Defaults).
+	limits.Limits
 
 	// DataDir is the directory of Flight's datasets (created if missing).
 	DataDir string `json:"data_dir"`
@@ -133,7 +139,7 @@ func DefaultConfig() Config {
 	return Config{
 		GRPCPort: DefaultGRPCPort, HTTPPort: DefaultHTTPPort, MetricsPort: DefaultMetricsPort, FlightPort: DefaultFlightPort,
 		ModelControl: ControlNone, PollInterval: DefaultPollInterval, MaxMessageBytes: DefaultMaxMessageBytes,
-		DataDir: DefaultDataDir, Name: "kiln",
+		DataDir: DefaultDataDir, Name: "kiln", Limits: limits.Defaults(),
 	}
 }
 
@@ -187,6 +193,9 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxMessageBytes <= 0 {
 		return fmt.Errorf("max message bytes %d: want a positive number", c.MaxMessageBytes)
+	}
+	if err := c.Limits.Validate(); err != nil {
+		return err
 	}
 	if c.FlightPort != PortOff && c.DataDir == "" {
 		return errors.New("Flight needs a data directory (a Flight port of -1 turns Flight off)")

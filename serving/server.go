@@ -35,6 +35,7 @@ import (
 	"github.com/kilnml/kiln/serving/grpcserver"
 	"github.com/kilnml/kiln/serving/httpserver"
 	"github.com/kilnml/kiln/serving/internal/grpccodec"
+	"github.com/kilnml/kiln/serving/limits"
 	"github.com/kilnml/kiln/serving/manager"
 	"github.com/kilnml/kiln/serving/metrics"
 	"github.com/kilnml/kiln/serving/repository"
@@ -111,25 +112,33 @@ func New(cfg Config) (*Server, error) {
 		s.tls = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
 	s.mgr = manager.New(repo, manager.Options{Logger: cfg.Logger})
+	lim := cfg.Limits.WithDefaults()
+	gate := limits.NewGate(lim.MaxInflightBytes)
 	gopts := append([]grpc.ServerOption{
 		grpc.MaxRecvMsgSize(cfg.MaxMessageBytes),
 		grpc.MaxSendMsgSize(cfg.MaxMessageBytes),
+		grpc.MaxConcurrentStreams(lim.MaxConcurrentStreams),
 	}, kstatus.ServerOptions()...) // outermost: every error leaves with its code and a bounded message
 	gopts = append(gopts, grpccodec.New().ServerOptions()...) // then: malformed messages → INVALID_ARGUMENT
 	gopts = append(gopts, policy.GRPCServerOptions(auth.KServeScope)...)
+	// After auth: an unauthenticated request holds no admission.
+	gopts = append(gopts, grpc.ChainUnaryInterceptor(gate.UnaryServerInterceptor()))
 	if s.tls != nil {
 		gopts = append(gopts, grpc.Creds(credentials.NewTLS(s.tls)))
 	}
 	s.grpc = grpc.NewServer(gopts...)
 	svc := grpcserver.New(s.mgr, grpcserver.Options{
 		Name: cfg.Name, Version: core.Version, Ready: s.Ready, Logger: cfg.Logger, Stopping: s.stop,
+		MaxInputs: lim.MaxInputs, MaxTensorElements: lim.MaxTensorElements,
 	})
 	svc.Register(s.grpc)
 	healthpb.RegisterHealthServer(s.grpc, &healthService{s: s})
 	if addrs.http != "" {
-		h := httpserver.New(svc, httpserver.Options{Auth: policy, MaxBodyBytes: int64(cfg.MaxMessageBytes), Logger: cfg.Logger})
+		h := httpserver.New(svc, httpserver.Options{Auth: policy, MaxBodyBytes: int64(cfg.MaxMessageBytes),
+			MaxDecompressedBytes: lim.MaxDecompressedBytes, Gate: gate, Logger: cfg.Logger})
 		s.http = &http.Server{
-			Handler: h, TLSConfig: s.tls, ReadHeaderTimeout: 30 * time.Second, IdleTimeout: 5 * time.Minute,
+			Handler: h, TLSConfig: s.tls, ReadHeaderTimeout: lim.ReadHeaderTimeout, ReadTimeout: lim.ReadTimeout,
+			IdleTimeout: 5 * time.Minute, MaxHeaderBytes: 1 << 20,
 			ErrorLog: slog.NewLogLogger(cfg.Logger.Handler(), slog.LevelWarn),
 		}
 	}
@@ -167,6 +176,7 @@ func (s *Server) newFlight(policy *auth.Policy) (*flightserver.Server, error) {
 	return flightserver.New(flightserver.Options{
 		DataDir: s.cfg.DataDir, Addr: s.addrs.flight, Models: flightserver.ManagerModels(s.mgr),
 		Trainer: trainer, Auth: policy, TLSConfig: s.tls, MaxMessageBytes: s.cfg.MaxMessageBytes, Logger: s.log,
+		MaxTensorElements: s.cfg.Limits.WithDefaults().MaxTensorElements, MaxConcurrentStreams: s.cfg.Limits.WithDefaults().MaxConcurrentStreams,
 	})
 }
 

@@ -13,6 +13,7 @@ import (
 
 	"github.com/kilnml/kiln/internal/testkit"
 	pb "github.com/kilnml/kiln/serving/inferencepb"
+	"github.com/kilnml/kiln/serving/limits"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
@@ -45,6 +46,9 @@ func testConfig(root string, opts Config) Config {
 	cfg.TLSCertFile, cfg.TLSKeyFile = opts.TLSCertFile, opts.TLSKeyFile
 	if opts.MaxMessageBytes != 0 {
 		cfg.MaxMessageBytes = opts.MaxMessageBytes
+	}
+	if opts.Limits != (limits.Limits{}) {
+		cfg.Limits = opts.Limits.WithDefaults()
 	}
 	if !testing.Verbose() {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -407,8 +411,9 @@ func TestStreamInfer(t *testing.T) {
 }
 
 func TestLargeMessage(t *testing.T) {
-	_, c, _ := start(t, Config{})
-	// 64 MiB of INT64 ids, above gRPC's 4 MiB default limit.
+	// 64 MiB of INT64 ids, above gRPC's 4 MiB default limit and Kiln's
+	// 64 MiB default (limits.DefaultMaxMessageBytes): the limit raised.
+	_, c, _ := start(t, Config{MaxMessageBytes: 128 << 20})
 	n := 8 << 20
 	raw := make([]byte, 8*n)
 	for i := 0; i < n; i += 1 << 16 {

@@ -49,8 +49,11 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
           load_models: Optional[Sequence[str]] = None, strict_model_config: bool = False,
           auth_token: str = "", auth_token_file: Optional[str] = None, auth_inference: bool = False,
           tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
-          max_message_bytes: Optional[int] = None, shutdown_timeout: Optional[float] = None,
-          threads: int = 0) -> Server:
+          max_message_bytes: Optional[int] = None, max_decompressed_bytes: int = 67108864,
+          max_inputs: int = 64, max_tensor_elements: int = 268435456,
+          max_inflight_bytes: int = 1073741824, read_header_timeout: Optional[float] = None,
+          read_timeout: Optional[float] = None, max_concurrent_streams: int = 128,
+          shutdown_timeout: Optional[float] = None, threads: int = 0) -> Server:
     """Serves a model repository from this process in the background and
     returns a handle with ``.stop()``: the same server as `kiln serve`
     (Go's serving.Run), with the same options under the flags' names and
@@ -65,7 +68,15 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
     $KILN_AUTH_TOKEN / $KILN_AUTH_TOKEN_FILE): the repository API and
     Flight's datasets and jobs need it, inference too with auth_inference.
     tls_cert, tls_key: PEM files serving gRPC, HTTP and Flight over TLS.
-    max_message_bytes: largest message / HTTP body (default 2 GiB - 1).
+    max_message_bytes: largest message / HTTP body (default 64 MiB; a larger
+    HTTP body is answered 413). max_decompressed_bytes: largest HTTP body
+    once gzip/deflate-decoded. max_inputs: inputs per request.
+    max_tensor_elements: elements per input tensor (rows per Flight record
+    batch). max_inflight_bytes: bytes of inference requests admitted at
+    once (beyond: RESOURCE_EXHAUSTED / HTTP 503). read_header_timeout,
+    read_timeout: seconds to read an HTTP request's headers / the whole
+    request (default 30 / 60). max_concurrent_streams: gRPC and Flight
+    streams per connection.
     shutdown_timeout: seconds a shutdown waits for requests in flight when
     the process ends the server (stop() takes its own). threads: libtorch
     intra-op threads (0: $KILN_NUM_THREADS, else CPUs / instance_count).
@@ -80,6 +91,9 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
         "metrics_port": metrics_port, "flight_port": flight_port, "model_control": model_control,
         "strict_model_config": strict_model_config, "auth_token": auth_token,
         "auth_inference": auth_inference, "threads": threads,
+        "max_decompressed_bytes": max_decompressed_bytes, "max_inputs": max_inputs,
+        "max_tensor_elements": max_tensor_elements, "max_inflight_bytes": max_inflight_bytes,
+        "max_concurrent_streams": max_concurrent_streams,
     }
     optional = {
         "data_dir": data_dir and os.fspath(data_dir), "repository_poll_secs": repository_poll_secs,
@@ -87,6 +101,9 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
         "auth_token_file": auth_token_file and os.fspath(auth_token_file),
         "tls_cert": tls_cert and os.fspath(tls_cert), "tls_key": tls_key and os.fspath(tls_key),
         "max_message_bytes": max_message_bytes,
+        # Go durations: nanoseconds.
+        "read_header_timeout": None if read_header_timeout is None else int(read_header_timeout * 1e9),
+        "read_timeout": None if read_timeout is None else int(read_timeout * 1e9),
         "shutdown_timeout_ms": None if shutdown_timeout is None else int(shutdown_timeout * 1000),
     }
     opts.update({k: v for k, v in optional.items() if v is not None})

@@ -204,6 +204,7 @@ type pooledMessageReader struct {
 	msg      *ipc.Message
 	descr    *flight.FlightDescriptor
 	refCount int64
+	lim      headerLimits
 }
 
 func (d *pooledMessageReader) Message() (*ipc.Message, error) {
@@ -215,6 +216,10 @@ func (d *pooledMessageReader) Message() (*ipc.Message, error) {
 	for {
 		var err error
 		if fd, err = d.stream.Recv(); err != nil {
+			return nil, err
+		}
+		if err := checkFlightData(fd, d.lim); err != nil {
+			bodyPool.put(fd.DataBody)
 			return nil, err
 		}
 		if fd.FlightDescriptor != nil {
@@ -250,9 +255,12 @@ type putReader struct {
 
 // newPutReader reads a DoPut stream's schema; the batches it returns are
 // valid until the next Read.
-func newPutReader(stream flight.FlightService_DoPutServer, mem memory.Allocator) (*putReader, error) {
+//
+// Every message's IPC header is checked against its body within lim
+// (checkFlightData) before the Arrow reader decodes it.
+func newPutReader(stream flight.FlightService_DoPutServer, mem memory.Allocator, lim headerLimits) (*putReader, error) {
 	// One reference for the putReader, one for the ipc.Reader.
-	mr := &pooledMessageReader{stream: stream, refCount: 2}
+	mr := &pooledMessageReader{stream: stream, refCount: 2, lim: lim}
 	rdr, err := ipc.NewReaderFromMessageReader(mr, ipc.WithAllocator(mem))
 	if err != nil {
 		mr.Release()

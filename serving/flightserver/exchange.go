@@ -317,12 +317,21 @@ func (src *inputSource) gather(rec arrow.RecordBatch) ([]byte, error) {
 		return b, nil
 	}
 	rows, k := int(rec.NumRows()), len(src.cols)
-	out := make([]byte, rows*k*size)
+	// Every column's values are checked against the buffers received
+	// before the output, sized by the batch's declared length, exists.
+	cols := make([][]byte, k)
 	for j, ci := range src.cols {
 		b, err := columnBytes(rec.Column(ci), size, 1)
 		if err != nil {
 			return nil, invalidArg("feature column %q: %v", rec.Schema().Field(ci).Name, err)
 		}
+		if len(b) != rows*size {
+			return nil, invalidArg("feature column %q: %d bytes for %d rows", rec.Schema().Field(ci).Name, len(b), rows)
+		}
+		cols[j] = b
+	}
+	out := make([]byte, rows*k*size)
+	for j, b := range cols {
 		for r := 0; r < rows; r++ {
 			copy(out[(r*k+j)*size:(r*k+j+1)*size], b[r*size:(r+1)*size])
 		}
@@ -395,7 +404,7 @@ func (s *Server) DoExchange(stream flight.FlightService_DoExchangeServer) (err e
 	defer recoverStatus(&err, "DoExchange")
 	ctx, cancel := context.WithCancel(stream.Context())
 	defer cancel()
-	rdr, err := flight.NewRecordReader(stream, ipc.WithAllocator(s.mem))
+	rdr, err := flight.NewRecordReader(checkedStream{stream, s.hdrLim}, ipc.WithAllocator(s.mem))
 	if err != nil {
 		return statusFromReadErr(ctx, "DoExchange: reading the input schema", err)
 	}

@@ -26,6 +26,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/kilnml/kiln/serving/auth"
+	"github.com/kilnml/kiln/serving/limits"
 	kstatus "github.com/kilnml/kiln/serving/status"
 )
 
@@ -83,6 +84,13 @@ type Options struct {
 	// MaxMessageBytes limits received and sent gRPC messages (default
 	// math.MaxInt32), so record batches up to 2 GiB fit.
 	MaxMessageBytes int
+	// MaxTensorElements bounds the length of a received record batch and
+	// of each of its columns (0: limits.DefaultMaxTensorElements);
+	// MaxConcurrentStreams the concurrent streams of one connection (0:
+	// limits.DefaultMaxConcurrentStreams). Every FlightData header is
+	// checked against its body before decoding (see checkIPCHeader).
+	MaxTensorElements    int64
+	MaxConcurrentStreams uint32
 	// Allocator allocates the memory of decoded batches (default
 	// memory.DefaultAllocator).
 	Allocator memory.Allocator
@@ -104,6 +112,8 @@ type Server struct {
 	store *store
 	jobs  *Jobs
 	grpc  *grpc.Server
+	// hdrLim bounds the IPC headers of received FlightData.
+	hdrLim headerLimits
 
 	mu       sync.Mutex
 	lis      net.Listener
@@ -126,6 +136,12 @@ func New(opts Options) (*Server, error) {
 	if opts.MaxMessageBytes <= 0 {
 		opts.MaxMessageBytes = math.MaxInt32
 	}
+	if opts.MaxTensorElements <= 0 {
+		opts.MaxTensorElements = limits.DefaultMaxTensorElements
+	}
+	if opts.MaxConcurrentStreams == 0 {
+		opts.MaxConcurrentStreams = limits.DefaultMaxConcurrentStreams
+	}
 	if opts.Allocator == nil {
 		opts.Allocator = memory.DefaultAllocator
 	}
@@ -136,7 +152,8 @@ func New(opts Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("flight: %w", err)
 	}
-	s := &Server{opts: opts, log: opts.Logger, mem: opts.Allocator, store: st, stopping: make(chan struct{})}
+	s := &Server{opts: opts, log: opts.Logger, mem: opts.Allocator, store: st, stopping: make(chan struct{}),
+		hdrLim: headerLimits{maxLength: opts.MaxTensorElements, maxUncompressed: int64(opts.MaxMessageBytes)}}
 	if opts.Trainer != nil {
 		s.jobs = NewJobs(opts.Trainer)
 	}
@@ -152,6 +169,7 @@ func New(opts Options) (*Server, error) {
 		grpc.InitialConnWindowSize(2 * streamWindowBytes),
 		// FlightData bodies are copied once, into reused buffers.
 		grpc.ForceServerCodecV2(newFlightCodec()),
+		grpc.MaxConcurrentStreams(opts.MaxConcurrentStreams),
 	}
 	// Outermost: every error leaves with its code and a bounded message.
 	gopts = append(gopts, kstatus.ServerOptions()...)
@@ -527,7 +545,7 @@ func (a *acker) finish() error {
 func (s *Server) DoPut(stream flight.FlightService_DoPutServer) (err error) {
 	defer recoverStatus(&err, "DoPut")
 	ctx := stream.Context()
-	rdr, err := newPutReader(stream, s.mem)
+	rdr, err := newPutReader(stream, s.mem, s.hdrLim)
 	if err != nil {
 		return statusFromReadErr(ctx, "DoPut: reading the schema", err)
 	}

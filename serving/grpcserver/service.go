@@ -41,6 +41,12 @@ type Options struct {
 	// requests in flight are answered, so that a graceful stop does not
 	// wait for clients to close their streams. Nil never closes.
 	Stopping <-chan struct{}
+	// MaxInputs bounds the inputs of one request and MaxTensorElements the
+	// elements of one input (0: limits.DefaultMaxInputs,
+	// limits.DefaultMaxTensorElements); beyond them a request is
+	// INVALID_ARGUMENT before its data is decoded.
+	MaxInputs         int
+	MaxTensorElements int64
 }
 
 // Service is the GRPCInferenceService over a model manager.
@@ -209,7 +215,7 @@ type wanted struct {
 
 func (s *Service) run(ctx context.Context, v *manager.Version, req *pb.ModelInferRequest) (*pb.ModelInferResponse, error) {
 	cfg := v.Config()
-	ins, err := decodeInputs(v.Name(), cfg, req)
+	ins, err := decodeInputs(v.Name(), cfg, req, decodeLimits{maxInputs: s.opts.MaxInputs, maxElements: s.opts.MaxTensorElements})
 	if err != nil {
 		return nil, err
 	}

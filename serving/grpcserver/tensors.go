@@ -11,14 +11,18 @@ import (
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/serving/batcher"
 	pb "github.com/kilnml/kiln/serving/inferencepb"
+	"github.com/kilnml/kiln/serving/limits"
 	"github.com/kilnml/kiln/serving/repository"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
 
-// maxTensorBytes bounds one input's size before any allocation; requests
-// are bounded by the message size anyway, this guards typed contents.
-const maxTensorBytes = 1 << 40
+// decodeLimits bound what decodeInputs accepts; zero fields mean
+// limits.Defaults'.
+type decodeLimits struct {
+	maxInputs   int
+	maxElements int64
+}
 
 func invalid(format string, args ...any) error {
 	return status.Errorf(codes.InvalidArgument, format, args...)
@@ -44,7 +48,19 @@ func expectedShape(cfg *repository.Config, t repository.TensorSpec) []int64 {
 // decodeInputs checks a request's inputs against the configuration and
 // returns them in the configuration's order. Every error is an
 // INVALID_ARGUMENT status naming the input.
-func decodeInputs(model string, cfg *repository.Config, req *pb.ModelInferRequest) ([]batcher.Tensor, error) {
+//
+// The shapes are the sender's claims: no buffer is sized by one before it
+// is checked against lim and against the bytes or values received.
+func decodeInputs(model string, cfg *repository.Config, req *pb.ModelInferRequest, lim decodeLimits) ([]batcher.Tensor, error) {
+	if lim.maxInputs <= 0 {
+		lim.maxInputs = limits.DefaultMaxInputs
+	}
+	if lim.maxElements <= 0 {
+		lim.maxElements = limits.DefaultMaxTensorElements
+	}
+	if n := len(req.GetInputs()); n > lim.maxInputs {
+		return nil, invalid("model %q: the request has %d inputs, more than the limit of %d", model, n, lim.maxInputs)
+	}
 	raw := req.GetRawInputContents()
 	if len(raw) > 0 && len(raw) != len(req.GetInputs()) {
 		return nil, invalid("model %q: raw_input_contents has %d entries for %d inputs", model, len(raw), len(req.GetInputs()))
@@ -105,8 +121,8 @@ func decodeInputs(model string, cfg *repository.Config, req *pb.ModelInferReques
 		size := int64(c.DataType.Size())
 		n := int64(1)
 		for _, d := range got {
-			if d != 0 && n > maxTensorBytes/size/d {
-				return nil, invalid("input %q: shape %s is too large", c.Name, shapeString(got))
+			if d != 0 && n > lim.maxElements/d {
+				return nil, invalid("input %q: shape %s is too large: more than the limit of %d elements", c.Name, shapeString(got), lim.maxElements)
 			}
 			n *= d
 		}
@@ -151,12 +167,31 @@ func typedContents(c repository.TensorSpec, tc *pb.InferTensorContents, n int64,
 		return nil
 	}
 	size := c.DataType.Size()
+	// The shape is the sender's claim: count the values actually received
+	// before allocating anything sized by it.
+	var got int
+	switch c.DataType {
+	case repository.Bool:
+		got = len(tc.GetBoolContents())
+	case repository.Int8, repository.Int16, repository.Int32:
+		got = len(tc.GetIntContents())
+	case repository.Uint8:
+		got = len(tc.GetUintContents())
+	case repository.Int64:
+		got = len(tc.GetInt64Contents())
+	case repository.FP32:
+		got = len(tc.GetFp32Contents())
+	case repository.FP64:
+		got = len(tc.GetFp64Contents())
+	default:
+		return nil, invalid("input %q: %s data must be sent in raw_input_contents", c.Name, c.DataType)
+	}
+	if err := count(got); err != nil {
+		return nil, err
+	}
 	buf := make([]byte, 0, n*int64(size))
 	le := binary.LittleEndian
 	ints := func(vals []int32, lo, hi int32) ([]byte, error) {
-		if err := count(len(vals)); err != nil {
-			return nil, err
-		}
 		for _, v := range vals {
 			if v < lo || v > hi {
 				return nil, invalid("input %q: value %d does not fit %s", c.Name, v, c.DataType)

@@ -39,6 +39,7 @@ import (
 	"github.com/kilnml/kiln/serving/auth"
 	"github.com/kilnml/kiln/serving/grpcserver"
 	pb "github.com/kilnml/kiln/serving/inferencepb"
+	"github.com/kilnml/kiln/serving/limits"
 	kstatus "github.com/kilnml/kiln/serving/status"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -49,9 +50,9 @@ import (
 // JSON part of a request or response body.
 const HeaderLength = "Inference-Header-Content-Length"
 
-// DefaultMaxBodyBytes bounds a request body (after decompression) unless
-// Options say otherwise: 2 GiB, like the gRPC message limit.
-const DefaultMaxBodyBytes = 1<<31 - 1
+// DefaultMaxBodyBytes bounds a request body as sent unless Options say
+// otherwise: limits.DefaultMaxMessageBytes, like the gRPC message limit.
+const DefaultMaxBodyBytes = limits.DefaultMaxMessageBytes
 
 // Options configure the HTTP handler.
 type Options struct {
@@ -60,8 +61,16 @@ type Options struct {
 	// statistics auth.Inference calls, health and server metadata
 	// auth.Open. nil lets every call through.
 	Auth *auth.Policy
-	// MaxBodyBytes bounds request bodies (0: DefaultMaxBodyBytes).
+	// MaxBodyBytes bounds request bodies as sent (0: DefaultMaxBodyBytes);
+	// a larger one is answered 413 without being read further.
 	MaxBodyBytes int64
+	// MaxDecompressedBytes bounds a gzip or deflate body once decoded (0:
+	// limits.DefaultMaxDecompressedBytes); beyond it, 413.
+	MaxDecompressedBytes int64
+	// Gate admits inference requests by their declared body size
+	// (Content-Length, else MaxBodyBytes) before their body is read; a
+	// request it refuses is answered 503. nil admits everything.
+	Gate *limits.Gate
 	// Logger receives the handler's logs; nil means slog.Default().
 	Logger *slog.Logger
 }
@@ -78,6 +87,9 @@ type Handler struct {
 func New(svc *grpcserver.Service, opts Options) *Handler {
 	if opts.MaxBodyBytes <= 0 {
 		opts.MaxBodyBytes = DefaultMaxBodyBytes
+	}
+	if opts.MaxDecompressedBytes <= 0 {
+		opts.MaxDecompressedBytes = limits.DefaultMaxDecompressedBytes
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
@@ -137,6 +149,11 @@ func writeError(w http.ResponseWriter, code int, msg string) {
 }
 
 func writeStatus(w http.ResponseWriter, err error) {
+	var he *httpError
+	if errors.As(err, &he) {
+		writeError(w, he.code, he.msg)
+		return
+	}
 	st := status.Convert(kstatus.GRPC(err))
 	writeError(w, kstatus.HTTPFromGRPC(st.Code()), st.Message())
 }
@@ -265,10 +282,44 @@ func (h *Handler) stats(w http.ResponseWriter, r *http.Request) {
 	writeBody(w, "application/json", body)
 }
 
-// readBody reads a request body within the size limit, decompressing
-// gzip and deflate (zlib) Content-Encodings.
+// httpError is an error answered with its own HTTP status (413 and 503,
+// which no gRPC code maps to).
+type httpError struct {
+	code int
+	msg  string
+}
+
+func (e *httpError) Error() string { return e.msg }
+
+// admit reserves the request's declared body size (Content-Length, else
+// the body limit) in the gate before the body is read; the caller calls
+// release once the request is answered. A declared size over the body
+// limit is 413, a full gate 503.
+func (h *Handler) admit(r *http.Request) (release func(), err error) {
+	n := r.ContentLength
+	if n > h.opts.MaxBodyBytes {
+		return nil, &httpError{http.StatusRequestEntityTooLarge, fmt.Sprintf("request body of %d bytes exceeds the limit of %d bytes", n, h.opts.MaxBodyBytes)}
+	}
+	if n < 0 {
+		n = h.opts.MaxBodyBytes
+	}
+	if !h.opts.Gate.Acquire(n) {
+		return nil, &httpError{http.StatusServiceUnavailable, fmt.Sprintf("server busy: %d bytes of requests in flight, the limit is %d; retry later", h.opts.Gate.InFlight(), h.opts.Gate.Capacity())}
+	}
+	return func() { h.opts.Gate.Release(n) }, nil
+}
+
+// readBody reads a request body within the size limits, decompressing
+// gzip and deflate (zlib) Content-Encodings. It reads incrementally: the
+// buffer grows with the bytes actually received, never from the declared
+// Content-Length. A body over MaxBodyBytes, or over MaxDecompressedBytes
+// once decoded, is a 413 httpError.
 func (h *Handler) readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
+	if r.ContentLength > h.opts.MaxBodyBytes {
+		return nil, &httpError{http.StatusRequestEntityTooLarge, fmt.Sprintf("request body of %d bytes exceeds the limit of %d bytes", r.ContentLength, h.opts.MaxBodyBytes)}
+	}
 	var src io.Reader = http.MaxBytesReader(w, r.Body, h.opts.MaxBodyBytes)
+	limit := h.opts.MaxBodyBytes
 	switch enc := strings.ToLower(strings.TrimSpace(r.Header.Get("Content-Encoding"))); enc {
 	case "", "identity":
 	case "gzip":
@@ -277,26 +328,25 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request) ([]byte, erro
 			return nil, status.Errorf(codes.InvalidArgument, "gzip body: %v", err)
 		}
 		defer zr.Close()
-		src = zr
+		src, limit = zr, h.opts.MaxDecompressedBytes
 	case "deflate":
 		zr, err := zlib.NewReader(src)
 		if err != nil {
 			return nil, status.Errorf(codes.InvalidArgument, "deflate body: %v", err)
 		}
 		defer zr.Close()
-		src = zr
+		src, limit = zr, h.opts.MaxDecompressedBytes
 	default:
 		return nil, status.Errorf(codes.InvalidArgument, "unsupported Content-Encoding %q (want gzip or deflate)", enc)
 	}
 	var buf bytes.Buffer
-	if r.ContentLength > 0 && r.ContentLength <= h.opts.MaxBodyBytes {
-		buf.Grow(int(r.ContentLength))
-	}
-	// Bound decompressed bodies too.
-	n, err := buf.ReadFrom(io.LimitReader(src, h.opts.MaxBodyBytes+1))
+	n, err := buf.ReadFrom(io.LimitReader(src, limit+1))
 	var tooBig *http.MaxBytesError
-	if errors.As(err, &tooBig) || n > h.opts.MaxBodyBytes {
-		return nil, status.Errorf(codes.ResourceExhausted, "request body exceeds %d bytes", h.opts.MaxBodyBytes)
+	if errors.As(err, &tooBig) {
+		return nil, &httpError{http.StatusRequestEntityTooLarge, fmt.Sprintf("request body exceeds the limit of %d bytes", h.opts.MaxBodyBytes)}
+	}
+	if n > limit {
+		return nil, &httpError{http.StatusRequestEntityTooLarge, fmt.Sprintf("decoded request body exceeds the limit of %d bytes", limit)}
 	}
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "reading the request body: %v", err)
@@ -416,6 +466,12 @@ func requestTimeout(params map[string]json.RawMessage) (time.Duration, error) {
 }
 
 func (h *Handler) infer(w http.ResponseWriter, r *http.Request) {
+	release, err := h.admit(r)
+	if err != nil {
+		writeStatus(w, err)
+		return
+	}
+	defer release()
 	body, err := h.readBody(w, r)
 	if err != nil {
 		writeStatus(w, err)

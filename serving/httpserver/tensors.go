@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/kilnml/kiln/core"
@@ -156,31 +158,115 @@ func decodeInferRequest(model, version string, body []byte, headerLen string) (*
 	return req, choice, nil
 }
 
-// flatten appends the leaves of a (nested) JSON array to out.
-func flatten(v any, out []any) []any {
-	if a, ok := v.([]any); ok {
-		for _, x := range a {
-			out = flatten(x, out)
+// notNumberError is a leaf of JSON "data" that is no number, true or
+// false (a string, null, an object).
+type notNumberError struct{ tok []byte }
+
+func (e notNumberError) Error() string {
+	return fmt.Sprintf("value %s is not a number, true or false", e.tok)
+}
+
+// jsonLeaves walks the (nested) JSON array data and calls leaf with each
+// leaf's bytes (a number, true or false; anything else is an error), in
+// order; it allocates nothing. With leaf nil it only counts and checks.
+func jsonLeaves(data []byte, leaf func(tok []byte) error) (int64, error) {
+	var n int64
+	depth := 0
+	i := 0
+	skip := func() {
+		for i < len(data) && (data[i] == ' ' || data[i] == '\t' || data[i] == '\n' || data[i] == '\r') {
+			i++
 		}
-		return out
 	}
-	return append(out, v)
+	// expectValue: after '[' or ',' a value must come.
+	expectValue, first := true, true
+	for {
+		skip()
+		if i >= len(data) {
+			if depth != 0 || first {
+				return 0, errors.New("unexpected end of \"data\"")
+			}
+			return n, nil
+		}
+		if depth == 0 && !first {
+			return 0, fmt.Errorf("unexpected %q after \"data\"", data[i])
+		}
+		c := data[i]
+		switch {
+		case c == '[':
+			if !expectValue {
+				return 0, fmt.Errorf("unexpected '[' at byte %d", i)
+			}
+			if depth++; depth > 64 {
+				return 0, errors.New("\"data\" nests deeper than 64 arrays")
+			}
+			i++
+			first = false
+			skip()
+			if i < len(data) && data[i] == ']' { // empty array
+				i++
+				depth--
+				expectValue = false
+				continue
+			}
+			expectValue = true
+		case c == ']':
+			if expectValue || depth == 0 {
+				return 0, fmt.Errorf("unexpected ']' at byte %d", i)
+			}
+			i++
+			depth--
+		case c == ',':
+			if expectValue || depth == 0 {
+				return 0, fmt.Errorf("unexpected ',' at byte %d", i)
+			}
+			i++
+			expectValue = true
+		default:
+			if !expectValue {
+				return 0, fmt.Errorf("unexpected %q at byte %d", c, i)
+			}
+			j := i
+			for j < len(data) && !strings.ContainsRune(" \t\n\r,[]", rune(data[j])) {
+				j++
+			}
+			tok := data[i:j]
+			if !(tok[0] == '-' || (tok[0] >= '0' && tok[0] <= '9') || string(tok) == "true" || string(tok) == "false") {
+				return 0, notNumberError{tok}
+			}
+			if leaf != nil {
+				if err := leaf(tok); err != nil {
+					return 0, err
+				}
+			}
+			n++
+			i = j
+			first = false
+			expectValue = false
+		}
+	}
 }
 
 // jsonData converts an input's JSON "data" to raw little-endian bytes of
-// its datatype.
+// its datatype. It streams: the values are counted and checked against
+// the declared shape first, then parsed straight into a buffer of exactly
+// that many elements, with no intermediate value per element.
 func jsonData(in jsonTensor) ([]byte, error) {
 	dt := repository.DataType(in.Datatype)
 	if dt == repository.Bytes || !dt.Known() {
 		return nil, invalid("input %q: datatype %q cannot be given as JSON \"data\"", in.Name, in.Datatype)
 	}
-	dec := json.NewDecoder(bytes.NewReader(in.Data))
-	dec.UseNumber()
-	var v any
-	if err := dec.Decode(&v); err != nil {
+	count, err := jsonLeaves(in.Data, nil)
+	var nn notNumberError
+	if errors.As(err, &nn) {
+		if dt == repository.Bool {
+			return nil, invalid("input %q: BOOL values must be true or false, got %s", in.Name, nn.tok)
+		}
+		return nil, invalid("input %q: %s values must be numbers, got %s", in.Name, dt, nn.tok)
+	}
+	if err != nil {
 		return nil, invalid("input %q: invalid \"data\": %v", in.Name, err)
 	}
-	vals := flatten(v, nil)
 	want := int64(1)
 	for _, d := range in.Shape {
 		if d < 0 || (d != 0 && want > math.MaxInt32/d) {
@@ -189,38 +275,37 @@ func jsonData(in jsonTensor) ([]byte, error) {
 		}
 		want *= d
 	}
-	if want >= 0 && int64(len(vals)) != want {
-		return nil, invalid("input %q: \"data\" holds %d values, shape %v needs %d", in.Name, len(vals), in.Shape, want)
+	if want >= 0 && count != want {
+		return nil, invalid("input %q: \"data\" holds %d values, shape %v needs %d", in.Name, count, in.Shape, want)
 	}
 	size := dt.Size()
-	buf := make([]byte, 0, len(vals)*size)
+	buf := make([]byte, 0, count*int64(size))
 	le := binary.LittleEndian
-	for _, x := range vals {
+	_, err = jsonLeaves(in.Data, func(tok []byte) error {
+		s := string(tok)
 		bad := func(err error) error {
-			return invalid("input %q: value %v is not a valid %s: %v", in.Name, x, dt, err)
+			return invalid("input %q: value %s is not a valid %s: %v", in.Name, s, dt, err)
 		}
+		isBool := s == "true" || s == "false"
 		if dt == repository.Bool {
-			switch b := x.(type) {
-			case bool:
-				if b {
-					buf = append(buf, 1)
-				} else {
-					buf = append(buf, 0)
-				}
-				continue
+			if !isBool {
+				return invalid("input %q: BOOL values must be true or false, got %s", in.Name, s)
 			}
-			return nil, invalid("input %q: BOOL values must be true or false, got %v", in.Name, x)
+			if s == "true" {
+				buf = append(buf, 1)
+			} else {
+				buf = append(buf, 0)
+			}
+			return nil
 		}
-		num, ok := x.(json.Number)
-		if !ok {
-			return nil, invalid("input %q: %s values must be numbers, got %v", in.Name, dt, x)
+		if isBool || !json.Valid(tok) {
+			return invalid("input %q: %s values must be numbers, got %s", in.Name, dt, s)
 		}
-		s := num.String()
 		switch dt {
 		case repository.FP32, repository.FP16, repository.BF16:
 			f, err := strconv.ParseFloat(s, 32)
 			if err != nil {
-				return nil, bad(err)
+				return bad(err)
 			}
 			switch dt {
 			case repository.FP32:
@@ -233,22 +318,29 @@ func jsonData(in jsonTensor) ([]byte, error) {
 		case repository.FP64:
 			f, err := strconv.ParseFloat(s, 64)
 			if err != nil {
-				return nil, bad(err)
+				return bad(err)
 			}
 			buf = le.AppendUint64(buf, math.Float64bits(f))
 		case repository.Uint8, repository.Uint16, repository.Uint32, repository.Uint64:
 			u, err := strconv.ParseUint(s, 10, size*8)
 			if err != nil {
-				return nil, bad(err)
+				return bad(err)
 			}
 			buf = appendInt(buf, u, size)
 		default: // signed integers
 			i, err := strconv.ParseInt(s, 10, size*8)
 			if err != nil {
-				return nil, bad(err)
+				return bad(err)
 			}
 			buf = appendInt(buf, uint64(i), size)
 		}
+		return nil
+	})
+	if err != nil {
+		if _, ok := status.FromError(err); ok {
+			return nil, err
+		}
+		return nil, invalid("input %q: invalid \"data\": %v", in.Name, err)
 	}
 	return buf, nil
 }
