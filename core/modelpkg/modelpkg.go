@@ -52,9 +52,9 @@ const (
 var (
 	// ErrManifest: manifest.json does not parse, or lacks what every
 	// package declares (inputs, outputs, the model file).
-	ErrManifest = errors.New("invalid manifest")
+	ErrManifest error = &core.Error{Code: core.InvalidArgument, Message: "invalid manifest"}
 	// ErrFormat: manifest.json's format is not Format.
-	ErrFormat = errors.New("unknown model package format")
+	ErrFormat error = &core.Error{Code: core.InvalidArgument, Message: "unknown model package format"}
 )
 
 // TensorInfo describes one input or output of a packaged model.

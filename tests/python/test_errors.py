@@ -138,15 +138,22 @@ def test_not_found(tmp_path):
     # Missing in Python's own check...
     with pytest.raises(kiln.ModelNotFoundError):
         kiln.load(tmp_path / "missing.pt")
-    # ...and in Go's: a package whose manifest names a file that is not there.
+    # ...and in Go's: a valid package manifest whose model.pt is not there.
     pkg = tmp_path / "pkg"
     pkg.mkdir()
-    (pkg / "manifest.json").write_text(json.dumps({"model": "gone.pt"}))
+    tensor = {"name": "x", "dtype": "float32", "shape": [-1, 4]}
+    (pkg / "manifest.json").write_text(json.dumps(
+        {"format": "kiln-model/1", "model": "model.pt", "inputs": [tensor], "outputs": [dict(tensor, name="y")]}))
     with pytest.raises(kiln.ModelNotFoundError) as e:
         kiln.load(pkg)
     assert e.value.code == "NOT_FOUND"
     for cls in (FileNotFoundError, OSError, LookupError, kiln.NotFoundError, kiln.ModelLoadError, kiln.KilnError):
         assert isinstance(e.value, cls)
+    # A manifest Kiln cannot read is an invalid model, not a missing one.
+    (pkg / "manifest.json").write_text(json.dumps({"model": "gone.pt"}))
+    with pytest.raises(kiln.InvalidModelError) as e:
+        kiln.load(pkg)
+    assert e.value.code == "INVALID_ARGUMENT"
 
 
 def overcommits_without_limit():
