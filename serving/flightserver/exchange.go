@@ -23,6 +23,7 @@ import (
 	"github.com/kilnml/kiln/arrowio"
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/serving/batcher"
+	"github.com/kilnml/kiln/serving/manager"
 	"github.com/kilnml/kiln/serving/repository"
 )
 
@@ -151,19 +152,6 @@ func product(s []int64) int64 {
 	return n
 }
 
-// fits reports whether shape matches dims, where -1 matches any size.
-func fits(dims, shape []int64) bool {
-	if len(dims) != len(shape) {
-		return false
-	}
-	for i, d := range dims {
-		if d != -1 && d != shape[i] {
-			return false
-		}
-	}
-	return true
-}
-
 // featureColumns returns the columns to stack for a feature input of width
 // k (-1: any width), by the rule of the package documentation.
 func featureColumns(schema *arrow.Schema, k int64) ([]int, error) {
@@ -234,7 +222,7 @@ func newPlan(model string, cfg *repository.Config, schema *arrow.Schema) (*plan,
 			if len(shape) == 0 && len(rowDims) == 1 && (rowDims[0] == 1 || rowDims[0] == -1) {
 				shape = []int64{1} // a plain column feeds a [1] input
 			}
-			if !fits(rowDims, shape) {
+			if !manager.ShapeMatches(rowDims, shape) {
 				return nil, invalidArg("model %q: input column %q holds %s per row, expected %s", model, c.Name, shapeString(shape), want(c))
 			}
 			src.cols, src.rowShape, src.phys, src.perm = idx, shape, phys, perm
