@@ -46,7 +46,7 @@ func runChild(role string) int {
 	if role == "hold" {
 		r.beforeCommit = func() {
 			fmt.Println("holding")
-			select {}
+			time.Sleep(time.Hour) // until killed
 		}
 	}
 	fmt.Println("ready")
@@ -62,7 +62,7 @@ func runChild(role string) int {
 	switch {
 	case err == nil && role == "done":
 		fmt.Println("done")
-		select {}
+		time.Sleep(time.Hour) // until killed
 	case err == nil:
 		fmt.Println("won")
 	case errors.Is(err, ErrConflict):
@@ -86,6 +86,16 @@ func child(t *testing.T, b backend, role, move, goFile string) (*exec.Cmd, *bufi
 	require.NoError(t, cmd.Start())
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
 	return cmd, bufio.NewScanner(out)
+}
+
+// kill9 kills the child with SIGKILL and checks that it was alive until
+// then (it ended by that signal, not by itself).
+func kill9(t *testing.T, cmd *exec.Cmd) {
+	t.Helper()
+	require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
+	cmd.Wait()
+	ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus)
+	require.True(t, ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL, "child ended by %v, not by SIGKILL", cmd.ProcessState)
 }
 
 // expectLine reads the child's next line and checks it.
@@ -164,8 +174,7 @@ func TestKillDuringPromotion(t *testing.T) {
 		cmd, s := child(t, b, "hold", "iris production 1 2", "")
 		expectLine(t, s, "ready")
 		expectLine(t, s, "holding") // inside the transaction, before the commit
-		require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
-		cmd.Wait()
+		kill9(t, cmd)
 		v, err := r.Alias(ctx, "iris", "production")
 		require.NoError(t, err)
 		assert.Equal(t, 1, v, "killed before the commit: the old version")
@@ -176,8 +185,7 @@ func TestKillDuringPromotion(t *testing.T) {
 		cmd, s = child(t, b, "done", "iris production 1 2", "")
 		expectLine(t, s, "ready")
 		expectLine(t, s, "done")
-		require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
-		cmd.Wait()
+		kill9(t, cmd)
 		v, err = r.Alias(ctx, "iris", "production")
 		require.NoError(t, err)
 		assert.Equal(t, 2, v, "killed after the commit: the new version")
