@@ -195,7 +195,11 @@ func sampleTable(samples []soakSample) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "%-10s %8s %9s %11s %6s %13s %10s\n", "sample", "at", "RSS MiB", "goroutines", "fds", "live tensors", "requests")
 	for _, s := range samples {
-		fmt.Fprintf(&b, "%-10s %8s %9d %11d %6d %13d %10d\n", s.label, s.at.Round(time.Second), s.rss>>20, s.goroutines, s.fds, s.tensors, s.requests)
+		reqs := "-" // at rest
+		if !strings.HasPrefix(s.label, "rest") {
+			reqs = strconv.FormatInt(s.requests, 10)
+		}
+		fmt.Fprintf(&b, "%-10s %8s %9d %11d %6d %13d %10s\n", s.label, s.at.Round(time.Second), s.rss>>20, s.goroutines, s.fds, s.tensors, reqs)
 	}
 	return b.String()
 }
