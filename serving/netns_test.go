@@ -23,8 +23,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/kilnml/kiln/internal/testkit"
-	pb "github.com/kilnml/kiln/serving/inferencepb"
 	"github.com/kilnml/kiln/serving/auth"
+	pb "github.com/kilnml/kiln/serving/inferencepb"
 )
 
 // netnsClientEnv carries a netnsTarget to TestNetnsClient, the client half
