@@ -143,7 +143,8 @@ func ChiSquare1SF(x float64) float64 {
 // Quantile returns the p-quantile (0 <= p <= 1) of the ascending-sorted
 // sorted by linear interpolation between order statistics, the "linear"
 // method (Hyndman & Fan 1996, definition 7) that numpy.quantile and
-// scipy.stats.quantile use by default: with h = (N-1)·p, the value
+// scipy.stats.quantile use by default: with h = (N-1)·p (computed as
+// numpy does, N·p + (1 - p) - 1), the value
 // x[⌊h⌋] + (h-⌊h⌋)·(x[⌊h⌋+1] - x[⌊h⌋]), computed from the upper end for
 // fractions >= 1/2 as numpy's lerp does. An empty slice gives NaN.
 func Quantile(sorted []float64, p float64) float64 {
@@ -151,7 +152,8 @@ func Quantile(sorted []float64, p float64) float64 {
 	if n == 0 || math.IsNaN(p) {
 		return math.NaN()
 	}
-	h := float64(n-1) * p
+	// numpy's _compute_virtual_index with alpha = beta = 1, term by term.
+	h := float64(n)*p + (1 + p*(1-1-1)) - 1
 	lo := int(math.Floor(h))
 	if lo < 0 {
 		return sorted[0]
