@@ -101,6 +101,9 @@ func runEvaluate(ctx context.Context, stdout, stderr io.Writer, o evaluateOption
 	if o.bootstrap < 1 {
 		return core.Errorf(core.InvalidArgument, "kiln: evaluate: --bootstrap %d must be >= 1", o.bootstrap)
 	}
+	if !(o.alpha > 0 && o.alpha < 1) {
+		return core.Errorf(core.InvalidArgument, "kiln: evaluate: --alpha %v is outside (0, 1)", o.alpha)
+	}
 	if o.batchSize < 1 {
 		return core.Errorf(core.InvalidArgument, "kiln: evaluate: --batch-size %d must be >= 1", o.batchSize)
 	}

@@ -78,4 +78,9 @@ train: {epochs: 3, batch_size: 16, seed: 1, optimizer: {type: adam, lr: 0.01}}
 	bad.bootstrap = 0
 	err = runEvaluate(context.Background(), &stdout, &stderr, bad)
 	assert.ErrorContains(t, err, "--bootstrap 0 must be >= 1")
+	bad = o
+	bad.alpha = 0
+	err = runEvaluate(context.Background(), &stdout, &stderr, bad)
+	assert.True(t, core.HasCode(err, core.InvalidArgument), "%v", err)
+	assert.ErrorContains(t, err, "--alpha 0 is outside (0, 1)")
 }
