@@ -140,6 +140,7 @@ func runServe(ctx context.Context, stdout, stderr io.Writer, cfg serving.Config,
 	default:
 		return fmt.Errorf("serve: --log-format %q: want text or json", o.logFormat)
 	}
+	applyMemoryLimit(cfg.Logger)
 	repo, err := pickRepository(cfg.ModelRepository)
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
