@@ -241,11 +241,12 @@ func startKiln(t *testing.T, m *memCap, repo string) (*exec.Cmd, servedAddrs, <-
 	// kiln serve sets its Go memory limit from the cgroup's (applyMemoryLimit).
 	cmd.Env = append(slices.DeleteFunc(os.Environ(), func(e string) bool { return strings.HasPrefix(e, "GOMEMLIMIT=") }), "KILN_MEMCAP_CGROUP="+m.dir)
 	if m.dir == "" {
-		// No cgroup to read the cap from: the same 3/4 share, by hand.
-		cmd.Env = append(cmd.Env, "GOMEMLIMIT=1536MiB")
+		// No cgroup to read the cap from: the same share, by hand.
+		share := goMemoryShare
+		cmd.Env = append(cmd.Env, fmt.Sprintf("GOMEMLIMIT=%d", int64(memCapBytes*share)))
 	}
-	var logs bytes.Buffer
-	cmd.Stderr = &syncWriter{w: &logs}
+	logs := &syncWriter{w: new(bytes.Buffer)}
+	cmd.Stderr = logs
 	stdout, err := cmd.StdoutPipe()
 	require.NoError(t, err)
 	require.NoError(t, cmd.Start())
@@ -292,15 +293,22 @@ func startKiln(t *testing.T, m *memCap, repo string) (*exec.Cmd, servedAddrs, <-
 	return nil, a, nil
 }
 
+// syncWriter is a buffer that a process writes while the test reads it.
 type syncWriter struct {
 	mu sync.Mutex
-	w  io.Writer
+	w  *bytes.Buffer
 }
 
 func (s *syncWriter) Write(p []byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.w.Write(p)
+}
+
+func (s *syncWriter) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.w.String()
 }
 
 func lastLines(s string, n int) string {
