@@ -370,9 +370,11 @@ func (s *Service) ModelStreamInfer(stream pb.GRPCInferenceService_ModelStreamInf
 		}
 		req := r.req
 		if r.busy != nil {
-			fail(req, r.busy)
-			continue
+			// Keep what the answer names, not the refused data.
+			req = &pb.ModelInferRequest{ModelName: req.GetModelName(), ModelVersion: req.GetModelVersion(), Id: req.GetId()}
 		}
+		// The answer, refused or not, is sent apart: a client that reads
+		// answers only after sending must not stall the receiving loop.
 		select {
 		case sem <- struct{}{}:
 		case <-ctx.Done():
@@ -382,6 +384,10 @@ func (s *Service) ModelStreamInfer(stream pb.GRPCInferenceService_ModelStreamInf
 		wg.Go(func() {
 			defer func() { <-sem }()
 			defer s.opts.Gate.Release(r.n)
+			if r.busy != nil {
+				fail(req, r.busy)
+				return
+			}
 			resp, err := s.infer(ctx, req)
 			if err != nil {
 				fail(req, err)
