@@ -48,10 +48,12 @@ const memCapBytes = 2 << 30
 
 // memCapFlags size `kiln serve`'s limits for a 2 GiB box. The defaults
 // are sized for 24 GiB (package serving/limits): a message is read in
-// full before it is admitted, and decodes into up to three copies (wire
-// buffer, protobuf, batch), so the worst case is about 3 × (in-flight
-// bytes + streams × message size). Here: 16 MiB messages, 256 MiB in
-// flight and 16 streams keep it near 1.5 GiB.
+// full before it is admitted and decodes into several copies (wire
+// buffers, the protobuf, the batch in C memory, the answer), so the worst
+// case is a few times (in-flight bytes + streams and calls being read ×
+// message size). Here: 16 MiB messages and decoded bodies, 128 MiB in
+// flight and 16 streams; with kiln serve's Go memory limit (60% of the
+// cgroup's) the worst requests below peak near 1.5 GiB.
 var memCapFlags = []string{
 	"--max-message-bytes", strconv.Itoa(16 << 20),
 	"--max-decompressed-bytes", strconv.Itoa(16 << 20),
