@@ -14,6 +14,9 @@
 //	nv_inference_pending_request_count      gauge    requests queued now
 //	kiln_inference_batch_size               histogram executions by batch size
 //
+// plus the server's admission control (AdmissionCollector: bytes in
+// flight, open streams, refusals).
+//
 // The values are read from the versions' statistics at scrape time, so they
 // cost nothing on the request path; a version's counters start at zero when
 // it loads.
@@ -135,10 +138,12 @@ func NewLiveTensorsGauge() prometheus.GaugeFunc {
 }
 
 // Handler returns the /metrics handler: the manager's metrics, the live
-// native tensor gauge, and the Go runtime's and the process's collectors.
-func Handler(mgr *manager.Manager) http.Handler {
+// native tensor gauge, the Go runtime's and the process's collectors, and
+// those of extra collectors (such as NewAdmissionCollector's).
+func Handler(mgr *manager.Manager, extra ...prometheus.Collector) http.Handler {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(NewCollector(mgr), NewLiveTensorsGauge(), collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(extra...)
 	return promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorLog: nil})
 }
