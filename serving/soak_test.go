@@ -376,6 +376,10 @@ version_policy: {all: true}
 `), 0o644))
 	cfg := testConfig(root, Config{MaxMessageBytes: soakMaxMessage})
 	cfg.HTTPPort, cfg.MetricsPort, cfg.FlightPort, cfg.DataDir = 0, 0, 0, t.TempDir()
+	// 80 of the 256 clients hold a stream (32 ModelStreamInfer, 48
+	// Flight): room for all of them, so that every refusal the soak sees
+	// is one it asked for (the stream limit has its own tests).
+	cfg.MaxStreams = 256
 	srv, err := New(cfg)
 	require.NoError(t, err)
 	require.NoError(t, srv.Start(context.Background()))
