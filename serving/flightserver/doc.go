@@ -26,6 +26,12 @@
 // over NAME.arrow only once it has ended well: a stream that breaks (the
 // client goes away, a malformed IPC message, a second schema) leaves the
 // data directory as it was and fails with CANCELLED or INVALID_ARGUMENT.
+// Every batch is validated in full before it is written (buffer sizes,
+// offsets, null counts recounted from the validity bitmaps, dictionary
+// indices, children and dictionaries: arrow-go's array.ValidateFull); a
+// batch that fails is INVALID_ARGUMENT naming its column, and the whole
+// stream is dropped with it, the batches before it too, although they were
+// acknowledged as durable: only "committed" makes a dataset.
 // Fsyncs run beside the writing: while the device flushes, the next batches
 // are received, checked and written, and one fsync may make several batches
 // durable (each acknowledged only after an fsync that began once it was

@@ -465,7 +465,7 @@ func (p putSource) Read() (arrow.RecordBatch, error) {
 	if st, ok := status.FromError(err); ok && st.Code() == codes.Canceled {
 		return nil, fmt.Errorf("the client went away: %w", context.Canceled)
 	}
-	return nil, fmt.Errorf("%w: %v", errInvalidStream, err)
+	return nil, fmt.Errorf("%w: %v", errInvalidStream, withColumn(p.rdr.Schema(), err))
 }
 
 // acker sends PutResults from its own goroutine, so that a client that
