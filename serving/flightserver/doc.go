@@ -41,7 +41,14 @@
 // ListFlights lists the datasets (a criteria expression keeps the names
 // with that prefix), GetFlightInfo describes one (schema, total records and
 // bytes, one endpoint whose ticket is "datasets/NAME") and DoGet streams it
-// back in the record batches it was put in, bit for bit.
+// back in the record batches it was put in, bit for bit, but for one case:
+// a dictionary-encoded column whose dictionary changes between batches (as
+// pyarrow sends a table concatenated from tables of other categories),
+// which an Arrow IPC file cannot hold, is stored with one dictionary
+// unified over the stream (indices widened when the categories outgrow
+// their type), so that DoGet returns the same values, still
+// dictionary-encoded. A dictionary nested in another type that changes is
+// UNIMPLEMENTED. Data the IPC writer refuses is never INTERNAL.
 //
 // # Inference
 //
