@@ -98,13 +98,20 @@
 // returns {"job_id": ID}; `job-status` and `cancel` take the id (bare, as a
 // JSON string or as {"job_id": ID}) and return the job's JobStatus JSON,
 // with its progress; `list-jobs` returns them all. Without a Trainer these
-// actions fail with UNIMPLEMENTED. ModelTrainer is Kiln's trainer (core/train
+// actions fail with UNIMPLEMENTED. A Trainer that is a TrainChecker
+// (ModelTrainer is) checks the body against the dataset first: a request
+// that cannot succeed (unknown fields, no layers, a missing or unusable
+// target or feature column, an invalid model name, checkpoint options)
+// fails the action with INVALID_ARGUMENT, an unknown dataset with
+// NOT_FOUND, and no job starts. ModelTrainer is Kiln's trainer (core/train
 // on the dataset read with arrowio.ReadTable): its `train` body is a
 // TrainRequest (dataset, target, an inline `kiln train` spec, hyper-parameter
 // overrides, the model name), and it writes the trained model package as the
 // next version of a model repository, with a config.yaml the serving
 // repository accepts, reporting epochs, loss and validation metrics as
-// progress.
+// progress. The package is written in a hidden staging directory at the
+// top of the repository and installed with repository.Install: a job that
+// fails or is cancelled leaves nothing in the repository.
 //
 // # Security
 //

@@ -651,6 +651,11 @@ func (s *Server) DoAction(a *flight.Action, stream flight.FlightService_DoAction
 		if err != nil {
 			return status.Errorf(codes.InvalidArgument, "train: %v", err)
 		}
+		if c, ok := s.opts.Trainer.(TrainChecker); ok {
+			if err := c.CheckTrain(a.GetBody(), info); err != nil {
+				return toStatus(fmt.Errorf("train: %w", err))
+			}
+		}
 		id, err := s.jobs.Start(stream.Context(), a.GetBody(), info.Name, info.Path)
 		if err != nil {
 			return status.Errorf(codes.Unavailable, "train: %v", err)
