@@ -3,6 +3,7 @@
 #   make run     install what is missing, build, run Kiln's main job (kiln serve)
 #   make test    install what is missing, build, run every Go and Python test
 #   make bench   install what is missing, build, run the benchmarks
+#   make soak    the 10-minute soak of the model server (SOAK_SECONDS)
 #
 # LIBTORCH=/path/with/include-and-lib selects another libtorch (for example
 # a pip torch package directory); Debian's libtorch-dev is the default.
@@ -17,7 +18,7 @@ ENV := eval "$$(scripts/env.sh --print)" &&
 PY := .venv/bin/python
 DEMO := build/demo
 
-.PHONY: deps build python run demo test test-go test-python test-fuzz fuzz vet bench bench-serve clean
+.PHONY: deps build python run demo test test-go test-python test-fuzz fuzz soak vet bench bench-serve clean
 
 deps:
 	scripts/install-deps
@@ -70,6 +71,15 @@ fuzz: deps
 	$(ENV) scripts/fuzz $(FUZZTIME)
 
 test: vet test-go test-python test-fuzz
+
+# The soak (serving/soak_test.go): 256 clients of mixed valid and invalid
+# gRPC, HTTP and Flight traffic for SOAK_SECONDS, then RSS, goroutines,
+# open files and live native tensors checked flat. `make test` runs it
+# once, for its default 60 s.
+SOAK_SECONDS ?= 600
+soak: deps
+	$(ENV) KILN_SOAK_SECONDS=$(SOAK_SECONDS) go test -count=1 -v -run '^TestSoak$$' \
+		-timeout $$(( $(SOAK_SECONDS) * 2 + 600 ))s ./serving/
 
 bench: build
 	$(ENV) go run ./bench/cgo

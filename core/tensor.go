@@ -37,6 +37,16 @@ func wrap(h native.Tensor) (*Tensor, error) {
 	return t, nil
 }
 
+// LiveTensors returns the number of native tensor handles alive now in
+// the process: every *Tensor not yet closed (nor released by its cleanup),
+// plus handles that other native calls (training, optimization) hold for
+// the duration of a call. Each is one libtorch tensor reference owned by
+// Kiln; tensors that share storage count once each. A process at rest
+// returns to the same count, so a count that grows with traffic is a leak.
+// The count lives in C++ (kiln_tensor_live_count) and costs one atomic
+// load.
+func LiveTensors() int64 { return native.LiveTensors() }
+
 func numElements(shape []int64) (int64, error) {
 	n := int64(1)
 	for i, d := range shape {

@@ -5,6 +5,8 @@
 
 #include <torch/script.h>
 
+#include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -18,8 +20,24 @@ struct kiln_error_s {
   char* message;  // malloc'd
 };
 
+namespace kiln {
+// The number of kiln_tensor handles alive now (kiln_tensor_live_count).
+extern std::atomic<int64_t> live_tensors;
+}  // namespace kiln
+
+// A tensor handle: one reference to a libtorch tensor, owned by whoever
+// received it across the C ABI. Every handle counts itself in
+// kiln::live_tensors from construction to destruction, so handles made by
+// any entry point (tensor.cc, module.cc, trainer, optimize) are counted.
 struct kiln_tensor {
   at::Tensor t;
+
+  explicit kiln_tensor(at::Tensor v) noexcept : t(std::move(v)) {
+    kiln::live_tensors.fetch_add(1, std::memory_order_relaxed);
+  }
+  ~kiln_tensor() { kiln::live_tensors.fetch_sub(1, std::memory_order_relaxed); }
+  kiln_tensor(const kiln_tensor&) = delete;
+  kiln_tensor& operator=(const kiln_tensor&) = delete;
 };
 
 struct kiln_module {

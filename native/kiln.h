@@ -144,6 +144,13 @@ kiln_error kiln_tensor_contiguous(const kiln_tensor* t, kiln_tensor** out);
 kiln_error kiln_tensor_to_dtype(const kiln_tensor* t, kiln_dtype dtype,
                                 kiln_tensor** out);
 
+/* The number of kiln_tensor handles alive now: made by any kiln_* function
+ * (this header's, kiln_train.h's, kiln_optimize.h's) and not yet released
+ * with kiln_tensor_free. Each handle is one libtorch tensor reference owned
+ * by Kiln's caller; views of one storage count once per handle. Never
+ * fails; safe to call from any thread. */
+int64_t kiln_tensor_live_count(void);
+
 /* ---- TorchScript modules ---------------------------------------------- */
 
 /* Loads a TorchScript archive on the CPU and puts it in eval mode. */

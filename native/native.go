@@ -122,6 +122,11 @@ func (t Tensor) Valid() bool { return t.p != nil }
 // Free releases the handle. The storage lives on while other tensors view it.
 func (t Tensor) Free() { C.kiln_tensor_free(t.p) }
 
+// LiveTensors returns the number of tensor handles alive now: made by any
+// native call (this package's, trainer's, optimize's) and not yet freed
+// with Free (kiln_tensor_live_count).
+func LiveTensors() int64 { return int64(C.kiln_tensor_live_count()) }
+
 // TensorFromBlob wraps C memory at data without copying. release, if not
 // nil, runs exactly once, on an arbitrary thread, when libtorch drops the
 // last reference to the storage; on error it never runs. data must not

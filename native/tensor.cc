@@ -7,6 +7,8 @@
 
 namespace kiln {
 
+std::atomic<int64_t> live_tensors{0};
+
 bool to_scalar_type(kiln_dtype d, at::ScalarType* out) {
   switch (d) {
     case KILN_FLOAT32: *out = at::kFloat; return true;
@@ -218,5 +220,9 @@ kiln_error kiln_tensor_to_dtype(const kiln_tensor* t, kiln_dtype dtype,
 }
 
 void kiln_tensor_array_free(kiln_tensor** arr) { std::free(arr); }
+
+int64_t kiln_tensor_live_count(void) {
+  return kiln::live_tensors.load(std::memory_order_relaxed);
+}
 
 }  // extern "C"

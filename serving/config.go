@@ -103,8 +103,9 @@ type Config struct {
 	MaxMessageBytes int `json:"max_message_bytes"`
 	// Limits are the other resource limits (decompressed bytes, inputs
 	// per request, elements per tensor, bytes in flight, read timeouts,
-	// concurrent streams); their fields are promoted, and a zero field
-	// means its default (limits.Defaults).
+	// concurrent streams per connection and over the server); their
+	// fields are promoted, and a zero field means its default
+	// (limits.Defaults).
 	limits.Limits
 
 	// DataDir is the directory of Flight's datasets (created if missing).

@@ -58,6 +58,8 @@ type Server struct {
 	metrics  *http.Server         // nil when metrics are off
 	flight   *flightserver.Server // nil when Flight is off
 	tls      *tls.Config          // nil without TLS
+	gate     *limits.Gate         // bytes in flight, over every listener
+	streams  *limits.Streams      // client-streaming calls open, over every listener
 	stop     chan struct{}        // closed by Shutdown
 	stopReq  chan context.Context // Stop's request to Run
 	stopOnce sync.Once
@@ -114,6 +116,7 @@ func New(cfg Config) (*Server, error) {
 	s.mgr = manager.New(repo, manager.Options{Logger: cfg.Logger})
 	lim := cfg.Limits.WithDefaults()
 	gate := limits.NewGate(lim.MaxInflightBytes)
+	s.gate, s.streams = gate, limits.NewStreams(lim.MaxStreams)
 	gopts := append([]grpc.ServerOption{
 		grpc.MaxRecvMsgSize(cfg.MaxMessageBytes),
 		grpc.MaxSendMsgSize(cfg.MaxMessageBytes),
@@ -122,14 +125,15 @@ func New(cfg Config) (*Server, error) {
 	gopts = append(gopts, grpccodec.New().ServerOptions()...) // then: malformed messages → INVALID_ARGUMENT
 	gopts = append(gopts, policy.GRPCServerOptions(auth.KServeScope)...)
 	// After auth: an unauthenticated request holds no admission.
-	gopts = append(gopts, grpc.ChainUnaryInterceptor(gate.UnaryServerInterceptor()))
+	gopts = append(gopts, grpc.ChainUnaryInterceptor(gate.UnaryServerInterceptor()),
+		grpc.ChainStreamInterceptor(s.streams.StreamServerInterceptor()))
 	if s.tls != nil {
 		gopts = append(gopts, grpc.Creds(credentials.NewTLS(s.tls)))
 	}
 	s.grpc = grpc.NewServer(gopts...)
 	svc := grpcserver.New(s.mgr, grpcserver.Options{
 		Name: cfg.Name, Version: core.Version, Ready: s.Ready, Logger: cfg.Logger, Stopping: s.stop,
-		MaxInputs: lim.MaxInputs, MaxTensorElements: lim.MaxTensorElements,
+		MaxInputs: lim.MaxInputs, MaxTensorElements: lim.MaxTensorElements, Gate: gate,
 	})
 	svc.Register(s.grpc)
 	healthpb.RegisterHealthServer(s.grpc, &healthService{s: s})
@@ -144,7 +148,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	if addrs.metrics != "" {
 		mux := http.NewServeMux()
-		mux.Handle("/metrics", metrics.Handler(s.mgr))
+		mux.Handle("/metrics", metrics.Handler(s.mgr, metrics.NewAdmissionCollector(s.gate, s.streams)))
 		s.metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 30 * time.Second,
 			ErrorLog: slog.NewLogLogger(cfg.Logger.Handler(), slog.LevelWarn)}
 	}
@@ -177,6 +181,7 @@ func (s *Server) newFlight(policy *auth.Policy) (*flightserver.Server, error) {
 		DataDir: s.cfg.DataDir, Addr: s.addrs.flight, Models: flightserver.ManagerModels(s.mgr),
 		Trainer: trainer, Auth: policy, TLSConfig: s.tls, MaxMessageBytes: s.cfg.MaxMessageBytes, Logger: s.log,
 		MaxTensorElements: s.cfg.Limits.WithDefaults().MaxTensorElements, MaxConcurrentStreams: s.cfg.Limits.WithDefaults().MaxConcurrentStreams,
+		Gate: s.gate, Streams: s.streams,
 	})
 }
 

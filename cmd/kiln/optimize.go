@@ -1,12 +1,14 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -14,6 +16,7 @@ import (
 	"github.com/kilnml/kiln/core/data"
 	"github.com/kilnml/kiln/core/modelpkg"
 	"github.com/kilnml/kiln/core/optimize"
+	"github.com/kilnml/kiln/registry"
 )
 
 type optimizeOptions struct {
@@ -23,6 +26,8 @@ type optimizeOptions struct {
 	finetune, steps                                              int
 	val, test                                                    float64
 	stratify                                                     bool
+	register                                                     string
+	reg                                                          registryFlags
 }
 
 func newOptimizeCmd() *cobra.Command {
@@ -49,7 +54,7 @@ optimization recorded in manifest.json, and prints the report.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&o.model, "model", "", "model package directory (required)")
+	f.StringVar(&o.model, "model", "", "model package directory, or a registered version: models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/latest (required)")
 	f.StringVar(&o.data, "data", "", "CSV the model was trained on (required)")
 	f.StringVar(&o.out, "out", "", "directory for the optimized package (required)")
 	f.Float64Var(&o.prune, "prune", 0, "fraction of weights (or neurons with --structured) to remove, in [0, 1)")
@@ -66,6 +71,8 @@ optimization recorded in manifest.json, and prints the report.`,
 	f.Float64Var(&o.test, "test", -1, "test fraction, for packages whose manifest lacks the split")
 	f.BoolVar(&o.stratify, "stratify", false, "the split was stratified (with --val/--test)")
 	f.BoolVar(&o.jsonOut, "json", false, "print the report as JSON")
+	f.StringVar(&o.register, "register", "", "register the optimized package as a new version of this model (its parent: --model's version when it is a registered one)")
+	o.reg.addTo(f)
 	cmd.MarkFlagRequired("model")
 	cmd.MarkFlagRequired("data")
 	cmd.MarkFlagRequired("out")
@@ -81,14 +88,75 @@ func runOptimize(cmd *cobra.Command, stdout io.Writer, o optimizeOptions) error 
 	}
 	ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	src, err := optimize.Open(o.model)
+	dir, parent, err := registeredInput(ctx, o.reg, o.model)
+	if err != nil {
+		return err
+	}
+	if parent != nil {
+		defer os.RemoveAll(filepath.Dir(dir))
+	}
+	src, err := optimize.Open(dir)
 	if err != nil {
 		return err
 	}
 	defer src.Close()
-	tb, err := loadTable(o.data)
+	params := map[string]string{"model": o.model, "data": o.data, "out": o.out, "prune": fmt.Sprint(o.prune),
+		"structured": fmt.Sprint(o.structured), "global": fmt.Sprint(o.global), "norm": o.norm, "steps": fmt.Sprint(o.steps),
+		"finetune_epochs": fmt.Sprint(o.finetune), "quantize": o.quantize, "engine": o.engine, "calibrate": o.calibrate, "weights": o.weights}
+	tr, err := startRun(ctx, o.reg, o.register, "optimize", params)
 	if err != nil {
 		return err
+	}
+	defer tr.close()
+	version, err := optimizeAndSave(ctx, stdout, o, src, tr, parent)
+	if ferr := tr.finish(err, nil); err == nil {
+		err = ferr
+	}
+	if err != nil {
+		return err
+	}
+	if version != nil && !o.jsonOut {
+		fmt.Fprintf(stdout, "registered %s (sha256:%s, parent %s)\n", version.Ref(), version.Digest, parentOf(*version))
+	}
+	return nil
+}
+
+// registeredInput returns the package directory --model names: the
+// directory itself, or a registered version (models:/...) fetched, its
+// digest verified, into a temporary directory (the caller removes its
+// parent), with the version's reference.
+func registeredInput(ctx context.Context, rf registryFlags, model string) (string, *registry.Ref, error) {
+	if !strings.HasPrefix(model, registry.URIScheme) {
+		return model, nil, nil
+	}
+	r, err := rf.open(ctx)
+	if err != nil {
+		return "", nil, err
+	}
+	defer r.Close()
+	v, err := r.Resolve(ctx, model)
+	if err != nil {
+		return "", nil, err
+	}
+	tmp, err := os.MkdirTemp("", "kiln-optimize-")
+	if err != nil {
+		return "", nil, err
+	}
+	dir := filepath.Join(tmp, "pkg")
+	if _, err := r.Fetch(ctx, v.Ref(), dir); err != nil {
+		os.RemoveAll(tmp)
+		return "", nil, err
+	}
+	ref := v.Ref()
+	return dir, &ref, nil
+}
+
+// optimizeAndSave runs the optimization, writes --out, prints the report,
+// logs the variants' figures to the run and registers the result.
+func optimizeAndSave(ctx context.Context, stdout io.Writer, o optimizeOptions, src *optimize.Source, tr *tracker, parent *registry.Ref) (*registry.Version, error) {
+	tb, err := loadTable(o.data)
+	if err != nil {
+		return nil, err
 	}
 	var split *data.SplitOptions
 	if o.val >= 0 || o.test >= 0 {
@@ -96,16 +164,16 @@ func runOptimize(cmd *cobra.Command, stdout io.Writer, o optimizeOptions) error 
 	}
 	sp, err := src.Splits(tb, split)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	var cal *data.Dataset
 	if o.calibrate != "" {
 		ct, err := loadTable(o.calibrate)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		if cal, err = src.Calibration(ct); err != nil {
-			return fmt.Errorf("%w (--calibrate %s)", err, o.calibrate)
+			return nil, fmt.Errorf("%w (--calibrate %s)", err, o.calibrate)
 		}
 	}
 	res, err := optimize.Run(ctx, src, sp, optimize.Options{
@@ -114,23 +182,36 @@ func runOptimize(cmd *cobra.Command, stdout io.Writer, o optimizeOptions) error 
 		Calibration: cal, Weights: o.weights,
 	})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer res.Module.Close()
 	if err := optimize.SavePackage(o.out, src, sp, res); err != nil {
-		return err
+		return nil, err
+	}
+	// One metric step per variant, in the report's order.
+	for i, v := range res.Record.Report.Variants {
+		tr.epoch(i, map[string]float64{v.Name + "." + v.Metric: v.Value, v.Name + ".file_bytes": float64(v.FileBytes),
+			v.Name + ".params": float64(v.Params), v.Name + ".sparsity": v.Sparsity, v.Name + ".latency_ms_b1": v.LatencyB1})
+	}
+	var version *registry.Version
+	if o.register != "" {
+		v, err := tr.register(ctx, o.register, o.out, parent)
+		if err != nil {
+			return nil, err
+		}
+		version = &v
 	}
 	if o.jsonOut {
 		b, err := json.MarshalIndent(res.Record.Report, "", "  ")
 		if err != nil {
-			return err
+			return nil, err
 		}
 		_, err = fmt.Fprintln(stdout, string(b))
-		return err
+		return version, err
 	}
 	if err := res.Record.Report.WriteText(stdout); err != nil {
-		return err
+		return nil, err
 	}
 	_, err = fmt.Fprintf(stdout, "wrote %s\n", filepath.Join(o.out, modelpkg.ModelFile))
-	return err
+	return version, err
 }

@@ -14,10 +14,13 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kilnml/kiln/core/train"
+	"github.com/kilnml/kiln/registry"
 )
 
 type selectOptions struct {
 	spec, data, target, out string
+	register                string
+	reg                     registryFlags
 	epochs, concurrency     int
 	seconds                 float64
 	quiet, jsonOut          bool
@@ -51,6 +54,8 @@ a Kiln model package.`,
 	f.IntVar(&o.concurrency, "concurrency", 0, "candidates trained at once (default: CPUs)")
 	f.BoolVarP(&o.quiet, "quiet", "q", false, "no progress lines")
 	f.BoolVar(&o.jsonOut, "json", false, "print the leaderboard as JSON")
+	f.StringVar(&o.register, "register", "", "register the winner (needs --out) as a new version of this model in the registry")
+	o.reg.addTo(f)
 	cmd.MarkFlagRequired("spec")
 	cmd.MarkFlagRequired("data")
 	return cmd
@@ -77,12 +82,32 @@ func runSelect(ctx context.Context, stdout, stderr io.Writer, o selectOptions) e
 	if o.concurrency > 0 {
 		job.Concurrency = o.concurrency
 	}
+	if o.register != "" && o.out == "" {
+		return fmt.Errorf("kiln: select: --register needs --out (the winner's package is what is registered)")
+	}
 	tb, err := loadTable(o.data)
 	if err != nil {
 		return err
 	}
+	params := map[string]string{"data": o.data, "spec": o.spec}
+	flatten("", job.Train, params)
+	flatten("data", job.Data, params)
+	flatten("split", job.Split, params)
+	flatten("budget", job.Budget, params)
+	flatten("rank", job.Rank, params)
+	flatten("search", job.Search, params)
+	tr, err := startRun(ctx, o.reg, o.register, "select", params)
+	if err != nil {
+		return err
+	}
+	defer tr.close()
 	var mu sync.Mutex
 	progress := func(name string, e train.Event) {
+		if e.Kind == "epoch" {
+			mu.Lock()
+			tr.epoch(e.Epoch, prefixed(name+".val", e.Metrics, map[string]float64{name + ".loss": e.Loss}))
+			mu.Unlock()
+		}
 		if o.quiet || e.Kind != "done" {
 			return
 		}
@@ -91,6 +116,24 @@ func runSelect(ctx context.Context, stdout, stderr io.Writer, o selectOptions) e
 		fmt.Fprintf(stderr, "%-28s %d epochs  val %s\n", name, e.Epoch, formatMetrics(e.Metrics))
 	}
 	lb, err := train.Select(ctx, job, tb, o.data, o.out, progress)
+	var final map[string]float64
+	var version *registry.Version
+	if err == nil && lb.Winner != nil {
+		w := lb.Winner
+		final = prefixed("test", w.Test, prefixed("val", w.Val, map[string]float64{"score": w.Score, "latency_ms": w.LatencyMs, "candidates": float64(len(lb.Entries))}))
+		if tr != nil {
+			if perr := tr.r.LogParams(ctx, tr.run.ID, map[string]string{"winner": w.Name}); perr != nil {
+				err = perr
+			}
+		}
+		if err == nil && o.register != "" {
+			v, rerr := tr.register(ctx, o.register, o.out, nil)
+			err, version = rerr, &v
+		}
+	}
+	if ferr := tr.finish(err, final); err == nil {
+		err = ferr
+	}
 	if err != nil {
 		return err
 	}
@@ -109,6 +152,12 @@ func runSelect(ctx context.Context, stdout, stderr io.Writer, o selectOptions) e
 	fmt.Fprintf(stdout, "winner: %s (lr %g)\n", lb.Winner.Name, lb.Winner.LR)
 	if o.out != "" {
 		fmt.Fprintf(stdout, "saved:  %s (model.pt, manifest.json)\n", o.out)
+	}
+	if tr != nil {
+		fmt.Fprintf(stdout, "run:    %s\n", tr.run.ID)
+	}
+	if version != nil {
+		fmt.Fprintf(stdout, "registered: %s (sha256:%s)\n", version.Ref(), version.Digest)
 	}
 	return nil
 }

@@ -103,6 +103,7 @@ CPUs / instance_count) and --host accept IPv6 ("::1" or "[::1]").`,
 	f.DurationVar(&cfg.ReadHeaderTimeout, "read-header-timeout", cfg.ReadHeaderTimeout, "longest time to read an HTTP request's headers")
 	f.DurationVar(&cfg.ReadTimeout, "read-timeout", cfg.ReadTimeout, "longest time to read a whole HTTP request, body included")
 	f.Uint32Var(&cfg.MaxConcurrentStreams, "max-concurrent-streams", cfg.MaxConcurrentStreams, "most concurrent gRPC/Flight streams per connection")
+	f.IntVar(&cfg.MaxStreams, "max-streams", cfg.MaxStreams, "most client-streaming calls (ModelStreamInfer, Flight DoPut/DoExchange) open at once over the server; beyond: RESOURCE_EXHAUSTED")
 	f.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&cfg.DataDir, "data-dir", cfg.DataDir, "directory of the datasets uploaded over Flight")
 	f.DurationVar(&cfg.ShutdownTimeout, "shutdown-timeout", 0, "longest wait for requests in flight on shutdown (0: no limit)")
@@ -139,6 +140,7 @@ func runServe(ctx context.Context, stdout, stderr io.Writer, cfg serving.Config,
 	default:
 		return fmt.Errorf("serve: --log-format %q: want text or json", o.logFormat)
 	}
+	applyMemoryLimit(cfg.Logger)
 	repo, err := pickRepository(cfg.ModelRepository)
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)

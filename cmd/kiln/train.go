@@ -18,10 +18,13 @@ import (
 	"github.com/kilnml/kiln/arrowio"
 	"github.com/kilnml/kiln/core/data"
 	"github.com/kilnml/kiln/core/train"
+	"github.com/kilnml/kiln/registry"
 )
 
 type trainOptions struct {
 	spec, data, target, out string
+	register                string
+	reg                     registryFlags
 	epochs                  int
 	seed                    int64
 	checkpointDir           string
@@ -59,6 +62,8 @@ metrics to stdout. Ctrl-C stops after the current progress interval; with
 	f.BoolVar(&o.resume, "resume", false, "continue from the latest checkpoint in --checkpoint-dir")
 	f.BoolVarP(&o.quiet, "quiet", "q", false, "no progress bar")
 	f.BoolVar(&o.jsonOut, "json", false, "print the report as JSON")
+	f.StringVar(&o.register, "register", "", "register the package as a new version of this model in the registry")
+	o.reg.addTo(f)
 	cmd.MarkFlagRequired("spec")
 	cmd.MarkFlagRequired("data")
 	cmd.MarkFlagRequired("out")
@@ -126,9 +131,39 @@ func runTrain(ctx context.Context, stdout, stderr io.Writer, o trainOptions) err
 	if err != nil {
 		return err
 	}
+	params := map[string]string{"data": o.data, "spec": o.spec, "out": o.out}
+	flatten("", job.Train, params)
+	flatten("data", job.Data, params)
+	flatten("split", job.Split, params)
+	flatten("model", job.Model, params)
+	tr, err := startRun(ctx, o.reg, o.register, "train", params)
+	if err != nil {
+		return err
+	}
+	defer tr.close()
 	bar := newProgressBar(stderr, o.quiet)
-	rep, err := train.Run(ctx, job, tb, o.data, o.out, bar.event)
+	rep, err := train.Run(ctx, job, tb, o.data, o.out, func(e train.Event) {
+		bar.event(e)
+		if e.Kind == "epoch" {
+			tr.epoch(e.Epoch, prefixed("val", e.Metrics, map[string]float64{"loss": e.Loss, "lr": e.LR}))
+		}
+	})
 	bar.finish()
+	var final map[string]float64
+	var version *registry.Version
+	if err == nil {
+		final = prefixed("test", rep.Test, prefixed("val", rep.Val, nil))
+		if r := rep.Result; r != nil {
+			final["epochs"], final["best_epoch"], final["samples_per_sec"] = float64(len(r.History)), float64(r.BestEpoch), r.SamplesPerSec
+		}
+		if o.register != "" {
+			v, rerr := tr.register(ctx, o.register, o.out, nil)
+			err, version = rerr, &v
+		}
+	}
+	if ferr := tr.finish(err, final); err == nil {
+		err = ferr
+	}
 	if err != nil {
 		return err
 	}
@@ -147,6 +182,12 @@ func runTrain(ctx context.Context, stdout, stderr io.Writer, o trainOptions) err
 		fmt.Fprintf(stdout, "test        %s\n", formatMetrics(rep.Test))
 	}
 	fmt.Fprintf(stdout, "saved       %s (model.pt, manifest.json)\n", o.out)
+	if tr != nil {
+		fmt.Fprintf(stdout, "run         %s\n", tr.run.ID)
+	}
+	if version != nil {
+		fmt.Fprintf(stdout, "registered  %s (sha256:%s)\n", version.Ref(), version.Digest)
+	}
 	return nil
 }
 

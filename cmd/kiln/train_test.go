@@ -15,6 +15,7 @@ import (
 
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/modelpkg"
+	"github.com/kilnml/kiln/registry"
 )
 
 // blobsCSV writes three well-separated classes in 2-D.
@@ -79,11 +80,38 @@ concurrency: 2
 `), 0o644))
 	var stdout, stderr bytes.Buffer
 	out := filepath.Join(dir, "winner")
-	require.NoError(t, runSelect(context.Background(), &stdout, &stderr, selectOptions{spec: spec, data: csv, out: out}))
+	db := filepath.Join(dir, "registry.db")
+	err := runSelect(context.Background(), &stdout, &stderr, selectOptions{spec: spec, data: csv, register: "blobs", reg: registryFlags{dsn: db}})
+	assert.ErrorContains(t, err, "--register needs --out")
+	require.NoError(t, runSelect(context.Background(), &stdout, &stderr, selectOptions{spec: spec, data: csv, out: out, register: "blobs", reg: registryFlags{dsn: db}}))
 	s := stdout.String()
 	assert.Contains(t, s, "rank  candidate")
 	assert.Contains(t, s, "mlp-d2-w16-p0-lr0.01")
 	assert.Contains(t, s, "winner: mlp-")
 	assert.FileExists(t, filepath.Join(out, "model.pt"))
 	assert.Equal(t, 4, strings.Count(stderr.String(), "5 epochs"))
+	assert.Contains(t, s, "registered: models:/blobs/1 (sha256:")
+
+	// The selection is a run with the winner, per-candidate epochs and the
+	// winner's final metrics; the version points at it.
+	r, err := registry.Open(context.Background(), db, registry.Options{})
+	require.NoError(t, err)
+	defer r.Close()
+	v, err := r.Version(context.Background(), "blobs", 1)
+	require.NoError(t, err)
+	run, err := r.Run(context.Background(), v.RunID)
+	require.NoError(t, err)
+	assert.Equal(t, "select", run.Kind)
+	assert.Equal(t, registry.Finished, run.Status)
+	assert.Contains(t, s, "winner: "+run.Params["winner"])
+	assert.Equal(t, 4.0, run.Metrics["candidates"])
+	ms, err := r.RunMetrics(context.Background(), run.ID)
+	require.NoError(t, err)
+	losses := 0
+	for _, m := range ms {
+		if strings.HasSuffix(m.Key, ".loss") && !strings.Contains(m.Key, ".val_") {
+			losses++
+		}
+	}
+	assert.Equal(t, 4*5, losses) // 4 candidates x 5 epochs
 }

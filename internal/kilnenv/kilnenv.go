@@ -8,6 +8,14 @@
 //	KILN_NUM_THREADS       libtorch intra-op threads (a positive integer)
 //	KILN_AUTH_TOKEN        the bearer token of `kiln serve` / kiln.serve
 //	KILN_AUTH_TOKEN_FILE   a file holding that token
+//	KILN_HOME              Kiln's data directory (default ~/.kiln): the
+//	                       default registry (registry.db) and its artifacts
+//	KILN_REGISTRY          the model registry's DSN (a SQLite path or
+//	                       sqlite://PATH, or postgres://...)
+//	KILN_REGISTRY_KEY      the registry's artifact encryption key (32 bytes
+//	                       as 64 hex digits or base64); never logged
+//	KILN_REGISTRY_KEY_FILE a file holding that key (raw 32 bytes, hex or
+//	                       base64)
 //
 // Tests and benchmarks also read KILN_PYTHON (the interpreter that makes
 // fixtures) through their own helpers; it never changes what Kiln does.
@@ -15,6 +23,8 @@ package kilnenv
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
 	"strconv"
 )
 
@@ -23,6 +33,11 @@ const (
 	NumThreads    = "KILN_NUM_THREADS"
 	AuthToken     = "KILN_AUTH_TOKEN"
 	AuthTokenFile = "KILN_AUTH_TOKEN_FILE"
+	Home          = "KILN_HOME"
+	Registry      = "KILN_REGISTRY"
+	RegistryKey   = "KILN_REGISTRY_KEY"
+	// RegistryKeyFile names a file holding the registry's key.
+	RegistryKeyFile = "KILN_REGISTRY_KEY_FILE"
 )
 
 // Vars are the values of Kiln's environment variables; a zero field means
@@ -34,12 +49,22 @@ type Vars struct {
 	AuthToken string
 	// AuthTokenFile is KILN_AUTH_TOKEN_FILE.
 	AuthTokenFile string
+	// Home is KILN_HOME.
+	Home string
+	// Registry is KILN_REGISTRY.
+	Registry string
+	// RegistryKey is KILN_REGISTRY_KEY: secret, print it nowhere.
+	RegistryKey string
+	// RegistryKeyFile is KILN_REGISTRY_KEY_FILE.
+	RegistryKeyFile string
 }
 
 // Load reads the variables through getenv (os.Getenv in a process; a map
 // lookup in a test). A malformed value is an error naming the variable.
 func Load(getenv func(string) string) (Vars, error) {
-	v := Vars{AuthToken: getenv(AuthToken), AuthTokenFile: getenv(AuthTokenFile)}
+	v := Vars{AuthToken: getenv(AuthToken), AuthTokenFile: getenv(AuthTokenFile),
+		Home: getenv(Home), Registry: getenv(Registry),
+		RegistryKey: getenv(RegistryKey), RegistryKeyFile: getenv(RegistryKeyFile)}
 	if s := getenv(NumThreads); s != "" {
 		n, err := strconv.Atoi(s)
 		if err != nil || n < 1 {
@@ -48,4 +73,18 @@ func Load(getenv func(string) string) (Vars, error) {
 		v.NumThreads = n
 	}
 	return v, nil
+}
+
+// DataDir returns Kiln's data directory: Home when set, else .kiln in the
+// user's home directory (os.UserHomeDir). The error says that neither is
+// known.
+func (v Vars) DataDir() (string, error) {
+	if v.Home != "" {
+		return v.Home, nil
+	}
+	h, err := os.UserHomeDir()
+	if err != nil {
+		return "", fmt.Errorf("no data directory: %s is unset and %w", Home, err)
+	}
+	return filepath.Join(h, ".kiln"), nil
 }

@@ -1,6 +1,9 @@
 package kilnenv
 
-import "testing"
+import (
+	"path/filepath"
+	"testing"
+)
 
 func TestLoad(t *testing.T) {
 	env := map[string]string{NumThreads: "3", AuthToken: "t0123456789abcdef", AuthTokenFile: "/run/tok"}
@@ -9,6 +12,18 @@ func TestLoad(t *testing.T) {
 		t.Fatal(err)
 	}
 	if v != (Vars{NumThreads: 3, AuthToken: "t0123456789abcdef", AuthTokenFile: "/run/tok"}) {
+		t.Fatalf("got %+v", v)
+	}
+	env[Home], env[Registry], env[RegistryKey], env[RegistryKeyFile] = "/srv/kiln", "postgres://h/db", "k", "/run/key"
+	v, err = Load(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d, err := v.DataDir(); err != nil || d != "/srv/kiln" || v.Registry != "postgres://h/db" || v.RegistryKey != "k" || v.RegistryKeyFile != "/run/key" {
+		t.Fatalf("got %+v, data dir %q, %v", v, d, err)
+	}
+	v.Home = ""
+	if d, err := v.DataDir(); err != nil || filepath.Base(d) != ".kiln" {
 		t.Fatalf("got %+v", v)
 	}
 	if v, err := Load(func(string) string { return "" }); err != nil || v != (Vars{}) {

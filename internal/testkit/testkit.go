@@ -138,6 +138,7 @@ func runMain(m *testing.M, before func() error) int {
 		cache.Lock()
 		cache.dir, cache.made = "", nil
 		cache.Unlock()
+		stopSharedPostgres()
 		os.RemoveAll(dir)
 	}()
 	if before != nil {

@@ -94,3 +94,18 @@ func TestSelfSigned(t *testing.T) {
 		c.Close()
 	}
 }
+
+// PostgreSQL starts a server once per binary (under Main) and gives each
+// call its own database.
+func TestPostgreSQL(t *testing.T) {
+	a, b := PostgreSQL(t), PostgreSQL(t)
+	if a == b || !strings.HasPrefix(a, "postgres://kiln@/kiln_test_") {
+		t.Fatalf("DSNs %q, %q", a, b)
+	}
+	srv := pgShared.srv
+	host := a[strings.Index(a, "host=")+5 : strings.Index(a, "&")]
+	out, err := srv.command("psql", "-h", host, "-U", "kiln", "-d", a[strings.Index(a, "/kiln_test")+1:strings.Index(a, "?")], "-Atc", "SELECT 40+2").CombinedOutput()
+	if err != nil || strings.TrimSpace(string(out)) != "42" {
+		t.Fatalf("psql: %v: %s", err, out)
+	}
+}

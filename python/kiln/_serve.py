@@ -53,7 +53,7 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
           max_inputs: int = 64, max_tensor_elements: int = 268435456,
           max_inflight_bytes: int = 1073741824, read_header_timeout: Optional[float] = None,
           read_timeout: Optional[float] = None, max_concurrent_streams: int = 128,
-          shutdown_timeout: Optional[float] = None, threads: int = 0) -> Server:
+          max_streams: int = 64, shutdown_timeout: Optional[float] = None, threads: int = 0) -> Server:
     """Serves a model repository from this process in the background and
     returns a handle with ``.stop()``: the same server as `kiln serve`
     (Go's serving.Run), with the same options under the flags' names and
@@ -76,7 +76,10 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
     once (beyond: RESOURCE_EXHAUSTED / HTTP 503). read_header_timeout,
     read_timeout: seconds to read an HTTP request's headers / the whole
     request (default 30 / 60). max_concurrent_streams: gRPC and Flight
-    streams per connection.
+    streams per connection. max_streams: client-streaming calls
+    (ModelStreamInfer, Flight DoPut and DoExchange) open at once over the
+    whole server (beyond: RESOURCE_EXHAUSTED); each of their messages
+    counts in max_inflight_bytes.
     shutdown_timeout: seconds a shutdown waits for requests in flight when
     the process ends the server (stop() takes its own). threads: libtorch
     intra-op threads (0: $KILN_NUM_THREADS, else CPUs / instance_count).
@@ -93,7 +96,7 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
         "auth_inference": auth_inference, "threads": threads,
         "max_decompressed_bytes": max_decompressed_bytes, "max_inputs": max_inputs,
         "max_tensor_elements": max_tensor_elements, "max_inflight_bytes": max_inflight_bytes,
-        "max_concurrent_streams": max_concurrent_streams,
+        "max_concurrent_streams": max_concurrent_streams, "max_streams": max_streams,
     }
     optional = {
         "data_dir": data_dir and os.fspath(data_dir), "repository_poll_secs": repository_poll_secs,

@@ -17,6 +17,8 @@ import (
 	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/encoding/protowire"
 	gproto "google.golang.org/protobuf/proto"
+
+	"github.com/kilnml/kiln/serving/limits"
 )
 
 // FlightData field numbers (Flight.proto).
@@ -199,12 +201,19 @@ func (poolAllocator) Free(b []byte) { bodyPool.put(b) }
 // flight.NewRecordReader's, but hands each body back to bodyPool once the
 // last Arrow buffer slicing it is released, so batches that are dropped
 // after use (as DoPut drops them once written) recycle their memory.
+//
+// Each message is admitted by its size through gate after its header is
+// checked and before Arrow decodes it, and holds its bytes until the next
+// message is read (DoPut has written the batch by then) or the reader is
+// released; a message the gate refuses is a RESOURCE_EXHAUSTED error.
 type pooledMessageReader struct {
 	stream   flight.FlightService_DoPutServer
 	msg      *ipc.Message
 	descr    *flight.FlightDescriptor
 	refCount int64
 	lim      headerLimits
+	gate     *limits.Gate
+	held     int64 // admitted for msg
 }
 
 func (d *pooledMessageReader) Message() (*ipc.Message, error) {
@@ -212,6 +221,8 @@ func (d *pooledMessageReader) Message() (*ipc.Message, error) {
 		d.msg.Release()
 		d.msg = nil
 	}
+	d.gate.Release(d.held)
+	d.held = 0
 	var fd *flight.FlightData
 	for {
 		var err error
@@ -221,6 +232,14 @@ func (d *pooledMessageReader) Message() (*ipc.Message, error) {
 		if err := checkFlightData(fd, d.lim); err != nil {
 			bodyPool.put(fd.DataBody)
 			return nil, err
+		}
+		if n := flightDataBytes(fd); !d.gate.Acquire(n) {
+			bodyPool.put(fd.DataBody)
+			return nil, d.gate.Busy(n)
+		} else if len(fd.DataHeader) == 0 {
+			d.gate.Release(n) // dropped below
+		} else {
+			d.held = n
 		}
 		if fd.FlightDescriptor != nil {
 			d.descr = fd.FlightDescriptor
@@ -241,9 +260,13 @@ func (d *pooledMessageReader) Message() (*ipc.Message, error) {
 func (d *pooledMessageReader) Retain() { d.refCount++ }
 
 func (d *pooledMessageReader) Release() {
-	if d.refCount--; d.refCount == 0 && d.msg != nil {
-		d.msg.Release()
-		d.msg = nil
+	if d.refCount--; d.refCount == 0 {
+		if d.msg != nil {
+			d.msg.Release()
+			d.msg = nil
+		}
+		d.gate.Release(d.held)
+		d.held = 0
 	}
 }
 
@@ -257,10 +280,11 @@ type putReader struct {
 // valid until the next Read.
 //
 // Every message's IPC header is checked against its body within lim
-// (checkFlightData) before the Arrow reader decodes it.
-func newPutReader(stream flight.FlightService_DoPutServer, mem memory.Allocator, lim headerLimits) (*putReader, error) {
+// (checkFlightData), and the message admitted through gate, before the
+// Arrow reader decodes it.
+func newPutReader(stream flight.FlightService_DoPutServer, mem memory.Allocator, lim headerLimits, gate *limits.Gate) (*putReader, error) {
 	// One reference for the putReader, one for the ipc.Reader.
-	mr := &pooledMessageReader{stream: stream, refCount: 2, lim: lim}
+	mr := &pooledMessageReader{stream: stream, refCount: 2, lim: lim, gate: gate}
 	rdr, err := ipc.NewReaderFromMessageReader(mr, ipc.WithAllocator(mem))
 	if err != nil {
 		mr.Release()

@@ -158,7 +158,7 @@ func TestPutReaderRecyclesBodiesOnlyWhenReleased(t *testing.T) {
 	// A message of only app_metadata is skipped.
 	stream := &fakePut{msgs: append(c.msgs[:2:2], append([]*flight.FlightData{{AppMetadata: []byte("m")}}, c.msgs[2:]...)...)}
 
-	rdr, err := newPutReader(stream, memory.DefaultAllocator, headerLimits{})
+	rdr, err := newPutReader(stream, memory.DefaultAllocator, headerLimits{}, nil)
 	require.NoError(t, err)
 	require.Equal(t, []string{"datasets", "d"}, rdr.LatestFlightDescriptor().GetPath())
 	puts := func() int64 { return bodyPool.puts.Load() }

@@ -392,7 +392,9 @@ func (s *Server) DoExchange(stream flight.FlightService_DoExchangeServer) (err e
 	defer recoverStatus(&err, "DoExchange")
 	ctx, cancel := context.WithCancel(stream.Context())
 	defer cancel()
-	rdr, err := flight.NewRecordReader(checkedStream{stream, s.hdrLim}, ipc.WithAllocator(s.mem))
+	in := &checkedStream{FlightService_DoExchangeServer: stream, lim: s.hdrLim, gate: s.opts.Gate}
+	rdr, err := flight.NewRecordReader(in, ipc.WithAllocator(s.mem))
+	s.opts.Gate.Release(in.take()) // the schema is read
 	if err != nil {
 		return statusFromReadErr(ctx, "DoExchange: reading the input schema", err)
 	}
@@ -427,7 +429,7 @@ func (s *Server) DoExchange(stream flight.FlightService_DoExchangeServer) (err e
 	go func() {
 		defer rdr.Release() // after the last Read, which may outlive the handler on shutdown
 		defer close(pending)
-		readErr <- x.readLoop(ctx, rdr, pending)
+		readErr <- x.readLoop(ctx, rdr, in, pending)
 	}()
 	var w *flight.Writer
 	defer func() {
@@ -571,8 +573,12 @@ func staticOutputs(cfg *repository.Config) ([]outputSpec, bool) {
 }
 
 // readLoop reads input batches and starts their inference, queueing their
-// results in order on pending.
-func (x *exchange) readLoop(ctx context.Context, rdr *flight.Reader, pending chan<- *result) error {
+// results in order on pending. The bytes in reads admitted through the
+// gate are released once the batch they carried is predicted (or
+// dropped).
+func (x *exchange) readLoop(ctx context.Context, rdr *flight.Reader, in *checkedStream, pending chan<- *result) error {
+	gate := x.s.opts.Gate
+	defer func() { gate.Release(in.take()) }()
 	for {
 		rec, err := rdr.Read()
 		if err == io.EOF {
@@ -585,15 +591,18 @@ func (x *exchange) readLoop(ctx context.Context, rdr *flight.Reader, pending cha
 			return invalidArg("DoExchange: %v", err)
 		}
 		rec.Retain()
+		n := in.take()
 		r := &result{done: make(chan struct{}), meta: slices.Clone(rdr.LatestAppMetadata())}
 		select {
 		case pending <- r:
 		case <-ctx.Done():
 			rec.Release()
+			gate.Release(n)
 			return nil
 		}
 		go func() {
 			defer close(r.done)
+			defer gate.Release(n)
 			defer rec.Release()
 			r.rec, r.err = x.infer(ctx, rec)
 		}()

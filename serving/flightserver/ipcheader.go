@@ -10,6 +10,8 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/flight"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/kilnml/kiln/serving/limits"
 )
 
 // checkFlightData checks a received FlightData's IPC header against its
@@ -101,14 +103,19 @@ func nodeColumn(schema *arrow.Schema, node int) string {
 }
 
 // checkedStream is a DoExchange stream whose Recv checks every FlightData
-// (checkFlightData) before the Arrow reader reading it sees it.
+// (checkFlightData) and admits its bytes through the gate before the Arrow
+// reader reading it sees it. The bytes admitted since the last take are
+// held until the caller releases what take returns.
 type checkedStream struct {
 	flight.FlightService_DoExchangeServer
-	lim headerLimits
+	lim  headerLimits
+	gate *limits.Gate
+	held int64 // admitted and not yet taken; Recv and take run on one goroutine
 }
 
-// Recv receives and checks the next FlightData.
-func (c checkedStream) Recv() (*flight.FlightData, error) {
+// Recv receives, checks and admits the next FlightData; a message the gate
+// refuses is a RESOURCE_EXHAUSTED error.
+func (c *checkedStream) Recv() (*flight.FlightData, error) {
 	fd, err := c.FlightService_DoExchangeServer.Recv()
 	if err != nil {
 		return nil, err
@@ -116,7 +123,26 @@ func (c checkedStream) Recv() (*flight.FlightData, error) {
 	if err := checkFlightData(fd, c.lim); err != nil {
 		return nil, err
 	}
+	n := flightDataBytes(fd)
+	if !c.gate.Acquire(n) {
+		return nil, c.gate.Busy(n)
+	}
+	c.held += n
 	return fd, nil
+}
+
+// take returns the bytes admitted since the last take; the caller
+// releases them from the gate when their batch's work is done.
+func (c *checkedStream) take() int64 {
+	n := c.held
+	c.held = 0
+	return n
+}
+
+// flightDataBytes is what a FlightData counts in the bytes in flight: its
+// IPC header, body and app metadata.
+func flightDataBytes(fd *flight.FlightData) int64 {
+	return int64(len(fd.DataHeader) + len(fd.DataBody) + len(fd.AppMetadata))
 }
 
 // The checks below read an Arrow IPC Message flatbuffer (Message.fbs,

@@ -91,6 +91,17 @@ type Options struct {
 	// checked against its body before decoding (see checkIPCHeader).
 	MaxTensorElements    int64
 	MaxConcurrentStreams uint32
+	// Gate admits every FlightData message that DoPut and DoExchange
+	// receive, by its size, before Arrow decodes it, against the bytes in
+	// flight the server's other listeners share; the bytes are held until
+	// the batch is written (DoPut) or its predictions are made
+	// (DoExchange). A message it refuses ends the stream with
+	// RESOURCE_EXHAUSTED (DoPut stores nothing). Nil admits everything.
+	Gate *limits.Gate
+	// Streams bounds the client-streaming calls (DoPut, DoExchange,
+	// Handshake) open at once, shared with the server's other listeners;
+	// a stream beyond it is answered RESOURCE_EXHAUSTED. Nil: no limit.
+	Streams *limits.Streams
 	// Allocator allocates the memory of decoded batches (default
 	// memory.DefaultAllocator).
 	Allocator memory.Allocator
@@ -188,6 +199,8 @@ func New(opts Options) (*Server, error) {
 		gopts = append(gopts, grpc.Creds(credentials.NewTLS(tlsCfg)))
 	}
 	gopts = append(gopts, opts.Auth.FlightServerOptions()...)
+	// After auth: an unauthenticated stream holds no admission.
+	gopts = append(gopts, grpc.ChainStreamInterceptor(opts.Streams.StreamServerInterceptor()))
 	s.grpc = grpc.NewServer(gopts...)
 	flight.RegisterFlightServiceServer(s.grpc, s)
 	return s, nil
@@ -465,6 +478,9 @@ func (p putSource) Read() (arrow.RecordBatch, error) {
 	if st, ok := status.FromError(err); ok && st.Code() == codes.Canceled {
 		return nil, fmt.Errorf("the client went away: %w", context.Canceled)
 	}
+	if st, ok := status.FromError(err); ok && st.Code() == codes.ResourceExhausted {
+		return nil, err // the gate refused a message: not the client's data
+	}
 	return nil, fmt.Errorf("%w: %v", errInvalidStream, withColumn(p.rdr.Schema(), err))
 }
 
@@ -545,7 +561,7 @@ func (a *acker) finish() error {
 func (s *Server) DoPut(stream flight.FlightService_DoPutServer) (err error) {
 	defer recoverStatus(&err, "DoPut")
 	ctx := stream.Context()
-	rdr, err := newPutReader(stream, s.mem, s.hdrLim)
+	rdr, err := newPutReader(stream, s.mem, s.hdrLim, s.opts.Gate)
 	if err != nil {
 		return statusFromReadErr(ctx, "DoPut: reading the schema", err)
 	}

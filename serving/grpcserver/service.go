@@ -15,12 +15,14 @@ import (
 
 	"github.com/kilnml/kiln/serving/batcher"
 	pb "github.com/kilnml/kiln/serving/inferencepb"
+	"github.com/kilnml/kiln/serving/limits"
 	"github.com/kilnml/kiln/serving/manager"
 	"github.com/kilnml/kiln/serving/repository"
 	kstatus "github.com/kilnml/kiln/serving/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 )
 
 // Extensions are the protocol extensions the service supports.
@@ -47,6 +49,12 @@ type Options struct {
 	// INVALID_ARGUMENT before its data is decoded.
 	MaxInputs         int
 	MaxTensorElements int64
+	// Gate admits each ModelStreamInfer message by its size before its
+	// tensors are decoded, against the bytes in flight that unary
+	// requests share (the unary ones pass limits.Gate's interceptor); a
+	// message it refuses is answered with a RESOURCE_EXHAUSTED
+	// error_message and the stream goes on. Nil admits every message.
+	Gate *limits.Gate
 }
 
 // Service is the GRPCInferenceService over a model manager.
@@ -285,19 +293,40 @@ func (s *Service) run(ctx context.Context, v *manager.Version, req *pb.ModelInfe
 
 // ModelStreamInfer runs the inferences of a stream, several at once;
 // responses carry their request's id and may come out of order. A failed
-// request answers with error_message and the stream goes on. When the
-// service is stopping (Options.Stopping), the stream takes no more
-// requests, answers those in flight, and ends with OK.
+// request answers with error_message and the stream goes on. Each request
+// is admitted by its size through Options.Gate as soon as it is received
+// and holds its bytes until it is answered; one the gate refuses is
+// answered at once with error_message "server busy: ..." (RESOURCE_EXHAUSTED
+// in Triton's words: the client may send it again). When the service is
+// stopping (Options.Stopping), the stream takes no more requests, answers
+// those in flight, and ends with OK.
 func (s *Service) ModelStreamInfer(stream pb.GRPCInferenceService_ModelStreamInferServer) error {
 	ctx := stream.Context()
 	var sendMu sync.Mutex
 	var sendErr error
+	send := func(msg *pb.ModelStreamInferResponse) {
+		sendMu.Lock()
+		defer sendMu.Unlock()
+		if sendErr == nil {
+			sendErr = stream.Send(msg)
+		}
+	}
+	fail := func(req *pb.ModelInferRequest, err error) {
+		send(&pb.ModelStreamInferResponse{
+			ErrorMessage:  status.Convert(toStatus(err)).Message(),
+			InferResponse: &pb.ModelInferResponse{ModelName: req.GetModelName(), ModelVersion: req.GetModelVersion(), Id: req.GetId()},
+		})
+	}
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, s.opts.MaxStreamInFlight)
 	defer wg.Wait()
+	// A received request, admitted (n bytes held in the gate) or refused
+	// (busy); n is released once it is answered or dropped.
 	type received struct {
-		req *pb.ModelInferRequest
-		err error
+		req  *pb.ModelInferRequest
+		err  error
+		n    int64
+		busy error
 	}
 	// Recv blocks; it runs apart so that a stop can end the stream. After
 	// the handler returns, gRPC fails the pending Recv and the goroutine
@@ -306,9 +335,17 @@ func (s *Service) ModelStreamInfer(stream pb.GRPCInferenceService_ModelStreamInf
 	go func() {
 		for {
 			req, err := stream.Recv()
+			r := received{req: req, err: err}
+			if err == nil {
+				r.n = int64(proto.Size(req))
+				if !s.opts.Gate.Acquire(r.n) {
+					r.busy, r.n = s.opts.Gate.Busy(r.n), 0
+				}
+			}
 			select {
-			case recv <- received{req, err}:
+			case recv <- r:
 			case <-ctx.Done():
+				s.opts.Gate.Release(r.n)
 				return
 			}
 			if err != nil {
@@ -332,24 +369,31 @@ func (s *Service) ModelStreamInfer(stream pb.GRPCInferenceService_ModelStreamInf
 			return r.err
 		}
 		req := r.req
+		if r.busy != nil {
+			// Keep what the answer names, not the refused data.
+			req = &pb.ModelInferRequest{ModelName: req.GetModelName(), ModelVersion: req.GetModelVersion(), Id: req.GetId()}
+		}
+		// The answer, refused or not, is sent apart: a client that reads
+		// answers only after sending must not stall the receiving loop.
 		select {
 		case sem <- struct{}{}:
 		case <-ctx.Done():
+			s.opts.Gate.Release(r.n)
 			return ctx.Err()
 		}
 		wg.Go(func() {
 			defer func() { <-sem }()
+			defer s.opts.Gate.Release(r.n)
+			if r.busy != nil {
+				fail(req, r.busy)
+				return
+			}
 			resp, err := s.infer(ctx, req)
-			msg := &pb.ModelStreamInferResponse{InferResponse: resp}
 			if err != nil {
-				msg.ErrorMessage = status.Convert(toStatus(err)).Message()
-				msg.InferResponse = &pb.ModelInferResponse{ModelName: req.GetModelName(), ModelVersion: req.GetModelVersion(), Id: req.GetId()}
+				fail(req, err)
+				return
 			}
-			sendMu.Lock()
-			defer sendMu.Unlock()
-			if sendErr == nil {
-				sendErr = stream.Send(msg)
-			}
+			send(&pb.ModelStreamInferResponse{InferResponse: resp})
 		})
 	}
 }

@@ -1,8 +1,10 @@
 // Package limits holds the resource limits every Kiln listener applies to
 // what clients send (message and body bytes, decompressed bytes, inputs
 // per request, elements per tensor, bytes of requests in flight, read
-// timeouts, concurrent streams) and Gate, the admission control that
-// bounds the bytes of requests in flight.
+// timeouts, concurrent streams) and the admission control that enforces
+// two of them across every listener: Gate bounds the bytes of requests in
+// flight (unary requests, HTTP bodies and each message of a stream),
+// Streams the client-streaming calls open at once.
 //
 // Every limit is checked against what the sender declares before anything
 // is allocated from that declaration: a declared shape, Content-Length,
@@ -50,6 +52,13 @@ const (
 	// DefaultMaxConcurrentStreams bounds the concurrent gRPC streams
 	// (requests) of one HTTP/2 connection.
 	DefaultMaxConcurrentStreams = 128
+	// DefaultMaxStreams bounds the client-streaming calls open at once
+	// over the whole server (ModelStreamInfer, Flight DoPut, DoExchange
+	// and Handshake): 64. Each stream's admitted messages count in the
+	// in-flight bytes; what the limit bounds is the one message a stream
+	// may be receiving before it is admitted (up to the message size), so
+	// 64 streams of 64 MiB messages add at most 4 GiB on the default box.
+	DefaultMaxStreams = 64
 )
 
 // Limits are the resource limits of a server's listeners. The zero value
@@ -75,6 +84,10 @@ type Limits struct {
 	// MaxConcurrentStreams bounds the concurrent streams of one gRPC
 	// (HTTP/2) connection, KServe's and Flight's.
 	MaxConcurrentStreams uint32 `json:"max_concurrent_streams"`
+	// MaxStreams bounds the client-streaming calls (ModelStreamInfer,
+	// Flight DoPut, DoExchange, Handshake) open at once over the whole
+	// server; a new stream beyond it is answered RESOURCE_EXHAUSTED.
+	MaxStreams int `json:"max_streams"`
 }
 
 // Defaults returns every limit at its default.
@@ -83,7 +96,7 @@ func Defaults() Limits {
 		MaxDecompressedBytes: DefaultMaxDecompressedBytes, MaxInputs: DefaultMaxInputs,
 		MaxTensorElements: DefaultMaxTensorElements, MaxInflightBytes: DefaultMaxInflightBytes,
 		ReadHeaderTimeout: DefaultReadHeaderTimeout, ReadTimeout: DefaultReadTimeout,
-		MaxConcurrentStreams: DefaultMaxConcurrentStreams,
+		MaxConcurrentStreams: DefaultMaxConcurrentStreams, MaxStreams: DefaultMaxStreams,
 	}
 }
 
@@ -111,6 +124,9 @@ func (l Limits) WithDefaults() Limits {
 	if l.MaxConcurrentStreams == 0 {
 		l.MaxConcurrentStreams = d.MaxConcurrentStreams
 	}
+	if l.MaxStreams == 0 {
+		l.MaxStreams = d.MaxStreams
+	}
 	return l
 }
 
@@ -123,6 +139,7 @@ func (l Limits) Validate() error {
 		{"max decompressed bytes", l.MaxDecompressedBytes}, {"max inputs", int64(l.MaxInputs)},
 		{"max tensor elements", l.MaxTensorElements}, {"max in-flight bytes", l.MaxInflightBytes},
 		{"read header timeout", int64(l.ReadHeaderTimeout)}, {"read timeout", int64(l.ReadTimeout)},
+		{"max streams", int64(l.MaxStreams)},
 	} {
 		if c.v < 0 {
 			return fmt.Errorf("limits: %s %d: want ≥ 0 (0: the default)", c.name, c.v)
@@ -138,6 +155,8 @@ func (l Limits) Validate() error {
 type Gate struct {
 	capacity int64
 	used     atomic.Int64
+	peak     atomic.Int64 // the most bytes admitted at once
+	refused  atomic.Int64 // requests refused
 }
 
 // NewGate returns a gate admitting up to capacity bytes at once
@@ -163,10 +182,22 @@ func (g *Gate) Acquire(n int64) bool {
 	for {
 		used := g.used.Load()
 		if used > 0 && used+n > g.capacity {
+			g.refused.Add(1)
 			return false
 		}
 		if g.used.CompareAndSwap(used, used+n) {
+			raise(&g.peak, used+n)
 			return true
+		}
+	}
+}
+
+// raise sets *max to v when v is larger.
+func raise(max *atomic.Int64, v int64) {
+	for {
+		m := max.Load()
+		if v <= m || max.CompareAndSwap(m, v) {
+			return
 		}
 	}
 }
@@ -188,6 +219,30 @@ func (g *Gate) InFlight() int64 {
 		return 0
 	}
 	return g.used.Load()
+}
+
+// Peak returns the most bytes admitted at once since the gate was made:
+// at most the capacity, or one request larger than the whole capacity
+// admitted alone.
+func (g *Gate) Peak() int64 {
+	if g == nil {
+		return 0
+	}
+	return g.peak.Load()
+}
+
+// Refused returns how many requests Acquire has refused.
+func (g *Gate) Refused() int64 {
+	if g == nil {
+		return 0
+	}
+	return g.refused.Load()
+}
+
+// Busy returns the RESOURCE_EXHAUSTED error of a refused request of n
+// bytes, saying what is in flight and the limit.
+func (g *Gate) Busy(n int64) error {
+	return status.Errorf(codes.ResourceExhausted, "server busy: %d bytes of requests in flight, this one adds %d, the limit is %d; retry later", g.InFlight(), n, g.Capacity())
 }
 
 // Capacity returns the gate's capacity in bytes (0 for a nil gate: no
@@ -216,9 +271,105 @@ func (g *Gate) UnaryServerInterceptor() grpc.UnaryServerInterceptor {
 		}
 		n := int64(proto.Size(m))
 		if !g.Acquire(n) {
-			return nil, status.Errorf(codes.ResourceExhausted, "server busy: %d bytes of requests in flight, this one adds %d, the limit is %d; retry later", g.InFlight(), n, g.capacity)
+			return nil, g.Busy(n)
 		}
 		defer g.Release(n)
 		return handler(ctx, req)
+	}
+}
+
+// Streams is admission control over the client-streaming calls open at
+// once: Acquire admits a new stream while fewer than the limit are open,
+// and refuses it at once otherwise. A nil *Streams admits every stream.
+// It is safe for concurrent use.
+type Streams struct {
+	max     int64
+	open    atomic.Int64
+	peak    atomic.Int64
+	refused atomic.Int64
+}
+
+// NewStreams returns a limit of max streams open at once (max ≤ 0: nil,
+// no limit).
+func NewStreams(max int) *Streams {
+	if max <= 0 {
+		return nil
+	}
+	return &Streams{max: int64(max)}
+}
+
+// Acquire admits one stream and returns true, or returns false when the
+// limit is reached. Each true must be paired with Release.
+func (s *Streams) Acquire() bool {
+	if s == nil {
+		return true
+	}
+	for {
+		open := s.open.Load()
+		if open >= s.max {
+			s.refused.Add(1)
+			return false
+		}
+		if s.open.CompareAndSwap(open, open+1) {
+			raise(&s.peak, open+1)
+			return true
+		}
+	}
+}
+
+// Release ends a stream admitted by Acquire.
+func (s *Streams) Release() {
+	if s != nil {
+		s.open.Add(-1)
+	}
+}
+
+// Open returns the streams open now.
+func (s *Streams) Open() int64 {
+	if s == nil {
+		return 0
+	}
+	return s.open.Load()
+}
+
+// Peak returns the most streams open at once since s was made.
+func (s *Streams) Peak() int64 {
+	if s == nil {
+		return 0
+	}
+	return s.peak.Load()
+}
+
+// Refused returns how many streams Acquire has refused.
+func (s *Streams) Refused() int64 {
+	if s == nil {
+		return 0
+	}
+	return s.refused.Load()
+}
+
+// Max returns the limit (0 for a nil *Streams: no limit).
+func (s *Streams) Max() int64 {
+	if s == nil {
+		return 0
+	}
+	return s.max
+}
+
+// StreamServerInterceptor admits each client-streaming gRPC call (one
+// whose client sends a stream of messages: ModelStreamInfer, Flight DoPut,
+// DoExchange, Handshake) through s, answering RESOURCE_EXHAUSTED when the
+// limit is reached; the stream is released when its handler returns.
+// Server-streaming and unary calls pass.
+func (s *Streams) StreamServerInterceptor() grpc.StreamServerInterceptor {
+	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+		if s == nil || !info.IsClientStream {
+			return handler(srv, ss)
+		}
+		if !s.Acquire() {
+			return status.Errorf(codes.ResourceExhausted, "server busy: %d streams open, the limit is %d; retry later", s.Open(), s.max)
+		}
+		defer s.Release()
+		return handler(srv, ss)
 	}
 }

@@ -134,6 +134,29 @@ type entry struct {
 	reason   string           // why the last load failed as a whole
 	unloaded bool
 	fp       string // the repository's fingerprint of the model at its last load
+	route    *Route // set by SetRoute: the versions to load, overriding the policy
+	def      int64  // the version that answers unversioned requests (0: the highest)
+}
+
+// Route overrides, for one model, the versions its config's version policy
+// selects: the manager loads exactly Default and Keep, and Default answers
+// the requests that name no version (otherwise the highest loaded version
+// does, as Triton's policies do). A server that serves a registry alias
+// sets the alias's version as Default and keeps the previous one loaded
+// for a grace period, so that moving the alias back is immediate.
+type Route struct {
+	// Default is the version that answers requests naming no version.
+	Default int64 `json:"default"`
+	// Keep lists further versions to keep loaded (served when a request
+	// names them).
+	Keep []int64 `json:"keep,omitempty"`
+}
+
+// Versions returns Default and Keep, ascending, without duplicates.
+func (r Route) Versions() []int64 {
+	vs := append([]int64{r.Default}, r.Keep...)
+	slices.Sort(vs)
+	return slices.Compact(vs)
 }
 
 // Options configure a Manager.
@@ -249,7 +272,14 @@ func (m *Manager) load(name string, e *entry) error {
 	current := maps.Clone(e.versions)
 	e.mu.RUnlock()
 	reused := 0
-	for _, v := range rm.Selected() {
+	selected, err := m.selected(rm, e)
+	if err != nil {
+		e.mu.Lock()
+		e.reason = err.Error()
+		e.mu.Unlock()
+		return err
+	}
+	for _, v := range selected {
 		ident, identErr := versionIdent(rm, v)
 		if o := current[v]; o != nil && identErr == nil && o.ident == ident {
 			fresh[v] = o // unchanged: keep the serving instance
@@ -281,6 +311,11 @@ func (m *Manager) load(name string, e *entry) error {
 	e.versions = next
 	e.failed = failed
 	e.unloaded = false
+	if e.route != nil && next[e.route.Default] != nil {
+		e.def = e.route.Default
+	} else if e.route == nil || next[e.def] == nil {
+		e.def = 0
+	}
 	e.reason = ""
 	if len(errs) > 0 {
 		e.reason = errors.Join(errs...).Error()
@@ -298,6 +333,88 @@ func (m *Manager) load(name string, e *entry) error {
 		m.log.Info("model loaded", "model", name, "versions", slices.Sorted(maps.Keys(fresh)), "duration", time.Since(start))
 	}
 	return nil
+}
+
+// selected returns the versions to load: the route's, when one is set
+// (each must be a version directory of rm: NOT_FOUND otherwise), else the
+// config's version policy's.
+func (m *Manager) selected(rm *repository.Model, e *entry) ([]int64, error) {
+	e.mu.RLock()
+	route := e.route
+	e.mu.RUnlock()
+	if route == nil {
+		return rm.Selected(), nil
+	}
+	vs := route.Versions()
+	for _, v := range vs {
+		if !slices.Contains(rm.Versions, v) {
+			return nil, fmt.Errorf("%w: model %q has no version %d in the repository", ErrNotFound, rm.Name, v)
+		}
+	}
+	return vs, nil
+}
+
+// SetRoute loads model name with exactly the versions of r (versions that
+// already serve are kept as they are; new ones load and warm up first),
+// then makes r.Default answer the requests that name no version: the
+// switch is atomic, as every load is, and versions outside r are retired
+// once their requests in flight finish. The route stays in force for later
+// loads and polls of the model. A zero Route (Default 0) returns the model
+// to its config's version policy.
+//
+// Errors: a version the repository lacks is NOT_FOUND; when a version
+// fails to load, nothing switches (the previous route and default stay)
+// and the load's error is returned.
+func (m *Manager) SetRoute(name string, r Route) error {
+	if r.Default < 0 || slices.ContainsFunc(r.Keep, func(v int64) bool { return v < 1 }) || (r.Default == 0 && len(r.Keep) > 0) {
+		return core.Errorf(core.InvalidArgument, "model %q: route %+v: versions must be positive, with a default", name, r)
+	}
+	for {
+		e := m.entry(name, true)
+		if e == nil {
+			return core.Errorf(core.Unavailable, "model manager is closed")
+		}
+		e.loadMu.Lock()
+		if !m.current(name, e) {
+			e.loadMu.Unlock()
+			continue
+		}
+		e.mu.Lock()
+		prev, prevDef := e.route, e.def
+		if r.Default == 0 {
+			e.route = nil
+		} else {
+			e.route = &Route{Default: r.Default, Keep: slices.Clone(r.Keep)}
+		}
+		e.mu.Unlock()
+		err := m.load(name, e)
+		if err != nil {
+			e.mu.Lock()
+			e.route = prev
+			if e.versions[prevDef] != nil {
+				e.def = prevDef
+			}
+			e.mu.Unlock()
+		} else {
+			m.log.Info("model route set", "model", name, "default", r.Default, "keep", r.Keep)
+		}
+		e.loadMu.Unlock()
+		return err
+	}
+}
+
+// RouteOf returns model name's route and whether one is set.
+func (m *Manager) RouteOf(name string) (Route, bool) {
+	e := m.entry(name, false)
+	if e == nil {
+		return Route{}, false
+	}
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	if e.route == nil {
+		return Route{}, false
+	}
+	return Route{Default: e.route.Default, Keep: slices.Clone(e.route.Keep)}, true
 }
 
 // current reports whether e is still the manager's entry of name.
@@ -546,7 +663,8 @@ func (m *Manager) Poll() error {
 }
 
 // Acquire returns a serving version of model name: version "" is the
-// highest loaded one. The caller must call Release when done.
+// route's default (SetRoute) when one is set, else the highest loaded one.
+// The caller must call Release when done.
 func (m *Manager) Acquire(name, version string) (*Version, error) {
 	e := m.entry(name, false)
 	if e == nil {
@@ -565,6 +683,8 @@ func (m *Manager) Acquire(name, version string) (*Version, error) {
 		var v *Version
 		if want != 0 {
 			v = e.versions[want]
+		} else if e.def != 0 && e.versions[e.def] != nil {
+			v = e.versions[e.def]
 		} else if len(e.versions) > 0 {
 			v = e.versions[slices.Max(slices.Collect(maps.Keys(e.versions)))]
 		}

@@ -210,3 +210,70 @@ func TestLoadOfMissingModelLeavesNoTrace(t *testing.T) {
 	m.mu.RUnlock()
 	assert.Equal(t, 1, n, "only the loaded model has an entry")
 }
+
+// TestSetRoute: a route loads exactly its versions and its default answers
+// unversioned requests; moving the default back to a kept version swaps
+// nothing; a route to a missing or broken version switches nothing; later
+// polls keep the route; a zero route returns to the version policy.
+func TestSetRoute(t *testing.T) {
+	m, root := newManager(t)
+	require.NoError(t, os.RemoveAll(filepath.Join(root, "corrupt"))) // Poll would load it
+	require.NoError(t, m.Load("affine"))                             // policy "all": versions 1 and 2
+	n, _ := inferAffine(t, m, "")
+	require.Equal(t, int64(2), n)
+
+	require.NoError(t, m.SetRoute("affine", Route{Default: 1}))
+	assert.Equal(t, []int64{1}, m.Versions("affine"))
+	n, y := inferAffine(t, m, "")
+	assert.Equal(t, int64(1), n)
+	assert.Equal(t, []float32{3, 5, 7, 9}, y)
+	_, err := m.Acquire("affine", "2")
+	require.ErrorIs(t, err, ErrNotFound, "a version outside the route is not served")
+
+	require.NoError(t, m.SetRoute("affine", Route{Default: 2, Keep: []int64{1}}))
+	assert.Equal(t, []int64{1, 2}, m.Versions("affine"))
+	n, y = inferAffine(t, m, "")
+	assert.Equal(t, int64(2), n)
+	assert.Equal(t, []float32{4, 7, 10, 13}, y)
+	v1, err := m.Acquire("affine", "1")
+	require.NoError(t, err)
+	v1.Release()
+
+	// Back to 1, still loaded: the same instance answers at once.
+	require.NoError(t, m.SetRoute("affine", Route{Default: 1, Keep: []int64{2}}))
+	again, err := m.Acquire("affine", "")
+	require.NoError(t, err)
+	assert.Same(t, v1, again, "moving the default to a kept version reloads nothing")
+	again.Release()
+
+	// A version the repository lacks, and a broken one: nothing switches.
+	require.ErrorIs(t, m.SetRoute("affine", Route{Default: 3}), ErrNotFound)
+	require.NoError(t, os.MkdirAll(filepath.Join(root, "affine", "3"), 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(root, "affine", "3", "model.pt"), []byte("garbage"), 0o644))
+	require.Error(t, m.SetRoute("affine", Route{Default: 3, Keep: []int64{1}}))
+	n, _ = inferAffine(t, m, "")
+	assert.Equal(t, int64(1), n, "a failed route leaves the default serving")
+	r, ok := m.RouteOf("affine")
+	require.True(t, ok)
+	assert.Equal(t, Route{Default: 1, Keep: []int64{2}}, r)
+
+	// A repository change (version 3 becomes a valid copy of 2) reloads the
+	// model under its route, not under policy "all".
+	raw, err := os.ReadFile(filepath.Join(root, "affine", "2", "model.pt"))
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(filepath.Join(root, "affine", "3", "model.pt"), raw, 0o644))
+	require.NoError(t, m.Poll())
+	assert.Equal(t, []int64{1, 2}, m.Versions("affine"))
+	n, _ = inferAffine(t, m, "")
+	assert.Equal(t, int64(1), n)
+
+	require.Error(t, m.SetRoute("affine", Route{Default: 0, Keep: []int64{1}}), "keep without a default")
+	require.Error(t, m.SetRoute("affine", Route{Default: 2, Keep: []int64{-1}}))
+
+	require.NoError(t, m.SetRoute("affine", Route{}))
+	_, ok = m.RouteOf("affine")
+	assert.False(t, ok)
+	assert.Equal(t, []int64{1, 2, 3}, m.Versions("affine"))
+	n, _ = inferAffine(t, m, "")
+	assert.Equal(t, int64(3), n, "without a route the highest version answers")
+}

@@ -14,9 +14,22 @@
 //	nv_inference_pending_request_count      gauge    requests queued now
 //	kiln_inference_batch_size               histogram executions by batch size
 //
+// plus the server's admission control (AdmissionCollector: bytes in
+// flight, open streams, refusals).
+//
 // The values are read from the versions' statistics at scrape time, so they
 // cost nothing on the request path; a version's counters start at zero when
 // it loads.
+//
+// Handler adds the process's own health, unlabelled, for leak watching:
+//
+//	kiln_native_tensors_live       gauge    native tensor handles alive (core.LiveTensors)
+//	go_goroutines                  gauge    goroutines (Go collector, with the rest of go_*)
+//	process_open_fds               gauge    open file descriptors (process collector)
+//	process_resident_memory_bytes  gauge    resident set size in bytes (process collector)
+//
+// At rest kiln_native_tensors_live returns to the same value; one that
+// grows with traffic is a leak of libtorch tensors.
 package metrics
 
 import (
@@ -24,6 +37,7 @@ import (
 	"slices"
 	"strconv"
 
+	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/serving/manager"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -111,10 +125,25 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-// Handler returns the /metrics handler: the manager's metrics plus the Go
-// runtime's and the process's.
-func Handler(mgr *manager.Manager) http.Handler {
+// LiveTensorsName is the name of the gauge of native tensor handles alive.
+const LiveTensorsName = "kiln_native_tensors_live"
+
+// NewLiveTensorsGauge returns the kiln_native_tensors_live gauge, read
+// from core.LiveTensors at scrape time.
+func NewLiveTensorsGauge() prometheus.GaugeFunc {
+	return prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: LiveTensorsName,
+		Help: "Native (libtorch) tensor handles alive in the process: made and not yet released",
+	}, func() float64 { return float64(core.LiveTensors()) })
+}
+
+// Handler returns the /metrics handler: the manager's metrics, the live
+// native tensor gauge, the Go runtime's and the process's collectors, and
+// those of extra collectors (such as NewAdmissionCollector's).
+func Handler(mgr *manager.Manager, extra ...prometheus.Collector) http.Handler {
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(NewCollector(mgr), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(NewCollector(mgr), NewLiveTensorsGauge(), collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(extra...)
 	return promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorLog: nil})
 }

@@ -13,6 +13,7 @@ import (
 
 	yaml "go.yaml.in/yaml/v3"
 
+	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/modelpkg"
 )
 
@@ -31,6 +32,11 @@ type InstallOptions struct {
 	// its files. The directory must then be on the repository's file
 	// system; NewStaging makes one there.
 	Move bool
+	// Version, when not 0, is the version number to install as (a
+	// registry's version number, so that both name the same model); a
+	// version directory that exists already is ALREADY_EXISTS. 0 takes
+	// the next free number.
+	Version int64
 }
 
 // Installed describes a version that Install put in place.
@@ -141,7 +147,12 @@ func Install(repo, model, pkgDir string, opts InstallOptions) (Installed, error)
 		undo()
 		return Installed{}, fmt.Errorf("model %q: %w", model, err)
 	}
-	v, err := renameToNextVersion(modelDir, staged)
+	var v int64
+	if opts.Version != 0 {
+		v, err = opts.Version, renameToVersion(modelDir, staged, opts.Version)
+	} else {
+		v, err = renameToNextVersion(modelDir, staged)
+	}
 	if err != nil {
 		undo()
 		return Installed{}, fmt.Errorf("model %q: %w", model, err)
@@ -190,6 +201,34 @@ func ensureConfig(modelDir string, cfg *Config, labels []string) (bool, error) {
 	return true, writeFileAtomic(filepath.Join(modelDir, "config.yaml"), b)
 }
 
+// renameToVersion renames the directory staged to version v of modelDir,
+// which must not exist yet, and syncs modelDir.
+func renameToVersion(modelDir, staged string, v int64) error {
+	if v < 1 {
+		return core.Errorf(core.InvalidArgument, "version %d: versions are positive", v)
+	}
+	dst := filepath.Join(modelDir, strconv.FormatInt(v, 10))
+	// rename(2) replaces an empty directory: refuse one that exists.
+	if _, err := os.Lstat(dst); err == nil {
+		return core.Errorf(core.AlreadyExists, "version %d exists already", v)
+	}
+	if err := os.Rename(staged, dst); err != nil {
+		if errors.Is(err, syscall.ENOTEMPTY) || errors.Is(err, syscall.EEXIST) {
+			return core.Errorf(core.AlreadyExists, "version %d exists already", v)
+		}
+		return err
+	}
+	syncDir(modelDir)
+	return nil
+}
+
+func syncDir(dir string) {
+	if d, err := os.Open(dir); err == nil {
+		d.Sync()
+		d.Close()
+	}
+}
+
 // renameToNextVersion renames the directory staged to the next free
 // version directory of modelDir and syncs modelDir.
 func renameToNextVersion(modelDir, staged string) (int64, error) {
@@ -200,10 +239,7 @@ func renameToNextVersion(modelDir, staged string) (int64, error) {
 		}
 		err = os.Rename(staged, filepath.Join(modelDir, strconv.FormatInt(v, 10)))
 		if err == nil {
-			if d, err := os.Open(modelDir); err == nil {
-				d.Sync()
-				d.Close()
-			}
+			syncDir(modelDir)
 			return v, nil
 		}
 		// Someone else took that version since nextVersion: try the next.

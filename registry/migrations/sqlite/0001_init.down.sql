@@ -1,0 +1,10 @@
+DROP TABLE alias_events;
+DROP TABLE aliases;
+DROP TABLE evaluations;
+DROP TRIGGER model_versions_undeletable;
+DROP TRIGGER model_versions_immutable;
+DROP TABLE model_versions;
+DROP TABLE run_metrics;
+DROP TABLE run_params;
+DROP TABLE runs;
+DROP TABLE registered_models;
