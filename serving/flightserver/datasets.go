@@ -206,63 +206,162 @@ type PutProgress struct {
 // the server.
 var errInvalidStream error = &core.Error{Code: core.InvalidArgument, Message: "invalid stream"}
 
-// countingWriter counts the bytes written through it.
+// countingWriter counts the bytes written through it and keeps the first
+// write error, so that a failed write of the IPC writer can be told apart
+// from data the IPC writer refused.
 type countingWriter struct {
-	w io.Writer
-	n int64
+	w   io.Writer
+	n   int64
+	err error
 }
 
 func (c *countingWriter) Write(p []byte) (int, error) {
 	n, err := c.w.Write(p)
 	c.n += int64(n)
+	if err != nil && c.err == nil {
+		c.err = err
+	}
 	return n, err
 }
 
-// put stores the record batches of rdr as dataset name. Each batch is written
-// and fsync'd before durable is called with the progress so far. The dataset
-// becomes visible, atomically, only once the whole stream is stored; on any
-// error nothing of it remains.
+// part is one temporary file of a DoPut: an Arrow IPC file, or an IPC
+// stream (the batches after a dictionary changed, see dictColumns), with
+// the syncer that acknowledges its batches as they become durable.
+type part struct {
+	f    *os.File
+	path string
+	cw   *countingWriter
+	bw   *bufio.Writer
+	fw   *ipc.FileWriter // file format
+	sw   *ipc.Writer     // stream format
+	sy   *syncer         // nil when nothing is acknowledged
+	done bool            // finished: written, synced and closed
+	kept bool            // renamed into place: not removed
+}
+
+// newPart creates a temporary file in the data directory for batches of
+// schema, in the IPC file format (file) or stream format; durable, when
+// set, is called as its batches become durable (see syncer).
+func (s *store) newPart(name string, schema *arrow.Schema, file bool, durable func(PutProgress)) (*part, error) {
+	f, err := os.CreateTemp(s.dir, tmpPrefix+"*")
+	if err != nil {
+		return nil, fmt.Errorf("dataset %q: creating temporary file: %w", name, err)
+	}
+	p := &part{f: f, path: f.Name()}
+	p.cw = &countingWriter{w: f}
+	p.bw = bufio.NewWriterSize(p.cw, 64<<10)
+	if file {
+		if p.fw, err = ipc.NewFileWriter(p.bw, ipc.WithSchema(schema), ipc.WithAllocator(s.mem)); err != nil {
+			p.discard()
+			return nil, fmt.Errorf("dataset %q: %w", name, err)
+		}
+	} else {
+		p.sw = ipc.NewWriter(p.bw, ipc.WithSchema(schema), ipc.WithAllocator(s.mem))
+	}
+	if durable != nil {
+		p.sy = startSyncer(f, durable)
+	}
+	return p, nil
+}
+
+// write writes rec and flushes it to the file. An error is the file
+// system's, or else the IPC writer's refusal of the client's data
+// (UNSUPPORTED: such data cannot be stored as an Arrow IPC file).
+func (p *part) write(rec arrow.RecordBatch) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("%w: encoding failed: %v", errInvalidStream, r)
+		}
+	}()
+	if p.fw != nil {
+		err = p.fw.Write(rec)
+	} else {
+		err = p.sw.Write(rec)
+	}
+	if err == nil {
+		err = p.bw.Flush()
+	}
+	if err != nil && p.cw.err == nil {
+		return core.Errorf(core.Unsupported, "the batch cannot be stored as an Arrow IPC file: %v", err)
+	}
+	return err
+}
+
+// finish waits until the acknowledged batches are synced, ends the file
+// (footer or end-of-stream marker), syncs and closes it.
+func (p *part) finish() error {
+	if err := p.sy.stop(); err != nil {
+		return fmt.Errorf("syncing: %w", err)
+	}
+	var err error
+	if p.fw != nil {
+		err = p.fw.Close()
+	} else {
+		err = p.sw.Close()
+	}
+	if err != nil {
+		return fmt.Errorf("writing the end of the file: %w", err)
+	}
+	if err := p.bw.Flush(); err != nil {
+		return fmt.Errorf("writing: %w", err)
+	}
+	if err := p.f.Sync(); err != nil {
+		return fmt.Errorf("syncing: %w", err)
+	}
+	p.done = true
+	return p.f.Close()
+}
+
+// discard removes the file unless it was kept; nil does nothing.
+func (p *part) discard() {
+	if p == nil || p.kept {
+		return
+	}
+	p.sy.stop()
+	p.f.Close()
+	os.Remove(p.path)
+}
+
+// put stores the record batches of rdr as dataset name. Each batch is
+// validated in full (validateRecord), written and fsync'd before durable is
+// called with the progress so far. The dataset becomes visible, atomically,
+// only once the whole stream is stored; on any error nothing of it remains,
+// not even the batches acknowledged as durable before it.
+//
+// A dictionary-encoded column keeps its type. When a batch's dictionary
+// differs from the one before (pyarrow sends a replacement dictionary for
+// a table concatenated from tables with other categories), which an Arrow
+// IPC file cannot hold, the dictionaries of the stream are unified
+// (dictColumns): the batches from there on are kept as an IPC stream, and
+// once the stream has ended every batch is written again, into the file,
+// with its indices into the one unified dictionary (whose index type is
+// widened when the categories outgrow it). DoGet then returns the values
+// sent, in one dictionary.
 func (s *store) put(ctx context.Context, name string, rdr recordSource, durable func(PutProgress)) (info DatasetInfo, err error) {
 	if err := ValidDatasetName(name); err != nil {
 		return DatasetInfo{}, err
 	}
-	f, err := os.CreateTemp(s.dir, tmpPrefix+"*")
-	if err != nil {
-		return DatasetInfo{}, fmt.Errorf("dataset %q: creating temporary file: %w", name, err)
-	}
-	tmp := f.Name()
-	committed := false
-	defer func() {
-		if !committed {
-			f.Close()
-			os.Remove(tmp)
-		}
-	}()
-	cw := &countingWriter{w: f}
-	bw := bufio.NewWriterSize(cw, 64<<10)
 	schema := rdr.Schema()
-	fw, err := ipc.NewFileWriter(bw, ipc.WithSchema(schema), ipc.WithAllocator(s.mem))
-	if err != nil {
-		return DatasetInfo{}, fmt.Errorf("dataset %q: %w", name, err)
-	}
-	flush := func() error {
-		if err := bw.Flush(); err != nil {
-			return err
-		}
-		return f.Sync()
-	}
 	// Batches are written here and made durable by a syncer goroutine, so
 	// that the next batch is received, checked and written while the
 	// device flushes the previous ones; each fsync covers every batch
 	// written before it started, and only those are acknowledged.
-	sy := startSyncer(f, durable)
-	defer sy.stop()
+	out, err := s.newPart(name, schema, true, durable)
+	if err != nil {
+		return DatasetInfo{}, err
+	}
+	defer func() { out.discard() }()
+	var first *part // the file part once a dictionary changed
+	defer func() { first.discard() }()
+	dc := newDictColumns(schema)
+	defer dc.release()
 	var prog PutProgress
+	var base int64 // bytes of the parts before out
 	for {
 		if err := ctx.Err(); err != nil {
 			return DatasetInfo{}, fmt.Errorf("dataset %q: stream ended after %d batches: %w", name, prog.Batches, err)
 		}
-		if err := sy.failed(); err != nil {
+		if err := out.sy.failed(); err != nil {
 			return DatasetInfo{}, fmt.Errorf("dataset %q: syncing after batch %d: %w", name, prog.Batches, err)
 		}
 		rec, err := rdr.Read()
@@ -275,45 +374,61 @@ func (s *store) put(ctx context.Context, name string, rdr recordSource, durable 
 		if err := validateRecord(rec); err != nil {
 			return DatasetInfo{}, fmt.Errorf("dataset %q: batch %d: %w: %w", name, prog.Batches, errInvalidStream, err)
 		}
-		if err := writeRecord(fw, rec); err != nil {
-			return DatasetInfo{}, fmt.Errorf("dataset %q: writing batch %d: %w", name, prog.Batches, err)
+		if dc != nil {
+			if first == nil && prog.Batches > 0 && dc.changed(rec) {
+				// The file holds the batches so far; the rest go to a
+				// stream, unified at the end.
+				if err := out.finish(); err != nil {
+					return DatasetInfo{}, fmt.Errorf("dataset %q: %w", name, err)
+				}
+				first, base = out, out.cw.n
+				out = nil
+				if err := dc.startUnifying(s.mem); err != nil {
+					return DatasetInfo{}, fmt.Errorf("dataset %q: batch %d: %w", name, prog.Batches, err)
+				}
+				if out, err = s.newPart(name, schema, false, durable); err != nil {
+					return DatasetInfo{}, err
+				}
+			}
+			if err := dc.observe(rec, prog.Batches); err != nil {
+				return DatasetInfo{}, fmt.Errorf("dataset %q: batch %d: %w", name, prog.Batches, err)
+			}
 		}
-		if err := bw.Flush(); err != nil {
+		if err := out.write(rec); err != nil {
 			return DatasetInfo{}, fmt.Errorf("dataset %q: writing batch %d: %w", name, prog.Batches, err)
 		}
 		prog.Batches++
 		prog.Rows += rec.NumRows()
-		prog.Bytes = cw.n
-		sy.written(prog)
+		prog.Bytes = base + out.cw.n
+		out.sy.written(prog)
 	}
-	if err := sy.stop(); err != nil {
-		return DatasetInfo{}, fmt.Errorf("dataset %q: syncing: %w", name, err)
+	if err := out.finish(); err != nil {
+		return DatasetInfo{}, fmt.Errorf("dataset %q: %w", name, err)
 	}
-	if err := fw.Close(); err != nil {
-		return DatasetInfo{}, fmt.Errorf("dataset %q: writing footer: %w", name, err)
+	final := out
+	if first != nil {
+		if final, err = s.unifyParts(ctx, name, schema, first, out, dc); err != nil {
+			return DatasetInfo{}, err
+		}
+		defer final.discard()
 	}
-	if err := flush(); err != nil {
-		return DatasetInfo{}, fmt.Errorf("dataset %q: syncing: %w", name, err)
-	}
-	if err := f.Close(); err != nil {
-		return DatasetInfo{}, fmt.Errorf("dataset %q: closing: %w", name, err)
-	}
-	meta := datasetMeta{Rows: prog.Rows, Batches: prog.Batches, Bytes: cw.n}
+	size := final.cw.n
+	meta := datasetMeta{Rows: prog.Rows, Batches: prog.Batches, Bytes: size}
 	if err := writeFileSync(filepath.Join(s.dir, name+metaExt), meta); err != nil {
 		return DatasetInfo{}, fmt.Errorf("dataset %q: %w", name, err)
 	}
 	if err := ctx.Err(); err != nil {
 		return DatasetInfo{}, fmt.Errorf("dataset %q: stream ended before commit: %w", name, err)
 	}
-	if err := os.Rename(tmp, s.path(name)); err != nil {
+	if err := os.Rename(final.path, s.path(name)); err != nil {
 		return DatasetInfo{}, fmt.Errorf("dataset %q: committing: %w", name, err)
 	}
-	committed = true
+	final.kept = true
 	s.setMeta(name, meta)
 	if err := syncDir(s.dir); err != nil {
 		return DatasetInfo{}, fmt.Errorf("dataset %q: syncing data directory: %w", name, err)
 	}
-	return DatasetInfo{Name: name, Path: s.path(name), Schema: schema, Rows: prog.Rows, Batches: prog.Batches, Bytes: cw.n}, nil
+	return DatasetInfo{Name: name, Path: s.path(name), Schema: dc.schema(schema), Rows: prog.Rows, Batches: prog.Batches, Bytes: size}, nil
 }
 
 // syncDepth bounds the batches written but not yet synced.
@@ -369,10 +484,18 @@ func (sy *syncer) run() {
 }
 
 // written hands the progress after a fully written batch to the syncer.
-func (sy *syncer) written(p PutProgress) { sy.queue <- p }
+// A nil syncer, and nil's other methods, do nothing.
+func (sy *syncer) written(p PutProgress) {
+	if sy != nil {
+		sy.queue <- p
+	}
+}
 
 // failed returns the error of a failed fsync, if any.
 func (sy *syncer) failed() error {
+	if sy == nil {
+		return nil
+	}
 	sy.mu.Lock()
 	defer sy.mu.Unlock()
 	return sy.err
@@ -381,23 +504,15 @@ func (sy *syncer) failed() error {
 // stop waits until every written batch is synced (or an fsync failed) and
 // returns the first fsync error. Later calls return the same.
 func (sy *syncer) stop() error {
+	if sy == nil {
+		return nil
+	}
 	if !sy.stopped {
 		sy.stopped = true
 		close(sy.queue)
 		<-sy.done
 	}
 	return sy.failed()
-}
-
-// writeRecord writes rec, turning a panic of the IPC encoder on malformed
-// data into an error.
-func writeRecord(fw *ipc.FileWriter, rec arrow.RecordBatch) (err error) {
-	defer func() {
-		if p := recover(); p != nil {
-			err = fmt.Errorf("%w: encoding failed: %v", errInvalidStream, p)
-		}
-	}()
-	return fw.Write(rec)
 }
 
 // writeFileSync writes v as JSON to path through a synced temporary file.

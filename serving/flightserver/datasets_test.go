@@ -338,3 +338,53 @@ func TestDoPutLargeBatchesConcurrently(t *testing.T) {
 		}
 	}
 }
+
+// lyingBatch returns a batch of a 4-row string column "s" (with a valid
+// int32 column "n" beside it) whose IPC field node will declare nulls
+// nulls, while its validity bitmap marks rows 1 and 3 null: arrow-go's
+// writer sends the null count an array claims.
+func lyingBatch(t *testing.T, nulls int) arrow.RecordBatch {
+	t.Helper()
+	mem := memory.DefaultAllocator
+	sb := array.NewStringBuilder(mem)
+	defer sb.Release()
+	sb.AppendValues([]string{"a", "", "c", ""}, []bool{true, false, true, false})
+	good := sb.NewStringArray()
+	defer good.Release()
+	d := good.Data()
+	lying := array.NewData(d.DataType(), d.Len(), d.Buffers(), nil, nulls, d.Offset())
+	defer lying.Release()
+	s := array.MakeFromData(lying)
+	defer s.Release()
+	nb := array.NewInt32Builder(mem)
+	defer nb.Release()
+	nb.AppendValues([]int32{1, 2, 3, 4}, nil)
+	n := nb.NewArray()
+	defer n.Release()
+	schema := arrow.NewSchema([]arrow.Field{{Name: "n", Type: arrow.PrimitiveTypes.Int32}, {Name: "s", Type: arrow.BinaryTypes.String, Nullable: true}}, nil)
+	return array.NewRecordBatch(schema, []arrow.Array{n, s}, 4)
+}
+
+// A batch whose null count contradicts its validity bitmap is refused
+// with INVALID_ARGUMENT naming the column, and nothing of its stream is
+// stored, not even the good batches before it: a DoPut stores a whole
+// stream or nothing.
+func TestDoPutRefusesLyingNullCount(t *testing.T) {
+	e := start(t, kflight.Options{})
+	ctx := ctxT(t)
+	// The honest batch is stored.
+	honest := lyingBatch(t, 2)
+	_, err := e.put(ctx, "honest", honest)
+	require.NoError(t, err)
+	back := e.get(t, ctx, "honest")
+	require.Len(t, back, 1)
+	require.NoError(t, array.ValidateRecordFull(back[0]))
+	before := visibleFiles(t, e.data)
+	for _, nulls := range []int{99, 5, 1, 3} {
+		t.Run(fmt.Sprint(nulls), func(t *testing.T) {
+			_, err := e.put(ctx, "lying", lyingBatch(t, 2), lyingBatch(t, nulls), lyingBatch(t, 2))
+			requireCode(t, err, codes.InvalidArgument, `column "s"`, "null")
+			require.ElementsMatch(t, before, visibleFiles(t, e.data), "nothing of the stream stored")
+		})
+	}
+}

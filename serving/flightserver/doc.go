@@ -26,6 +26,12 @@
 // over NAME.arrow only once it has ended well: a stream that breaks (the
 // client goes away, a malformed IPC message, a second schema) leaves the
 // data directory as it was and fails with CANCELLED or INVALID_ARGUMENT.
+// Every batch is validated in full before it is written (buffer sizes,
+// offsets, null counts recounted from the validity bitmaps, dictionary
+// indices, children and dictionaries: arrow-go's array.ValidateFull); a
+// batch that fails is INVALID_ARGUMENT naming its column, and the whole
+// stream is dropped with it, the batches before it too, although they were
+// acknowledged as durable: only "committed" makes a dataset.
 // Fsyncs run beside the writing: while the device flushes, the next batches
 // are received, checked and written, and one fsync may make several batches
 // durable (each acknowledged only after an fsync that began once it was
@@ -35,7 +41,14 @@
 // ListFlights lists the datasets (a criteria expression keeps the names
 // with that prefix), GetFlightInfo describes one (schema, total records and
 // bytes, one endpoint whose ticket is "datasets/NAME") and DoGet streams it
-// back in the record batches it was put in, bit for bit.
+// back in the record batches it was put in, bit for bit, but for one case:
+// a dictionary-encoded column whose dictionary changes between batches (as
+// pyarrow sends a table concatenated from tables of other categories),
+// which an Arrow IPC file cannot hold, is stored with one dictionary
+// unified over the stream (indices widened when the categories outgrow
+// their type), so that DoGet returns the same values, still
+// dictionary-encoded. A dictionary nested in another type that changes is
+// UNIMPLEMENTED. Data the IPC writer refuses is never INTERNAL.
 //
 // # Inference
 //
@@ -85,13 +98,20 @@
 // returns {"job_id": ID}; `job-status` and `cancel` take the id (bare, as a
 // JSON string or as {"job_id": ID}) and return the job's JobStatus JSON,
 // with its progress; `list-jobs` returns them all. Without a Trainer these
-// actions fail with UNIMPLEMENTED. ModelTrainer is Kiln's trainer (core/train
+// actions fail with UNIMPLEMENTED. A Trainer that is a TrainChecker
+// (ModelTrainer is) checks the body against the dataset first: a request
+// that cannot succeed (unknown fields, no layers, a missing or unusable
+// target or feature column, an invalid model name, checkpoint options)
+// fails the action with INVALID_ARGUMENT, an unknown dataset with
+// NOT_FOUND, and no job starts. ModelTrainer is Kiln's trainer (core/train
 // on the dataset read with arrowio.ReadTable): its `train` body is a
 // TrainRequest (dataset, target, an inline `kiln train` spec, hyper-parameter
 // overrides, the model name), and it writes the trained model package as the
 // next version of a model repository, with a config.yaml the serving
 // repository accepts, reporting epochs, loss and validation metrics as
-// progress.
+// progress. The package is written in a hidden staging directory at the
+// top of the repository and installed with repository.Install: a job that
+// fails or is cancelled leaves nothing in the repository.
 //
 // # Security
 //

@@ -585,7 +585,7 @@ func (x *exchange) readLoop(ctx context.Context, rdr *flight.Reader, in *checked
 			return nil
 		}
 		if err != nil {
-			return statusFromReadErr(ctx, "DoExchange: reading input batches", err)
+			return statusFromReadErr(ctx, "DoExchange: reading input batches", withColumn(rdr.Schema(), err))
 		}
 		if err := validateRecord(rec); err != nil {
 			return invalidArg("DoExchange: %v", err)

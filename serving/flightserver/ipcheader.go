@@ -2,9 +2,11 @@ package flightserver
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"math"
 
+	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/flight"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -14,15 +16,90 @@ import (
 
 // checkFlightData checks a received FlightData's IPC header against its
 // body (checkIPCHeader); a message without a header passes. The error is
-// an INVALID_ARGUMENT status.
+// an INVALID_ARGUMENT status (a *headerError: errors.As finds the
+// *nodeError of a record batch's field node in it).
 func checkFlightData(fd *flight.FlightData, lim headerLimits) error {
 	if len(fd.DataHeader) == 0 {
 		return nil
 	}
 	if err := checkIPCHeader(fd.DataHeader, fd.DataBody, lim); err != nil {
-		return status.Errorf(codes.InvalidArgument, "FlightData: %v", err)
+		return &headerError{err: err}
 	}
 	return nil
+}
+
+// headerError is an IPC header refused by checkFlightData: an
+// INVALID_ARGUMENT status that unwraps to the reason.
+type headerError struct{ err error }
+
+func (e *headerError) Error() string { return "FlightData: " + e.err.Error() }
+func (e *headerError) Unwrap() error { return e.err }
+
+// GRPCStatus makes the error an INVALID_ARGUMENT status.
+func (e *headerError) GRPCStatus() *status.Status {
+	return status.New(codes.InvalidArgument, e.Error())
+}
+
+// nodeError is a record batch's field node that contradicts itself or the
+// limits; node is its index in the batch's pre-order list of field nodes
+// (see nodeColumn).
+type nodeError struct {
+	node int
+	msg  string
+}
+
+func (e *nodeError) Error() string { return fmt.Sprintf("field node %d: %s", e.node, e.msg) }
+
+// withColumn prefixes err's message with the column its *nodeError names,
+// if it has one that names a column of schema.
+func withColumn(schema *arrow.Schema, err error) error {
+	var ne *nodeError
+	if schema == nil || !errors.As(err, &ne) {
+		return err
+	}
+	col := nodeColumn(schema, ne.node)
+	if col == "" {
+		return err
+	}
+	return fmt.Errorf("column %q: %w", col, err)
+}
+
+// nodeColumn names the column, and the child within it, that field node
+// node of a record batch of schema describes: the nodes are the fields'
+// arrays in pre-order (Arrow's IPC format), a dictionary-encoded array
+// being one node (its dictionary is sent apart). It returns "" when the
+// schema has fewer nodes.
+func nodeColumn(schema *arrow.Schema, node int) string {
+	n := 0
+	found := ""
+	var walk func(dt arrow.DataType, path string) bool
+	walk = func(dt arrow.DataType, path string) bool {
+		if n == node {
+			found = path
+			return true
+		}
+		n++
+		if ext, ok := dt.(arrow.ExtensionType); ok {
+			dt = ext.StorageType()
+		}
+		if _, ok := dt.(*arrow.DictionaryType); ok {
+			return false
+		}
+		if nested, ok := dt.(arrow.NestedType); ok {
+			for _, f := range nested.Fields() {
+				if walk(f.Type, path+"."+f.Name) {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	for _, f := range schema.Fields() {
+		if walk(f.Type, f.Name) {
+			return found
+		}
+	}
+	return ""
 }
 
 // checkedStream is a DoExchange stream whose Recv checks every FlightData
@@ -308,7 +385,8 @@ func checkIPCHeader(header, body []byte, lim headerLimits) error {
 		}
 		if ok {
 			if err := checkRecordBatch(data, body, lim); err != nil {
-				return fmt.Errorf("IPC dictionary batch: %w", err)
+				// %v: a dictionary's field nodes are not the schema's.
+				return fmt.Errorf("IPC dictionary batch: %v", err)
 			}
 		}
 	default:
@@ -407,7 +485,7 @@ func checkRecordBatch(rb table, body []byte, lim headerLimits) error {
 		l, _ := rb.b.i64(ns + 16*k)
 		nulls, _ := rb.b.i64(ns + 16*k + 8)
 		if l < 0 || l > lim.maxLength || nulls < 0 || nulls > l {
-			return fmt.Errorf("field node %d: length %d, null count %d (want 0 ≤ nulls ≤ length ≤ %d)", k, l, nulls, lim.maxLength)
+			return &nodeError{node: k, msg: fmt.Sprintf("length %d, null count %d (want 0 ≤ nulls ≤ length ≤ %d)", l, nulls, lim.maxLength)}
 		}
 	}
 	bufs, bs, err := rb.vector(2, 16)

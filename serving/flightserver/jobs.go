@@ -27,6 +27,17 @@ type Trainer interface {
 	Train(ctx context.Context, spec json.RawMessage, dataset string, progress func(Progress)) (json.RawMessage, error)
 }
 
+// TrainChecker is implemented by a Trainer that can tell, before a job
+// starts, that a `train` body cannot succeed on a dataset: the action then
+// fails with the error's code (INVALID_ARGUMENT, NOT_FOUND, ...) and no job
+// is started.
+type TrainChecker interface {
+	// CheckTrain checks spec, the action's JSON body, against the stored
+	// dataset it names; it must be quick (no training, no reading of the
+	// data).
+	CheckTrain(spec json.RawMessage, dataset DatasetInfo) error
+}
+
 // TrainerFunc adapts a function to the Trainer interface.
 type TrainerFunc func(ctx context.Context, spec json.RawMessage, dataset string, progress func(Progress)) (json.RawMessage, error)
 

@@ -481,7 +481,7 @@ func (p putSource) Read() (arrow.RecordBatch, error) {
 	if st, ok := status.FromError(err); ok && st.Code() == codes.ResourceExhausted {
 		return nil, err // the gate refused a message: not the client's data
 	}
-	return nil, fmt.Errorf("%w: %v", errInvalidStream, err)
+	return nil, fmt.Errorf("%w: %v", errInvalidStream, withColumn(p.rdr.Schema(), err))
 }
 
 // acker sends PutResults from its own goroutine, so that a client that
@@ -666,6 +666,11 @@ func (s *Server) DoAction(a *flight.Action, stream flight.FlightService_DoAction
 		}
 		if err != nil {
 			return status.Errorf(codes.InvalidArgument, "train: %v", err)
+		}
+		if c, ok := s.opts.Trainer.(TrainChecker); ok {
+			if err := c.CheckTrain(a.GetBody(), info); err != nil {
+				return toStatus(fmt.Errorf("train: %w", err))
+			}
 		}
 		id, err := s.jobs.Start(stream.Context(), a.GetBody(), info.Name, info.Path)
 		if err != nil {

@@ -9,7 +9,10 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/apache/arrow-go/v18/arrow/array"
+
 	"github.com/kilnml/kiln/arrowio"
+	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/train"
 	"github.com/kilnml/kiln/serving/repository"
 )
@@ -192,11 +195,43 @@ func ParseTrainRequest(body []byte) (TrainRequest, train.Job, error) {
 	return req, job, nil
 }
 
-// validModelName accepts the names the model repository serves (and
-// ValidDatasetName's, a subset), refusing hidden and path-like ones.
+// validModelName accepts the names the model repository serves
+// (repository.ValidModelName), refusing hidden and path-like ones.
 func validModelName(name string) error {
-	if err := ValidDatasetName(name); err != nil {
+	if err := repository.ValidModelName(name); err != nil {
 		return fmt.Errorf("model name: %w", err)
+	}
+	return nil
+}
+
+// CheckTrain implements TrainChecker: it checks a `train` body before a job
+// starts, so that a request that cannot succeed fails the action itself
+// (INVALID_ARGUMENT) instead of a job: the body and its spec parse
+// (ParseTrainRequest: known fields, model layers, a target, no checkpoint
+// options, a valid model name), and the target and feature columns exist
+// in the dataset's schema with types training reads (arrowio.ReadTable's
+// rules: numbers, booleans, strings, dictionaries of strings or integers).
+func (t *ModelTrainer) CheckTrain(body json.RawMessage, dataset DatasetInfo) error {
+	_, job, err := ParseTrainRequest(body)
+	if err != nil {
+		return core.Errorf(core.InvalidArgument, "%v", err)
+	}
+	cols := []string(nil)
+	if len(job.Data.Features) > 0 {
+		cols = append(slices.Clone(job.Data.Features), job.Data.Target)
+	}
+	// The columns are converted as training will, on no rows.
+	rdr, err := array.NewRecordReader(dataset.Schema, nil)
+	if err != nil {
+		return core.Errorf(core.InvalidArgument, "train request: dataset %q: %v", dataset.Name, err)
+	}
+	defer rdr.Release()
+	tb, err := arrowio.TableFromRecords(rdr, cols)
+	if err != nil {
+		return core.Errorf(core.InvalidArgument, "train request: dataset %q: %v", dataset.Name, err)
+	}
+	if _, err := tb.Lookup(job.Data.Target, "target column"); err != nil {
+		return core.Errorf(core.InvalidArgument, "train request: dataset %q: %v", dataset.Name, err)
 	}
 	return nil
 }
@@ -285,4 +320,7 @@ func flatMetrics(rep *train.Report) map[string]float64 {
 	return m
 }
 
-var _ Trainer = (*ModelTrainer)(nil)
+var (
+	_ Trainer      = (*ModelTrainer)(nil)
+	_ TrainChecker = (*ModelTrainer)(nil)
+)

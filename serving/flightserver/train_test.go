@@ -16,6 +16,7 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/ipc"
 	"github.com/apache/arrow-go/v18/arrow/memory"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc/codes"
 
 	"github.com/kilnml/kiln/core"
 	kflight "github.com/kilnml/kiln/serving/flightserver"
@@ -256,26 +257,46 @@ func TestModelTrainerCancelAndErrors(t *testing.T) {
 	st, err := e.srv.Jobs().Wait(wctx, id)
 	require.NoError(t, err)
 	require.Equal(t, kflight.JobCancelled, st.State, "status %+v", st)
-	ents, err := os.ReadDir(filepath.Join(repoRoot, "long"))
-	require.NoError(t, err)
-	require.Empty(t, ents, "a cancelled job writes no version")
+	requireRepo(t, repoRoot, nil, "a cancelled job leaves nothing in the repository")
 
-	// Bad requests fail with errors that name the problem.
+	// Bad requests fail the action itself, with errors that name the
+	// problem, and start no job.
+	_, err = e.put(ctx, "tensors", mixedBatch(t, 0, 6))
+	require.NoError(t, err)
+	jobs := len(e.srv.Jobs().List())
 	for _, c := range []struct {
 		body map[string]any
+		code codes.Code
 		want string
 	}{
-		{map[string]any{"dataset": "blobs", "target": "klass", "spec": blobsSpec}, `target column "klass" not found`},
-		{map[string]any{"dataset": "blobs", "target": "cls", "features": []string{"x0", "x9"}, "spec": blobsSpec}, `column "x9" not found`},
-		{map[string]any{"dataset": "blobs", "target": "cls"}, "no model layers"},
-		{map[string]any{"dataset": "blobs", "target": "cls", "spec": blobsSpec, "model": "../evil"}, "model name"},
-		{map[string]any{"dataset": "blobs", "target": "cls", "spec": blobsSpec, "epochz": 3}, `unknown field "epochz"`},
+		{map[string]any{"dataset": "blobs", "target": "klass", "spec": blobsSpec}, codes.InvalidArgument, `target column "klass" not found`},
+		{map[string]any{"dataset": "blobs", "target": "cls", "features": []string{"x0", "x9"}, "spec": blobsSpec}, codes.InvalidArgument, `column "x9" not found`},
+		{map[string]any{"dataset": "blobs", "target": "cls"}, codes.InvalidArgument, "no model layers"},
+		{map[string]any{"dataset": "blobs", "target": "cls", "spec": blobsSpec, "model": "../evil"}, codes.InvalidArgument, "model name"},
+		{map[string]any{"dataset": "blobs", "target": "cls", "spec": blobsSpec, "model": ".hidden"}, codes.InvalidArgument, "model name"},
+		{map[string]any{"dataset": "blobs", "target": "cls", "spec": blobsSpec, "epochz": 3}, codes.InvalidArgument, `unknown field "epochz"`},
+		{map[string]any{"dataset": "blobs", "target": "cls", "spec": "model: {layers: [{type: linear}]}\ntrain: {checkpoint_dir: /tmp/x}"}, codes.InvalidArgument, "checkpoint_dir"},
+		{map[string]any{"dataset": "blobs", "target": "cls", "spec": "model: {layers: [{type: linear}]}\ntrain: {resume: true}"}, codes.InvalidArgument, "resume"},
+		{map[string]any{"dataset": "blobs", "target": "cls", "spec": "model: [1, 2]"}, codes.InvalidArgument, "spec"},
+		// A target of a type training cannot read: a 2x2 tensor column.
+		{map[string]any{"dataset": "tensors", "target": "t", "spec": blobsSpec}, codes.InvalidArgument, `"t"`},
+		{map[string]any{"dataset": "nosuch", "target": "cls", "spec": blobsSpec}, codes.NotFound, `"nosuch"`},
 	} {
-		id := e.startTrain(t, ctx, c.body)
-		st, _ := e.waitJob(t, ctx, id)
-		require.Equal(t, kflight.JobFailed, st.State, "%v: %+v", c.body, st)
-		require.Contains(t, st.Error, c.want)
+		_, err := e.action(ctx, "train", c.body)
+		requireCode(t, err, c.code, c.want)
 	}
+	require.Len(t, e.srv.Jobs().List(), jobs, "no job started")
+	requireRepo(t, repoRoot, nil, "nothing written for refused requests")
+
+	// A job that passes the checks but fails later (an unknown layer
+	// type) leaves nothing in the repository: no model directory, no
+	// staging directory.
+	id = e.startTrain(t, ctx, map[string]any{"dataset": "blobs", "target": "cls", "model": "doomed",
+		"spec": "model: {layers: [{type: linearr}]}", "epochs": 1})
+	st, _ = e.waitJob(t, ctx, id)
+	require.Equal(t, kflight.JobFailed, st.State, "status %+v", st)
+	require.Contains(t, st.Error, "linearr")
+	requireRepo(t, repoRoot, nil, "a failed job leaves nothing in the repository")
 
 	// A package that does not fit an existing model's config is refused.
 	require.NoError(t, os.MkdirAll(filepath.Join(repoRoot, "other"), 0o755))
@@ -285,7 +306,21 @@ func TestModelTrainerCancelAndErrors(t *testing.T) {
 	st, _ = e.waitJob(t, ctx, id)
 	require.Equal(t, kflight.JobFailed, st.State)
 	require.Contains(t, st.Error, "does not fit the model's config.yaml")
-	ents, err = os.ReadDir(filepath.Join(repoRoot, "other"))
+	ents, err := os.ReadDir(filepath.Join(repoRoot, "other"))
 	require.NoError(t, err)
 	require.Len(t, ents, 1, "only config.yaml")
+	requireRepo(t, repoRoot, []string{"other"}, "no staging directory left")
+}
+
+// requireRepo checks that the repository directory holds exactly names,
+// hidden entries included.
+func requireRepo(t *testing.T, repoRoot string, names []string, msg string) {
+	t.Helper()
+	ents, err := os.ReadDir(repoRoot)
+	require.NoError(t, err)
+	var got []string
+	for _, e := range ents {
+		got = append(got, e.Name())
+	}
+	require.ElementsMatch(t, names, got, msg)
 }

@@ -7,10 +7,15 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/array"
 )
 
-// validateRecord checks that rec's buffers hold what its lengths promise, so
-// that a malformed IPC message sent by a client is refused rather than stored
-// or read out of bounds. The IPC reader only checks that buffers lie within
-// the message body.
+// validateRecord checks rec fully, so that a malformed or lying IPC message
+// sent by a client is refused rather than stored or read out of bounds: its
+// buffers hold what its lengths promise, offsets are in bounds and
+// non-decreasing, each null count is the number of zero bits of its
+// validity bitmap, dictionary indices lie within their dictionary, and the
+// same for every child and dictionary (arrow-go's array.ValidateFull, the
+// checks of Arrow C++'s ValidateFull that pyarrow's validate(full=True)
+// runs). The IPC reader only checks that buffers lie within the message
+// body. The error names the column.
 func validateRecord(rec arrow.RecordBatch) (err error) {
 	defer func() {
 		if p := recover(); p != nil {
@@ -26,10 +31,12 @@ func validateRecord(rec arrow.RecordBatch) (err error) {
 		if err := validateData(col.Data()); err != nil {
 			return fmt.Errorf("column %q: %w", name, err)
 		}
-		if v, ok := col.(interface{ ValidateFull() error }); ok {
-			if err := v.ValidateFull(); err != nil {
-				return fmt.Errorf("column %q: %w", name, err)
-			}
+		// The package function, not the arrays' ValidateFull method: only
+		// it recounts the nulls of every array (children and dictionaries
+		// too) from its validity bitmap and checks dictionary indices
+		// against their dictionary, besides offsets and lengths.
+		if err := array.ValidateFull(col); err != nil {
+			return fmt.Errorf("column %q: %w", name, err)
 		}
 	}
 	return nil

@@ -70,20 +70,21 @@ func ValidModelName(name string) error {
 	return nil
 }
 
-// NewStaging makes a hidden temporary directory inside the directory of
-// model in repo (creating both if needed), on the same file system as the
-// version directories, where a package can be written and then installed
-// with InstallOptions.Move. The caller removes it when Install failed or
-// was not called (os.RemoveAll; after a successful Move it is gone).
+// NewStaging makes a hidden temporary directory at the top of repo
+// (creating repo if needed; repositories skip hidden entries), on the same
+// file system as the version directories, where a package for model can
+// be written and then installed with InstallOptions.Move. It creates
+// nothing in the model's directory, so a package that is never installed
+// leaves no trace of the model. The caller removes it when Install failed
+// or was not called (os.RemoveAll; after a successful Move it is gone).
 func NewStaging(repo, model string) (string, error) {
 	if err := ValidModelName(model); err != nil {
 		return "", err
 	}
-	modelDir := filepath.Join(repo, model)
-	if err := os.MkdirAll(modelDir, 0o755); err != nil {
+	if err := os.MkdirAll(repo, 0o755); err != nil {
 		return "", fmt.Errorf("model %q: %w", model, err)
 	}
-	tmp, err := os.MkdirTemp(modelDir, ".staging-")
+	tmp, err := os.MkdirTemp(repo, ".staging-"+model+"-")
 	if err != nil {
 		return "", fmt.Errorf("model %q: %w", model, err)
 	}
@@ -100,9 +101,13 @@ func NewStaging(repo, model string) (string, error) {
 // fits the existing configuration (same inputs, outputs and labels) and
 // refuses it if not. The version directory appears whole: the package is
 // copied (or, with Move, renamed) into a hidden directory first and
-// renamed into place. Python's Model.deploy and Flight's train action use
-// it.
+// renamed into place; a failed install leaves the repository as it was (a
+// model directory it made is removed). Python's Model.deploy and Flight's
+// train action use it.
 func Install(repo, model, pkgDir string, opts InstallOptions) (Installed, error) {
+	if err := ValidModelName(model); err != nil {
+		return Installed{}, err
+	}
 	man, err := modelpkg.Check(pkgDir)
 	if err != nil {
 		return Installed{}, fmt.Errorf("install %s: %w", pkgDir, err)
@@ -121,8 +126,25 @@ func Install(repo, model, pkgDir string, opts InstallOptions) (Installed, error)
 	modelDir := filepath.Join(repo, model)
 	installMu.Lock()
 	defer installMu.Unlock()
+	// A model new to the repository gets its directory now; if the
+	// install fails, it goes again, with the config written for it.
+	made := false
+	if _, err := os.Stat(modelDir); errors.Is(err, os.ErrNotExist) {
+		if err := os.Mkdir(modelDir, 0o755); err != nil {
+			return Installed{}, fmt.Errorf("model %q: %w", model, err)
+		}
+		made = true
+	}
+	undo := func() {
+		if made {
+			os.Remove(filepath.Join(modelDir, "config.yaml"))
+			os.Remove(filepath.Join(modelDir, "labels.txt"))
+			os.Remove(modelDir) // only when empty
+		}
+	}
 	created, err := ensureConfig(modelDir, cfg, labels)
 	if err != nil {
+		undo()
 		return Installed{}, fmt.Errorf("model %q: %w", model, err)
 	}
 	var v int64
@@ -132,6 +154,7 @@ func Install(repo, model, pkgDir string, opts InstallOptions) (Installed, error)
 		v, err = renameToNextVersion(modelDir, staged)
 	}
 	if err != nil {
+		undo()
 		return Installed{}, fmt.Errorf("model %q: %w", model, err)
 	}
 	return Installed{Model: model, Version: v, Dir: filepath.Join(modelDir, strconv.FormatInt(v, 10)),

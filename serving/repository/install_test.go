@@ -9,6 +9,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/core/modelpkg"
 	"github.com/kilnml/kiln/internal/testkit"
 )
 
@@ -55,4 +56,53 @@ func TestInstallAsVersion(t *testing.T) {
 	m, err := r.Model("m")
 	require.NoError(t, err)
 	assert.Equal(t, []int64{1, 7, 8, 9}, m.Versions)
+}
+
+// TestFailedInstallLeavesNothing: staging happens at the repository's top,
+// in a hidden directory, so that a package that is never installed leaves
+// no model directory; an install that fails for a model new to the
+// repository removes the directory and config it made.
+func TestFailedInstallLeavesNothing(t *testing.T) {
+	pkg := filepath.Join(testkit.Root(), "core", "modelpkg", "testdata", "v1-float")
+	repo := t.TempDir()
+	ls := func() []string {
+		entries, err := os.ReadDir(repo)
+		require.NoError(t, err)
+		var names []string
+		for _, e := range entries {
+			names = append(names, e.Name())
+		}
+		return names
+	}
+	tmp, err := NewStaging(repo, "n")
+	require.NoError(t, err)
+	assert.Equal(t, repo, filepath.Dir(tmp))
+	assert.NoDirExists(t, filepath.Join(repo, "n"), "staging makes no model directory")
+	require.NoError(t, os.RemoveAll(tmp))
+
+	// Fails after the config was written (the version is refused), by
+	// copy and by move.
+	_, err = Install(repo, "n", pkg, InstallOptions{Version: -1})
+	assert.Equal(t, core.InvalidArgument, core.CodeOf(err), "%v", err)
+	assert.Empty(t, ls())
+	staged, err := NewStaging(repo, "n")
+	require.NoError(t, err)
+	_, err = modelpkg.Copy(pkg, staged)
+	require.NoError(t, err)
+	_, err = Install(repo, "n", staged, InstallOptions{Version: -1, Move: true})
+	require.Error(t, err)
+	require.NoError(t, os.RemoveAll(staged))
+	assert.Empty(t, ls())
+
+	_, err = Install(repo, "../n", pkg, InstallOptions{})
+	require.Error(t, err)
+	assert.Empty(t, ls())
+
+	// An existing model keeps what it had.
+	_, err = Install(repo, "m", pkg, InstallOptions{})
+	require.NoError(t, err)
+	_, err = Install(repo, "m", pkg, InstallOptions{Version: -1})
+	require.Error(t, err)
+	assert.Equal(t, []string{"m"}, ls())
+	assert.FileExists(t, filepath.Join(repo, "m", "config.yaml"))
 }

@@ -192,16 +192,27 @@ def test_cancel_long_job(client, server):
     st, _ = poll(client, job, timeout=60)
     assert st["state"] == "CANCELLED", st
     assert "result" not in st
-    model_dir = server["repo"] / "bc_long"
-    assert not model_dir.exists() or os.listdir(model_dir) == []
+    # A cancelled job leaves nothing in the repository: no model directory,
+    # no staging directory.
+    assert not (server["repo"] / "bc_long").exists()
+    assert not [p for p in os.listdir(server["repo"]) if p.startswith(".")]
 
 
 def test_bad_target_fails_clearly(client, server):
     table, _ = iris_table()
     put(client, "iris_bad", table)
-    job = action(client, "train", {"dataset": "iris_bad", "target": "colour", "spec": SPEC_YAML})["job_id"]
+    # Checked before a job starts: the action itself fails (INVALID_ARGUMENT).
+    with pytest.raises(pa.ArrowInvalid, match='target column "colour" not found'):
+        action(client, "train", {"dataset": "iris_bad", "target": "colour", "spec": SPEC_YAML})
+    with pytest.raises(pa.ArrowInvalid, match="model name"):
+        action(client, "train", {"dataset": "iris_bad", "target": "species", "spec": SPEC_YAML, "model": "../up"})
+    # A job that fails later (an unknown layer type) leaves no model
+    # directory behind.
+    job = action(client, "train", {"dataset": "iris_bad", "target": "species", "model": "bc_doomed",
+                                   "spec": "model: {layers: [{type: linearr}]}"})["job_id"]
     st, _ = poll(client, job)
     assert st["state"] == "FAILED"
-    assert 'target column "colour" not found' in st["error"]
+    assert "linearr" in st["error"]
+    assert not (server["repo"] / "bc_doomed").exists()
     with pytest.raises(KeyError, match='dataset "nope" does not exist'):  # NOT_FOUND
         action(client, "train", {"dataset": "nope", "target": "x", "spec": SPEC_YAML})
