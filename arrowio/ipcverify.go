@@ -1,9 +1,11 @@
 package arrowio
 
 import (
+	"cmp"
 	"encoding/binary"
 	"fmt"
 	"io"
+	"slices"
 
 	"github.com/kilnml/kiln/core"
 )
@@ -367,6 +369,10 @@ func verifyIPCFile(r io.ReaderAt, size int64) error {
 	if err := b.keyValues(root, vt, 4); err != nil {
 		return err
 	}
+	// Blocks must not overlap: each would be read (and its rows kept) once
+	// per reference, so a small file could declare any number of rows.
+	type span struct{ start, end int64 }
+	var spans []span
 	for _, i := range []int{2, 3} { // dictionaries, recordBatches: Block structs
 		v, cnt, err := b.vector(root, vt, i, 24)
 		if err != nil {
@@ -375,9 +381,12 @@ func verifyIPCFile(r io.ReaderAt, size int64) error {
 		for j := range cnt {
 			blk := buf[v+24*j:]
 			off := int64(binary.LittleEndian.Uint64(blk))
-			if off < 0 || off >= size {
-				continue // arrow-go refuses the block
+			mlen := int64(int32(binary.LittleEndian.Uint32(blk[8:])))
+			body := int64(binary.LittleEndian.Uint64(blk[16:]))
+			if off < 0 || off >= size || mlen < 0 || body < 0 || mlen > size-off || body > size-off-mlen {
+				return fmt.Errorf("%w: block %d at %d (%d + %d bytes) outside the file's %d bytes", errFB, j, off, mlen, body, size)
 			}
+			spans = append(spans, span{off, off + mlen + body})
 			meta, _, err := readMeta(r, off, size)
 			if err != nil {
 				return err
@@ -387,6 +396,12 @@ func verifyIPCFile(r io.ReaderAt, size int64) error {
 					return err
 				}
 			}
+		}
+	}
+	slices.SortFunc(spans, func(a, b span) int { return cmp.Compare(a.start, b.start) })
+	for i := 1; i < len(spans); i++ {
+		if spans[i].start < spans[i-1].end {
+			return fmt.Errorf("%w: blocks at %d and %d overlap", errFB, spans[i-1].start, spans[i].start)
 		}
 	}
 	return nil

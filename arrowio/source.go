@@ -109,7 +109,7 @@ func openSource(f source, size int64, columns []string, batch int64, mem memory.
 		if batch <= 0 {
 			batch = 64 * 1024
 		}
-		pf, err := openParquet(f, mem)
+		pf, err := openParquet(f, size, mem)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -145,7 +145,7 @@ func openSource(f source, size int64, columns []string, batch int64, mem memory.
 
 // openParquet opens a Parquet file whose page buffers mem allocates; a
 // panic in the reader is an INVALID_ARGUMENT error.
-func openParquet(f source, mem memory.Allocator) (pf *file.Reader, err error) {
+func openParquet(f source, size int64, mem memory.Allocator) (pf *file.Reader, err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			pf, err = nil, recovered("reading Parquet file", p)
@@ -155,7 +155,39 @@ func openParquet(f source, mem memory.Allocator) (pf *file.Reader, err error) {
 	if err != nil {
 		return nil, core.Errorf(core.InvalidArgument, "reading Parquet file: %v", err)
 	}
+	if err := checkParquetChunks(pf, size); err != nil {
+		pf.Close()
+		return nil, err
+	}
 	return pf, nil
+}
+
+// checkParquetChunks refuses a Parquet file whose column chunks lie outside
+// it or add up to more bytes than it has: chunks that overlap would be
+// read (and their rows kept) once per reference, so a small file could
+// declare any number of rows.
+func checkParquetChunks(pf *file.Reader, size int64) error {
+	md := pf.MetaData()
+	var total int64
+	for i := range md.NumRowGroups() {
+		rg := md.RowGroup(i)
+		for j := range rg.NumColumns() {
+			cc, err := rg.ColumnChunk(j)
+			if err != nil {
+				return core.Errorf(core.InvalidArgument, "reading Parquet file: row group %d column %d: %v", i, j, err)
+			}
+			start := cc.DataPageOffset()
+			if cc.HasDictionaryPage() && cc.DictionaryPageOffset() > 0 && cc.DictionaryPageOffset() < start {
+				start = cc.DictionaryPageOffset()
+			}
+			n := cc.TotalCompressedSize()
+			if start < 0 || n < 0 || start > size || n > size-start || n > size-total {
+				return core.Errorf(core.InvalidArgument, "reading Parquet file: row group %d column %d: its %d bytes at %d do not fit in the file's %d bytes with the other chunks", i, j, n, start, size)
+			}
+			total += n
+		}
+	}
+	return nil
 }
 
 func getRecordReader(fr *pqarrow.FileReader, leaves []int) (rr pqarrow.RecordReader, err error) {

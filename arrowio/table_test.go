@@ -160,3 +160,46 @@ func TestReadTableRefusesDeclaredSizes(t *testing.T) {
 	require.Error(t, err)
 	assert.Equal(t, core.InvalidArgument, core.CodeOf(err), "%v", err)
 }
+
+// An IPC file whose footer lists the same record batch twice is refused:
+// each reference would be read, so a small file could declare any number
+// of rows.
+func TestReadTableRefusesOverlappingBlocks(t *testing.T) {
+	rec := tableBatch(t)
+	defer rec.Release()
+	var buf bytes.Buffer
+	w, err := ipc.NewFileWriter(&buf, ipc.WithSchema(rec.Schema()))
+	require.NoError(t, err)
+	require.NoError(t, w.Write(rec))
+	require.NoError(t, w.Write(rec))
+	require.NoError(t, w.Close())
+	b := buf.Bytes()
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.arrow")
+	require.NoError(t, os.WriteFile(good, b, 0o644))
+	tb, err := arrowio.ReadTable(good, nil)
+	require.NoError(t, err)
+	require.Equal(t, 6, tb.Rows())
+
+	// The footer's two record batch Blocks (offset, metadata length, body
+	// length; 24 bytes each) differ only in their offsets: point the second
+	// at the first.
+	flen := int(binary.LittleEndian.Uint32(b[len(b)-10:]))
+	footer := b[len(b)-10-flen : len(b)-10]
+	at := -1
+	for p := 0; p+48 <= len(footer); p += 8 {
+		o1, o2 := binary.LittleEndian.Uint64(footer[p:]), binary.LittleEndian.Uint64(footer[p+24:])
+		if o1 > 0 && o2 > o1 && o2 < uint64(len(b)) && bytes.Equal(footer[p+8:p+24], footer[p+32:p+48]) {
+			at = p
+			break
+		}
+	}
+	require.GreaterOrEqual(t, at, 0, "the footer's blocks")
+	copy(footer[at+24:at+32], footer[at:at+8])
+	dup := filepath.Join(dir, "dup.arrow")
+	require.NoError(t, os.WriteFile(dup, b, 0o644))
+	_, err = arrowio.ReadTable(dup, nil)
+	require.Error(t, err)
+	assert.Equal(t, core.InvalidArgument, core.CodeOf(err), "%v", err)
+	assert.ErrorContains(t, err, "overlap")
+}
