@@ -1,7 +1,6 @@
 package arrowio
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -12,7 +11,6 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/array"
 	"github.com/apache/arrow-go/v18/arrow/ipc"
 	"github.com/apache/arrow-go/v18/arrow/memory"
-	"github.com/apache/arrow-go/v18/parquet/file"
 	"github.com/apache/arrow-go/v18/parquet/pqarrow"
 
 	"github.com/kilnml/kiln/core"
@@ -101,75 +99,47 @@ func OpenDataset(path string, opts DatasetOptions) (*Dataset, error) {
 	if err != nil {
 		return nil, fmt.Errorf("arrowio: dataset: %w", err)
 	}
-	magic := make([]byte, 6)
-	n, _ := io.ReadFull(f, magic)
-	magic = magic[:n]
-	if _, err := f.Seek(0, io.SeekStart); err != nil {
+	st, err := f.Stat()
+	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("arrowio: dataset %s: %w", path, err)
 	}
-	fail := func(what string, err error) (*Dataset, error) {
+	d, err := openDataset(f, st.Size(), opts)
+	if err != nil {
 		f.Close()
-		return nil, fmt.Errorf("arrowio: dataset %s: %s: %w", path, what, err)
+		return nil, fmt.Errorf("arrowio: dataset %s: %w", path, err)
 	}
-	switch {
-	case bytes.Equal(magic, []byte("ARROW1")):
-		fr, err := ipc.NewFileReader(f, ipc.WithAllocator(optsAllocator(opts)))
-		if err != nil {
-			return fail("reading Arrow IPC file", err)
+	d.closers = append(d.closers, func() error {
+		// The Parquet reader closes f itself.
+		if err := f.Close(); err != nil && !errors.Is(err, os.ErrClosed) {
+			return err
 		}
-		d, err := newDataset(&fileRecordReader{fr: fr}, opts)
-		if err != nil {
-			fr.Close()
-			return fail("columns", err)
-		}
-		d.closers = append(d.closers, fr.Close, f.Close)
-		return d, nil
-	case bytes.HasPrefix(magic, []byte("PAR1")):
-		pf, err := file.NewParquetReader(f)
-		if err != nil {
-			return fail("reading Parquet file", err)
-		}
-		batch := int64(opts.BatchSize)
-		if batch <= 0 {
-			batch = DefaultDatasetBatchSize
-		}
-		fr, err := pqarrow.NewFileReader(pf, pqarrow.ArrowReadProperties{BatchSize: batch}, optsAllocator(opts))
-		if err != nil {
-			pf.Close()
-			return fail("reading Parquet file", err)
-		}
-		leaves, err := parquetLeaves(fr, append(append([]string(nil), opts.Features...), opts.Targets...))
-		if err != nil {
-			pf.Close()
-			return fail("columns", err)
-		}
-		rr, err := fr.GetRecordReader(context.Background(), leaves, nil)
-		if err != nil {
-			pf.Close()
-			return fail("reading Parquet columns", err)
-		}
-		d, err := newDataset(rr, opts)
-		if err != nil {
-			rr.Release()
-			pf.Close()
-			return fail("columns", err)
-		}
-		d.closers = append(d.closers, pf.Close)
-		return d, nil
-	default:
-		sr, err := ipc.NewReader(f, ipc.WithAllocator(optsAllocator(opts)))
-		if err != nil {
-			return fail("not an Arrow IPC file, IPC stream or Parquet file", err)
-		}
-		d, err := newDataset(sr, opts)
-		if err != nil {
-			sr.Release()
-			return fail("columns", err)
-		}
-		d.closers = append(d.closers, f.Close)
-		return d, nil
+		return nil
+	})
+	return d, nil
+}
+
+// openDataset opens f, of size bytes, as OpenDataset does; closing the
+// Dataset does not close f.
+func openDataset(f source, size int64, opts DatasetOptions) (*Dataset, error) {
+	batch := int64(opts.BatchSize)
+	if batch <= 0 {
+		batch = DefaultDatasetBatchSize
 	}
+	cols := append(append([]string(nil), opts.Features...), opts.Targets...)
+	rr, closeSrc, err := openSource(f, size, cols, batch, optsAllocator(opts))
+	if err != nil {
+		return nil, err
+	}
+	d, err := newDataset(rr, opts)
+	if err != nil {
+		rr.Release()
+		closeSrc()
+		return nil, core.Errorf(core.InvalidArgument, "columns: %v", err)
+	}
+	// Close releases rr (d.src), then closes the file reader.
+	d.closers = append(d.closers, func() error { closeSrc(); return nil })
+	return d, nil
 }
 
 func optsAllocator(opts DatasetOptions) memory.Allocator {
@@ -297,29 +267,45 @@ func (d *Dataset) NumFeatures() int { return d.nfeat }
 func (d *Dataset) NumTargets() int { return d.ntarg }
 
 // Next returns the next batch of up to BatchSize rows, spanning input record
-// batches as needed, or io.EOF after the last. Null values are errors.
+// batches as needed, or io.EOF after the last. Null values are errors; so
+// is a malformed record batch (INVALID_ARGUMENT: each is checked with
+// array.ValidateFull before its values are read). The batch's memory grows
+// with the rows actually read, never with a count the data declares.
 func (d *Dataset) Next(ctx context.Context) (*Batch, error) {
 	if d.done {
 		return nil, io.EOF
 	}
-	feat, err := allocC(d.mem, d.batch*d.nfeat*4)
-	if err != nil {
-		return nil, fmt.Errorf("arrowio: dataset: %w", err)
-	}
-	var targ []byte
-	if d.ntarg > 0 {
-		if targ, err = allocC(d.mem, d.batch*d.ntarg*d.tdt.Size()); err != nil {
-			d.mem.Free(feat)
-			return nil, fmt.Errorf("arrowio: dataset: %w", err)
-		}
-	}
+	var feat, targ []byte
+	capRows, rows := 0, 0
 	free := func() {
-		d.mem.Free(feat)
+		if feat != nil {
+			d.mem.Free(feat)
+		}
 		if targ != nil {
 			d.mem.Free(targ)
 		}
 	}
-	rows := 0
+	// grow makes room for need rows: at least doubling, at most d.batch.
+	grow := func(need int) error {
+		if need <= capRows {
+			return nil
+		}
+		c := min(d.batch, max(need, 2*capRows))
+		nf, err := d.regrow(feat, rows*d.nfeat*4, c*d.nfeat*4)
+		if err != nil {
+			return err
+		}
+		feat = nf
+		if d.ntarg > 0 {
+			nt, err := d.regrow(targ, rows*d.ntarg*d.tdt.Size(), c*d.ntarg*d.tdt.Size())
+			if err != nil {
+				return err
+			}
+			targ = nt
+		}
+		capRows = c
+		return nil
+	}
 	for rows < d.batch {
 		if err := ctx.Err(); err != nil {
 			free()
@@ -330,25 +316,31 @@ func (d *Dataset) Next(ctx context.Context) (*Batch, error) {
 				d.cur.Release()
 				d.cur = nil
 			}
-			if !d.src.Next() {
-				if err := d.src.Err(); err != nil && !errors.Is(err, io.EOF) {
-					free()
-					return nil, fmt.Errorf("arrowio: dataset: reading: %w", err)
-				}
+			rec, err := readNext(d.src)
+			if err != nil {
+				free()
+				return nil, fmt.Errorf("arrowio: dataset: %w", err)
+			}
+			if rec == nil {
 				d.done = true
 				break
 			}
-			d.cur = d.src.RecordBatch()
+			d.cur = rec
 			d.cur.Retain()
 			d.row = 0
 			continue
 		}
 		n := min(int64(d.batch-rows), d.cur.NumRows()-d.row)
+		if err := grow(rows + int(n)); err != nil {
+			free()
+			return nil, fmt.Errorf("arrowio: dataset: %w", err)
+		}
 		if err := fill(asSlice[float32](feat), d.nfeat, rows, d.cur, d.row, int(n), d.features); err != nil {
 			free()
 			return nil, fmt.Errorf("arrowio: dataset: %w", err)
 		}
 		if d.ntarg > 0 {
+			var err error
 			if d.tdt == core.Int64 {
 				err = fill(asSlice[int64](targ), d.ntarg, rows, d.cur, d.row, int(n), d.targets)
 			} else {
@@ -367,6 +359,7 @@ func (d *Dataset) Next(ctx context.Context) (*Batch, error) {
 		return nil, io.EOF
 	}
 	b := &Batch{Rows: rows}
+	var err error
 	// The tensors view the first rows of their buffers and free them whole.
 	if b.Features, err = blobTensor(feat, d.mem, core.Float32, []int64{int64(rows), int64(d.nfeat)}, nil); err != nil {
 		if targ != nil {
@@ -383,6 +376,20 @@ func (d *Dataset) Next(ctx context.Context) (*Batch, error) {
 	return b, nil
 }
 
+// regrow returns a C buffer of n bytes (at least 1) holding the first
+// keep bytes of old, which it frees (old may be nil).
+func (d *Dataset) regrow(old []byte, keep, n int) ([]byte, error) {
+	c, err := allocC(d.mem, max(n, 1))
+	if err != nil {
+		return nil, err
+	}
+	if old != nil {
+		copy(c, old[:keep])
+		d.mem.Free(old)
+	}
+	return c, nil
+}
+
 // fill converts rows [from, from+n) of rec's selected columns into dst, a
 // row-major matrix of width k, starting at row at.
 func fill[T float32 | int64](dst []T, k, at int, rec arrow.RecordBatch, from int64, n int, cols []colSel) error {
@@ -392,7 +399,7 @@ func fill[T float32 | int64](dst []T, k, at int, rec arrow.RecordBatch, from int
 		if col.NullN() > 0 {
 			for r := from; r < from+int64(n); r++ {
 				if col.IsNull(int(r)) {
-					return fmt.Errorf("column %q has a null at row %d of its batch", c.name, r)
+					return core.Errorf(core.InvalidArgument, "column %q has a null at row %d of its batch", c.name, r)
 				}
 			}
 		}
@@ -403,13 +410,13 @@ func fill[T float32 | int64](dst []T, k, at int, rec arrow.RecordBatch, from int
 		}
 		if l, ok := vals.(*array.FixedSizeList); ok {
 			if l.ListValues().NullN() > 0 {
-				return fmt.Errorf("column %q has null elements", c.name)
+				return core.Errorf(core.InvalidArgument, "column %q has null elements", c.name)
 			}
 			first += l.Offset() * c.width
 			vals = l.ListValues()
 		}
 		if err := convert(dst, k, at, off, vals, first, n, c.width); err != nil {
-			return fmt.Errorf("column %q: %w", c.name, err)
+			return core.Errorf(core.InvalidArgument, "column %q: %v", c.name, err)
 		}
 		off += c.width
 	}

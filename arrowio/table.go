@@ -1,8 +1,6 @@
 package arrowio
 
 import (
-	"bytes"
-	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -13,9 +11,7 @@ import (
 
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/array"
-	"github.com/apache/arrow-go/v18/arrow/ipc"
 	"github.com/apache/arrow-go/v18/arrow/memory"
-	"github.com/apache/arrow-go/v18/parquet/file"
 	"github.com/apache/arrow-go/v18/parquet/pqarrow"
 
 	"github.com/kilnml/kiln/core/data"
@@ -35,6 +31,13 @@ import (
 //
 // The table's Fingerprint is the SHA-256 of the file's bytes, as ReadCSV's
 // is of the CSV's, so a model package records which file it learned from.
+//
+// A malformed file is an INVALID_ARGUMENT error: every record batch is
+// checked (array.ValidateFull) before its values are read. One whose
+// metadata declares more than it can hold (an IPC message larger than the
+// file, a buffer that would expand to more than 1024 times the file's
+// size) is refused before that is allocated, RESOURCE_EXHAUSTED for the
+// expansion.
 func ReadTable(path string, columns []string) (*data.Table, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -42,23 +45,32 @@ func ReadTable(path string, columns []string) (*data.Table, error) {
 	}
 	defer f.Close()
 	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
+	size, err := io.Copy(h, f)
+	if err != nil {
 		return nil, fmt.Errorf("arrowio: table %s: %w", path, err)
 	}
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
 		return nil, fmt.Errorf("arrowio: table %s: %w", path, err)
 	}
-	rdr, closeSrc, err := openRecords(f, columns)
-	if err != nil {
-		return nil, fmt.Errorf("arrowio: table %s: %w", path, err)
-	}
-	defer closeSrc()
-	t, err := tableFromRecords(rdr, columns)
+	t, err := readTable(f, size, columns)
 	if err != nil {
 		return nil, fmt.Errorf("arrowio: table %s: %w", path, err)
 	}
 	t.Fingerprint = hex.EncodeToString(h.Sum(nil))
 	return t, nil
+}
+
+// readTable reads the IPC file, IPC stream or Parquet file f of size bytes
+// into a Table without a fingerprint, as ReadTable does.
+func readTable(f source, size int64, columns []string) (*data.Table, error) {
+	rdr, closeSrc, err := openSource(f, size, columns, 0, memory.DefaultAllocator)
+	if err != nil {
+		return nil, err
+	}
+	defer closeSrc()
+	defer rdr.Release()
+	t, err := tableFromRecords(rdr, columns)
+	return t, invalid(err)
 }
 
 // TableFromRecords reads every record batch of rdr into a core/data Table,
@@ -68,7 +80,7 @@ func ReadTable(path string, columns []string) (*data.Table, error) {
 func TableFromRecords(rdr array.RecordReader, columns []string) (*data.Table, error) {
 	t, err := tableFromRecords(rdr, columns)
 	if err != nil {
-		return nil, fmt.Errorf("arrowio: table: %w", err)
+		return nil, fmt.Errorf("arrowio: table: %w", invalid(err))
 	}
 	h := sha256.New()
 	for _, c := range t.Columns {
@@ -85,57 +97,6 @@ func TableFromRecords(rdr array.RecordReader, columns []string) (*data.Table, er
 	}
 	t.Fingerprint = hex.EncodeToString(h.Sum(nil))
 	return t, nil
-}
-
-// openRecords opens f as an IPC file, IPC stream or Parquet file (read
-// projected on columns, when given) and returns its record batches and a
-// function that releases them.
-func openRecords(f *os.File, columns []string) (array.RecordReader, func(), error) {
-	magic := make([]byte, 6)
-	n, _ := io.ReadFull(f, magic)
-	magic = magic[:n]
-	if _, err := f.Seek(0, io.SeekStart); err != nil {
-		return nil, nil, err
-	}
-	mem := memory.DefaultAllocator
-	switch {
-	case bytes.Equal(magic, []byte("ARROW1")):
-		fr, err := ipc.NewFileReader(f, ipc.WithAllocator(mem))
-		if err != nil {
-			return nil, nil, fmt.Errorf("reading Arrow IPC file: %w", err)
-		}
-		rr := &fileRecordReader{fr: fr}
-		return rr, func() { rr.Release(); fr.Close() }, nil
-	case bytes.HasPrefix(magic, []byte("PAR1")):
-		pf, err := file.NewParquetReader(f)
-		if err != nil {
-			return nil, nil, fmt.Errorf("reading Parquet file: %w", err)
-		}
-		fr, err := pqarrow.NewFileReader(pf, pqarrow.ArrowReadProperties{BatchSize: 64 * 1024}, mem)
-		if err != nil {
-			pf.Close()
-			return nil, nil, fmt.Errorf("reading Parquet file: %w", err)
-		}
-		var leaves []int
-		if len(columns) > 0 {
-			if leaves, err = parquetLeaves(fr, columns); err != nil {
-				pf.Close()
-				return nil, nil, fmt.Errorf("%w; the file has columns %v", err, parquetNames(fr))
-			}
-		}
-		rr, err := fr.GetRecordReader(context.Background(), leaves, nil)
-		if err != nil {
-			pf.Close()
-			return nil, nil, fmt.Errorf("reading Parquet columns: %w", err)
-		}
-		return rr, func() { rr.Release(); pf.Close() }, nil
-	default:
-		sr, err := ipc.NewReader(f, ipc.WithAllocator(mem))
-		if err != nil {
-			return nil, nil, fmt.Errorf("not an Arrow IPC file, IPC stream or Parquet file: %w", err)
-		}
-		return sr, sr.Release, nil
-	}
 }
 
 func parquetNames(fr *pqarrow.FileReader) []string {
@@ -182,16 +143,19 @@ func tableFromRecords(rdr array.RecordReader, columns []string) (*data.Table, er
 		}
 		cols[i] = tableColumn{col: &data.Column{Name: name, Categorical: cat}, idx: idx[0]}
 	}
-	for rdr.Next() {
-		rec := rdr.RecordBatch()
+	for {
+		rec, err := readNext(rdr)
+		if err != nil {
+			return nil, err
+		}
+		if rec == nil {
+			break
+		}
 		for _, c := range cols {
 			if err := appendColumn(c.col, rec.Column(c.idx)); err != nil {
 				return nil, fmt.Errorf("column %q: %w", c.col.Name, err)
 			}
 		}
-	}
-	if err := rdr.Err(); err != nil && !errors.Is(err, io.EOF) {
-		return nil, fmt.Errorf("reading: %w", err)
 	}
 	t := &data.Table{}
 	for _, c := range cols {

@@ -1,9 +1,13 @@
 package arrowio_test
 
 import (
+	"bytes"
+	"encoding/binary"
 	"math"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/apache/arrow-go/v18/arrow"
@@ -11,9 +15,11 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/ipc"
 	"github.com/apache/arrow-go/v18/arrow/memory"
 	"github.com/apache/arrow-go/v18/parquet/pqarrow"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/kilnml/kiln/arrowio"
+	"github.com/kilnml/kiln/core"
 )
 
 // tableBatch has a float64 column with a null, an int32, a bool, a string
@@ -97,4 +103,103 @@ func TestReadTable(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, 3, tb.Rows())
 	require.Len(t, tb.Fingerprint, 64)
+}
+
+// Malformed IPC metadata found by FuzzReadTable: a footer whose field name
+// lies outside the buffer (arrow-go panicked) and a field that declares
+// about 2^32 children (arrow-go allocated ~38 GiB and the process died).
+// Both are INVALID_ARGUMENT errors now.
+func TestReadTableRefusesMalformedMetadata(t *testing.T) {
+	for _, name := range []string{"ipc-footer-out-of-range", "ipc-field-children-2e32"} {
+		b, err := os.ReadFile(filepath.Join("testdata", "fuzz", "FuzzReadTable", name))
+		require.NoError(t, err)
+		// The corpus file format: a header line, then []byte("...").
+		lines := strings.SplitN(string(b), "\n", 2)
+		s, err := strconv.Unquote(strings.TrimSuffix(strings.TrimPrefix(strings.TrimSpace(lines[1]), "[]byte("), ")"))
+		require.NoError(t, err)
+		p := filepath.Join(t.TempDir(), "f.arrow")
+		require.NoError(t, os.WriteFile(p, []byte(s), 0o644))
+		_, err = arrowio.ReadTable(p, nil)
+		require.Error(t, err, name)
+		assert.Equal(t, core.InvalidArgument, core.CodeOf(err), "%s: %v", name, err)
+	}
+}
+
+// A compressed IPC buffer that declares 1 TiB uncompressed is refused
+// before it is allocated (RESOURCE_EXHAUSTED), as is a stream message body
+// larger than the file.
+func TestReadTableRefusesDeclaredSizes(t *testing.T) {
+	rec := tableBatch(t)
+	defer rec.Release()
+	var buf bytes.Buffer
+	w := ipc.NewWriter(&buf, ipc.WithSchema(rec.Schema()), ipc.WithLZ4())
+	require.NoError(t, w.Write(rec))
+	require.NoError(t, w.Close())
+	b := buf.Bytes()
+	// The int32 column "i" (3 values, 12 bytes) is an LZ4 frame after its
+	// uncompressed length.
+	at := bytes.Index(b, []byte("\x0c\x00\x00\x00\x00\x00\x00\x00\x04\x22\x4d\x18"))
+	require.GreaterOrEqual(t, at, 0)
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.arrows")
+	require.NoError(t, os.WriteFile(good, b, 0o644))
+	_, err := arrowio.ReadTable(good, nil)
+	require.NoError(t, err)
+
+	huge := bytes.Clone(b)
+	binary.LittleEndian.PutUint64(huge[at:], 1<<40)
+	p := filepath.Join(dir, "huge.arrows")
+	require.NoError(t, os.WriteFile(p, huge, 0o644))
+	_, err = arrowio.ReadTable(p, nil)
+	require.Error(t, err)
+	assert.Equal(t, core.ResourceExhausted, core.CodeOf(err), "%v", err)
+
+	cut := filepath.Join(dir, "cut.arrows")
+	require.NoError(t, os.WriteFile(cut, b[:len(b)-40], 0o644))
+	_, err = arrowio.ReadTable(cut, nil)
+	require.Error(t, err)
+	assert.Equal(t, core.InvalidArgument, core.CodeOf(err), "%v", err)
+}
+
+// An IPC file whose footer lists the same record batch twice is refused:
+// each reference would be read, so a small file could declare any number
+// of rows.
+func TestReadTableRefusesOverlappingBlocks(t *testing.T) {
+	rec := tableBatch(t)
+	defer rec.Release()
+	var buf bytes.Buffer
+	w, err := ipc.NewFileWriter(&buf, ipc.WithSchema(rec.Schema()))
+	require.NoError(t, err)
+	require.NoError(t, w.Write(rec))
+	require.NoError(t, w.Write(rec))
+	require.NoError(t, w.Close())
+	b := buf.Bytes()
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.arrow")
+	require.NoError(t, os.WriteFile(good, b, 0o644))
+	tb, err := arrowio.ReadTable(good, nil)
+	require.NoError(t, err)
+	require.Equal(t, 6, tb.Rows())
+
+	// The footer's two record batch Blocks (offset, metadata length, body
+	// length; 24 bytes each) differ only in their offsets: point the second
+	// at the first.
+	flen := int(binary.LittleEndian.Uint32(b[len(b)-10:]))
+	footer := b[len(b)-10-flen : len(b)-10]
+	at := -1
+	for p := 0; p+48 <= len(footer); p += 8 {
+		o1, o2 := binary.LittleEndian.Uint64(footer[p:]), binary.LittleEndian.Uint64(footer[p+24:])
+		if o1 > 0 && o2 > o1 && o2 < uint64(len(b)) && bytes.Equal(footer[p+8:p+24], footer[p+32:p+48]) {
+			at = p
+			break
+		}
+	}
+	require.GreaterOrEqual(t, at, 0, "the footer's blocks")
+	copy(footer[at+24:at+32], footer[at:at+8])
+	dup := filepath.Join(dir, "dup.arrow")
+	require.NoError(t, os.WriteFile(dup, b, 0o644))
+	_, err = arrowio.ReadTable(dup, nil)
+	require.Error(t, err)
+	assert.Equal(t, core.InvalidArgument, core.CodeOf(err), "%v", err)
+	assert.ErrorContains(t, err, "overlap")
 }

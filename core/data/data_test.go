@@ -197,3 +197,12 @@ func TestDatasetBatches(t *testing.T) {
 	_, err = data.NewDataset(nil, 2, nil)
 	assert.ErrorContains(t, err, "empty")
 }
+
+// Malformed CSV is INVALID_ARGUMENT, whatever the fault.
+func TestReadCSVErrorsAreInvalidArgument(t *testing.T) {
+	for _, in := range []string{"", "a,b\n1,2,3\n", "a,,b\n1,2,3\n", "a,a\n1,2\n", "a,b\n\"1,2\n", "a\"b\n1\n"} {
+		_, err := data.ReadCSV(strings.NewReader(in))
+		require.Error(t, err, "%q", in)
+		assert.True(t, core.HasCode(err, core.InvalidArgument), "%q: %v has code %v", in, err, core.CodeOf(err))
+	}
+}

@@ -18,6 +18,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+
+	"github.com/kilnml/kiln/core"
 )
 
 // Column is one column of a Table: numeric (Num, NaN where missing) or
@@ -114,38 +116,49 @@ func ReadCSVFile(path string) (*Table, error) {
 
 // ReadCSV reads CSV with a header row. A column whose every present value
 // parses as a number is numeric; any other is categorical. Empty cells and
-// NA, NaN, null, none, ? are missing values.
+// NA, NaN, null, none, ? are missing values. Every row must have the
+// header's number of fields. Malformed CSV (ragged rows, bad quoting, an
+// empty or repeated column name, no header) is an INVALID_ARGUMENT error;
+// an error reading r is returned wrapped. Memory grows with the bytes
+// read, never with a count the data declares.
 func ReadCSV(r io.Reader) (*Table, error) {
 	h := sha256.New()
 	cr := csv.NewReader(io.TeeReader(r, h))
 	cr.ReuseRecord = false
+	readErr := func(what string, err error) error {
+		var pe *csv.ParseError
+		if errors.As(err, &pe) {
+			return core.Errorf(core.InvalidArgument, "kiln: %s: %v", what, err)
+		}
+		return fmt.Errorf("kiln: %s: %w", what, err)
+	}
 	header, err := cr.Read()
 	if errors.Is(err, io.EOF) {
-		return nil, errors.New("kiln: csv: empty input, no header row")
+		return nil, core.Errorf(core.InvalidArgument, "kiln: csv: empty input, no header row")
 	}
 	if err != nil {
-		return nil, fmt.Errorf("kiln: csv header: %w", err)
+		return nil, readErr("csv header", err)
 	}
 	seen := map[string]bool{}
 	for i, n := range header {
 		n = strings.TrimSpace(n)
 		if n == "" {
-			return nil, fmt.Errorf("kiln: csv: column %d has an empty name", i+1)
+			return nil, core.Errorf(core.InvalidArgument, "kiln: csv: column %d has an empty name", i+1)
 		}
 		if seen[n] {
-			return nil, fmt.Errorf("kiln: csv: column %q appears twice", n)
+			return nil, core.Errorf(core.InvalidArgument, "kiln: csv: column %q appears twice", n)
 		}
 		seen[n] = true
 		header[i] = n
 	}
 	cells := make([][]string, len(header))
-	for line := 2; ; line++ {
+	for {
 		rec, err := cr.Read()
 		if errors.Is(err, io.EOF) {
 			break
 		}
 		if err != nil {
-			return nil, fmt.Errorf("kiln: csv: %w", err)
+			return nil, readErr("csv", err)
 		}
 		for i, v := range rec {
 			cells[i] = append(cells[i], strings.TrimSpace(v))

@@ -3,7 +3,26 @@ package nn
 import (
 	"fmt"
 	"math"
+	"math/bits"
 	"regexp"
+
+	"github.com/kilnml/kiln/core"
+)
+
+// Limits that Spec.Infer (and so Build) enforces, so that a spec that
+// parses but declares an absurd network is refused with an
+// INVALID_ARGUMENT error before libtorch allocates anything.
+const (
+	// MaxLayers is the most layers a Spec may have.
+	MaxLayers = 1024
+	// MaxParams is the most trainable parameter elements a network may
+	// have in all (2^30: 4 GiB of float32 weights, before optimizer state).
+	MaxParams = 1 << 30
+	// MaxSampleValues is the most values one sample may have at the input
+	// or output of any layer (2^28: 1 GiB of float32 per sample), and the
+	// largest any size field of a layer (in, out, kernel, stride, padding,
+	// num) or input_shape dimension may be.
+	MaxSampleValues = 1 << 28
 )
 
 // LayerInfo is what shape inference found for one layer.
@@ -21,46 +40,103 @@ type LayerInfo struct {
 var ident = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 
 // layerError names the layer a problem is in.
+// The error is INVALID_ARGUMENT.
 func layerError(i int, l Layer, format string, args ...any) error {
 	name := l.Name
 	if name == "" {
 		name = fmt.Sprintf("l%d", i)
 	}
-	return fmt.Errorf("kiln: layer %d (%s %q): %s", i, l.Type, name, fmt.Sprintf(format, args...))
+	return core.Errorf(core.InvalidArgument, "kiln: layer %d (%s %q): %s", i, l.Type, name, fmt.Sprintf(format, args...))
 }
 
+// prod is the product of the (positive) dimensions s, or -1 when it
+// exceeds MaxSampleValues.
 func prod(s []int64) int64 {
 	n := int64(1)
 	for _, d := range s {
-		n *= d
+		if n = mulLimit(n, d, MaxSampleValues); n < 0 {
+			return -1
+		}
 	}
 	return n
+}
+
+// mulLimit returns a*b for a, b >= 0, or -1 when the product exceeds
+// limit (or int64).
+func mulLimit(a, b, limit int64) int64 {
+	if a < 0 || b < 0 {
+		return -1
+	}
+	hi, lo := bits.Mul64(uint64(a), uint64(b))
+	if hi != 0 || lo > uint64(limit) {
+		return -1
+	}
+	return int64(lo)
+}
+
+// checkSizes refuses a layer whose size fields are negative where a size
+// is meant or beyond MaxSampleValues, and float settings that are not
+// finite, before any arithmetic on them.
+func checkSizes(l Layer) error {
+	for _, f := range []struct {
+		name string
+		v    int64
+	}{{"in", l.In}, {"out", l.Out}, {"kernel", l.Kernel}, {"stride", l.Stride}, {"padding", l.Padding}, {"num", l.Num}} {
+		if f.v > MaxSampleValues {
+			return fmt.Errorf("%s=%d is larger than the limit %d", f.name, f.v, MaxSampleValues)
+		}
+		if f.v < 0 {
+			return fmt.Errorf("%s must be >= 0, got %d", f.name, f.v)
+		}
+	}
+	for _, f := range []struct {
+		name string
+		v    float64
+	}{{"p", l.P}, {"eps", l.Eps}, {"momentum", l.Momentum}} {
+		if math.IsNaN(f.v) || math.IsInf(f.v, 0) {
+			return fmt.Errorf("%s must be a finite number, got %v", f.name, f.v)
+		}
+	}
+	return nil
 }
 
 func hasBias(l Layer) bool { return l.Bias == nil || *l.Bias }
 
 // Infer validates s for samples of the given flat feature count and
-// returns every layer's input and output shapes. Errors name the layer.
+// returns every layer's input and output shapes. Errors are
+// INVALID_ARGUMENT and name the layer; a network beyond MaxLayers,
+// MaxParams or MaxSampleValues is refused.
 func (s Spec) Infer(features int64) ([]LayerInfo, error) {
-	if features <= 0 {
-		return nil, fmt.Errorf("kiln: network input has %d features", features)
+	if features <= 0 || features > MaxSampleValues {
+		return nil, core.Errorf(core.InvalidArgument, "kiln: network input has %d features (want 1 to %d)", features, MaxSampleValues)
 	}
 	shape := []int64{features}
 	if len(s.InputShape) > 0 {
+		if len(s.InputShape) > 8 {
+			return nil, core.Errorf(core.InvalidArgument, "kiln: input_shape has %d dimensions (at most 8)", len(s.InputShape))
+		}
 		for _, d := range s.InputShape {
 			if d <= 0 {
-				return nil, fmt.Errorf("kiln: input_shape %v has a non-positive dimension", s.InputShape)
+				return nil, core.Errorf(core.InvalidArgument, "kiln: input_shape %v has a non-positive dimension", s.InputShape)
 			}
 		}
-		if prod(s.InputShape) != features {
-			return nil, fmt.Errorf("kiln: input_shape %v holds %d values but samples have %d features",
-				s.InputShape, prod(s.InputShape), features)
+		if n := prod(s.InputShape); n != features {
+			if n < 0 {
+				return nil, core.Errorf(core.InvalidArgument, "kiln: input_shape %v holds more than %d values but samples have %d features",
+					s.InputShape, MaxSampleValues, features)
+			}
+			return nil, core.Errorf(core.InvalidArgument, "kiln: input_shape %v holds %d values but samples have %d features",
+				s.InputShape, n, features)
 		}
 		shape = append([]int64(nil), s.InputShape...)
 	}
 	if len(s.Layers) == 0 {
-		return nil, fmt.Errorf("kiln: network spec has no layers")
+		return nil, core.Errorf(core.InvalidArgument, "kiln: network spec has no layers")
 	}
+	if len(s.Layers) > MaxLayers {
+		return nil, core.Errorf(core.InvalidArgument, "kiln: network spec has %d layers, more than the limit %d", len(s.Layers), MaxLayers)
+	}
+	var total int64
 	names := map[string]int{}
 	infos := make([]LayerInfo, 0, len(s.Layers))
 	for i, l := range s.Layers {
@@ -75,6 +151,9 @@ func (s Spec) Infer(features int64) ([]LayerInfo, error) {
 			return nil, layerError(i, l, "name already used by layer %d", j)
 		}
 		names[info.Name] = i
+		if err := checkSizes(l); err != nil {
+			return nil, layerError(i, l, "%v", err)
+		}
 		out, params, err := infer(info.Type, l, shape)
 		if err != nil {
 			return nil, layerError(i, l, "%v", err)
@@ -84,6 +163,13 @@ func (s Spec) Infer(features int64) ([]LayerInfo, error) {
 				return nil, layerError(i, l, "output shape %v is empty (input %v too small)", out, shape)
 			}
 		}
+		if prod(out) < 0 {
+			return nil, layerError(i, l, "output shape %v holds more than %d values per sample", out, MaxSampleValues)
+		}
+		if params < 0 || params > MaxParams-total {
+			return nil, layerError(i, l, "the network would have more than %d parameters", int64(MaxParams))
+		}
+		total += params
 		info.Out, info.Params = out, params
 		infos = append(infos, info)
 		shape = out
@@ -91,8 +177,15 @@ func (s Spec) Infer(features int64) ([]LayerInfo, error) {
 	return infos, nil
 }
 
-// convOut is the output length of a convolution or pooling window.
-func convOut(n, k, s, p int64) int64 { return (n+2*p-k)/s + 1 }
+// convOut is the output length of a convolution or pooling window, or 0
+// when the kernel is larger than the padded input (libtorch refuses it).
+// Sizes are at most MaxSampleValues, so the sum cannot overflow.
+func convOut(n, k, s, p int64) int64 {
+	if n+2*p < k {
+		return 0
+	}
+	return (n+2*p-k)/s + 1
+}
 
 func needPositive(what string, v int64) error {
 	if v <= 0 {
@@ -142,10 +235,13 @@ func infer(t string, l Layer, in []int64) ([]int64, int64, error) {
 			return nil, 0, fmt.Errorf("stride and padding must be >= 0")
 		}
 		out := []int64{l.Out}
-		w := l.Out * in[0]
+		w := mulLimit(l.Out, in[0], MaxParams)
 		for _, n := range in[1:] {
 			out = append(out, convOut(n, l.Kernel, s, l.Padding))
-			w *= l.Kernel
+			w = mulLimit(w, l.Kernel, MaxParams)
+		}
+		if w < 0 {
+			return nil, 0, fmt.Errorf("its weight would have more than %d elements", int64(MaxParams))
 		}
 		if hasBias(l) {
 			bias = l.Out

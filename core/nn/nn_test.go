@@ -189,3 +189,49 @@ func TestSavedNetLoadsBack(t *testing.T) {
 	vc, _ := core.Data[float32](c[0])
 	assert.Equal(t, va, vc)
 }
+
+// A spec that parses but declares an absurd network is refused by
+// validation, with INVALID_ARGUMENT, before libtorch allocates anything.
+func TestSpecLimits(t *testing.T) {
+	relus := make([]nn.Layer, 1_000_000)
+	for i := range relus {
+		relus[i] = nn.ReLU()
+	}
+	cases := []struct {
+		spec nn.Spec
+		feat int64
+		want string
+	}{
+		{nn.Sequential(nn.Linear(1 << 40)), 4, `out=1099511627776 is larger than the limit`},
+		{nn.Sequential(nn.Linear(1<<20), nn.Linear(1<<20)), 4, `layer 1 (linear "l1"): the network would have more than 1073741824 parameters`},
+		{nn.Sequential(relus...), 4, `1000000 layers, more than the limit 1024`},
+		{nn.Sequential(nn.Embedding(1<<28, 8)), 4, `more than 1073741824 parameters`},
+		{nn.Sequential(nn.Conv2d(1<<16, 1<<14)).WithInputShape(1<<14, 1<<7, 1<<7), 1 << 28, `its weight would have more than 1073741824 elements`},
+		// 3 × 6148914691236517206 is 2^64 + 2: it wrapped to 2.
+		{nn.Sequential(nn.Linear(1)).WithInputShape(3, 6148914691236517206), 2, `input_shape [3 6148914691236517206] holds more than 268435456 values`},
+		{nn.Sequential(nn.Conv1d(1, 1).Named("c")).WithInputShape(1, 4), 4, ``},
+		{nn.Sequential(nn.Layer{Type: "conv1d", Out: 1, Kernel: 1, Padding: 1 << 28}).WithInputShape(1, 4), 4, `output shape [1 536870916] holds more than 268435456 values per sample`},
+		// A kernel larger than the input gave [1 1] with stride 2; libtorch refuses it.
+		{nn.Sequential(nn.Layer{Type: "conv1d", Out: 1, Kernel: 4, Stride: 2}).WithInputShape(1, 3), 3, `output shape [1 0] is empty`},
+		{nn.Sequential(nn.Layer{Type: "batchnorm1d", Momentum: math.NaN()}), 3, `momentum must be a finite number`},
+		{nn.Sequential(nn.Layer{Type: "linear", Out: 2, Stride: -1}), 3, `stride must be >= 0`},
+		{nn.Sequential(nn.Linear(1)), 1 << 40, `network input has 1099511627776 features`},
+	}
+	for _, c := range cases {
+		infos, err := c.spec.Infer(c.feat)
+		if c.want == "" {
+			require.NoError(t, err)
+			assert.Equal(t, []int64{1, 4}, infos[0].Out)
+			continue
+		}
+		require.Error(t, err, c.want)
+		assert.Contains(t, err.Error(), c.want)
+		assert.True(t, core.HasCode(err, core.InvalidArgument), "%v has code %v", err, core.CodeOf(err))
+	}
+	_, err := nn.Build(nn.Sequential(nn.Linear(1<<40)), 4, 1)
+	require.Error(t, err)
+	assert.True(t, core.HasCode(err, core.InvalidArgument))
+
+	_, err = nn.ParseSpec([]byte("layers: [{type: linear, out: 1}]\nbogus: 1\n"))
+	assert.True(t, core.HasCode(err, core.InvalidArgument), "%v", err)
+}

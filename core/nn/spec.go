@@ -13,6 +13,8 @@ import (
 	"strings"
 
 	yaml "go.yaml.in/yaml/v3"
+
+	"github.com/kilnml/kiln/core"
 )
 
 // Spec declares a feed-forward network: layers applied in order.
@@ -213,11 +215,13 @@ func jsonable(v any) (any, error) {
 	return v, nil
 }
 
-// ParseSpec reads a Spec from JSON or YAML.
+// ParseSpec reads a Spec from JSON or YAML. It checks the syntax and the
+// field names only; Spec.Infer validates the network. Errors are
+// INVALID_ARGUMENT.
 func ParseSpec(data []byte) (Spec, error) {
 	var s Spec
 	if err := Decode(data, &s); err != nil {
-		return Spec{}, fmt.Errorf("kiln: network spec: %w", err)
+		return Spec{}, core.Errorf(core.InvalidArgument, "kiln: network spec: %v", err)
 	}
 	return s, nil
 }

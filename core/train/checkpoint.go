@@ -3,10 +3,13 @@ package train
 import (
 	"encoding/json"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 
+	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/native"
 	"github.com/kilnml/kiln/native/trainer"
 )
@@ -145,7 +148,9 @@ func writeAtomic(path string, b []byte) error {
 }
 
 // LatestCheckpoint returns the directory of the newest complete checkpoint
-// in dir and its epoch, or "" when there is none.
+// in dir and its epoch, or "" when there is none. A LATEST file that does
+// not name a checkpoint directory (ckpt- and at least six digits) is an
+// INVALID_ARGUMENT error.
 func LatestCheckpoint(dir string) (string, int, error) {
 	b, err := os.ReadFile(filepath.Join(dir, latestFile))
 	if os.IsNotExist(err) {
@@ -154,18 +159,88 @@ func LatestCheckpoint(dir string) (string, int, error) {
 	if err != nil {
 		return "", 0, fmt.Errorf("kiln: checkpoint: %w", err)
 	}
-	name := strings.TrimSpace(string(b))
-	var epoch int
-	if _, err := fmt.Sscanf(name, "ckpt-%06d", &epoch); err != nil {
-		return "", 0, fmt.Errorf("kiln: checkpoint: %s names %q, not a checkpoint", latestFile, name)
+	name, epoch, err := parseLatest(b)
+	if err != nil {
+		return "", 0, err
 	}
 	return filepath.Join(dir, name), epoch, nil
 }
 
+// maxCheckpointEpoch bounds the epoch a checkpoint may record, and so the
+// length of its history.
+const maxCheckpointEpoch = 1 << 24
+
+// parseLatest reads the contents of a LATEST file: the name of a checkpoint
+// directory, ckpt-NNNNNN, and its epoch (1 to maxCheckpointEpoch). Nothing
+// else is accepted, so the name cannot lead out of the checkpoint
+// directory.
+func parseLatest(b []byte) (string, int, error) {
+	name := strings.TrimSpace(string(b))
+	bad := func() (string, int, error) {
+		if len(name) > 64 {
+			name = name[:64] + "..."
+		}
+		return "", 0, core.Errorf(core.InvalidArgument, "kiln: checkpoint: %s names %q, not a checkpoint", latestFile, name)
+	}
+	digits, ok := strings.CutPrefix(name, "ckpt-")
+	if !ok || len(digits) < 6 || len(digits) > 9 {
+		return bad()
+	}
+	for _, c := range digits {
+		if c < '0' || c > '9' {
+			return bad()
+		}
+	}
+	epoch, err := strconv.Atoi(digits)
+	if err != nil || epoch < 1 || epoch > maxCheckpointEpoch {
+		return bad()
+	}
+	return name, epoch, nil
+}
+
+// decodeState reads a checkpoint's state.json, written after `epoch`
+// epochs (the epoch LATEST names), and checks that it is consistent: one
+// history entry per epoch, a best epoch and a count of bad epochs within
+// them, a readable RNG state. Errors are INVALID_ARGUMENT.
+func decodeState(b []byte, epoch int) (ckptState, error) {
+	var st ckptState
+	if err := json.Unmarshal(b, &st); err != nil {
+		return ckptState{}, core.Errorf(core.InvalidArgument, "kiln: checkpoint state: %v", err)
+	}
+	bad := func(format string, args ...any) (ckptState, error) {
+		return ckptState{}, core.Errorf(core.InvalidArgument, "kiln: checkpoint state: "+format, args...)
+	}
+	switch {
+	case st.Epoch != epoch:
+		return bad("epoch %d, but %s names epoch %d", st.Epoch, latestFile, epoch)
+	case len(st.History) != st.Epoch:
+		return bad("%d history entries for %d epochs", len(st.History), st.Epoch)
+	case st.BestEpoch < 0 || st.BestEpoch > st.Epoch:
+		return bad("best epoch %d outside 0..%d", st.BestEpoch, st.Epoch)
+	case st.HasBest && st.BestEpoch == 0:
+		return bad("best weights saved without a best epoch")
+	case st.Bad < 0 || st.Bad > st.Epoch:
+		return bad("%d bad epochs in %d", st.Bad, st.Epoch)
+	case st.StopReason != "" && st.StopReason != "early_stopping":
+		return bad("unknown stop reason %q", st.StopReason)
+	}
+	for i, h := range st.History {
+		if h.Epoch != i+1 {
+			return bad("history entry %d is for epoch %d", i+1, h.Epoch)
+		}
+	}
+	if err := new(rand.PCG).UnmarshalBinary(st.RNG); err != nil {
+		return bad("rng: %v", err)
+	}
+	return st, nil
+}
+
 // resume restores the newest checkpoint, if any, and returns the number of
-// epochs it had completed.
+// epochs it had completed. A checkpoint whose files are damaged is an
+// INVALID_ARGUMENT error, one missing a file NOT_FOUND, one written with
+// other hyper-parameters FAILED_PRECONDITION.
 func (r *run) resume() (int, error) {
-	path, _, err := LatestCheckpoint(r.cfg.CheckpointDir)
+	path, epoch, err := LatestCheckpoint(r.cfg.CheckpointDir)
 	if err != nil || path == "" {
 		return 0, err
 	}
@@ -173,12 +248,12 @@ func (r *run) resume() (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("kiln: resume: %w", err)
 	}
-	var st ckptState
-	if err := json.Unmarshal(b, &st); err != nil {
+	st, err := decodeState(b, epoch)
+	if err != nil {
 		return 0, fmt.Errorf("kiln: resume: %s: %w", path, err)
 	}
 	if st.Fingerprint != r.cfg.fingerprint() {
-		return 0, fmt.Errorf("kiln: resume: the checkpoint in %s was written with other hyper-parameters:\n  checkpoint %s\n  this run   %s",
+		return 0, core.Errorf(core.FailedPrecondition, "kiln: resume: the checkpoint in %s was written with other hyper-parameters:\n  checkpoint %s\n  this run   %s",
 			path, st.Fingerprint, r.cfg.fingerprint())
 	}
 	if err := loadInto(r.net.Handle(), filepath.Join(path, "model.pt")); err != nil {

@@ -12,22 +12,23 @@ import (
 	"github.com/kilnml/kiln/internal/testkit"
 )
 
-// dataDir holds the scikit-learn data sets kiln_fixtures.py datasets
-// exported for this run.
-var dataDir string
-
 func TestMain(m *testing.M) {
 	// A child process of the kill -9 test trains and gets killed: it
 	// needs no data export of its own.
 	if os.Getenv("KILN_TRAIN_CHILD") != "" {
 		os.Exit(m.Run())
 	}
-	testkit.MainWithFixture(m, "datasets", &dataDir, nil)
+	testkit.Main(m)
 }
+
+// dataDir returns the directory of the scikit-learn data sets
+// kiln_fixtures.py datasets exports, made on first use (once per test
+// binary), so that fuzz targets, which need none, start without it.
+func dataDir(t testing.TB) string { return testkit.Fixture(t, "datasets") }
 
 func loadCSV(t *testing.T, name string) *data.Table {
 	t.Helper()
-	tb, err := data.ReadCSVFile(filepath.Join(dataDir, name))
+	tb, err := data.ReadCSVFile(filepath.Join(dataDir(t), name))
 	require.NoError(t, err)
 	return tb
 }

@@ -1,6 +1,7 @@
 package train_test
 
 import (
+	"bytes"
 	"context"
 	"os"
 	"os/exec"
@@ -50,7 +51,7 @@ func TestKillAndResume(t *testing.T) {
 	prev := core.NumThreads()
 	require.NoError(t, core.SetNumThreads(1))
 	defer core.SetNumThreads(prev)
-	csv := filepath.Join(dataDir, "digits.csv")
+	csv := filepath.Join(dataDir(t), "digits.csv")
 	tb := loadCSV(t, "digits.csv")
 
 	// The uninterrupted run.
@@ -134,4 +135,79 @@ func TestResumeKeepsEarlyStoppingState(t *testing.T) {
 		assert.LessOrEqual(t, h.Val["accuracy"], best, "the best epoch is the best one across the resume")
 	}
 	assert.InDelta(t, best, second.Val["accuracy"], 1e-9, "the net holds the best epoch's weights")
+}
+
+// A LATEST file that names anything but a checkpoint directory is refused:
+// "ckpt-000001/../../x" read as epoch 1 and led out of the directory.
+func TestLatestCheckpointRefusesOtherNames(t *testing.T) {
+	for _, name := range []string{"ckpt-000001/../../x", "ckpt--00001", "ckpt-1", "ckpt-0000001x", "ckpt-000000", "../ckpt-000001"} {
+		dir := t.TempDir()
+		require.NoError(t, os.WriteFile(filepath.Join(dir, "LATEST"), []byte(name+"\n"), 0o644))
+		path, epoch, err := train.LatestCheckpoint(dir)
+		require.Error(t, err, "%q gave %q, epoch %d", name, path, epoch)
+		assert.True(t, core.HasCode(err, core.InvalidArgument), "%q: %v", name, err)
+	}
+	dir := t.TempDir()
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "LATEST"), []byte("ckpt-001234\n"), 0o644))
+	path, epoch, err := train.LatestCheckpoint(dir)
+	require.NoError(t, err)
+	assert.Equal(t, filepath.Join(dir, "ckpt-001234"), path)
+	assert.Equal(t, 1234, epoch)
+}
+
+// Resuming from a damaged checkpoint fails with a coded error naming the
+// damage, whatever file is damaged, and never crashes.
+func TestResumeRefusesDamagedCheckpoint(t *testing.T) {
+	tb := loadCSV(t, "digits.csv")
+	ckpt := filepath.Join(t.TempDir(), "ckpt")
+	j := resumeJob(ckpt)
+	j.Train.Epochs = 1
+	j.Train.EarlyStopping = &train.EarlyStopping{Patience: 50, Metric: "accuracy"}
+	_, err := train.Run(context.Background(), j, tb, "", "", nil)
+	require.NoError(t, err)
+	dir, epoch, err := train.LatestCheckpoint(ckpt)
+	require.NoError(t, err)
+	require.Equal(t, 1, epoch)
+	state, err := os.ReadFile(filepath.Join(dir, "state.json"))
+	require.NoError(t, err)
+	model, err := os.ReadFile(filepath.Join(dir, "model.pt"))
+	require.NoError(t, err)
+
+	garbage := []byte("PK\x03\x04 this is not a torch archive \x00\xff")
+	cases := []struct {
+		file string
+		data []byte // nil removes the file
+		code core.Code
+		want string
+	}{
+		{"state.json", bytes.Replace(state, []byte(`"best_epoch": 1`), []byte(`"best_epoch": 99`), 1), core.InvalidArgument, "best epoch 99 outside 0..1"},
+		{"state.json", bytes.Replace(state, []byte(`"epoch": 1,`), []byte(`"epoch": 2,`), 1), core.InvalidArgument, "epoch 2, but LATEST names epoch 1"},
+		{"state.json", bytes.Replace(state, []byte(`"rng": "`), []byte(`"rng": "AAAA`), 1), core.InvalidArgument, "rng"},
+		{"state.json", state[:len(state)/2], core.InvalidArgument, "checkpoint state"},
+		{"model.pt", garbage, core.InvalidArgument, "resume"},
+		{"model.pt", model[:len(model)/2], core.InvalidArgument, "resume"},
+		{"optim.pt", garbage, core.InvalidArgument, "optimizer state"},
+		{"optim.pt", model, core.InvalidArgument, "optimizer state"}, // an archive, of another kind
+		{"optim.pt", nil, core.NotFound, "optimizer state"},
+		{"best.pt", garbage, core.InvalidArgument, "best weights"},
+	}
+	for _, c := range cases {
+		t.Run(c.file, func(t *testing.T) {
+			cp := filepath.Join(t.TempDir(), "ckpt")
+			require.NoError(t, os.CopyFS(cp, os.DirFS(ckpt)))
+			name := filepath.Join(cp, filepath.Base(dir), c.file)
+			if c.data == nil {
+				require.NoError(t, os.Remove(name))
+			} else {
+				require.NoError(t, os.WriteFile(name, c.data, 0o644))
+			}
+			j := resumeJob(cp)
+			j.Train.Epochs = 2
+			j.Train.EarlyStopping = &train.EarlyStopping{Patience: 50, Metric: "accuracy"}
+			_, err := train.Run(context.Background(), j, tb, "", "", nil)
+			require.Error(t, err)
+			assert.ErrorContains(t, err, c.want)
+			assert.Equal(t, c.code, core.CodeOf(err), "%v", err)
+		})
+	}
 }

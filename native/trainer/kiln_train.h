@@ -174,7 +174,9 @@ kiln_error kiln_trainer_evaluate(kiln_trainer* t, const kiln_tensor* x,
 
 /* Writes the optimizer's state and libtorch's default CPU generator state
  * to path (a torch::serialize archive); load restores both. The trainer
- * must have been made for a module with the same parameters. */
+ * must have been made for a module with the same parameters. Load fails
+ * with NOT_FOUND for a missing file and INVALID_ARGUMENT for any other it
+ * cannot restore from. */
 kiln_error kiln_trainer_save_state(kiln_trainer* t, const char* path);
 kiln_error kiln_trainer_load_state(kiln_trainer* t, const char* path);
 

@@ -10,6 +10,7 @@
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
 
+#include <cerrno>
 #include <cstdlib>
 #include <memory>
 #include <mutex>
@@ -18,6 +19,7 @@
 #include <utility>
 #ifdef __GLIBC__
 #include <malloc.h>
+#include <sys/stat.h>
 #endif
 #include <string>
 #include <vector>
@@ -672,6 +674,10 @@ kiln_error kiln_trainer_save_state(kiln_trainer* t, const char* path) {
 kiln_error kiln_trainer_load_state(kiln_trainer* t, const char* path) {
   KILN_CHECK_ARG(t != nullptr && path != nullptr, "NULL argument");
   KILN_GUARD_BEGIN
+  struct stat st;
+  if (stat(path, &st) != 0 && (errno == ENOENT || errno == ENOTDIR)) {
+    return kiln::make_error(KILN_ERROR_NOT_FOUND, std::string("no such file: ") + path);
+  }
   torch::serialize::InputArchive ar;
   ar.load_from(path);
   t->opt->load(ar);
@@ -680,7 +686,9 @@ kiln_error kiln_trainer_load_state(kiln_trainer* t, const char* path) {
   at::Generator g = at::detail::getDefaultCPUGenerator();
   std::lock_guard<std::mutex> lock(g.mutex());
   g.set_state(state);
-  KILN_GUARD_END
+  // Whatever fails here is the file's: not an archive SaveState wrote, or
+  // one for another optimizer or network.
+  KILN_GUARD_END_AS(KILN_ERROR_INVALID_ARGUMENT)
 }
 
 }  // extern "C"

@@ -309,7 +309,9 @@ func (t Trainer) SaveState(path string) error {
 	return takeErr(C.kiln_trainer_save_state(t.p, cs))
 }
 
-// LoadState restores what SaveState wrote.
+// LoadState restores what SaveState wrote. A missing file is NOT_FOUND;
+// any other failure to read it (not an archive SaveState wrote, or one for
+// another optimizer or network) is INVALID_ARGUMENT.
 func (t Trainer) LoadState(path string) error {
 	cs := C.CString(path)
 	defer C.free(unsafe.Pointer(cs))
