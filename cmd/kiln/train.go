@@ -17,6 +17,7 @@ import (
 
 	"github.com/kilnml/kiln/arrowio"
 	"github.com/kilnml/kiln/core/data"
+	"github.com/kilnml/kiln/core/dist"
 	"github.com/kilnml/kiln/core/train"
 )
 
@@ -26,6 +27,7 @@ type trainOptions struct {
 	seed                    int64
 	checkpointDir           string
 	resume, quiet, jsonOut  bool
+	dist                    distOptions
 }
 
 func newTrainCmd() *cobra.Command {
@@ -59,6 +61,12 @@ metrics to stdout. Ctrl-C stops after the current progress interval; with
 	f.BoolVar(&o.resume, "resume", false, "continue from the latest checkpoint in --checkpoint-dir")
 	f.BoolVarP(&o.quiet, "quiet", "q", false, "no progress bar")
 	f.BoolVar(&o.jsonOut, "json", false, "print the report as JSON")
+	f.IntVar(&o.dist.nprocPerNode, "nproc-per-node", 0, "data-parallel training: start this many local ranks (as torchrun does; under torchrun or a PyTorchJob leave it unset)")
+	f.IntVar(&o.dist.nnodes, "nnodes", 1, "data-parallel training: number of nodes")
+	f.IntVar(&o.dist.nodeRank, "node-rank", 0, "data-parallel training: this node's rank in [0, nnodes)")
+	f.StringVar(&o.dist.masterAddr, "master-addr", "", "data-parallel training: address of node 0, where rank 0 hosts the rendezvous store (default 127.0.0.1 with one node)")
+	f.IntVar(&o.dist.masterPort, "master-port", 29500, "data-parallel training: port of the rendezvous store")
+	f.DurationVar(&o.dist.timeout, "dist-timeout", dist.DefaultTimeout, "data-parallel training: a rank that dies or hangs makes the others fail within this time")
 	cmd.MarkFlagRequired("spec")
 	cmd.MarkFlagRequired("data")
 	cmd.MarkFlagRequired("out")
@@ -96,6 +104,13 @@ func tableColumns(o data.Options) []string {
 }
 
 func runTrain(ctx context.Context, stdout, stderr io.Writer, o trainOptions) error {
+	if o.dist.nprocPerNode > 0 && !launched(os.Getenv) {
+		return launchRanks(ctx, stderr, o.dist)
+	}
+	env, distributed, err := dist.EnvFrom(os.Getenv)
+	if err != nil {
+		return err
+	}
 	raw, err := os.ReadFile(o.spec)
 	if err != nil {
 		return fmt.Errorf("kiln: train: %w", err)
@@ -126,11 +141,32 @@ func runTrain(ctx context.Context, stdout, stderr io.Writer, o trainOptions) err
 	if err != nil {
 		return err
 	}
-	bar := newProgressBar(stderr, o.quiet)
-	rep, err := train.Run(ctx, job, tb, o.data, o.out, bar.event)
+	out, quiet := o.out, o.quiet
+	if distributed {
+		g, err := dist.Init(env, dist.Options{Timeout: o.dist.timeout})
+		if err != nil {
+			return err
+		}
+		defer g.Close()
+		job.Train.Group = g
+		if g.Rank() != 0 {
+			out, quiet = "", true // rank 0 reports and writes the package
+		}
+	}
+	bar := newProgressBar(stderr, quiet)
+	rep, err := train.Run(ctx, job, tb, o.data, out, bar.event)
 	bar.finish()
 	if err != nil {
 		return err
+	}
+	if g := job.Train.Group; g != nil {
+		// The ranks leave together: rank 0 (which may host the store) last.
+		if err := g.Barrier(); err != nil {
+			return fmt.Errorf("kiln: train: %w", err)
+		}
+		if g.Rank() != 0 {
+			return nil
+		}
 	}
 	if o.jsonOut {
 		enc := json.NewEncoder(stdout)

@@ -12,6 +12,8 @@ import (
 	"math"
 	"strings"
 
+	"github.com/kilnml/kiln/core/dist"
+
 	"github.com/kilnml/kiln/native/trainer"
 )
 
@@ -96,6 +98,10 @@ type Config struct {
 	// MaxSeconds, if > 0, ends training after the epoch during which it
 	// passes (model selection's time budget).
 	MaxSeconds float64 `json:"max_seconds,omitempty"`
+	// Group, when set, makes Fit one rank of a data-parallel run over it
+	// (see core/dist and distributed.go); not part of the serialized
+	// config.
+	Group *dist.Group `json:"-"`
 }
 
 // validate checks the hyper-parameters, stage by stage in this order, and

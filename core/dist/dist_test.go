@@ -1,0 +1,176 @@
+package dist_test
+
+import (
+	"context"
+	"math"
+	"math/rand/v2"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/core/data"
+	"github.com/kilnml/kiln/core/dist"
+	"github.com/kilnml/kiln/core/nn"
+	"github.com/kilnml/kiln/core/train"
+	"github.com/kilnml/kiln/native/trainer"
+)
+
+func TestEnvFrom(t *testing.T) {
+	get := func(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
+	_, ok, err := dist.EnvFrom(get(nil))
+	require.NoError(t, err)
+	assert.False(t, ok, "no variables: not a distributed run")
+
+	env, ok, err := dist.EnvFrom(get(map[string]string{"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500",
+		"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+		"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "2", "GLOO_SOCKET_IFNAME": "eth1"}))
+	require.NoError(t, err)
+	require.True(t, ok)
+	assert.Equal(t, dist.Env{MasterAddr: "10.0.0.1", MasterPort: 29500, Rank: 3, WorldSize: 4, LocalRank: 1,
+		LocalWorldSize: 2, AgentStore: true, StorePrefix: "/worker/attempt_2", IfName: "eth1"}, env)
+
+	bad := []struct {
+		vars map[string]string
+		want string
+	}{
+		{map[string]string{"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR, MASTER_PORT missing"},
+		{map[string]string{"MASTER_ADDR": "h", "MASTER_PORT": "29500", "RANK": "2", "WORLD_SIZE": "2"}, "RANK=\"2\""},
+		{map[string]string{"MASTER_ADDR": "h", "MASTER_PORT": "70000", "RANK": "0", "WORLD_SIZE": "2"}, "MASTER_PORT"},
+		{map[string]string{"MASTER_ADDR": "h", "MASTER_PORT": "1", "RANK": "0", "WORLD_SIZE": "x"}, "WORLD_SIZE"},
+		{map[string]string{"MASTER_ADDR": "h", "MASTER_PORT": "1", "RANK": "0", "WORLD_SIZE": "2",
+			"TORCHELASTIC_USE_AGENT_STORE": "True"}, "TORCHELASTIC_RESTART_COUNT"},
+	}
+	for _, b := range bad {
+		_, _, err := dist.EnvFrom(get(b.vars))
+		require.Error(t, err, "%v", b.vars)
+		assert.Contains(t, err.Error(), b.want)
+		assert.True(t, core.HasCode(err, core.InvalidArgument))
+	}
+}
+
+// freePort is a TCP port nothing listens on now.
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func localEnv(port, rank, world int) dist.Env {
+	return dist.Env{MasterAddr: "127.0.0.1", MasterPort: port, Rank: rank, WorldSize: world,
+		LocalRank: rank, LocalWorldSize: world, IfName: "lo"}
+}
+
+// ranks runs f for every rank of a fresh group of world ranks in this
+// process (one goroutine per rank) and returns their errors.
+func ranks(t *testing.T, world int, f func(g *dist.Group) error) []error {
+	t.Helper()
+	port := freePort(t)
+	errs := make([]error, world)
+	var wg sync.WaitGroup
+	for r := range world {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			g, err := dist.Init(localEnv(port, r, world), dist.Options{Timeout: 20 * time.Second})
+			if err != nil {
+				errs[r] = err
+				return
+			}
+			defer g.Close()
+			if errs[r] = f(g); errs[r] == nil {
+				errs[r] = g.Barrier()
+			}
+		}()
+	}
+	wg.Wait()
+	return errs
+}
+
+// regData is a regression data set of n rows of 8 features.
+func regData(n int, seed uint64) *data.Dataset {
+	rng := rand.New(rand.NewPCG(seed, 7))
+	x := make([]float32, 8*n)
+	y := make([]float32, n)
+	for i := range n {
+		s := 0.0
+		for j := range 8 {
+			v := rng.NormFloat64()
+			x[8*i+j] = float32(v)
+			s += float64(j+1) * v
+		}
+		y[i] = float32(math.Tanh(s/8) + 0.05*rng.NormFloat64())
+	}
+	d, _ := data.NewDataset(x, 8, y)
+	return d
+}
+
+func mlp() nn.Spec { return nn.Sequential(nn.Linear(32), nn.ReLU(), nn.Linear(16), nn.Tanh(), nn.Linear(1)) }
+
+func flat(t *testing.T, n *nn.Net) []float64 {
+	t.Helper()
+	h, err := trainer.FlatState(n.Handle())
+	require.NoError(t, err)
+	ft, err := core.AdoptTensor(h)
+	require.NoError(t, err)
+	defer ft.Close()
+	v, err := core.Data[float64](ft)
+	require.NoError(t, err)
+	return append([]float64(nil), v...)
+}
+
+// Two ranks with batch 32 and one process with batch 64 take the same
+// steps on the same samples: the weights must agree.
+func TestTwoRanksEqualOneProcessWithDoubleBatch(t *testing.T) {
+	trainSet, valSet := regData(512, 1), regData(96, 2)
+	for _, opt := range []train.Optimizer{{Type: "sgd", LR: 0.05, Momentum: 0.9}, {Type: "adam", LR: 0.01}} {
+		t.Run(opt.Type, func(t *testing.T) {
+			cfg := train.Config{Epochs: 3, BatchSize: 64, Seed: 5, Loss: train.Loss{Type: "mse"}, Optimizer: opt}
+			one, err := nn.Build(mlp(), 8, 11)
+			require.NoError(t, err)
+			defer one.Close()
+			res1, err := train.Fit(context.Background(), one, trainSet, valSet, cfg, nil)
+			require.NoError(t, err)
+			want := flat(t, one)
+
+			got := make([][]float64, 2)
+			hist := make([][]train.EpochStats, 2)
+			errs := ranks(t, 2, func(g *dist.Group) error {
+				// Rank 1 starts from other weights: rank 0's are broadcast.
+				n, err := nn.Build(mlp(), 8, 11+uint64(g.Rank()))
+				if err != nil {
+					return err
+				}
+				defer n.Close()
+				c := cfg
+				c.BatchSize, c.Group = 32, g
+				res, err := train.Fit(context.Background(), n, trainSet, valSet, c, nil)
+				if err != nil {
+					return err
+				}
+				got[g.Rank()], hist[g.Rank()] = flat(t, n), res.History
+				return nil
+			})
+			require.NoError(t, errs[0])
+			require.NoError(t, errs[1])
+			require.Equal(t, got[0], got[1], "the ranks' weights differ")
+			require.Len(t, got[0], len(want))
+			maxDiff := 0.0
+			for i := range want {
+				maxDiff = max(maxDiff, math.Abs(want[i]-got[0][i]))
+			}
+			assert.Less(t, maxDiff, 1e-5, "max |w_1proc - w_2ranks|")
+			for e := range res1.History {
+				assert.InDelta(t, res1.History[e].TrainLoss, hist[0][e].TrainLoss, 1e-5)
+				assert.InDelta(t, res1.History[e].Val["mse"], hist[0][e].Val["mse"], 1e-5)
+				assert.Equal(t, hist[0][e].Val, hist[1][e].Val, "validation metrics are all-reduced")
+			}
+		})
+	}
+}
