@@ -2,9 +2,13 @@ package dist_test
 
 import (
 	"context"
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"net"
+	"os"
+	"os/exec"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -111,7 +115,9 @@ func regData(n int, seed uint64) *data.Dataset {
 	return d
 }
 
-func mlp() nn.Spec { return nn.Sequential(nn.Linear(32), nn.ReLU(), nn.Linear(16), nn.Tanh(), nn.Linear(1)) }
+func mlp() nn.Spec {
+	return nn.Sequential(nn.Linear(32), nn.ReLU(), nn.Linear(16), nn.Tanh(), nn.Linear(1))
+}
 
 func flat(t *testing.T, n *nn.Net) []float64 {
 	t.Helper()
@@ -173,4 +179,152 @@ func TestTwoRanksEqualOneProcessWithDoubleBatch(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestMain runs one rank of TestKilledRankIsNamed when the test binary is
+// started as that rank's child process.
+func TestMain(m *testing.M) {
+	if os.Getenv("KILN_DIST_CHILD") != "" {
+		os.Exit(childRank())
+	}
+	os.Exit(m.Run())
+}
+
+// childRank trains as rank 1 of the group the environment names, for many
+// epochs: the parent kills it midway.
+func childRank() int {
+	env, ok, err := dist.EnvFrom(os.Getenv)
+	if err != nil || !ok {
+		fmt.Fprintln(os.Stderr, "child: no launch env:", err)
+		return 2
+	}
+	g, err := dist.Init(env, dist.Options{Timeout: 20 * time.Second})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 1
+	}
+	defer g.Close()
+	n, err := nn.Build(mlp(), 8, 11)
+	if err != nil {
+		return 1
+	}
+	defer n.Close()
+	cfg := train.Config{Epochs: 100000, BatchSize: 32, Seed: 5, Loss: train.Loss{Type: "mse"},
+		Optimizer: train.Optimizer{Type: "sgd", LR: 0.01}, Group: g}
+	if _, err := train.Fit(context.Background(), n, regData(256, 1), nil, cfg, nil); err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 1
+	}
+	return 0
+}
+
+// Killing rank 1 makes rank 0's Fit fail with an error naming rank 1, found
+// by the broken connection (Unavailable), not by waiting out the timeout.
+func TestKilledRankIsNamed(t *testing.T) {
+	port := freePort(t)
+	child := exec.Command(os.Args[0], "-test.run=^$")
+	env := localEnv(port, 1, 2)
+	child.Env = append(os.Environ(), "KILN_DIST_CHILD=1", "MASTER_ADDR=127.0.0.1", "MASTER_PORT="+strconv.Itoa(port),
+		"RANK=1", "WORLD_SIZE=2", "GLOO_SOCKET_IFNAME="+env.IfName)
+	child.Stderr = os.Stderr
+	require.NoError(t, child.Start())
+	waited := make(chan error, 1)
+	go func() { waited <- child.Wait() }()
+
+	g, err := dist.Init(localEnv(port, 0, 2), dist.Options{Timeout: 20 * time.Second})
+	require.NoError(t, err)
+	defer g.Close()
+	n, err := nn.Build(mlp(), 8, 11)
+	require.NoError(t, err)
+	defer n.Close()
+	cfg := train.Config{Epochs: 100000, BatchSize: 32, Seed: 5, Loss: train.Loss{Type: "mse"},
+		Optimizer: train.Optimizer{Type: "sgd", LR: 0.01}, Group: g}
+	killed := false
+	_, err = train.Fit(context.Background(), n, regData(256, 1), nil, cfg, func(e train.Event) {
+		if e.Kind == "epoch" && e.Epoch == 2 && !killed {
+			killed = true
+			require.NoError(t, child.Process.Kill())
+		}
+	})
+	require.True(t, killed, "training ended before the kill: %v", err)
+	require.Error(t, err)
+	assert.Equal(t, []int{1}, dist.DeadRanks(err), "%v", err)
+	assert.Contains(t, err.Error(), "rank(s) 1 died")
+	assert.True(t, core.HasCode(err, core.Unavailable), "%v", err)
+	<-waited
+}
+
+// A rank whose WORLD_SIZE differs from the others', and a rendezvous that
+// not every rank reaches, fail with errors naming the ranks.
+func TestRendezvousErrors(t *testing.T) {
+	port := freePort(t)
+	errs := make([]error, 2)
+	var wg sync.WaitGroup
+	for r, ws := range []int{2, 3} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			g, err := dist.Init(localEnv(port, r, ws), dist.Options{Timeout: 3 * time.Second})
+			if err == nil {
+				g.Close()
+			}
+			errs[r] = err
+		}()
+	}
+	wg.Wait()
+	require.Error(t, errs[0])
+	assert.Contains(t, errs[0].Error(), "rank 1 has WORLD_SIZE=3 but rank 0 has WORLD_SIZE=2")
+	assert.True(t, core.HasCode(errs[0], core.InvalidArgument), "%v", errs[0])
+	require.Error(t, errs[1])
+
+	// Rank 0 of 2 alone: rank 1 never arrives.
+	_, err := dist.Init(localEnv(freePort(t), 0, 2), dist.Options{Timeout: time.Second})
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "rank(s) 1 of WORLD_SIZE=2 did not arrive")
+	assert.True(t, core.HasCode(err, core.DeadlineExceeded), "%v", err)
+}
+
+// Ranks with different networks or data schemas refuse to train; uneven
+// data (101 rows on 2 ranks) does not hang: the shards are padded.
+func TestRanksMustAgreeAndUnevenDataRuns(t *testing.T) {
+	cfg := train.Config{Epochs: 2, BatchSize: 16, Seed: 1, Loss: train.Loss{Type: "mse"}, Optimizer: train.Optimizer{Type: "sgd", LR: 0.01}}
+	errs := ranks(t, 2, func(g *dist.Group) error {
+		spec := mlp()
+		if g.Rank() == 1 {
+			spec = nn.Sequential(nn.Linear(4), nn.ReLU(), nn.Linear(1))
+		}
+		n, err := nn.Build(spec, 8, 1)
+		if err != nil {
+			return err
+		}
+		defer n.Close()
+		c := cfg
+		c.Group = g
+		_, err = train.Fit(context.Background(), n, regData(64, 1), nil, c, nil)
+		return err
+	})
+	for r, err := range errs {
+		require.Error(t, err, "rank %d", r)
+		assert.Contains(t, err.Error(), "rank(s) 1 have a different network")
+	}
+
+	steps := make([]int64, 2)
+	errs = ranks(t, 2, func(g *dist.Group) error {
+		n, err := nn.Build(mlp(), 8, 1)
+		if err != nil {
+			return err
+		}
+		defer n.Close()
+		c := cfg
+		c.Group = g
+		_, err = train.Fit(context.Background(), n, regData(101, 1), regData(31, 2), c, func(e train.Event) {
+			if e.Kind == "epoch" {
+				steps[g.Rank()] = e.Steps
+			}
+		})
+		return err
+	})
+	require.NoError(t, errs[0])
+	require.NoError(t, errs[1])
+	assert.Equal(t, []int64{4, 4}, steps, "51 samples per rank (101 padded to 102) in batches of 16")
 }
