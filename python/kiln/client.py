@@ -9,7 +9,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import grpc
 import numpy as np
 
-from ._errors import InferenceError, KilnError, ModelLoadError
+from ._errors import InferenceError, KilnError, ModelLoadError, error_class
 from ._proto import grpc_service_pb2 as pb
 from ._proto import grpc_service_pb2_grpc as pb_grpc
 
@@ -28,7 +28,16 @@ _FROM_V2 = {v: k for k, v in _TO_V2.items()}
 
 
 class ServerError(KilnError):
-    """The server answered with an error status; ``code`` is the gRPC code."""
+    """The server answered with an error status; ``code`` is the gRPC code
+    (``grpc.StatusCode``), ``message`` the server's message.
+
+    The exception raised is also an instance of the Kiln class of that code,
+    as the in-process API raises it: INVALID_ARGUMENT is an InferenceError
+    (a ValueError), NOT_FOUND a NotFoundError (a LookupError),
+    RESOURCE_EXHAUSTED a ResourceExhaustedError, UNAVAILABLE an
+    UnavailableError, DEADLINE_EXCEEDED a DeadlineExceededError (a
+    TimeoutError), ...; codes without a Kiln class (UNAUTHENTICATED,
+    PERMISSION_DENIED, ...) are a plain ServerError."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(f"{code.name}: {message}")
@@ -36,11 +45,30 @@ class ServerError(KilnError):
         self.message = message
 
 
+_SERVER_CLASSES: Dict[str, type] = {}
+
+
+def _server_class(code: grpc.StatusCode) -> type:
+    """ServerError combined with the Kiln class of code (error_class in the
+    context of running a model, so INVALID_ARGUMENT is an InferenceError)."""
+    cls = _SERVER_CLASSES.get(code.name)
+    if cls is None:
+        name = {"UNIMPLEMENTED": "UNSUPPORTED"}.get(code.name, code.name)
+        kiln_cls = error_class(name, InferenceError if code == grpc.StatusCode.INVALID_ARGUMENT else KilnError)
+        if kiln_cls is KilnError:
+            cls = ServerError
+        else:
+            cls = type("Server" + kiln_cls.__name__, (ServerError, kiln_cls), {
+                "__module__": __name__,
+                "__doc__": f"ServerError with code {code.name} ({kiln_cls.__name__}).",
+            })
+        _SERVER_CLASSES[code.name] = cls
+    return cls
+
+
 def _raise(e: grpc.RpcError):
     code, msg = e.code(), e.details()
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        raise InferenceError(f"INVALID_ARGUMENT: {msg}") from None
-    raise ServerError(code, msg) from None
+    raise _server_class(code)(code, msg) from None
 
 
 class Client:

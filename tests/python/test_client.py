@@ -60,6 +60,11 @@ def test_errors_are_kiln_exceptions(url):
     with pytest.raises(kiln.ServerError) as e:
         c.infer("nope", {"x": np.zeros((1, 4), np.float32)})
     assert e.value.code.name == "NOT_FOUND"
+    # Each code is also the Kiln class of that code, as in-process.
+    assert isinstance(e.value, kiln.NotFoundError) and isinstance(e.value, LookupError)
+    with pytest.raises(kiln.InferenceError) as e:
+        c.infer("affine", {"x": np.zeros((2, 5), np.float32)})
+    assert isinstance(e.value, kiln.ServerError) and e.value.code.name == "INVALID_ARGUMENT"
     with pytest.raises(TypeError, match="complex"):
         c.infer("affine", {"x": np.zeros((1, 4), np.complex64)})
     # The server keeps serving.

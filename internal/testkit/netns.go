@@ -1,0 +1,98 @@
+package testkit
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strings"
+	"sync/atomic"
+	"testing"
+)
+
+// NetNS is a Linux network namespace made for one test, joined to the
+// test's own namespace by a veth pair: Host is the address of the test's
+// end (in the test's namespace), Peer the address of the namespace's end,
+// both in one /30. A process started with Command runs inside the
+// namespace, so a server the test runs sees it connect from Peer: another
+// host, not loopback.
+type NetNS struct {
+	// Name is the namespace's name under /run/netns (ip netns).
+	Name string
+	// Host and Peer are the IPv4 addresses of the test's and the
+	// namespace's ends of the veth pair.
+	Host, Peer netip.Addr
+}
+
+var netnsSeq atomic.Uint32
+
+// NewNetNS creates a network namespace and a veth pair with `ip` (iproute2)
+// and removes both in t.Cleanup. It needs root (CAP_NET_ADMIN) and the ip
+// command: without them the test is skipped, except under CI (CI set in the
+// environment), where it fails, so that CI cannot pass by skipping it.
+func NewNetNS(t testing.TB) *NetNS {
+	t.Helper()
+	unavailable := func(why string) {
+		t.Helper()
+		if os.Getenv("CI") != "" {
+			t.Fatalf("network namespace test under CI: %s", why)
+		}
+		t.Skipf("network namespaces unavailable: %s", why)
+	}
+	if os.Geteuid() != 0 {
+		unavailable("not root")
+	}
+	ipCmd, err := exec.LookPath("ip")
+	if err != nil {
+		unavailable("no ip command (iproute2)")
+	}
+	// Names are at most 15 bytes (IFNAMSIZ-1) and unique per process and
+	// test; the /30 is 10.250.x.y/30, x.y from the same counter.
+	n := uint32(os.Getpid())%4096*16 + netnsSeq.Add(1)%16
+	ns := &NetNS{Name: fmt.Sprintf("kiln-t%d", n)}
+	hostIf, peerIf := fmt.Sprintf("kv%da", n), fmt.Sprintf("kv%db", n)
+	base := (n % 16384) * 4
+	ns.Host = netip.AddrFrom4([4]byte{10, 250, byte(base >> 8), byte(base&0xff) + 1})
+	ns.Peer = ns.Host.Next()
+
+	run := func(args ...string) error {
+		out, err := exec.Command(ipCmd, args...).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("ip %s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+		}
+		return nil
+	}
+	if err := run("netns", "add", ns.Name); err != nil {
+		unavailable(err.Error())
+	}
+	t.Cleanup(func() {
+		// Deleting the namespace removes its end of the pair, and with it
+		// the test's end.
+		if err := run("netns", "delete", ns.Name); err != nil {
+			t.Errorf("removing %s: %v", ns.Name, err)
+		}
+		_ = run("link", "delete", hostIf)
+	})
+	steps := [][]string{
+		{"link", "add", hostIf, "type", "veth", "peer", "name", peerIf},
+		{"link", "set", peerIf, "netns", ns.Name},
+		{"addr", "add", ns.Host.String() + "/30", "dev", hostIf},
+		{"link", "set", hostIf, "up"},
+		{"-n", ns.Name, "addr", "add", ns.Peer.String() + "/30", "dev", peerIf},
+		{"-n", ns.Name, "link", "set", peerIf, "up"},
+		{"-n", ns.Name, "link", "set", "lo", "up"},
+	}
+	for _, s := range steps {
+		if err := run(s...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return ns
+}
+
+// Command returns a command that runs name with args inside the namespace
+// (`ip netns exec`).
+func (ns *NetNS) Command(ctx context.Context, name string, args ...string) *exec.Cmd {
+	return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", ns.Name, name}, args...)...)
+}
