@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -21,6 +22,7 @@ import (
 	"github.com/kilnml/kiln/core/dist"
 	"github.com/kilnml/kiln/core/nn"
 	"github.com/kilnml/kiln/core/train"
+	"github.com/kilnml/kiln/internal/testkit"
 	"github.com/kilnml/kiln/native/trainer"
 )
 
@@ -198,6 +200,16 @@ func childRank() int {
 		fmt.Fprintln(os.Stderr, "child: no launch env:", err)
 		return 2
 	}
+	if a := os.Getenv("KILN_DIST_CHILD_IFADDR"); a != "" {
+		if env.IfName, err = ifaceWith(a); err != nil {
+			fmt.Fprintln(os.Stderr, "child:", err)
+			return 2
+		}
+	}
+	epochs := 100000
+	if e := os.Getenv("KILN_DIST_CHILD_EPOCHS"); e != "" {
+		epochs, _ = strconv.Atoi(e)
+	}
 	g, err := dist.Init(env, dist.Options{Timeout: 20 * time.Second})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "child:", err)
@@ -209,12 +221,17 @@ func childRank() int {
 		return 1
 	}
 	defer n.Close()
-	cfg := train.Config{Epochs: 100000, BatchSize: 32, Seed: 5, Loss: train.Loss{Type: "mse"},
+	cfg := train.Config{Epochs: epochs, BatchSize: 32, Seed: 5, Loss: train.Loss{Type: "mse"},
 		Optimizer: train.Optimizer{Type: "sgd", LR: 0.01}, Group: g}
 	if _, err := train.Fit(context.Background(), n, regData(256, 1), nil, cfg, nil); err != nil {
 		fmt.Fprintln(os.Stderr, "child:", err)
 		return 1
 	}
+	if err := g.Barrier(); err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 1
+	}
+	fmt.Println(flatSum(n))
 	return 0
 }
 
@@ -327,4 +344,78 @@ func TestRanksMustAgreeAndUnevenDataRuns(t *testing.T) {
 	require.NoError(t, errs[0])
 	require.NoError(t, errs[1])
 	assert.Equal(t, []int64{4, 4}, steps, "51 samples per rank (101 padded to 102) in batches of 16")
+}
+
+// ifaceWith is the name of the network interface that has address addr.
+func ifaceWith(addr string) (string, error) {
+	ifs, err := net.Interfaces()
+	if err != nil {
+		return "", err
+	}
+	for _, i := range ifs {
+		as, _ := i.Addrs()
+		for _, a := range as {
+			if p, ok := a.(*net.IPNet); ok && p.IP.String() == addr {
+				return i.Name, nil
+			}
+		}
+	}
+	return "", fmt.Errorf("no interface has address %s", addr)
+}
+
+// flatSum is the sum of n's weights, printed with full precision.
+func flatSum(n *nn.Net) string {
+	h, err := trainer.FlatState(n.Handle())
+	if err != nil {
+		return err.Error()
+	}
+	ft, err := core.AdoptTensor(h)
+	if err != nil {
+		return err.Error()
+	}
+	defer ft.Close()
+	v, _ := core.Data[float64](ft)
+	s := 0.0
+	for _, x := range v {
+		s += x
+	}
+	return strconv.FormatFloat(s, 'g', -1, 64)
+}
+
+// Two hosts: rank 0 in the test's network namespace, rank 1 in another one
+// joined by a veth pair; Gloo binds each end's interface
+// (GLOO_SOCKET_IFNAME) and the two ranks finish with equal weights.
+func TestTwoHostsOverVeth(t *testing.T) {
+	ns := testkit.NewNetNS(t)
+	port := freePort(t)
+	hostIf, err := ifaceWith(ns.Host.String())
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	child := ns.Command(ctx, os.Args[0], "-test.run=^$")
+	child.Env = append(os.Environ(), "KILN_DIST_CHILD=1", "KILN_DIST_CHILD_EPOCHS=3",
+		"KILN_DIST_CHILD_IFADDR="+ns.Peer.String(), "MASTER_ADDR="+ns.Host.String(),
+		"MASTER_PORT="+strconv.Itoa(port), "RANK=1", "WORLD_SIZE=2")
+	var childOut strings.Builder
+	child.Stdout, child.Stderr = &childOut, &childOut
+	require.NoError(t, child.Start())
+	waited := make(chan error, 1)
+	go func() { waited <- child.Wait() }()
+
+	env := dist.Env{MasterAddr: ns.Host.String(), MasterPort: port, Rank: 0, WorldSize: 2, LocalRank: 0,
+		LocalWorldSize: 1, IfName: hostIf}
+	g, err := dist.Init(env, dist.Options{Timeout: 30 * time.Second})
+	require.NoError(t, err)
+	defer g.Close()
+	n, err := nn.Build(mlp(), 8, 11)
+	require.NoError(t, err)
+	defer n.Close()
+	cfg := train.Config{Epochs: 3, BatchSize: 32, Seed: 5, Loss: train.Loss{Type: "mse"},
+		Optimizer: train.Optimizer{Type: "sgd", LR: 0.01}, Group: g}
+	_, err = train.Fit(ctx, n, regData(256, 1), nil, cfg, nil)
+	require.NoError(t, err)
+	require.NoError(t, g.Barrier())
+	require.NoError(t, <-waited, childOut.String())
+	lines := strings.Split(strings.TrimSpace(childOut.String()), "\n")
+	assert.Equal(t, flatSum(n), lines[len(lines)-1], "rank 1's weights (in the other namespace) equal rank 0's")
 }
