@@ -277,7 +277,11 @@ func (g *Group) Explain(err error) error {
 	if len(gone) == 0 {
 		return fmt.Errorf("kiln: distributed: rank %d: %w", g.env.Rank, err)
 	}
-	return &deadError{ranks: gone, code: core.CodeOf(err),
+	code := core.CodeOf(err)
+	if strings.Contains(strings.ToLower(err.Error()), "timed out") {
+		code = core.DeadlineExceeded // Gloo's timeout: the peer hung
+	}
+	return &deadError{ranks: gone, code: code,
 		msg: fmt.Sprintf("rank(s) %s died, hung or left (no answer within %s): %v", joinInts(gone), wait, err)}
 }
 

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -236,39 +237,53 @@ func childRank() int {
 }
 
 // Killing rank 1 makes rank 0's Fit fail with an error naming rank 1, found
-// by the broken connection (Unavailable), not by waiting out the timeout.
-func TestKilledRankIsNamed(t *testing.T) {
-	port := freePort(t)
-	child := exec.Command(os.Args[0], "-test.run=^$")
-	env := localEnv(port, 1, 2)
-	child.Env = append(os.Environ(), "KILN_DIST_CHILD=1", "MASTER_ADDR=127.0.0.1", "MASTER_PORT="+strconv.Itoa(port),
-		"RANK=1", "WORLD_SIZE=2", "GLOO_SOCKET_IFNAME="+env.IfName)
-	child.Stderr = os.Stderr
-	require.NoError(t, child.Start())
-	waited := make(chan error, 1)
-	go func() { waited <- child.Wait() }()
+// by the broken connection (Unavailable), not by waiting out the timeout;
+// stopping it (a hang) makes rank 0 fail after the timeout
+// (DeadlineExceeded), naming rank 1 too.
+func TestDeadOrHungRankIsNamed(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		sig  syscall.Signal
+		code core.Code
+	}{{"killed", syscall.SIGKILL, core.Unavailable}, {"hung", syscall.SIGSTOP, core.DeadlineExceeded}} {
+		t.Run(c.name, func(t *testing.T) {
+			port := freePort(t)
+			child := exec.Command(os.Args[0], "-test.run=^$")
+			env := localEnv(port, 1, 2)
+			child.Env = append(os.Environ(), "KILN_DIST_CHILD=1", "MASTER_ADDR=127.0.0.1", "MASTER_PORT="+strconv.Itoa(port),
+				"RANK=1", "WORLD_SIZE=2", "GLOO_SOCKET_IFNAME="+env.IfName)
+			child.Stderr = os.Stderr
+			require.NoError(t, child.Start())
+			waited := make(chan error, 1)
+			go func() { waited <- child.Wait() }()
+			defer func() {
+				child.Process.Kill()
+				<-waited
+			}()
 
-	g, err := dist.Init(localEnv(port, 0, 2), dist.Options{Timeout: 20 * time.Second})
-	require.NoError(t, err)
-	defer g.Close()
-	n, err := nn.Build(mlp(), 8, 11)
-	require.NoError(t, err)
-	defer n.Close()
-	cfg := train.Config{Epochs: 100000, BatchSize: 32, Seed: 5, Loss: train.Loss{Type: "mse"},
-		Optimizer: train.Optimizer{Type: "sgd", LR: 0.01}, Group: g}
-	killed := false
-	_, err = train.Fit(context.Background(), n, regData(256, 1), nil, cfg, func(e train.Event) {
-		if e.Kind == "epoch" && e.Epoch == 2 && !killed {
-			killed = true
-			require.NoError(t, child.Process.Kill())
-		}
-	})
-	require.True(t, killed, "training ended before the kill: %v", err)
-	require.Error(t, err)
-	assert.Equal(t, []int{1}, dist.DeadRanks(err), "%v", err)
-	assert.Contains(t, err.Error(), "rank(s) 1 died")
-	assert.True(t, core.HasCode(err, core.Unavailable), "%v", err)
-	<-waited
+			g, err := dist.Init(localEnv(port, 0, 2), dist.Options{Timeout: 3 * time.Second})
+			require.NoError(t, err)
+			defer g.Close()
+			n, err := nn.Build(mlp(), 8, 11)
+			require.NoError(t, err)
+			defer n.Close()
+			cfg := train.Config{Epochs: 100000, BatchSize: 32, Seed: 5, Loss: train.Loss{Type: "mse"},
+				Optimizer: train.Optimizer{Type: "sgd", LR: 0.01}, Group: g}
+			signalled := false
+			_, err = train.Fit(context.Background(), n, regData(256, 1), nil, cfg, func(e train.Event) {
+				if e.Kind == "epoch" && e.Epoch == 2 && !signalled {
+					signalled = true
+					require.NoError(t, child.Process.Signal(c.sig))
+				}
+			})
+			require.True(t, signalled, "training ended before the signal: %v", err)
+			require.Error(t, err)
+			t.Log(err)
+			assert.Equal(t, []int{1}, dist.DeadRanks(err), "%v", err)
+			assert.Contains(t, err.Error(), "rank(s) 1 died, hung or left")
+			assert.True(t, core.HasCode(err, c.code), "%v", err)
+		})
+	}
 }
 
 // A rank whose WORLD_SIZE differs from the others', and a rendezvous that
