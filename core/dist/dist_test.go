@@ -175,6 +175,15 @@ func TestTwoRanksEqualOneProcessWithDoubleBatch(t *testing.T) {
 				maxDiff = max(maxDiff, math.Abs(want[i]-got[0][i]))
 			}
 			assert.Less(t, maxDiff, 1e-5, "max |w_1proc - w_2ranks|")
+			// The same through Config.Workers: two ranks in this process.
+			w, err := nn.Build(mlp(), 8, 11)
+			require.NoError(t, err)
+			defer w.Close()
+			cw := cfg
+			cw.BatchSize, cw.Workers = 32, 2
+			_, err = train.Fit(context.Background(), w, trainSet, valSet, cw, nil)
+			require.NoError(t, err)
+			assert.Equal(t, got[0], flat(t, w), "Workers: 2 trains as two ranks do")
 			for e := range res1.History {
 				assert.InDelta(t, res1.History[e].TrainLoss, hist[0][e].TrainLoss, 1e-5)
 				assert.InDelta(t, res1.History[e].Val["mse"], hist[0][e].Val["mse"], 1e-5)

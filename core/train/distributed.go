@@ -1,8 +1,17 @@
 package train
 
 import (
+	"context"
 	"fmt"
 	"hash/fnv"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/kilnml/kiln/core/data"
+	"github.com/kilnml/kiln/core/dist"
+	"github.com/kilnml/kiln/core/nn"
 
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/native/trainer"
@@ -185,4 +194,118 @@ func hash64(vs ...any) int64 {
 		fmt.Fprintf(h, "%v\x00", v)
 	}
 	return int64(h.Sum64())
+}
+
+// fitWorkers runs Fit as cfg.Workers data-parallel ranks in this process:
+// rank 0 on the calling goroutine with net and onEvent, ranks 1.. on their
+// own goroutines with deep copies of net, joined by a Gloo group over
+// loopback (a TCPStore on a free port of 127.0.0.1). Each rank trains on
+// its shard with batch size cfg.BatchSize, as torchrun's ranks would. The
+// first error of any rank is returned (the others then fail too, naming
+// it).
+func fitWorkers(ctx context.Context, net *nn.Net, trainSet, valSet *data.Dataset, cfg Config, onEvent func(Event)) (*Result, error) {
+	w := cfg.Workers
+	port, err := freeLoopbackPort()
+	if err != nil {
+		return nil, fmt.Errorf("kiln: train: workers: %w", err)
+	}
+	env := func(rank int) dist.Env {
+		return dist.Env{MasterAddr: "127.0.0.1", MasterPort: port, Rank: rank, WorldSize: w,
+			LocalRank: rank, LocalWorldSize: w, IfName: loopbackIf()}
+	}
+	// rank runs one rank to the end; net is that rank's network.
+	rank := func(r int, net *nn.Net, onEvent func(Event)) (*Result, error) {
+		g, err := dist.Init(env(r), dist.Options{})
+		if err != nil {
+			return nil, err
+		}
+		defer g.Close()
+		c := cfg
+		c.Workers, c.Group = 0, g
+		res, err := Fit(ctx, net, trainSet, valSet, c, onEvent)
+		if err != nil {
+			return nil, err
+		}
+		if err := g.Barrier(); err != nil {
+			return nil, fmt.Errorf("kiln: train: %w", err)
+		}
+		return res, nil
+	}
+	// The workers' networks: net saved once and loaded per worker (a
+	// deepcopy's parameters are not leaves and cannot be optimized); rank
+	// 0's weights reach them by broadcast anyway.
+	tmp, err := os.MkdirTemp("", "kiln-workers-")
+	if err != nil {
+		return nil, fmt.Errorf("kiln: train: workers: %w", err)
+	}
+	defer os.RemoveAll(tmp)
+	saved := filepath.Join(tmp, "net.pt")
+	if err := net.Save(saved); err != nil {
+		return nil, fmt.Errorf("kiln: train: workers: %w", err)
+	}
+	errs := make([]error, w)
+	var wg sync.WaitGroup
+	for r := 1; r < w; r++ {
+		m, err := core.LoadModule(saved)
+		if err != nil {
+			return nil, fmt.Errorf("kiln: train: workers: %w", err)
+		}
+		if err := trainer.RequireGrad(m.Handle()); err != nil {
+			m.Close()
+			return nil, fmt.Errorf("kiln: train: workers: %w", err)
+		}
+		cp := &nn.Net{Module: m, Layers: net.Layers, Params: net.Params, Inputs: net.Inputs,
+			Outputs: net.Outputs, Source: net.Source}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer cp.Close()
+			defer func() {
+				if p := recover(); p != nil {
+					errs[r] = core.Errorf(core.Internal, "kiln: train: worker %d: internal error: %v", r, p)
+				}
+			}()
+			_, errs[r] = rank(r, cp, nil)
+		}()
+	}
+	res, err := rank(0, net, onEvent)
+	wg.Wait()
+	// A worker's own failure explains rank 0's (which then names it gone).
+	for r, e := range errs {
+		if e != nil && dist.DeadRanks(e) == nil {
+			return nil, fmt.Errorf("kiln: train: worker %d: %w", r, e)
+		}
+	}
+	if err != nil {
+		return res, err
+	}
+	for r, e := range errs {
+		if e != nil {
+			return nil, fmt.Errorf("kiln: train: worker %d: %w", r, e)
+		}
+	}
+	return res, nil
+}
+
+// freeLoopbackPort is a TCP port of 127.0.0.1 nothing listens on now.
+func freeLoopbackPort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// loopbackIf is the name of the loopback interface ("lo" on Linux).
+func loopbackIf() string {
+	ifs, err := net.Interfaces()
+	if err == nil {
+		for _, i := range ifs {
+			if i.Flags&net.FlagLoopback != 0 {
+				return i.Name
+			}
+		}
+	}
+	return "lo"
 }

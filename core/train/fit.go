@@ -286,6 +286,9 @@ func Fit(ctx context.Context, net *nn.Net, trainSet, valSet *data.Dataset, cfg C
 	if err != nil {
 		return nil, err
 	}
+	if cfg.Workers > 1 && cfg.Group == nil {
+		return fitWorkers(ctx, net, trainSet, valSet, cfg, onEvent)
+	}
 	if onEvent == nil {
 		onEvent = func(Event) {}
 	}
