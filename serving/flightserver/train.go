@@ -45,10 +45,10 @@ type TrainRequest struct {
 	BatchSize int     `json:"batch_size,omitempty"`
 	Optimizer string  `json:"optimizer,omitempty"`
 	LR        float64 `json:"lr,omitempty"`
+	Seed      *uint64 `json:"seed,omitempty"`
 	// Workers > 1 trains data-parallel with that many ranks in the server
 	// process (core/train Config.Workers), each with BatchSize.
 	Workers int `json:"workers,omitempty"`
-	Seed      *uint64 `json:"seed,omitempty"`
 	// MaxBatchSize is the max_batch_size of the config.yaml written for a
 	// model the repository does not have yet (default 64).
 	MaxBatchSize int `json:"max_batch_size,omitempty"`
