@@ -443,3 +443,37 @@ func TestTwoHostsOverVeth(t *testing.T) {
 	lines := strings.Split(strings.TrimSpace(childOut.String()), "\n")
 	assert.Equal(t, flatSum(n), lines[len(lines)-1], "rank 1's weights (in the other namespace) equal rank 0's")
 }
+
+// A run checkpointed by two ranks (rank 0 writes) resumes in one process:
+// the checkpoint does not depend on the world size.
+func TestResumeWithAnotherWorldSize(t *testing.T) {
+	dir := t.TempDir()
+	cfg := train.Config{Epochs: 2, BatchSize: 32, Seed: 1, Loss: train.Loss{Type: "mse"},
+		Optimizer: train.Optimizer{Type: "adam", LR: 0.01}, CheckpointDir: dir}
+	errs := ranks(t, 2, func(g *dist.Group) error {
+		n, err := nn.Build(mlp(), 8, 1)
+		if err != nil {
+			return err
+		}
+		defer n.Close()
+		c := cfg
+		c.Group = g
+		_, err = train.Fit(context.Background(), n, regData(128, 1), nil, c, nil)
+		return err
+	})
+	require.NoError(t, errs[0])
+	require.NoError(t, errs[1])
+	_, epoch, err := train.LatestCheckpoint(dir)
+	require.NoError(t, err)
+	require.Equal(t, 2, epoch)
+
+	n, err := nn.Build(mlp(), 8, 1)
+	require.NoError(t, err)
+	defer n.Close()
+	c := cfg
+	c.Epochs, c.Resume = 4, true // the same per-rank batch, one rank
+	res, err := train.Fit(context.Background(), n, regData(128, 1), nil, c, nil)
+	require.NoError(t, err)
+	assert.Equal(t, 2, res.ResumedFrom)
+	assert.Len(t, res.History, 4)
+}
