@@ -87,30 +87,43 @@ kiln_error check_arrivals(kiln_pg* p, int world) {
   }
 }
 
-// Runs work and turns a failure of a collective into kiln::dist_error.
-void wait_work(const c10::intrusive_ptr<c10d::Work>& w, const char* what) {
-  try {
-    w->wait();
-  } catch (const std::exception& e) {
-    throw kiln::dist_error(std::string(what) + ": " + e.what());
-  }
-}
-
 // The gradient buckets of one trainer: parameters in reverse registration
 // order (the order backward produces their gradients, as DDP buckets
 // them), grouped by dtype into flat buffers of about cap bytes.
+//
+// Overlap with backward: a hook on each parameter (a pre-hook of its
+// gradient accumulator) copies the gradient into its bucket as soon as
+// autograd computes it; a bucket whose gradients are all in starts its
+// all-reduce at once, while backward goes on. Buckets start strictly in
+// index order on every rank (a ready bucket waits for the ones before it),
+// so the ranks' collectives match. After backward, parameters that got no
+// gradient contribute zeros (as in DDP), the remaining buckets start, and
+// each is waited for, divided by the world size (Gloo has no AVG) and its
+// slices become the parameters' gradients.
 struct Buckets {
   struct Bucket {
     std::vector<size_t> idx;
     std::vector<int64_t> off;
     at::Tensor flat;
+    size_t pending = 0;
+    c10::intrusive_ptr<c10d::Work> work;
   };
   std::vector<Bucket> b;
+  std::vector<std::pair<size_t, size_t>> where;  // parameter -> (bucket, slot)
+  std::vector<bool> got;                         // parameter has its gradient this step
+  std::vector<at::Tensor> params;
+  std::vector<unsigned> hooks;
+  kiln_pg* pg = nullptr;
+  size_t next = 0;      // the next bucket to start
+  bool active = false;  // between prepare and finish
+  std::string error;    // the first failure to start an all-reduce
 
-  Buckets(const std::vector<at::Tensor>& params, int64_t cap) {
+  Buckets(const std::vector<at::Tensor>& ps, int64_t cap, kiln_pg* g) : params(ps), pg(g) {
     Bucket cur;
     int64_t size = 0, bytes = 0;
     at::ScalarType st = at::kFloat;
+    where.resize(ps.size());
+    got.resize(ps.size());
     auto close = [&] {
       if (cur.idx.empty()) return;
       cur.flat = at::zeros({size}, at::TensorOptions().dtype(st));
@@ -118,10 +131,11 @@ struct Buckets {
       cur = Bucket{};
       size = bytes = 0;
     };
-    for (size_t k = params.size(); k-- > 0;) {
-      const at::Tensor& p = params[k];
+    for (size_t k = ps.size(); k-- > 0;) {
+      const at::Tensor& p = ps[k];
       if (!cur.idx.empty() && (p.scalar_type() != st || bytes >= cap)) close();
       st = p.scalar_type();
+      where[k] = {b.size(), cur.idx.size()};
       cur.idx.push_back(k);
       cur.off.push_back(size);
       size += p.numel();
@@ -129,44 +143,103 @@ struct Buckets {
     }
     close();
   }
-};
 
-// Averages t's gradients over pg: each bucket is packed and its all-reduce
-// started; then each is waited for in turn, divided by the world size (Gloo
-// has no AVG) and its slices become the parameters' gradients.
-void reduce_grads(kiln_trainer* t, kiln_pg* p, Buckets* bk) {
-  at::NoGradGuard ng;
-  std::vector<c10::intrusive_ptr<c10d::Work>> works;
-  works.reserve(bk->b.size());
-  for (auto& b : bk->b) {
-    for (size_t j = 0; j < b.idx.size(); j++) {
-      const at::Tensor& prm = t->params[b.idx[j]];
-      at::Tensor dst = b.flat.narrow(0, b.off[j], prm.numel());
-      const at::Tensor& g = prm.grad();
+  ~Buckets() {
+    for (size_t k = 0; k < hooks.size(); k++) {
+      try {
+        params[k].remove_hook(hooks[k]);
+      } catch (...) {
+      }
+    }
+  }
+
+  // Starts every ready bucket from next on, in order.
+  void launch_ready() {
+    while (next < b.size() && b[next].pending == 0) {
+      Bucket& bk = b[next++];
+      if (!error.empty()) continue;
+      try {
+        std::vector<at::Tensor> ts{bk.flat};
+        bk.work = pg->pg->allreduce(ts);
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+    }
+  }
+
+  // Takes parameter k's gradient g (autograd hook; never throws).
+  void take(size_t k, const at::Tensor& g) {
+    if (!active || got[k]) return;
+    try {
+      auto [bi, j] = where[k];
+      Bucket& bk = b[bi];
+      at::NoGradGuard ng;
+      bk.flat.narrow(0, bk.off[j], params[k].numel()).copy_(g.reshape({-1}));
+      got[k] = true;
+      bk.pending--;
+      launch_ready();
+    } catch (const std::exception& e) {
+      if (error.empty()) error = e.what();
+    }
+  }
+
+  void prepare() {
+    for (auto& bk : b) {
+      bk.pending = bk.idx.size();
+      bk.work.reset();
+    }
+    std::fill(got.begin(), got.end(), false);
+    next = 0;
+    error.clear();
+    active = true;
+  }
+
+  void finish(kiln_trainer* t) {
+    active = false;
+    at::NoGradGuard ng;
+    for (size_t k = 0; k < params.size(); k++) {
+      if (got[k]) continue;
+      auto [bi, j] = where[k];
+      Bucket& bk = b[bi];
+      const at::Tensor& g = params[k].grad();
+      at::Tensor dst = bk.flat.narrow(0, bk.off[j], params[k].numel());
       if (g.defined()) {
         dst.copy_(g.reshape({-1}));
       } else {
         dst.zero_();  // unused in this step: contributes zero, as in DDP
       }
+      got[k] = true;
+      bk.pending--;
     }
-    std::vector<at::Tensor> ts{b.flat};
-    try {
-      works.push_back(p->pg->allreduce(ts));
-    } catch (const std::exception& e) {
-      throw kiln::dist_error(std::string("all-reduce of gradients: ") + e.what());
+    launch_ready();
+    const double inv = 1.0 / pg->world;
+    for (auto& bk : b) {
+      if (error.empty() && bk.work) {
+        try {
+          bk.work->wait();
+        } catch (const std::exception& e) {
+          error = e.what();
+        }
+      }
+      if (!error.empty()) continue;
+      bk.flat.mul_(inv);
+      for (size_t j = 0; j < bk.idx.size(); j++) {
+        at::Tensor& prm = t->params[bk.idx[j]];
+        prm.mutable_grad() = bk.flat.narrow(0, bk.off[j], prm.numel()).view(prm.sizes());
+      }
     }
+    for (auto& bk : b) {
+      if (bk.work && !error.empty()) {
+        try {
+          bk.work->wait();  // a started all-reduce must end before its buffer is reused
+        } catch (...) {
+        }
+      }
+      bk.work.reset();
+    }
+    if (!error.empty()) throw kiln::dist_error("all-reduce of gradients: " + error);
   }
-  const double inv = 1.0 / p->world;
-  for (size_t i = 0; i < bk->b.size(); i++) {
-    wait_work(works[i], "all-reduce of gradients");
-    auto& b = bk->b[i];
-    b.flat.mul_(inv);
-    for (size_t j = 0; j < b.idx.size(); j++) {
-      at::Tensor& prm = t->params[b.idx[j]];
-      prm.mutable_grad() = b.flat.narrow(0, b.off[j], prm.numel()).view(prm.sizes());
-    }
-  }
-}
+};
 
 // Every tensor attribute (parameters and buffers) of m, or only buffers.
 std::vector<at::Tensor> state_tensors(kiln_module* m, bool buffers_only) {
@@ -382,10 +455,18 @@ kiln_error kiln_trainer_set_group(kiln_trainer* t, kiln_pg* pg, int64_t bucket_b
   KILN_GUARD_BEGIN
   if (pg == nullptr) {
     t->reduce_grads = nullptr;
+    t->before_backward = nullptr;  // releases the buckets, removing their hooks
     return nullptr;
   }
-  auto bk = std::make_shared<Buckets>(t->params, bucket_bytes);
-  t->reduce_grads = [pg, bk](kiln_trainer* tr) { reduce_grads(tr, pg, bk.get()); };
+  auto bk = std::make_shared<Buckets>(t->params, bucket_bytes, pg);
+  std::weak_ptr<Buckets> weak = bk;
+  for (size_t k = 0; k < t->params.size(); k++) {
+    bk->hooks.push_back(t->params[k].register_hook([weak, k](const at::Tensor& g) {
+      if (auto b = weak.lock()) b->take(k, g);  // the gradient itself is unchanged
+    }));
+  }
+  t->before_backward = [bk](kiln_trainer*) { bk->prepare(); };
+  t->reduce_grads = [bk](kiln_trainer* tr) { bk->finish(tr); };
   KILN_GUARD_END
 }
 

@@ -82,10 +82,12 @@ kiln_error kiln_pg_barrier(kiln_pg* pg);
  * returns UNAVAILABLE. */
 kiln_error kiln_pg_alive(kiln_pg* pg, const char* tag, int64_t wait_ms, int* alive);
 
-/* Makes trainer t all-reduce (average) its gradients over pg after each
- * backward, in buckets of about bucket_bytes (last parameters first, as
- * PyTorch's DDP orders them); pg may be NULL to stop. pg must outlive its
- * use by t. */
+/* Makes trainer t average its gradients over pg in every step, in buckets
+ * of about bucket_bytes (last parameters first, as PyTorch's DDP orders
+ * them). Hooks on the parameters fill a bucket while backward runs and
+ * start its all-reduce as soon as it is full, in bucket order on every
+ * rank, overlapping communication with the rest of backward. pg may be
+ * NULL to stop (removing the hooks). pg must outlive its use by t. */
 kiln_error kiln_trainer_set_group(kiln_trainer* t, kiln_pg* pg, int64_t bucket_bytes);
 
 #ifdef __cplusplus

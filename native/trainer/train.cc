@@ -201,6 +201,7 @@ double train_step(kiln_trainer* t, const at::Tensor& x, const at::Tensor& y,
     check_classes(all_y, out.size(1));
   }
   at::Tensor l = compute_loss(t, out, y, check);
+  if (t->before_backward) t->before_backward(t);
   l.backward();
   if (t->reduce_grads) t->reduce_grads(t);
   if (t->clip > 0) clip_grad_norm(t->params, t->clip);

@@ -54,6 +54,9 @@ struct kiln_trainer {
   // before clipping, averaging the gradients over the process group;
   // throws kiln::dist_error when a collective fails.
   std::function<void(kiln_trainer*)> reduce_grads;
+  // Runs just before backward (dist.cc: readies the buckets that hooks on
+  // the parameters fill during backward).
+  std::function<void(kiln_trainer*)> before_backward;
 };
 
 namespace kiln {
