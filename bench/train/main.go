@@ -7,7 +7,15 @@
 //	(b) the digits CNN (conv-bn-relu ×2, max-pool, dropout, linear),
 //	    cross-entropy, AdamW, batch 64, scikit-learn's 1797 digits
 //
-//	go run ./bench/train [-threads 1] [-rounds 8]
+//	go run ./bench/train [-threads 1] [-rounds 8] [-dist-epochs 4]
+//
+// A second table, the distributed rows: the same two workloads trained by
+// two data-parallel ranks, Kiln's (Config.Workers=2: one process, two
+// c10d Gloo ranks over loopback, bucketed gradient all-reduce) next to
+// PyTorch DDP's (torchrun --nproc_per_node 2, gloo, ddp_peer.py), same
+// per-rank batch and data, global samples/s of each side's fastest epoch;
+// and the all-reduce bandwidth of one 25 MiB float32 bucket through
+// Kiln's group next to torch.distributed.all_reduce of the same size.
 //
 // Each side's figure is its fastest epoch of -rounds, the two sides'
 // epochs alternating (peer.py stays up and trains one epoch per request),
@@ -110,6 +118,7 @@ func compare(p *peer, name string, net *nn.Net, ds *data.Dataset, cfg train.Conf
 func run() error {
 	threads := flag.Int("threads", 1, "libtorch intra-op threads, both sides")
 	rounds := flag.Int("rounds", 8, "timed epochs per side and workload (alternating)")
+	distEpochs := flag.Int("dist-epochs", 4, "distributed rows: timed epochs per side (0: no distributed rows)")
 	flag.Parse()
 	// libtorch's thread setting does not reach OpenBLAS, whose own worker
 	// threads spin (sched_yield) between GEMMs and compete for the cores;
@@ -246,6 +255,52 @@ func run() error {
 	}
 	row("(a) MLP 8-10-1, MSE, SGD, batch 32", kMLP, pMLP, ">= 2x")
 	row("(b) digits CNN, CE, AdamW, batch 64", kCNN, pCNN, ">= 1x")
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if *distEpochs <= 0 {
+		return nil
+	}
+
+	// Distributed rows: Kiln's two ranks (Config.Workers: one process,
+	// two Gloo ranks over loopback) next to PyTorch DDP's two ranks
+	// (torchrun, gloo), same models, data and per-rank batch; each side
+	// from the same starting weights of its own.
+	var k distRates
+	mlp2, err := nn.Build(nn.Sequential(nn.Linear(10), nn.ReLU(), nn.Linear(1)), 8, 1)
+	if err != nil {
+		return err
+	}
+	defer mlp2.Close()
+	if k.mlp, err = kilnDist(mlp2, mlpData, train.Config{BatchSize: 32, Seed: 1, Loss: train.Loss{Type: "mse"},
+		Optimizer: train.Optimizer{Type: "sgd", LR: 0.01, Momentum: 0.9}, ProgressEvery: 1 << 30}, *distEpochs); err != nil {
+		return fmt.Errorf("kiln 2 ranks mlp: %w", err)
+	}
+	cnn2, err := nn.BuildWithPrelude(cnnSpec, pre.Prelude(), 1)
+	if err != nil {
+		return err
+	}
+	defer cnn2.Close()
+	if k.cnn, err = kilnDist(cnn2, digits, train.Config{BatchSize: 64, Seed: 1, Loss: train.Loss{Type: "cross_entropy"},
+		Optimizer: train.Optimizer{Type: "adamw", LR: 3e-3}, ProgressEvery: 1 << 30}, *distEpochs); err != nil {
+		return fmt.Errorf("kiln 2 ranks cnn: %w", err)
+	}
+	if k.allreduce, k.bytes, err = kilnAllReduce(10); err != nil {
+		return fmt.Errorf("kiln all-reduce: %w", err)
+	}
+	pt, err := torchDDP(tab, rows, *threads, *distEpochs, filepath.Join(tmp, "digits.csv"))
+	if err != nil {
+		return err
+	}
+	fmt.Printf("\ndistributed: 2 ranks on this machine (Gloo over loopback), fastest of %d epochs per side, global samples/s\n\n", *distEpochs)
+	tw = tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "workload\tkiln 2 ranks\tpytorch DDP 2 ranks\tratio\ttarget\t")
+	drow := func(name string, k, p float64, unit, target string) {
+		fmt.Fprintf(tw, "%s\t%.2f %s\t%.2f %s\t%.2fx\t%s\t\n", name, k, unit, p, unit, k/p, target)
+	}
+	drow("(a) MLP 8-10-1, SGD, batch 32/rank", k.mlp, pt.mlp, "samples/s", ">= 1.5x")
+	drow("(b) digits CNN, AdamW, batch 64/rank", k.cnn, pt.cnn, "samples/s", ">= 1x")
+	drow(fmt.Sprintf("all-reduce %d MiB float32", k.bytes>>20), k.allreduce, pt.allreduce, "GB/s", "")
 	return tw.Flush()
 }
 

@@ -17,6 +17,7 @@ import (
 
 	"github.com/kilnml/kiln/arrowio"
 	"github.com/kilnml/kiln/core/data"
+	"github.com/kilnml/kiln/core/dist"
 	"github.com/kilnml/kiln/core/train"
 	"github.com/kilnml/kiln/registry"
 )
@@ -29,6 +30,7 @@ type trainOptions struct {
 	seed                    int64
 	checkpointDir           string
 	resume, quiet, jsonOut  bool
+	dist                    distOptions
 }
 
 func newTrainCmd() *cobra.Command {
@@ -64,6 +66,12 @@ metrics to stdout. Ctrl-C stops after the current progress interval; with
 	f.BoolVar(&o.jsonOut, "json", false, "print the report as JSON")
 	f.StringVar(&o.register, "register", "", "register the package as a new version of this model in the registry")
 	o.reg.addTo(f)
+	f.IntVar(&o.dist.nprocPerNode, "nproc-per-node", 0, "data-parallel training: start this many local ranks (as torchrun does; under torchrun or a PyTorchJob leave it unset)")
+	f.IntVar(&o.dist.nnodes, "nnodes", 1, "data-parallel training: number of nodes")
+	f.IntVar(&o.dist.nodeRank, "node-rank", 0, "data-parallel training: this node's rank in [0, nnodes)")
+	f.StringVar(&o.dist.masterAddr, "master-addr", "", "data-parallel training: address of node 0, where rank 0 hosts the rendezvous store (default 127.0.0.1 with one node)")
+	f.IntVar(&o.dist.masterPort, "master-port", 29500, "data-parallel training: port of the rendezvous store")
+	f.DurationVar(&o.dist.timeout, "dist-timeout", dist.DefaultTimeout, "data-parallel training: a rank that dies or hangs makes the others fail within this time")
 	cmd.MarkFlagRequired("spec")
 	cmd.MarkFlagRequired("data")
 	cmd.MarkFlagRequired("out")
@@ -101,6 +109,13 @@ func tableColumns(o data.Options) []string {
 }
 
 func runTrain(ctx context.Context, stdout, stderr io.Writer, o trainOptions) error {
+	if o.dist.nprocPerNode > 0 && !launched(os.Getenv) {
+		return launchRanks(ctx, stderr, o.dist)
+	}
+	env, distributed, err := dist.EnvFrom(os.Getenv)
+	if err != nil {
+		return err
+	}
 	raw, err := os.ReadFile(o.spec)
 	if err != nil {
 		return fmt.Errorf("kiln: train: %w", err)
@@ -131,18 +146,33 @@ func runTrain(ctx context.Context, stdout, stderr io.Writer, o trainOptions) err
 	if err != nil {
 		return err
 	}
-	params := map[string]string{"data": o.data, "spec": o.spec, "out": o.out}
-	flatten("", job.Train, params)
-	flatten("data", job.Data, params)
-	flatten("split", job.Split, params)
-	flatten("model", job.Model, params)
-	tr, err := startRun(ctx, o.reg, o.register, "train", params)
-	if err != nil {
-		return err
+	out, quiet := o.out, o.quiet
+	rank0 := true
+	if distributed {
+		g, err := dist.Init(env, dist.Options{Timeout: o.dist.timeout})
+		if err != nil {
+			return err
+		}
+		defer g.Close()
+		job.Train.Group = g
+		if g.Rank() != 0 {
+			out, quiet, rank0 = "", true, false // rank 0 reports, writes the package and records the run
+		}
 	}
-	defer tr.close()
-	bar := newProgressBar(stderr, o.quiet)
-	rep, err := train.Run(ctx, job, tb, o.data, o.out, func(e train.Event) {
+	var tr *tracker
+	if rank0 {
+		params := map[string]string{"data": o.data, "spec": o.spec, "out": o.out}
+		flatten("", job.Train, params)
+		flatten("data", job.Data, params)
+		flatten("split", job.Split, params)
+		flatten("model", job.Model, params)
+		if tr, err = startRun(ctx, o.reg, o.register, "train", params); err != nil {
+			return err
+		}
+		defer tr.close()
+	}
+	bar := newProgressBar(stderr, quiet)
+	rep, err := train.Run(ctx, job, tb, o.data, out, func(e train.Event) {
 		bar.event(e)
 		if e.Kind == "epoch" {
 			tr.epoch(e.Epoch, prefixed("val", e.Metrics, map[string]float64{"loss": e.Loss, "lr": e.LR}))
@@ -156,7 +186,7 @@ func runTrain(ctx context.Context, stdout, stderr io.Writer, o trainOptions) err
 		if r := rep.Result; r != nil {
 			final["epochs"], final["best_epoch"], final["samples_per_sec"] = float64(len(r.History)), float64(r.BestEpoch), r.SamplesPerSec
 		}
-		if o.register != "" {
+		if o.register != "" && rank0 {
 			v, rerr := tr.register(ctx, o.register, o.out, nil)
 			err, version = rerr, &v
 		}
@@ -166,6 +196,15 @@ func runTrain(ctx context.Context, stdout, stderr io.Writer, o trainOptions) err
 	}
 	if err != nil {
 		return err
+	}
+	if g := job.Train.Group; g != nil {
+		// The ranks leave together: rank 0 (which may host the store) last.
+		if err := g.Barrier(); err != nil {
+			return fmt.Errorf("kiln: train: %w", err)
+		}
+		if g.Rank() != 0 {
+			return nil
+		}
 	}
 	if o.jsonOut {
 		enc := json.NewEncoder(stdout)

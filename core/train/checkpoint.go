@@ -45,6 +45,7 @@ type ckptState struct {
 
 func (c Config) fingerprint() string {
 	c.Epochs, c.CheckpointDir, c.CheckpointEvery, c.Resume, c.ProgressEvery, c.MaxSeconds = 0, "", 0, false, 0, 0
+	c.Workers = 0 // a run may resume with another number of ranks
 	b, _ := json.Marshal(c)
 	return string(b)
 }

@@ -12,6 +12,10 @@ import (
 	"math"
 	"strings"
 
+	"github.com/kilnml/kiln/core"
+
+	"github.com/kilnml/kiln/core/dist"
+
 	"github.com/kilnml/kiln/native/trainer"
 )
 
@@ -96,6 +100,15 @@ type Config struct {
 	// MaxSeconds, if > 0, ends training after the epoch during which it
 	// passes (model selection's time budget).
 	MaxSeconds float64 `json:"max_seconds,omitempty"`
+	// Workers > 1 trains with that many data-parallel ranks in this
+	// process (each with batch size BatchSize on its shard of the data),
+	// joined by a Gloo group over loopback; see Group for one rank per
+	// process (torchrun).
+	Workers int `json:"workers,omitempty"`
+	// Group, when set, makes Fit one rank of a data-parallel run over it
+	// (see core/dist and distributed.go); not part of the serialized
+	// config.
+	Group *dist.Group `json:"-"`
 }
 
 // validate checks the hyper-parameters, stage by stage in this order, and
@@ -109,10 +122,21 @@ func (c Config) validate() error {
 		c.validateOptimizerType,
 		c.validateSchedule,
 		c.validateEarlyStopping,
+		c.validateWorkers,
 	} {
 		if err := stage(); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+func (c Config) validateWorkers() error {
+	if c.Workers < 0 || c.Workers > 256 {
+		return core.Errorf(core.InvalidArgument, "kiln: train: workers must be in [0, 256], got %d", c.Workers)
+	}
+	if c.Workers > 1 && c.Group != nil {
+		return core.Errorf(core.InvalidArgument, "kiln: train: workers=%d in a process that is already one rank of a distributed run (WORLD_SIZE=%d)", c.Workers, c.Group.Size())
 	}
 	return nil
 }

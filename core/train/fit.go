@@ -11,6 +11,7 @@ import (
 
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/data"
+	"github.com/kilnml/kiln/core/dist"
 	"github.com/kilnml/kiln/core/nn"
 	"github.com/kilnml/kiln/native"
 	"github.com/kilnml/kiln/native/trainer"
@@ -183,6 +184,11 @@ func scoreOutputs(out native.Tensor, y []float32, h head) (Metrics, error) {
 	if err != nil {
 		return nil, err
 	}
+	return scoreValues(v, y, h), nil
+}
+
+// scoreValues computes metrics from outputs v (row-major, len(y) rows).
+func scoreValues(v []float32, y []float32, h head) Metrics {
 	n := len(y)
 	switch h {
 	case multiclass:
@@ -198,7 +204,7 @@ func scoreOutputs(out native.Tensor, y []float32, h head) (Metrics, error) {
 			}
 			pred[i], truth[i] = best, int(y[i])
 		}
-		return ClassMetrics(pred, truth, k), nil
+		return ClassMetrics(pred, truth, k)
 	case binary:
 		pred, truth := make([]int, n), make([]int, n)
 		for i := range n {
@@ -209,13 +215,13 @@ func scoreOutputs(out native.Tensor, y []float32, h head) (Metrics, error) {
 				truth[i] = 1
 			}
 		}
-		return ClassMetrics(pred, truth, 2), nil
+		return ClassMetrics(pred, truth, 2)
 	}
 	pred, truth := make([]float64, n), make([]float64, n)
 	for i := range n {
 		pred[i], truth[i] = float64(v[i]), float64(y[i])
 	}
-	return RegressionMetrics(pred, truth), nil
+	return RegressionMetrics(pred, truth)
 }
 
 // evaluate runs the network over ds in eval mode and scores it.
@@ -280,6 +286,9 @@ func Fit(ctx context.Context, net *nn.Net, trainSet, valSet *data.Dataset, cfg C
 	if err != nil {
 		return nil, err
 	}
+	if cfg.Workers > 1 && cfg.Group == nil {
+		return fitWorkers(ctx, net, trainSet, valSet, cfg, onEvent)
+	}
 	if onEvent == nil {
 		onEvent = func(Event) {}
 	}
@@ -296,8 +305,13 @@ func Fit(ctx context.Context, net *nn.Net, trainSet, valSet *data.Dataset, cfg C
 	defer y.Close()
 
 	r := &run{cfg: cfg, net: net, tr: tr, h: h, res: &Result{StopReason: "epochs"},
-		ctx: ctx, trainSet: trainSet, valSet: valSet, x: x, y: y, onEvent: onEvent}
+		ctx: ctx, trainSet: trainSet, valSet: valSet, x: x, y: y, onEvent: onEvent, g: cfg.Group}
 	defer r.freeBest()
+	if r.g != nil {
+		if err := r.joinGroup(); err != nil {
+			return nil, err
+		}
+	}
 	if err := r.begin(); err != nil {
 		return nil, err
 	}
@@ -363,7 +377,12 @@ func (r *run) begin() error {
 		r.start = start
 	}
 	r.rng = rand.New(r.src)
-	r.steps = trainer.EpochSteps(int64(r.trainSet.Len()), int64(cfg.BatchSize))
+	if r.g != nil {
+		if err := r.beginGroup(); err != nil {
+			return err
+		}
+	}
+	r.steps = trainer.EpochSteps(int64(r.shardLen()), int64(cfg.BatchSize))
 	r.every = int64(cfg.ProgressEvery)
 	if r.every <= 0 {
 		r.every = max(1, r.steps/10)
@@ -379,14 +398,22 @@ func (r *run) trainEpoch(epoch int) (EpochStats, error) {
 		return EpochStats{}, fmt.Errorf("kiln: train: %w", err)
 	}
 	e0 := time.Now()
-	perm := r.trainSet.Shuffle(r.rng)
+	perm := r.shard(r.trainSet.Shuffle(r.rng))
 	lrs := make([]float64, r.steps)
 	for i := range lrs {
 		lrs[i] = r.cfg.LR(int64(epoch)*r.steps+int64(i), r.steps)
 	}
 	er, err := r.tr.Epoch(r.x.Handle(), r.y.Handle(), perm, int64(r.cfg.BatchSize), lrs, r.every, r.progress(epoch, lrs))
 	if err != nil {
-		return EpochStats{}, fmt.Errorf("kiln: train: epoch %d: %w", epoch+1, err)
+		return EpochStats{}, fmt.Errorf("kiln: train: epoch %d: %w", epoch+1, r.explain(err))
+	}
+	if r.g != nil && !er.Stopped {
+		// The epoch's loss over every rank's samples.
+		v := []float64{er.LossSum, float64(er.Seen)}
+		if err := r.g.AllReduce(v, trainer.ReduceSum); err != nil {
+			return EpochStats{}, fmt.Errorf("kiln: train: epoch %d: %w", epoch+1, err)
+		}
+		er.LossSum, er.Seen = v[0], int64(v[1])
 	}
 	r.samples += er.Seen
 	if er.Stopped {
@@ -399,8 +426,19 @@ func (r *run) trainEpoch(epoch int) (EpochStats, error) {
 	if math.IsNaN(st.TrainLoss) || math.IsInf(st.TrainLoss, 0) {
 		return EpochStats{}, fmt.Errorf("kiln: train: the training loss diverged (%v) in epoch %d; lower the learning rate or clip gradients", st.TrainLoss, epoch+1)
 	}
+	if r.g != nil {
+		// Batch-norm running statistics: rank 0's, as DDP's broadcast_buffers.
+		if err := r.g.Native().Broadcast(r.net.Handle(), true); err != nil {
+			return EpochStats{}, fmt.Errorf("kiln: train: epoch %d: buffers: %w", epoch+1, r.explain(err))
+		}
+	}
 	if r.valSet != nil {
-		if st.Val, err = evaluate(r.tr, r.valSet, r.h, r.cfg.BatchSize); err != nil {
+		if r.g != nil {
+			st.Val, err = r.evaluateGroup()
+		} else {
+			st.Val, err = evaluate(r.tr, r.valSet, r.h, r.cfg.BatchSize)
+		}
+		if err != nil {
 			return EpochStats{}, err
 		}
 	}
@@ -442,7 +480,12 @@ func (r *run) endEpoch(epoch int, st EpochStats) (bool, error) {
 	if !stop && cfg.MaxSeconds > 0 && time.Since(r.t0).Seconds() >= cfg.MaxSeconds && epoch+1 < cfg.Epochs {
 		stop, r.res.StopReason = true, "time_budget"
 	}
-	if cfg.CheckpointDir != "" {
+	if r.g != nil {
+		if stop, err = r.agreeStop(stop); err != nil {
+			return false, err
+		}
+	}
+	if cfg.CheckpointDir != "" && r.writes() {
 		ce := max(cfg.CheckpointEvery, 1)
 		if (epoch+1)%ce == 0 || epoch+1 == cfg.Epochs || stop {
 			if err := r.checkpoint(epoch + 1); err != nil {
@@ -511,6 +554,8 @@ type run struct {
 	// t0 is when training began; samples the rows trained on so far.
 	t0      time.Time
 	samples int64
+	// g is the process group of a data-parallel run (nil: one process).
+	g *dist.Group
 }
 
 func (r *run) freeBest() {

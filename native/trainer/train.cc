@@ -27,40 +27,7 @@
 #include "../internal.h"
 #include "kiln_train.h"
 
-namespace {
-// The key of an optimizer's per-parameter state: the TensorImpl's address
-// as text in libtorch 1.x, the address itself in 2.x.
-using StateKey =
-    std::decay_t<decltype(std::declval<torch::optim::Optimizer&>().state())>::key_type;
-
-template <typename K>
-K state_key_as(const at::Tensor& p) {
-  if constexpr (std::is_same_v<K, std::string>) {
-    std::ostringstream s;  // what libtorch's optimizers use for the text key
-    s << p.unsafeGetTensorImpl();
-    return s.str();
-  } else {
-    return static_cast<K>(p.unsafeGetTensorImpl());
-  }
-}
-
-StateKey state_key(const at::Tensor& p) { return state_key_as<StateKey>(p); }
-}  // namespace
-
-struct kiln_trainer {
-  torch::jit::Module m;
-  std::vector<at::Tensor> params;
-  std::unique_ptr<torch::optim::Optimizer> opt;
-  kiln_loss loss = KILN_LOSS_MSE;
-  double huber_delta = 1.0;
-  double label_smoothing = 0.0;
-  at::Tensor class_weights;  // undefined when none
-  double clip = 0.0;
-  // SGD runs Kiln's own step (sgd_step) over the optimizer's state; keys
-  // are the optimizer's state keys of params, computed once.
-  bool sgd = false;
-  std::vector<StateKey> keys;
-};
+#include "trainer_internal.h"
 
 namespace {
 
@@ -236,7 +203,9 @@ double train_step(kiln_trainer* t, const at::Tensor& x, const at::Tensor& y,
     check_classes(all_y, out.size(1));
   }
   at::Tensor l = compute_loss(t, out, y, check);
+  if (t->before_backward) t->before_backward(t);
   l.backward();
+  if (t->reduce_grads) t->reduce_grads(t);
   if (t->clip > 0) clip_grad_norm(t->params, t->clip);
   if (t->sgd) {
     sgd_step(t);
@@ -552,6 +521,8 @@ kiln_error kiln_trainer_step(kiln_trainer* t, const kiln_tensor* x,
   try {
     t->m.train(true);
     *loss = train_step(t, x->t, y->t);
+  } catch (const kiln::dist_error& e) {
+    return kiln::make_error(KILN_ERROR_UNAVAILABLE, e.what());
   } catch (...) {
     // Shapes, dtypes or targets that do not fit the model are the caller's.
     return kiln::current_error(KILN_ERROR_INVALID_ARGUMENT, concise);
@@ -621,6 +592,8 @@ kiln_error kiln_trainer_epoch(kiln_trainer* t, const kiln_tensor* x,
         }
       }
     }
+  } catch (const kiln::dist_error& e) {
+    return kiln::make_error(KILN_ERROR_UNAVAILABLE, e.what());
   } catch (...) {
     // Shapes, dtypes or targets that do not fit the model are the caller's.
     return kiln::current_error(KILN_ERROR_INVALID_ARGUMENT, concise);

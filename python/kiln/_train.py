@@ -69,7 +69,7 @@ def _scratch_dir(prefix):
 
 @contextlib.contextmanager
 def fit(spec, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss, seed, early_stopping,
-        verbose, callbacks):
+        verbose, callbacks, workers=1):
     """Trains the network spec on (x, y) in the Go core, writing a model
     package (with the caller's class labels) to a new temporary directory.
     Yields (directory, history); the directory is removed again if the job
@@ -100,6 +100,10 @@ def fit(spec, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss
         job["train"]["loss"] = {"type": loss}
     if early_stopping:
         job["train"]["early_stopping"] = early_stopping
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    if workers > 1:
+        job["train"]["workers"] = workers
     with _scratch_dir("kiln-model-") as out:
         try:
             h = _b.StartTraining(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out)

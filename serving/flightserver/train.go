@@ -49,6 +49,9 @@ type TrainRequest struct {
 	Optimizer string  `json:"optimizer,omitempty"`
 	LR        float64 `json:"lr,omitempty"`
 	Seed      *uint64 `json:"seed,omitempty"`
+	// Workers > 1 trains data-parallel with that many ranks in the server
+	// process (core/train Config.Workers), each with BatchSize.
+	Workers int `json:"workers,omitempty"`
 	// MaxBatchSize is the max_batch_size of the config.yaml written for a
 	// model the repository does not have yet (default 64).
 	MaxBatchSize int `json:"max_batch_size,omitempty"`
@@ -157,6 +160,9 @@ func ParseTrainRequest(body []byte) (TrainRequest, train.Job, error) {
 		return req, job, errors.New("train request: no target column (target, or spec.data.target)")
 	}
 	t := &job.Train
+	if req.Workers != 0 { // a negative count fails Config's validation
+		t.Workers = req.Workers
+	}
 	if req.Epochs < 0 || req.BatchSize < 0 || req.LR < 0 {
 		return req, job, errors.New("train request: epochs, batch_size and lr must not be negative")
 	}

@@ -99,11 +99,12 @@ func TestModelTrainer(t *testing.T) {
 	_, err = e.put(ctx, "blobs", blobsBatch(150, 1), blobsBatch(150, 2))
 	require.NoError(t, err)
 
-	// Train to completion, twice: versions 1 and 2 of model "blobs".
+	// Train to completion, twice: versions 1 and 2 of model "blobs", the
+	// second with two data-parallel workers.
 	for version := int64(1); version <= 2; version++ {
 		id := e.startTrain(t, ctx, map[string]any{
 			"dataset": "blobs", "target": "cls", "spec": blobsSpec, // YAML text
-			"epochs": 15, "seed": 3, "lr": 0.02,
+			"epochs": 15, "seed": 3, "lr": 0.02, "workers": version,
 		})
 		st, seen := e.waitJob(t, ctx, id)
 		require.Equal(t, kflight.JobSucceeded, st.State, "status %+v", st)

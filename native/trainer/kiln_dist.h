@@ -1,0 +1,97 @@
+/*
+ * kiln_dist.h — Kiln's flat C ABI over PyTorch's c10d: a TCPStore
+ * rendezvous and a Gloo process group (ProcessGroupGloo), the collectives
+ * data-parallel training needs, and gradient all-reduce inside a trainer.
+ *
+ * The rules of kiln.h apply: no C++ exception escapes, errors carry a code
+ * and are freed with kiln_error_free, every handle has one owner and a
+ * *_free function. A collective that fails because a peer died, hung past
+ * the timeout or left is KILN_ERROR_UNAVAILABLE (its message is Gloo's);
+ * kiln_pg_alive then tells which ranks are still there.
+ */
+#ifndef KILN_DIST_H
+#define KILN_DIST_H
+
+#include "kiln_train.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct kiln_pg kiln_pg;
+
+/* How to join a process group (torchrun's contract). */
+typedef struct {
+  const char* master_addr; /* MASTER_ADDR: host of the TCPStore */
+  int master_port;         /* MASTER_PORT */
+  int rank;                /* RANK, in [0, world_size) */
+  int world_size;          /* WORLD_SIZE, >= 1 */
+  /* 1: this process hosts the TCPStore server (rank 0 without an agent
+   * store); 0: it connects as a client (torchrun's agent store, ranks > 0). */
+  int host_store;
+  /* Key prefix over the store (torchrun's "/worker/attempt_N"), or NULL. */
+  const char* prefix;
+  /* Rendezvous and collective timeout in milliseconds (> 0). */
+  int64_t timeout_ms;
+  /* Network interface for Gloo (GLOO_SOCKET_IFNAME), or NULL/"" for the
+   * default device (the address the host name resolves to). */
+  const char* ifname;
+} kiln_pg_options;
+
+/* Joins the group: connects to (or hosts) the store, checks that every
+ * rank of [0, world_size) arrives once, within the timeout and with the
+ * same world size (INVALID_ARGUMENT naming the ranks otherwise,
+ * DEADLINE_EXCEEDED naming the missing ones), then builds the Gloo
+ * process group. */
+kiln_error kiln_pg_new(const kiln_pg_options* o, kiln_pg** out);
+void kiln_pg_free(kiln_pg* pg);
+
+int kiln_pg_rank(const kiln_pg* pg);
+int kiln_pg_world_size(const kiln_pg* pg);
+
+/* Reduction ops of kiln_pg_allreduce_f64. */
+typedef enum {
+  KILN_REDUCE_SUM = 0,
+  KILN_REDUCE_MAX = 1,
+  KILN_REDUCE_MIN = 2,
+} kiln_reduce_op;
+
+/* All-reduces v[0..n) (float64) in place across the group, blocking. v is
+ * only read and written during the call. */
+kiln_error kiln_pg_allreduce_f64(kiln_pg* pg, double* v, int64_t n, kiln_reduce_op op);
+
+/* All-reduces (sums) tensor t in place, blocking. */
+kiln_error kiln_pg_allreduce_tensor(kiln_pg* pg, kiln_tensor* t);
+
+/* Gathers one int64 from every rank: out[r] = rank r's v (out holds
+ * world_size values). */
+kiln_error kiln_pg_allgather_i64(kiln_pg* pg, int64_t v, int64_t* out);
+
+/* Copies rank 0's parameters and buffers into every rank's module m
+ * (buffers_only: just the buffers, e.g. batch-norm running statistics).
+ * All ranks must have modules of the same layout. */
+kiln_error kiln_pg_broadcast_module(kiln_pg* pg, kiln_module* m, int buffers_only);
+
+/* Blocks until every rank has called it. */
+kiln_error kiln_pg_barrier(kiln_pg* pg);
+
+/* After a failed collective: marks this rank alive in the store under
+ * tag, then waits up to wait_ms for the others to do the same.
+ * alive[r] (world_size values) is 1 for each rank seen. If the store is
+ * unreachable (its host, rank 0 without an agent store, is gone) the call
+ * returns UNAVAILABLE. */
+kiln_error kiln_pg_alive(kiln_pg* pg, const char* tag, int64_t wait_ms, int* alive);
+
+/* Makes trainer t average its gradients over pg in every step, in buckets
+ * of about bucket_bytes (last parameters first, as PyTorch's DDP orders
+ * them). Hooks on the parameters fill a bucket while backward runs and
+ * start its all-reduce as soon as it is full, in bucket order on every
+ * rank, overlapping communication with the rest of backward. pg may be
+ * NULL to stop (removing the hooks). pg must outlive its use by t. */
+kiln_error kiln_trainer_set_group(kiln_trainer* t, kiln_pg* pg, int64_t bucket_bytes);
+
+#ifdef __cplusplus
+}  /* extern "C" */
+#endif
+
+#endif /* KILN_DIST_H */

@@ -1,0 +1,70 @@
+// trainer_internal.h — the struct behind kiln_trainer, shared by train.cc
+// and dist.cc. Not part of the ABI.
+#ifndef KILN_TRAINER_INTERNAL_H
+#define KILN_TRAINER_INTERNAL_H
+
+#include <torch/csrc/jit/api/module.h>
+#include <torch/optim/optimizer.h>
+
+#include <functional>
+#include <memory>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "../internal.h"
+#include "kiln_train.h"
+
+namespace {
+// The key of an optimizer's per-parameter state: the TensorImpl's address
+// as text in libtorch 1.x, the address itself in 2.x.
+using StateKey =
+    std::decay_t<decltype(std::declval<torch::optim::Optimizer&>().state())>::key_type;
+
+template <typename K>
+K state_key_as(const at::Tensor& p) {
+  if constexpr (std::is_same_v<K, std::string>) {
+    std::ostringstream s;  // what libtorch's optimizers use for the text key
+    s << p.unsafeGetTensorImpl();
+    return s.str();
+  } else {
+    return static_cast<K>(p.unsafeGetTensorImpl());
+  }
+}
+
+inline StateKey state_key(const at::Tensor& p) { return state_key_as<StateKey>(p); }
+}  // namespace
+
+struct kiln_trainer {
+  torch::jit::Module m;
+  std::vector<at::Tensor> params;
+  std::unique_ptr<torch::optim::Optimizer> opt;
+  kiln_loss loss = KILN_LOSS_MSE;
+  double huber_delta = 1.0;
+  double label_smoothing = 0.0;
+  at::Tensor class_weights;  // undefined when none
+  double clip = 0.0;
+  // SGD runs Kiln's own step (sgd_step) over the optimizer's state; keys
+  // are the optimizer's state keys of params, computed once.
+  bool sgd = false;
+  std::vector<StateKey> keys;
+  // Data-parallel training (dist.cc): when set, runs after backward and
+  // before clipping, averaging the gradients over the process group;
+  // throws kiln::dist_error when a collective fails.
+  std::function<void(kiln_trainer*)> reduce_grads;
+  // Runs just before backward (dist.cc: readies the buckets that hooks on
+  // the parameters fill during backward).
+  std::function<void(kiln_trainer*)> before_backward;
+};
+
+namespace kiln {
+// A collective failed (a peer died, hung or left): kiln_trainer_epoch and
+// kiln_trainer_step return it as KILN_ERROR_UNAVAILABLE.
+struct dist_error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+}  // namespace kiln
+
+#endif  // KILN_TRAINER_INTERNAL_H
