@@ -118,6 +118,36 @@ type Config struct {
 	// UNIMPLEMENTED).
 	DisableFlightTraining bool `json:"disable_flight_training"`
 
+	// Registry, when set, is the model registry whose alias the server
+	// serves (serving/follower): a SQLite file or sqlite://PATH, or
+	// postgres://.... Every registered model with the alias ServeAlias is
+	// installed into ModelRepository under its registry version number
+	// (the artifact's SHA-256 verified) and answers the requests that name
+	// no version; a move of the alias loads and warms up the new version
+	// before it switches, and the previous one stays loaded for
+	// RollbackGrace.
+	Registry string `json:"registry"`
+	// RegistryArtifacts is the registry's artifact directory (required for
+	// PostgreSQL; for SQLite, default "artifacts" beside the file).
+	RegistryArtifacts string `json:"registry_artifacts"`
+	// RegistryKeyFile holds the key that decrypts encrypted artifacts
+	// (default $KILN_REGISTRY_KEY_FILE; $KILN_REGISTRY_KEY gives the key
+	// itself, see ApplyEnv).
+	RegistryKeyFile string `json:"registry_key_file"`
+	// registryKey is $KILN_REGISTRY_KEY (secret: never logged, never
+	// serialized).
+	registryKey string
+	// ServeAlias is the alias served (default follower.DefaultAlias,
+	// "production").
+	ServeAlias string `json:"serve_alias"`
+	// RegistryPollInterval is the time between two polls of the registry
+	// (default follower.DefaultInterval, 2 s).
+	RegistryPollInterval time.Duration `json:"registry_poll_interval"`
+	// RollbackGrace is how long the version that served before an alias
+	// move stays loaded, so that moving the alias back is immediate
+	// (default follower.DefaultGrace, 5 min).
+	RollbackGrace time.Duration `json:"rollback_grace"`
+
 	// ShutdownTimeout bounds how long Run waits for requests in flight
 	// when its context ends (0: no limit).
 	ShutdownTimeout time.Duration `json:"shutdown_timeout"`
@@ -145,9 +175,13 @@ func DefaultConfig() Config {
 }
 
 // ApplyEnv fills what the environment sets and the config leaves unset:
-// the auth token (KILN_AUTH_TOKEN, KILN_AUTH_TOKEN_FILE) and the intra-op
-// threads (KILN_NUM_THREADS). See package internal/kilnenv.
+// the auth token (KILN_AUTH_TOKEN, KILN_AUTH_TOKEN_FILE), the intra-op
+// threads (KILN_NUM_THREADS) and the registry's key (KILN_REGISTRY_KEY,
+// KILN_REGISTRY_KEY_FILE). See package internal/kilnenv.
 func (c *Config) ApplyEnv(v kilnenv.Vars) {
+	if c.RegistryKeyFile == "" && c.registryKey == "" {
+		c.registryKey, c.RegistryKeyFile = v.RegistryKey, v.RegistryKeyFile
+	}
 	if c.Auth.Token == "" && c.Auth.TokenFile == "" {
 		c.Auth.Token, c.Auth.TokenFile = v.AuthToken, v.AuthTokenFile
 	}
@@ -203,6 +237,12 @@ func (c *Config) Validate() error {
 	}
 	if c.ShutdownTimeout < 0 {
 		return fmt.Errorf("shutdown timeout %v: want ≥ 0", c.ShutdownTimeout)
+	}
+	if c.Registry == "" && c.RegistryArtifacts != "" {
+		return errors.New("registry artifacts need a registry")
+	}
+	if c.RegistryPollInterval < 0 {
+		return fmt.Errorf("registry poll interval %v: want ≥ 0", c.RegistryPollInterval)
 	}
 	return nil
 }

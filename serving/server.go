@@ -30,8 +30,10 @@ import (
 	"time"
 
 	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/registry"
 	"github.com/kilnml/kiln/serving/auth"
 	"github.com/kilnml/kiln/serving/flightserver"
+	"github.com/kilnml/kiln/serving/follower"
 	"github.com/kilnml/kiln/serving/grpcserver"
 	"github.com/kilnml/kiln/serving/httpserver"
 	"github.com/kilnml/kiln/serving/internal/grpccodec"
@@ -49,21 +51,24 @@ import (
 
 // Server is a running (or runnable) inference server.
 type Server struct {
-	cfg      Config
-	addrs    listenAddrs
-	log      *slog.Logger
-	mgr      *manager.Manager
-	grpc     *grpc.Server
-	http     *http.Server         // nil when HTTP is off
-	metrics  *http.Server         // nil when metrics are off
-	flight   *flightserver.Server // nil when Flight is off
-	tls      *tls.Config          // nil without TLS
-	gate     *limits.Gate         // bytes in flight, over every listener
-	streams  *limits.Streams      // client-streaming calls open, over every listener
-	stop     chan struct{}        // closed by Shutdown
-	stopReq  chan context.Context // Stop's request to Run
-	stopOnce sync.Once
-	pollDone chan struct{} // closed when the poller returns
+	cfg        Config
+	addrs      listenAddrs
+	log        *slog.Logger
+	mgr        *manager.Manager
+	grpc       *grpc.Server
+	http       *http.Server         // nil when HTTP is off
+	metrics    *http.Server         // nil when metrics are off
+	flight     *flightserver.Server // nil when Flight is off
+	tls        *tls.Config          // nil without TLS
+	gate       *limits.Gate         // bytes in flight, over every listener
+	streams    *limits.Streams      // client-streaming calls open, over every listener
+	stop       chan struct{}        // closed by Shutdown
+	stopReq    chan context.Context // Stop's request to Run
+	stopOnce   sync.Once
+	pollDone   chan struct{}      // closed when the poller returns
+	registry   *registry.Registry // nil without Config.Registry
+	follower   *follower.Follower // nil without Config.Registry
+	followDone chan struct{}      // closed when the follower returns
 
 	mu       sync.Mutex
 	lis      net.Listener
@@ -156,6 +161,12 @@ func New(cfg Config) (*Server, error) {
 		if s.flight, err = s.newFlight(policy); err != nil {
 			s.mgr.Close()
 			return nil, fmt.Errorf("serving: flight (a Flight port of -1 turns it off): %w", err)
+		}
+	}
+	if cfg.Registry != "" {
+		if err := s.openRegistry(); err != nil {
+			s.mgr.Close()
+			return nil, fmt.Errorf("serving: registry: %w", err)
 		}
 	}
 	return s, nil
@@ -274,11 +285,28 @@ func (s *Server) Start(ctx context.Context) error {
 	if err := s.loadModels(); err != nil {
 		s.closeListeners()
 		s.mgr.Close()
+		if s.registry != nil {
+			s.registry.Close()
+		}
 		return fmt.Errorf("serving: %w", err)
 	}
 	if s.cfg.ModelControl == ControlPoll {
 		s.pollDone = make(chan struct{})
 		go s.poll()
+	}
+	if s.follower != nil {
+		// The first pass loads what the alias names before the server
+		// turns ready; a failure is logged (the follower retries).
+		if err := s.follower.Sync(ctx); err != nil {
+			s.log.Error("registry: some aliases cannot be served yet", "err", err)
+		}
+		s.followDone = make(chan struct{})
+		go func() {
+			defer close(s.followDone)
+			fctx, cancel := context.WithCancel(context.Background())
+			go func() { <-s.stop; cancel() }()
+			s.follower.Run(fctx)
+		}()
 	}
 	s.mu.Lock()
 	s.ready = true
@@ -425,6 +453,30 @@ func (s *Server) autoThreads() int {
 	return max(1, runtime.NumCPU()/inst)
 }
 
+// openRegistry opens Config.Registry and makes the follower of its alias.
+func (s *Server) openRegistry() error {
+	key, err := registry.LoadKey(s.cfg.registryKey, s.cfg.RegistryKeyFile)
+	if err != nil {
+		return err
+	}
+	reg, err := registry.Open(context.Background(), s.cfg.Registry, registry.Options{
+		ArtifactDir: s.cfg.RegistryArtifacts, Key: key, Logger: s.log})
+	if err != nil {
+		return err
+	}
+	f, err := follower.New(follower.Options{Registry: reg, Manager: s.mgr, Repository: s.cfg.ModelRepository,
+		Alias: s.cfg.ServeAlias, Interval: s.cfg.RegistryPollInterval, Grace: s.cfg.RollbackGrace, Logger: s.log})
+	if err != nil {
+		reg.Close()
+		return err
+	}
+	s.registry, s.follower = reg, f
+	return nil
+}
+
+// Follower returns the registry follower, or nil without Config.Registry.
+func (s *Server) Follower() *follower.Follower { return s.follower }
+
 // poll runs Manager.Poll every PollInterval until Shutdown.
 func (s *Server) poll() {
 	defer close(s.pollDone)
@@ -504,6 +556,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	if s.pollDone != nil {
 		<-s.pollDone
 	}
+	if s.followDone != nil {
+		<-s.followDone
+	}
 	var wg sync.WaitGroup
 	var httpErr, flightErr error
 	if s.http != nil {
@@ -537,6 +592,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		err = errors.Join(err, fmt.Errorf("flight shutdown: %w", flightErr))
 	}
 	s.mgr.Close()
+	if s.registry != nil {
+		s.registry.Close()
+	}
 	s.log.Info("server stopped")
 	return err
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/kilnml/kiln/internal/kilnenv"
 	"github.com/kilnml/kiln/serving"
+	"github.com/kilnml/kiln/serving/follower"
 )
 
 // defaultRepositories are tried, in order, when --model-repository is not
@@ -62,6 +63,13 @@ datasets under --data-dir, DoExchange streams predictions, DoAction "train"
 trains a model on a stored dataset into the repository as its next version
 and loads it.
 
+Registry: with --registry, every registered model with the alias
+--serve-alias (production) is installed into the repository under its
+registry version number (its artifact's SHA-256 verified) and answers the
+requests that name no version. When the alias moves, the new version loads
+and warms up before it switches; the previous one stays loaded for
+--rollback-grace, so that moving the alias back is immediate.
+
 --threads (libtorch intra-op threads; default $KILN_NUM_THREADS, else
 CPUs / instance_count) and --host accept IPv6 ("::1" or "[::1]").`,
 		Args: cobra.NoArgs,
@@ -107,6 +115,12 @@ CPUs / instance_count) and --host accept IPv6 ("::1" or "[::1]").`,
 	f.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&cfg.DataDir, "data-dir", cfg.DataDir, "directory of the datasets uploaded over Flight")
 	f.DurationVar(&cfg.ShutdownTimeout, "shutdown-timeout", 0, "longest wait for requests in flight on shutdown (0: no limit)")
+	f.StringVar(&cfg.Registry, "registry", "", "serve the versions a model registry's alias names (a SQLite file, sqlite://PATH or postgres://...; see --serve-alias)")
+	f.StringVar(&cfg.RegistryArtifacts, "registry-artifacts", "", "the registry's artifact directory (PostgreSQL; SQLite: artifacts/ beside the file)")
+	f.StringVar(&cfg.RegistryKeyFile, "registry-key-file", "", "file holding the key of encrypted registry artifacts (default $KILN_REGISTRY_KEY_FILE)")
+	f.StringVar(&cfg.ServeAlias, "serve-alias", follower.DefaultAlias, "with --registry: the alias whose versions are served")
+	f.DurationVar(&cfg.RegistryPollInterval, "registry-poll-interval", follower.DefaultInterval, "with --registry: time between two polls of the registry")
+	f.DurationVar(&cfg.RollbackGrace, "rollback-grace", follower.DefaultGrace, "with --registry: how long the version served before an alias move stays loaded (an immediate rollback)")
 	return cmd
 }
 

@@ -53,7 +53,10 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
           max_inputs: int = 64, max_tensor_elements: int = 268435456,
           max_inflight_bytes: int = 1073741824, read_header_timeout: Optional[float] = None,
           read_timeout: Optional[float] = None, max_concurrent_streams: int = 128,
-          max_streams: int = 64, shutdown_timeout: Optional[float] = None, threads: int = 0) -> Server:
+          max_streams: int = 64, shutdown_timeout: Optional[float] = None, registry: Optional[str] = None,
+          registry_artifacts: Optional[str] = None, registry_key_file: Optional[str] = None,
+          serve_alias: str = "production", registry_poll_interval: Optional[float] = None,
+          rollback_grace: Optional[float] = None, threads: int = 0) -> Server:
     """Serves a model repository from this process in the background and
     returns a handle with ``.stop()``: the same server as `kiln serve`
     (Go's serving.Run), with the same options under the flags' names and
@@ -83,6 +86,14 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
     shutdown_timeout: seconds a shutdown waits for requests in flight when
     the process ends the server (stop() takes its own). threads: libtorch
     intra-op threads (0: $KILN_NUM_THREADS, else CPUs / instance_count).
+    registry: serve the versions a model registry's alias (serve_alias,
+    "production") names: a SQLite file or postgres://... DSN
+    (registry_artifacts: its artifact directory; registry_key_file, default
+    $KILN_REGISTRY_KEY_FILE: the key of encrypted artifacts). A move of the
+    alias loads the new version before it switches; the previous one stays
+    loaded for rollback_grace seconds (default 300).
+    registry_poll_interval: seconds between polls of the registry (default
+    2).
 
     Raises KilnError (a subclass by the error's code) when an option is
     invalid or a listener cannot open."""
@@ -97,6 +108,7 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
         "max_decompressed_bytes": max_decompressed_bytes, "max_inputs": max_inputs,
         "max_tensor_elements": max_tensor_elements, "max_inflight_bytes": max_inflight_bytes,
         "max_concurrent_streams": max_concurrent_streams, "max_streams": max_streams,
+        "serve_alias": serve_alias,
     }
     optional = {
         "data_dir": data_dir and os.fspath(data_dir), "repository_poll_secs": repository_poll_secs,
@@ -108,6 +120,11 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
         "read_header_timeout": None if read_header_timeout is None else int(read_header_timeout * 1e9),
         "read_timeout": None if read_timeout is None else int(read_timeout * 1e9),
         "shutdown_timeout_ms": None if shutdown_timeout is None else int(shutdown_timeout * 1000),
+        "registry": registry and os.fspath(registry),
+        "registry_artifacts": registry_artifacts and os.fspath(registry_artifacts),
+        "registry_key_file": registry_key_file and os.fspath(registry_key_file),
+        "registry_poll_interval": None if registry_poll_interval is None else int(registry_poll_interval * 1e9),
+        "rollback_grace": None if rollback_grace is None else int(rollback_grace * 1e9),
     }
     opts.update({k: v for k, v in optional.items() if v is not None})
     try:
