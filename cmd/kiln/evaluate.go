@@ -8,12 +8,14 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
 
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/evaluate"
+	"github.com/kilnml/kiln/registry"
 )
 
 type evaluateOptions struct {
@@ -21,7 +23,8 @@ type evaluateOptions struct {
 	minMargin, alpha, maxLatencyRatio, maxSizeRatio   float64
 	bootstrap, batchSize                              int
 	seed                                              uint64
-	jsonOut, quiet                                    bool
+	jsonOut, quiet, promote                           bool
+	reg                                               registryFlags
 }
 
 func newEvaluateCmd() *cobra.Command {
@@ -50,6 +53,14 @@ Before any model runs, both packages, the data's columns (each model's raw
 input columns and the target) and the target's values are checked, and
 both models loaded; a problem is an error naming what is wrong.
 
+Models are package directories or registry references (models:/NAME/VERSION,
+models:/NAME@ALIAS, models:/NAME/latest; --registry), fetched with their
+digest verified. When the candidate is a registry version, the verdict and
+its evidence are recorded with it (kiln registry show lists them); with
+--promote, a PROMOTE moves the baseline's alias to the candidate by
+compare-and-swap (it fails, changing nothing, when someone moved the alias
+since the evaluation began), and HOLD or REJECT leave it where it is.
+
 Exit status: 0 for every verdict (read it from the output or --json); 1
 for an error. The JSON (--json on stdout, --report FILE) is the evidence
 record (core/evaluate.Evidence) a registry stores with the verdict.`,
@@ -76,25 +87,89 @@ record (core/evaluate.Evidence) a registry stores with the verdict.`,
 	f.BoolVar(&o.jsonOut, "json", false, "print the evidence as JSON instead of the table")
 	f.StringVar(&o.report, "report", "", "also write the evidence as JSON to this file")
 	f.BoolVarP(&o.quiet, "quiet", "q", false, "no progress on stderr")
+	f.BoolVar(&o.promote, "promote", false, "on PROMOTE, move the baseline's alias (--baseline models:/NAME@ALIAS) to the candidate (models:/NAME/VERSION of the same model) by compare-and-swap, citing the recorded evaluation")
+	o.reg.addTo(f)
 	cmd.MarkFlagRequired("candidate")
 	cmd.MarkFlagRequired("baseline")
 	cmd.MarkFlagRequired("data")
 	return cmd
 }
 
-// resolveModel turns a model reference given on the command line into the
-// package directory it names. Today a reference is a path (a package
-// directory, or its model.pt or manifest.json); registry references
-// (models:/NAME/ALIAS) resolve here once the registry exists. A missing
-// path is NotFound.
-func resolveModel(ref string) (string, error) {
+// evalModels resolves the command line's model references: package paths
+// as they are, registry references (models:/...) fetched from the
+// registry (opened on first need) into temporary directories that cleanup
+// removes. A missing path is NotFound.
+type evalModels struct {
+	o       evaluateOptions
+	reg     *registry.Registry
+	dirs    [2]string
+	refs    [2]*registry.Ref // the registry versions, when references
+	aliases [2]string        // the alias a reference named, if any
+	tmp     []string
+}
+
+func (m *evalModels) resolve(ctx context.Context, i int, ref string) error {
 	if ref == "" {
-		return "", core.Errorf(core.InvalidArgument, "kiln: evaluate: empty model reference")
+		return core.Errorf(core.InvalidArgument, "kiln: evaluate: empty model reference")
 	}
-	if _, err := os.Stat(ref); err != nil {
-		return "", core.Errorf(core.NotFound, "kiln: evaluate: model %q: no such model package (%v)", ref, err)
+	if !strings.HasPrefix(ref, registry.URIScheme) {
+		if _, err := os.Stat(ref); err != nil {
+			return core.Errorf(core.NotFound, "kiln: evaluate: model %q: no such model package (%v)", ref, err)
+		}
+		m.dirs[i] = filepath.Clean(ref)
+		return nil
 	}
-	return filepath.Clean(ref), nil
+	_, _, alias, err := registry.ParseURI(ref)
+	if err != nil {
+		return err
+	}
+	if m.reg == nil {
+		if m.reg, err = m.o.reg.open(ctx); err != nil {
+			return err
+		}
+	}
+	v, err := m.reg.Resolve(ctx, ref)
+	if err != nil {
+		return err
+	}
+	tmp, err := os.MkdirTemp("", "kiln-evaluate-")
+	if err != nil {
+		return err
+	}
+	m.tmp = append(m.tmp, tmp)
+	dir := filepath.Join(tmp, "pkg")
+	if _, err := m.reg.Fetch(ctx, v.Ref(), dir); err != nil {
+		return err
+	}
+	r := v.Ref()
+	m.dirs[i], m.refs[i] = dir, &r
+	if alias != "latest" {
+		m.aliases[i] = alias
+	}
+	return nil
+}
+
+func (m *evalModels) close() {
+	for _, t := range m.tmp {
+		os.RemoveAll(t)
+	}
+	if m.reg != nil {
+		m.reg.Close()
+	}
+}
+
+// checkPromote says why --promote cannot work with these references.
+func (m *evalModels) checkPromote() error {
+	c, b := m.refs[0], m.refs[1]
+	switch {
+	case c == nil:
+		return core.Errorf(core.InvalidArgument, "kiln: evaluate: --promote needs a registered candidate (models:/NAME/VERSION)")
+	case b == nil || m.aliases[1] == "":
+		return core.Errorf(core.InvalidArgument, "kiln: evaluate: --promote needs the baseline as an alias (models:/NAME@ALIAS)")
+	case c.Model != b.Model:
+		return core.Errorf(core.InvalidArgument, "kiln: evaluate: --promote: candidate %s and baseline %s are versions of different models", c, b)
+	}
+	return nil
 }
 
 func runEvaluate(ctx context.Context, stdout, stderr io.Writer, o evaluateOptions) error {
@@ -107,14 +182,21 @@ func runEvaluate(ctx context.Context, stdout, stderr io.Writer, o evaluateOption
 	if o.batchSize < 1 {
 		return core.Errorf(core.InvalidArgument, "kiln: evaluate: --batch-size %d must be >= 1", o.batchSize)
 	}
+	models := &evalModels{o: o}
+	defer models.close()
 	var pkgs [2]*evaluate.Package
 	for i, ref := range []string{o.candidate, o.baseline} {
 		role := [2]string{"candidate", "baseline"}[i]
-		dir, err := resolveModel(ref)
-		if err != nil {
+		if err := models.resolve(ctx, i, ref); err != nil {
 			return fmt.Errorf("%s: %w", role, err)
 		}
-		if pkgs[i], err = evaluate.OpenPackage(role, ref, dir); err != nil {
+		var err error
+		if pkgs[i], err = evaluate.OpenPackage(role, ref, models.dirs[i]); err != nil {
+			return err
+		}
+	}
+	if o.promote {
+		if err := models.checkPromote(); err != nil {
 			return err
 		}
 	}
@@ -158,9 +240,49 @@ func runEvaluate(ctx context.Context, stdout, stderr io.Writer, o evaluateOption
 			return fmt.Errorf("kiln: evaluate: --report: %w", err)
 		}
 	}
+	decision, err := models.record(ctx, ev, b)
+	if err != nil {
+		return err
+	}
 	if o.jsonOut {
 		_, err = stdout.Write(b)
 		return err
 	}
-	return ev.WriteText(stdout)
+	if err := ev.WriteText(stdout); err != nil {
+		return err
+	}
+	if decision != "" {
+		_, err = fmt.Fprintln(stdout, decision)
+	}
+	return err
+}
+
+// record stores the verdict with a registered candidate and, with
+// --promote and a PROMOTE, moves the baseline's alias to the candidate by
+// compare-and-swap (expecting the version evaluated as the baseline). It
+// returns what it did, in words ("" when the candidate is not registered).
+func (m *evalModels) record(ctx context.Context, ev *evaluate.Evidence, evidence []byte) (string, error) {
+	c := m.refs[0]
+	if c == nil {
+		return "", nil
+	}
+	actor := m.o.reg.who()
+	e, err := m.reg.RecordEvaluation(ctx, registry.Evaluation{Model: c.Model, Version: c.Version,
+		Verdict: string(ev.Verdict), Evidence: evidence, CreatedBy: actor})
+	if err != nil {
+		return "", fmt.Errorf("kiln: evaluate: record the verdict: %w", err)
+	}
+	said := fmt.Sprintf("recorded   evaluation %d of %s: %s", e.ID, c, ev.Verdict)
+	if !m.o.promote {
+		return said, nil
+	}
+	b, alias := m.refs[1], m.aliases[1]
+	if ev.Verdict != evaluate.Promote {
+		return said + fmt.Sprintf("\nalias      %s@%s stays at version %d", b.Model, alias, b.Version), nil
+	}
+	if _, err := m.reg.CompareAndSwap(ctx, registry.Move{Model: c.Model, Alias: alias, Expected: b.Version, To: c.Version,
+		Actor: actor, Reason: "kiln evaluate: " + ev.Reason, Verdict: string(ev.Verdict), EvaluationID: e.ID}); err != nil {
+		return "", fmt.Errorf("kiln: evaluate: promote %s to %s@%s: %w", c, c.Model, alias, err)
+	}
+	return said + fmt.Sprintf("\npromoted   %s@%s: version %d -> %d", c.Model, alias, b.Version, c.Version), nil
 }
