@@ -5,6 +5,8 @@ import (
 	"math"
 	"math/bits"
 	"regexp"
+	"slices"
+	"strings"
 
 	"github.com/kilnml/kiln/core"
 )
@@ -315,5 +317,39 @@ func infer(t string, l Layer, in []int64) ([]int64, int64, error) {
 	case "":
 		return nil, 0, fmt.Errorf("missing type")
 	}
-	return nil, 0, fmt.Errorf("unknown layer type %q (want linear, conv1d, conv2d, maxpool1d, maxpool2d, avgpool1d, avgpool2d, batchnorm1d, batchnorm2d, layernorm, dropout, flatten, embedding, relu, gelu, sigmoid, tanh or softmax)", l.Type)
+	return nil, 0, fmt.Errorf("unknown layer type %q (want %s or %s)", l.Type,
+		strings.Join(LayerTypes[:len(LayerTypes)-1], ", "), LayerTypes[len(LayerTypes)-1])
+}
+
+// LayerTypes are the layer types a Spec may name (case, '_' and '-' aside:
+// "BatchNorm1d", "batch_norm1d" and "batchnorm1d" are one type).
+var LayerTypes = []string{"linear", "conv1d", "conv2d", "maxpool1d", "maxpool2d", "avgpool1d", "avgpool2d",
+	"batchnorm1d", "batchnorm2d", "layernorm", "dropout", "flatten", "embedding", "relu", "gelu", "sigmoid",
+	"tanh", "softmax"}
+
+// CheckLayers reports what can be checked of s before the data's width is
+// known: there are layers, at most MaxLayers, each of a known type (see
+// LayerTypes) with sizes within the limits. Errors are INVALID_ARGUMENT
+// and name the layer. Infer checks the rest once the features are known.
+func (s Spec) CheckLayers() error {
+	if len(s.Layers) == 0 {
+		return core.Errorf(core.InvalidArgument, "kiln: network spec has no layers")
+	}
+	if len(s.Layers) > MaxLayers {
+		return core.Errorf(core.InvalidArgument, "kiln: network spec has %d layers, more than the limit %d", len(s.Layers), MaxLayers)
+	}
+	for i, l := range s.Layers {
+		t := kind(l.Type)
+		if t == "" {
+			return layerError(i, l, "missing type")
+		}
+		if !slices.Contains(LayerTypes, t) {
+			_, _, err := infer(t, l, []int64{1})
+			return layerError(i, l, "%v", err)
+		}
+		if err := checkSizes(l); err != nil {
+			return layerError(i, l, "%v", err)
+		}
+	}
+	return nil
 }

@@ -235,3 +235,23 @@ func TestSpecLimits(t *testing.T) {
 	_, err = nn.ParseSpec([]byte("layers: [{type: linear, out: 1}]\nbogus: 1\n"))
 	assert.True(t, core.HasCode(err, core.InvalidArgument), "%v", err)
 }
+
+// TestCheckLayers: what can be checked before the data's width is known.
+func TestCheckLayers(t *testing.T) {
+	require.NoError(t, nn.Sequential(nn.Linear(4), nn.ReLU(), nn.Layer{Type: "Batch_Norm1d"}, nn.Linear(2)).CheckLayers())
+	for _, c := range []struct {
+		spec nn.Spec
+		want string
+	}{
+		{nn.Spec{}, "no layers"},
+		{nn.Sequential(nn.Linear(4), nn.Layer{Type: "linearr"}), `layer 1 (linearr "l1"): unknown layer type "linearr"`},
+		{nn.Sequential(nn.Layer{}), "missing type"},
+		{nn.Sequential(nn.Linear(1 << 40)), "layer 0"},
+		{nn.Spec{Layers: make([]nn.Layer, nn.MaxLayers+1)}, "more than the limit"},
+	} {
+		err := c.spec.CheckLayers()
+		require.Error(t, err, "%+v", c.spec)
+		assert.Contains(t, err.Error(), c.want)
+		assert.Equal(t, core.InvalidArgument, core.CodeOf(err))
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"strings"
 
 	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/core/data"
 
 	"github.com/kilnml/kiln/core/dist"
 
@@ -109,6 +110,21 @@ type Config struct {
 	// (see core/dist and distributed.go); not part of the serialized
 	// config.
 	Group *dist.Group `json:"-"`
+}
+
+// Validate checks the hyper-parameters without data (epochs, batch size,
+// learning rate, loss, optimizer, schedule, early stopping, workers) with
+// the defaults Run fills in for what c leaves out, as Fit does before it
+// starts; the first problem is INVALID_ARGUMENT. A service checks a job
+// with it before accepting it.
+func (c Config) Validate() error {
+	if err := c.withDefaults(data.Regression).validate(); err != nil {
+		if core.CodeOf(err) == core.InvalidArgument {
+			return err
+		}
+		return core.Errorf(core.InvalidArgument, "%v", err)
+	}
+	return nil
 }
 
 // validate checks the hyper-parameters, stage by stage in this order, and

@@ -40,27 +40,35 @@ func ParseJob(b []byte) (Job, error) {
 
 // withDefaults fills what the job leaves out, given the task.
 func (j Job) withDefaults(p *data.Preprocessor) Job {
+	j.Train = j.Train.withDefaults(p.Task)
 	t := &j.Train
-	if t.Epochs == 0 {
-		t.Epochs = 20
-	}
-	if t.BatchSize == 0 {
-		t.BatchSize = 32
-	}
-	if t.Loss.Type == "" {
-		t.Loss.Type = "mse"
-		if p.Task == data.Classification {
-			t.Loss.Type = "cross_entropy"
-		}
-	}
-	if t.Optimizer.Type == "" {
-		t.Optimizer.Type = "adam"
-	}
-	if t.Optimizer.LR == 0 {
-		t.Optimizer.LR = 1e-3
-	}
 	j.Model = autoOut(j.Model, p, t.Loss.Type)
 	return j
+}
+
+// withDefaults fills the hyper-parameters c leaves out: 20 epochs, batches
+// of 32, Adam at lr 1e-3, and the task's loss (cross_entropy for
+// classification, mse otherwise).
+func (c Config) withDefaults(task data.Task) Config {
+	if c.Epochs == 0 {
+		c.Epochs = 20
+	}
+	if c.BatchSize == 0 {
+		c.BatchSize = 32
+	}
+	if c.Loss.Type == "" {
+		c.Loss.Type = "mse"
+		if task == data.Classification {
+			c.Loss.Type = "cross_entropy"
+		}
+	}
+	if c.Optimizer.Type == "" {
+		c.Optimizer.Type = "adam"
+	}
+	if c.Optimizer.LR == 0 {
+		c.Optimizer.LR = 1e-3
+	}
+	return c
 }
 
 // autoOut gives the last linear layer, when it leaves out `out`, one

@@ -222,6 +222,14 @@ func (t *ModelTrainer) CheckTrain(body json.RawMessage, dataset DatasetInfo) err
 	if err != nil {
 		return core.Errorf(core.InvalidArgument, "%v", err)
 	}
+	// The network's layers and the hyper-parameters, as far as they can be
+	// checked without the data's width.
+	if err := job.Model.CheckLayers(); err != nil {
+		return core.Errorf(core.InvalidArgument, "train request: %v", err)
+	}
+	if err := job.Train.Validate(); err != nil {
+		return core.Errorf(core.InvalidArgument, "train request: %v", err)
+	}
 	cols := []string(nil)
 	if len(job.Data.Features) > 0 {
 		cols = append(slices.Clone(job.Data.Features), job.Data.Target)

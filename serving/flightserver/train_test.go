@@ -282,6 +282,10 @@ func TestModelTrainerCancelAndErrors(t *testing.T) {
 		// A target of a type training cannot read: a 2x2 tensor column.
 		{map[string]any{"dataset": "tensors", "target": "t", "spec": blobsSpec}, codes.InvalidArgument, `"t"`},
 		{map[string]any{"dataset": "nosuch", "target": "cls", "spec": blobsSpec}, codes.NotFound, `"nosuch"`},
+		// The layers and hyper-parameters, checked without the data.
+		{map[string]any{"dataset": "blobs", "target": "cls", "spec": "model: {layers: [{type: linearr}]}"}, codes.InvalidArgument, "linearr"},
+		{map[string]any{"dataset": "blobs", "target": "cls", "spec": "model: {layers: [{type: linear}]}\ntrain: {optimizer: {type: adamm}}"}, codes.InvalidArgument, "adamm"},
+		{map[string]any{"dataset": "blobs", "target": "cls", "spec": "model: {layers: [{type: linear}]}\ntrain: {batch_size: -3}"}, codes.InvalidArgument, "batch"},
 	} {
 		_, err := e.action(ctx, "train", c.body)
 		requireCode(t, err, c.code, c.want)
@@ -289,14 +293,15 @@ func TestModelTrainerCancelAndErrors(t *testing.T) {
 	require.Len(t, e.srv.Jobs().List(), jobs, "no job started")
 	requireRepo(t, repoRoot, nil, "nothing written for refused requests")
 
-	// A job that passes the checks but fails later (an unknown layer
-	// type) leaves nothing in the repository: no model directory, no
-	// staging directory.
+	// A job that passes the checks but fails later (a layer whose "in"
+	// does not fit the data's width, known only once the data is read)
+	// leaves nothing in the repository: no model directory, no staging
+	// directory.
 	id = e.startTrain(t, ctx, map[string]any{"dataset": "blobs", "target": "cls", "model": "doomed",
-		"spec": "model: {layers: [{type: linearr}]}", "epochs": 1})
+		"spec": "model: {layers: [{type: linear, in: 999}]}", "epochs": 1})
 	st, _ = e.waitJob(t, ctx, id)
 	require.Equal(t, kflight.JobFailed, st.State, "status %+v", st)
-	require.Contains(t, st.Error, "linearr")
+	require.Contains(t, st.Error, "in=999")
 	requireRepo(t, repoRoot, nil, "a failed job leaves nothing in the repository")
 
 	// A package that does not fit an existing model's config is refused.

@@ -206,13 +206,17 @@ def test_bad_target_fails_clearly(client, server):
         action(client, "train", {"dataset": "iris_bad", "target": "colour", "spec": SPEC_YAML})
     with pytest.raises(pa.ArrowInvalid, match="model name"):
         action(client, "train", {"dataset": "iris_bad", "target": "species", "spec": SPEC_YAML, "model": "../up"})
-    # A job that fails later (an unknown layer type) leaves no model
-    # directory behind.
+    # Layers and hyper-parameters are checked before a job starts too.
+    with pytest.raises(pa.ArrowInvalid, match="linearr"):
+        action(client, "train", {"dataset": "iris_bad", "target": "species", "model": "bc_doomed",
+                                 "spec": "model: {layers: [{type: linearr}]}"})
+    # A job that fails later (a layer whose "in" does not fit the data's
+    # width) leaves no model directory behind.
     job = action(client, "train", {"dataset": "iris_bad", "target": "species", "model": "bc_doomed",
-                                   "spec": "model: {layers: [{type: linearr}]}"})["job_id"]
+                                   "spec": "model: {layers: [{type: linear, in: 999}]}"})["job_id"]
     st, _ = poll(client, job)
     assert st["state"] == "FAILED"
-    assert "linearr" in st["error"]
+    assert "in=999" in st["error"]
     assert not (server["repo"] / "bc_doomed").exists()
     with pytest.raises(KeyError, match='dataset "nope" does not exist'):  # NOT_FOUND
         action(client, "train", {"dataset": "nope", "target": "x", "spec": SPEC_YAML})
