@@ -143,8 +143,17 @@ func New(cfg Config) (*Server, error) {
 	svc.Register(s.grpc)
 	healthpb.RegisterHealthServer(s.grpc, &healthService{s: s})
 	if addrs.http != "" {
-		h := httpserver.New(svc, httpserver.Options{Auth: policy, MaxBodyBytes: int64(cfg.MaxMessageBytes),
-			MaxDecompressedBytes: lim.MaxDecompressedBytes, Gate: gate, Logger: cfg.Logger})
+		hopts := httpserver.Options{Auth: policy, MaxBodyBytes: int64(cfg.MaxMessageBytes),
+			MaxDecompressedBytes: lim.MaxDecompressedBytes, Gate: gate, Logger: cfg.Logger}
+		if cfg.Registry != "" {
+			if err := s.openRegistry(); err != nil {
+				s.mgr.Close()
+				return nil, fmt.Errorf("serving: registry: %w", err)
+			}
+			hopts.Registry = s.registry
+			hopts.RegistryStatus = func() any { return s.follower.Status() }
+		}
+		h := httpserver.New(svc, hopts)
 		s.http = &http.Server{
 			Handler: h, TLSConfig: s.tls, ReadHeaderTimeout: lim.ReadHeaderTimeout, ReadTimeout: lim.ReadTimeout,
 			IdleTimeout: 5 * time.Minute, MaxHeaderBytes: 1 << 20,
@@ -160,10 +169,13 @@ func New(cfg Config) (*Server, error) {
 	if addrs.flight != "" {
 		if s.flight, err = s.newFlight(policy); err != nil {
 			s.mgr.Close()
+			if s.registry != nil {
+				s.registry.Close()
+			}
 			return nil, fmt.Errorf("serving: flight (a Flight port of -1 turns it off): %w", err)
 		}
 	}
-	if cfg.Registry != "" {
+	if cfg.Registry != "" && s.registry == nil {
 		if err := s.openRegistry(); err != nil {
 			s.mgr.Close()
 			return nil, fmt.Errorf("serving: registry: %w", err)

@@ -36,6 +36,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kilnml/kiln/registry"
 	"github.com/kilnml/kiln/serving/auth"
 	"github.com/kilnml/kiln/serving/grpcserver"
 	pb "github.com/kilnml/kiln/serving/inferencepb"
@@ -71,6 +72,11 @@ type Options struct {
 	// (Content-Length, else MaxBodyBytes) before their body is read; a
 	// request it refuses is answered 503. nil admits everything.
 	Gate *limits.Gate
+	// Registry, when set, is served under /v2/registry (see routeRegistry);
+	// RegistryStatus, when set too, answers /v2/registry/serving (what a
+	// registry follower serves).
+	Registry       *registry.Registry
+	RegistryStatus func() any
 	// Logger receives the handler's logs; nil means slog.Default().
 	Logger *slog.Logger
 }
@@ -111,6 +117,7 @@ func New(svc *grpcserver.Service, opts Options) *Handler {
 	h.route(post, "/v2/repository/index", control, h.index)
 	h.route(post, "/v2/repository/models/{model}/load", control, h.load)
 	h.route(post, "/v2/repository/models/{model}/unload", control, h.unload)
+	h.routeRegistry()
 	h.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no endpoint %s %s", r.Method, r.URL.Path))
 	})

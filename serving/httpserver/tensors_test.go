@@ -4,6 +4,8 @@ import (
 	"runtime"
 	"testing"
 
+	"github.com/kilnml/kiln/core"
+
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -100,4 +102,25 @@ func TestJSONDataValues(t *testing.T) {
 			t.Errorf("%s as %s %v: err %v, want ok=%v", c.data, c.dt, c.shape, err, c.ok)
 		}
 	}
+}
+
+// FuzzParseAliasMove: any body is an AliasMove or INVALID_ARGUMENT, never a
+// panic.
+func FuzzParseAliasMove(f *testing.F) {
+	for _, s := range []string{`{"version": 2, "expected": 1, "reason": "better"}`, `{"version": "2"}`, `{}`, `{"version": -1}`,
+		`{"version": 1} {"version": 2}`, `{"actor": "a", "verdict": "PROMOTE", "evaluation_id": 3}`, ``} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		m, err := ParseAliasMove(body)
+		if err != nil {
+			if core.CodeOf(err) != core.InvalidArgument {
+				t.Fatalf("code %v: %v", core.CodeOf(err), err)
+			}
+			return
+		}
+		if m.Version < 0 || m.Expected < 0 || m.EvaluationID < 0 {
+			t.Fatalf("accepted %+v", m)
+		}
+	})
 }
