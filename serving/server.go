@@ -119,6 +119,12 @@ func New(cfg Config) (*Server, error) {
 		s.tls = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
 	s.mgr = manager.New(repo, manager.Options{Logger: cfg.Logger})
+	if cfg.Registry != "" {
+		if err := s.openRegistry(); err != nil {
+			s.mgr.Close()
+			return nil, fmt.Errorf("serving: registry: %w", err)
+		}
+	}
 	lim := cfg.Limits.WithDefaults()
 	gate := limits.NewGate(lim.MaxInflightBytes)
 	s.gate, s.streams = gate, limits.NewStreams(lim.MaxStreams)
@@ -145,11 +151,7 @@ func New(cfg Config) (*Server, error) {
 	if addrs.http != "" {
 		hopts := httpserver.Options{Auth: policy, MaxBodyBytes: int64(cfg.MaxMessageBytes),
 			MaxDecompressedBytes: lim.MaxDecompressedBytes, Gate: gate, Logger: cfg.Logger}
-		if cfg.Registry != "" {
-			if err := s.openRegistry(); err != nil {
-				s.mgr.Close()
-				return nil, fmt.Errorf("serving: registry: %w", err)
-			}
+		if s.registry != nil {
 			hopts.Registry = s.registry
 			hopts.RegistryStatus = func() any { return s.follower.Status() }
 		}
@@ -173,12 +175,6 @@ func New(cfg Config) (*Server, error) {
 				s.registry.Close()
 			}
 			return nil, fmt.Errorf("serving: flight (a Flight port of -1 turns it off): %w", err)
-		}
-	}
-	if cfg.Registry != "" && s.registry == nil {
-		if err := s.openRegistry(); err != nil {
-			s.mgr.Close()
-			return nil, fmt.Errorf("serving: registry: %w", err)
 		}
 	}
 	return s, nil
