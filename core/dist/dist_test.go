@@ -1,8 +1,10 @@
 package dist_test
 
 import (
+	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"math"
 	"math/rand/v2"
 	"net"
@@ -216,6 +218,12 @@ func childRank() int {
 			return 2
 		}
 	}
+	if os.Getenv("KILN_DIST_CHILD_READY") != "" {
+		// The parent waits for this line before its own Init, so that its
+		// short rendezvous timeout does not also time this process's start
+		// (exec and loading libtorch take seconds on a loaded machine).
+		fmt.Println("ready")
+	}
 	epochs := 100000
 	if e := os.Getenv("KILN_DIST_CHILD_EPOCHS"); e != "" {
 		epochs, _ = strconv.Atoi(e)
@@ -260,15 +268,29 @@ func TestDeadOrHungRankIsNamed(t *testing.T) {
 			child := exec.Command(os.Args[0], "-test.run=^$")
 			env := localEnv(port, 1, 2)
 			child.Env = append(os.Environ(), "KILN_DIST_CHILD=1", "MASTER_ADDR=127.0.0.1", "MASTER_PORT="+strconv.Itoa(port),
-				"RANK=1", "WORLD_SIZE=2", "GLOO_SOCKET_IFNAME="+env.IfName)
+				"RANK=1", "WORLD_SIZE=2", "GLOO_SOCKET_IFNAME="+env.IfName, "KILN_DIST_CHILD_READY=1")
 			child.Stderr = os.Stderr
+			out, err := child.StdoutPipe()
+			require.NoError(t, err)
 			require.NoError(t, child.Start())
+			ready := make(chan string, 1)
+			go func() {
+				line, _ := bufio.NewReader(out).ReadString('\n')
+				ready <- line
+				io.Copy(io.Discard, out)
+			}()
 			waited := make(chan error, 1)
 			go func() { waited <- child.Wait() }()
 			defer func() {
 				child.Process.Kill()
 				<-waited
 			}()
+			select {
+			case line := <-ready:
+				require.Equal(t, "ready\n", line, "rank 1 did not start")
+			case <-time.After(2 * time.Minute):
+				t.Fatal("rank 1 did not start within 2 minutes")
+			}
 
 			g, err := dist.Init(localEnv(port, 0, 2), dist.Options{Timeout: 3 * time.Second})
 			require.NoError(t, err)
