@@ -96,11 +96,18 @@ _kiln_env_main() {
                     break
                 fi
             done
-            if [ -n "$cuda_inc" ]; then
+            # c10's CUDA headers call CUDA's runtime inline: link libcudart
+            # from beside the headers (lib/ or lib64/).
+            local cudart=""
+            for d in "$cuda_inc/../lib" "$cuda_inc/../lib64"; do
+                cudart="$(ls "$d"/libcudart.so* 2>/dev/null | head -n 1)"
+                [ -n "$cudart" ] && break
+            done
+            if [ -n "$cuda_inc" ] && [ -n "$cudart" ]; then
                 cxxflags="$cxxflags -DKILN_WITH_CUDA -I$cuda_inc"
-                ldflags="$ldflags -lc10_cuda"
+                ldflags="$ldflags -lc10_cuda -L$(cd "$(dirname "$cudart")" && pwd) -l:$(basename "$cudart")"
             else
-                printf 'env.sh: %s has CUDA but no cuda_runtime_api.h was found (set CUDA_HOME): building without KILN_WITH_CUDA\n' "$lt" >&2
+                printf 'env.sh: %s has CUDA but CUDA runtime headers and libcudart were not found (set CUDA_HOME): building without KILN_WITH_CUDA\n' "$lt" >&2
             fi
             ldflags="$ldflags -Wl,--allow-shlib-undefined"
         fi
