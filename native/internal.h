@@ -10,7 +10,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "kiln.h"
 
@@ -40,8 +42,15 @@ struct kiln_tensor {
   kiln_tensor& operator=(const kiln_tensor&) = delete;
 };
 
+// A module and the device its parameters live on (kiln_module_to). With
+// KILN_WITH_CUDA (scripts/env.sh defines it for a libtorch with CUDA), a
+// module on a GPU runs its forward on a CUDA stream of its own.
 struct kiln_module {
   torch::jit::Module m;
+  c10::Device device{c10::kCPU};
+#ifdef KILN_WITH_CUDA
+  std::shared_ptr<void> stream;  // a c10::cuda::CUDAStream, see device.cc
+#endif
 };
 
 namespace kiln {
@@ -82,6 +91,16 @@ using message_fn = std::string (*)(const std::string&);
 kiln_error current_error(kiln_error_code_t generic, message_fn fmt = nullptr) noexcept;
 
 bool to_scalar_type(kiln_dtype d, at::ScalarType* out);
+
+// Runs forward on a module placed on a GPU (kiln_module_to): inputs
+// copied host→device through pinned memory on the module's stream,
+// outputs flattened and copied back to the CPU. Throws like forward.
+// Defined in device.cc.
+std::vector<at::Tensor> forward_on_device(kiln_module* m, const std::vector<at::Tensor>& inputs);
+
+// Appends every tensor in v (a tensor, or tuples/lists of them, nested)
+// to out, in order; anything else throws. Defined in module.cc.
+void flatten(const c10::IValue& v, std::vector<at::Tensor>* out);
 
 // Applies the thread count last set with kiln_set_num_threads to the
 // calling OS thread. libtorch's OpenMP thread count is per OS thread, and

@@ -187,6 +187,60 @@ void kiln_string_free(char* s);
 kiln_error kiln_module_param_stats(kiln_module* m, int64_t* count,
                                    int64_t* bytes);
 
+/* ---- devices ----------------------------------------------------------
+ *
+ * A device is named as PyTorch names it: "cpu", "cuda" (the first GPU) or
+ * "cuda:N" (GPU N, counted from 0). Kiln runs modules on the CPU unless one
+ * is moved with kiln_module_to. Whether CUDA can be used depends on the
+ * linked libtorch (Debian's libtorch 1.13 has none; a pip torch's has) and
+ * on a GPU and driver being present. */
+
+/* Parses and checks spec. On success *index is -1 for "cpu" and N for
+ * "cuda"/"cuda:N" ("cuda" is 0). Errors: INVALID_ARGUMENT for a spec that
+ * is not cpu, cuda or cuda:N; UNSUPPORTED when spec names a GPU and the
+ * linked libtorch has no CUDA; UNAVAILABLE when it has CUDA but there is no
+ * such GPU (none present, or N >= the number present). Both messages name
+ * the device. index may be NULL. */
+kiln_error kiln_device_check(const char* spec, int* index);
+
+/* Whether the linked libtorch was built with CUDA (1) or not (0). */
+int kiln_cuda_compiled(void);
+
+/* The number of CUDA GPUs usable now (0 without CUDA or without a GPU). */
+int kiln_cuda_device_count(void);
+
+/* Moves the module's parameters and buffers to device spec (checked as by
+ * kiln_device_check) once; kiln_module_forward then copies its inputs to
+ * that device (through pinned host memory, on a CUDA stream of the
+ * module's own) and its outputs back to the CPU, so callers keep passing
+ * and receiving CPU tensors. Out of device memory is OUT_OF_MEMORY. */
+kiln_error kiln_module_to(kiln_module* m, const char* spec);
+
+/* The device the module is on ("cpu", "cuda:0", ...); malloc'd, free with
+ * kiln_string_free. */
+kiln_error kiln_module_device(kiln_module* m, char** out);
+
+/* Memory held on GPU index by libtorch's CUDA caching allocator: bytes in
+ * live tensors and bytes reserved from the driver. UNSUPPORTED without
+ * CUDA; UNAVAILABLE for a GPU that is not present. */
+kiln_error kiln_cuda_memory(int index, int64_t* allocated, int64_t* reserved);
+
+/* One GPU as NVIDIA's management library (NVML) reports it: the whole
+ * device, every process's use included (Triton's nv_gpu_* metrics). */
+typedef struct {
+  char uuid[96];             /* "GPU-..." */
+  int index;                 /* NVML's index (PCI order, not CUDA_VISIBLE_DEVICES') */
+  double utilization;        /* busy fraction of the last sample period, [0, 1] */
+  uint64_t memory_total;     /* bytes */
+  uint64_t memory_used;      /* bytes */
+} kiln_gpu_stats;
+
+/* Reads up to cap GPUs' statistics into out and their number into *n.
+ * NVML (libnvidia-ml.so.1, installed with NVIDIA's driver) is opened at
+ * run time, so a machine without the driver gets UNAVAILABLE and Kiln
+ * builds without CUDA's SDK. */
+kiln_error kiln_gpu_stats_read(kiln_gpu_stats* out, int cap, int* n);
+
 #ifdef __cplusplus
 }  /* extern "C" */
 #endif

@@ -10,7 +10,7 @@
 
 #include "internal.h"
 
-namespace {
+namespace kiln {
 
 // Appends every tensor in v (a tensor, or tuples/lists of them, nested) to
 // out, in order. Anything else is an error naming what was found.
@@ -28,6 +28,10 @@ void flatten(const c10::IValue& v, std::vector<at::Tensor>* out) {
                              "; Kiln accepts a tensor or a tuple/list of tensors");
   }
 }
+
+}  // namespace kiln
+
+namespace {
 
 // TorchScript wraps an operator's error in a traceback of the scripted
 // source; callers want the operator's message, which is its last line.
@@ -110,12 +114,19 @@ kiln_error kiln_module_forward(kiln_module* m, kiln_tensor* const* inputs, int n
   kiln::sync_threads();
   std::vector<at::Tensor> results;
   try {
-    c10::InferenceMode guard;
-    std::vector<c10::IValue> args;
-    args.reserve(n);
-    for (int i = 0; i < n; i++) args.emplace_back(inputs[i]->t);
-    c10::IValue r = m->m.forward(std::move(args));
-    flatten(r, &results);
+    if (m->device.is_cuda()) {
+      std::vector<at::Tensor> in;
+      in.reserve(n);
+      for (int i = 0; i < n; i++) in.push_back(inputs[i]->t);
+      results = kiln::forward_on_device(m, in);
+    } else {
+      c10::InferenceMode guard;
+      std::vector<c10::IValue> args;
+      args.reserve(n);
+      for (int i = 0; i < n; i++) args.emplace_back(inputs[i]->t);
+      c10::IValue r = m->m.forward(std::move(args));
+      kiln::flatten(r, &results);
+    }
   } catch (...) {
     // The model rejecting the caller's tensors (shapes, dtypes, a raise in
     // its TorchScript) is the caller's error; libtorch's typed errors keep

@@ -16,14 +16,17 @@
 #   LIBTORCH=DIR    a libtorch tree with include/ and lib/ (e.g. a pip
 #                   site-packages/torch): adds -I/-L/-rpath for DIR, the
 #                   C++11 ABI setting that DIR's libc10.so was built with and
-#                   the -std= its headers need (C++20 for torch >= 2.10).
+#                   the -std= its headers need (C++20 for torch >= 2.10);
+#                   with lib/libtorch_cuda.so also -DKILN_WITH_CUDA when
+#                   CUDA's headers are found (CUDA_HOME, nvidia pip
+#                   packages, /usr/local/cuda).
 
 _kiln_env_main() {
     local mode=export
     case "${1:-}" in
         --print) mode=print ;;
         -h|--help)
-            sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+            sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
             return 0 ;;
         "") ;;
         *) printf 'env.sh: unknown argument: %s (use --print or --help)\n' "$1" >&2
@@ -74,6 +77,40 @@ _kiln_env_main() {
         fi
         cxxflags="$cxxflags -std=$std -I$lt/include -I$lt/include/torch/csrc/api/include -D_GLIBCXX_USE_CXX11_ABI=$abi"
         ldflags="$ldflags -L$lt/lib -Wl,-rpath,$lt/lib"
+        # A libtorch with CUDA (lib/libtorch_cuda.so, as in PyPI's Linux
+        # wheels): define KILN_WITH_CUDA (a CUDA stream per GPU module,
+        # the caching allocator's statistics; native/device.cc) when CUDA's
+        # runtime headers are found: $CUDA_HOME/include, the nvidia pip
+        # packages beside the torch package (cu13 and cu12 layouts), or
+        # /usr/local/cuda. Without them Kiln still runs on a GPU through
+        # libtorch's device-generic API. The linker may lack the nvidia
+        # libraries libtorch_cuda.so needs (a build machine without a
+        # GPU): they are resolved when the binary runs, so they are allowed
+        # to be missing at link time.
+        if [ -f "$lt/lib/libtorch_cuda.so" ]; then
+            local cuda_inc="" d
+            for d in "${CUDA_HOME:+$CUDA_HOME/include}" "$lt/../nvidia/cu13/include" \
+                     "$lt/../nvidia/cuda_runtime/include" /usr/local/cuda/include; do
+                if [ -n "$d" ] && [ -f "$d/cuda_runtime_api.h" ]; then
+                    cuda_inc="$(cd "$d" && pwd)"
+                    break
+                fi
+            done
+            # c10's CUDA headers call CUDA's runtime inline: link libcudart
+            # from beside the headers (lib/ or lib64/).
+            local cudart=""
+            for d in "$cuda_inc/../lib" "$cuda_inc/../lib64"; do
+                cudart="$(ls "$d"/libcudart.so* 2>/dev/null | head -n 1)"
+                [ -n "$cudart" ] && break
+            done
+            if [ -n "$cuda_inc" ] && [ -n "$cudart" ]; then
+                cxxflags="$cxxflags -DKILN_WITH_CUDA -I$cuda_inc"
+                ldflags="$ldflags -lc10_cuda -L$(cd "$(dirname "$cudart")" && pwd) -l:$(basename "$cudart")"
+            else
+                printf 'env.sh: %s has CUDA but CUDA runtime headers and libcudart were not found (set CUDA_HOME): building without KILN_WITH_CUDA\n' "$lt" >&2
+            fi
+            ldflags="$ldflags -Wl,--allow-shlib-undefined"
+        fi
         ld_path="$(_kiln_prepend "$ld_path" "$lt/lib")"
     fi
 

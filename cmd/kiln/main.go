@@ -53,11 +53,16 @@ func newRoot() *cobra.Command {
 func newVersionCmd() *cobra.Command {
 	return &cobra.Command{
 		Use:   "version",
-		Short: "Print Kiln's and libtorch's versions and thread counts",
+		Short: "Print Kiln's and libtorch's versions, thread counts and whether CUDA is usable",
 		Args:  cobra.NoArgs,
 		Run: func(cmd *cobra.Command, args []string) {
 			fmt.Fprintf(cmd.OutOrStdout(), "kiln %s\nlibtorch %s\nintra-op threads %d\ninter-op threads %d\n",
 				core.Version, core.TorchVersion(), core.NumThreads(), core.NumInteropThreads())
+			cuda := "no (this libtorch has no CUDA)"
+			if core.CUDACompiled() {
+				cuda = fmt.Sprintf("yes, %d GPU(s) present", core.CUDADeviceCount())
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "cuda %s\n", cuda)
 		},
 	}
 }

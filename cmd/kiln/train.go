@@ -28,6 +28,7 @@ type trainOptions struct {
 	reg                     registryFlags
 	epochs                  int
 	seed                    int64
+	device, amp             string
 	checkpointDir           string
 	resume, quiet, jsonOut  bool
 	dist                    distOptions
@@ -60,6 +61,8 @@ metrics to stdout. Ctrl-C stops after the current progress interval; with
 	f.StringVar(&o.out, "out", "", "directory for the model package (required)")
 	f.IntVar(&o.epochs, "epochs", 0, "epochs (overrides the spec)")
 	f.Int64Var(&o.seed, "seed", -1, "seed for the split, initialization, dropout and shuffling (overrides the spec)")
+	f.StringVar(&o.device, "device", "", "where to train: cpu, cuda or cuda:N (overrides the spec's train.device; a GPU needs a libtorch with CUDA)")
+	f.StringVar(&o.amp, "amp", "", "mixed precision: none, bf16 (CPU or CUDA) or fp16 (CUDA) — forward and loss under autocast (overrides the spec's train.amp)")
 	f.StringVar(&o.checkpointDir, "checkpoint-dir", "", "write a checkpoint here every epoch")
 	f.BoolVar(&o.resume, "resume", false, "continue from the latest checkpoint in --checkpoint-dir")
 	f.BoolVarP(&o.quiet, "quiet", "q", false, "no progress bar")
@@ -132,6 +135,12 @@ func runTrain(ctx context.Context, stdout, stderr io.Writer, o trainOptions) err
 	}
 	if o.seed >= 0 {
 		job.Train.Seed = uint64(o.seed)
+	}
+	if o.device != "" {
+		job.Train.Device = o.device
+	}
+	if o.amp != "" {
+		job.Train.AMP = o.amp
 	}
 	if o.checkpointDir != "" {
 		job.Train.CheckpointDir = o.checkpointDir

@@ -8,6 +8,7 @@
 package train
 
 import (
+	"cmp"
 	"fmt"
 	"math"
 	"strings"
@@ -106,6 +107,16 @@ type Config struct {
 	// joined by a Gloo group over loopback; see Group for one rank per
 	// process (torchrun).
 	Workers int `json:"workers,omitempty"`
+	// Device is where training runs: "cpu" (or empty), "cuda" or
+	// "cuda:N", as PyTorch names devices (core.CheckDevice). The network
+	// moves there for Fit and back to the CPU afterwards; batches are
+	// copied there once per epoch.
+	Device string `json:"device,omitempty"`
+	// AMP is mixed precision: "" or "none", "bf16" (CPU or CUDA) or "fp16"
+	// (CUDA only): forward and loss run under autocast, as in
+	// torch.autocast; parameters, gradients and the optimizer stay
+	// float32.
+	AMP string `json:"amp,omitempty"`
 	// Group, when set, makes Fit one rank of a data-parallel run over it
 	// (see core/dist and distributed.go); not part of the serialized
 	// config.
@@ -119,8 +130,8 @@ type Config struct {
 // with it before accepting it.
 func (c Config) Validate() error {
 	if err := c.withDefaults(data.Regression).validate(); err != nil {
-		if core.CodeOf(err) == core.InvalidArgument {
-			return err
+		if core.CodeOf(err) != core.Unknown {
+			return err // InvalidArgument, or a device's Unsupported/Unavailable
 		}
 		return core.Errorf(core.InvalidArgument, "%v", err)
 	}
@@ -139,6 +150,8 @@ func (c Config) validate() error {
 		c.validateSchedule,
 		c.validateEarlyStopping,
 		c.validateWorkers,
+		c.validateDevice,
+		c.validateAMP,
 	} {
 		if err := stage(); err != nil {
 			return err
@@ -153,6 +166,46 @@ func (c Config) validateWorkers() error {
 	}
 	if c.Workers > 1 && c.Group != nil {
 		return core.Errorf(core.InvalidArgument, "kiln: train: workers=%d in a process that is already one rank of a distributed run (WORLD_SIZE=%d)", c.Workers, c.Group.Size())
+	}
+	return nil
+}
+
+// validateDevice checks the device against the linked libtorch and the
+// machine (its error keeps core.CheckDevice's code: Unsupported without
+// CUDA, Unavailable without the GPU).
+func (c Config) validateDevice() error {
+	if c.Device == "" || c.Device == core.CPU {
+		return nil
+	}
+	if err := core.CheckDevice(c.Device); err != nil {
+		return fmt.Errorf("kiln: train: %w", err)
+	}
+	if c.Workers > 1 || c.Group != nil {
+		return core.Errorf(core.Unsupported, "kiln: train: device %s with data-parallel ranks: Kiln's process groups are Gloo over the CPU; train on one GPU, or on the CPU with workers", c.Device)
+	}
+	return nil
+}
+
+// amp returns the native mixed precision mode for c.AMP.
+func (c Config) amp() (trainer.AMP, error) {
+	switch norm(c.AMP) {
+	case "", "none", "fp32":
+		return trainer.AMPNone, nil
+	case "bf16", "bfloat16":
+		return trainer.AMPBF16, nil
+	case "fp16", "float16", "half":
+		return trainer.AMPFP16, nil
+	}
+	return 0, core.Errorf(core.InvalidArgument, "kiln: train: unknown amp %q (want none, bf16 or fp16)", c.AMP)
+}
+
+func (c Config) validateAMP() error {
+	a, err := c.amp()
+	if err != nil {
+		return err
+	}
+	if a == trainer.AMPFP16 && (c.Device == "" || c.Device == core.CPU) {
+		return core.Errorf(core.InvalidArgument, "kiln: train: amp fp16 needs a CUDA device (device %q); use bf16 on the CPU", cmp.Or(c.Device, core.CPU))
 	}
 	return nil
 }

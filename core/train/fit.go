@@ -99,6 +99,9 @@ func options(cfg Config) (trainer.Options, *core.Tensor, error) {
 		WeightDecay: o.WeightDecay, Beta1: o.Beta1, Beta2: o.Beta2, Eps: o.Eps, Alpha: o.Alpha,
 		ClipGradNorm: cfg.ClipGradNorm,
 	}
+	if opts.AMP, err = cfg.amp(); err != nil {
+		return trainer.Options{}, nil, err
+	}
 	if ok == trainer.AdamW && o.WeightDecay == 0 {
 		opts.WeightDecay = 0.01 // PyTorch's AdamW default
 	}
@@ -291,6 +294,19 @@ func Fit(ctx context.Context, net *nn.Net, trainSet, valSet *data.Dataset, cfg C
 	}
 	if onEvent == nil {
 		onEvent = func(Event) {}
+	}
+	if d := cfg.Device; d != "" && d != core.CPU {
+		// The network trains on the device and comes back to the CPU,
+		// where Kiln saves, serves and evaluates it.
+		h := net.Handle()
+		if err := h.To(d); err != nil {
+			return nil, fmt.Errorf("kiln: train: move the network to %s: %w", d, err)
+		}
+		defer func() {
+			if merr := h.To(core.CPU); merr != nil && err == nil {
+				res, err = nil, fmt.Errorf("kiln: train: move the network back to the CPU: %w", merr)
+			}
+		}()
 	}
 	tr, err := newTrainer(net, cfg)
 	if err != nil {

@@ -106,9 +106,19 @@ typedef enum {
   KILN_OPTIMIZER_RMSPROP = 3,
 } kiln_optimizer;
 
+/* Mixed precision: autocast (torch.autocast) of forward and loss on the
+ * module's device; backward and the optimizer step stay in the
+ * parameters' dtype (float32). */
+typedef enum {
+  KILN_AMP_NONE = 0,
+  KILN_AMP_BF16 = 1,
+  KILN_AMP_FP16 = 2, /* CUDA only */
+} kiln_amp;
+
 /* Loss, optimizer and clipping. Fields an optimizer does not use are
  * ignored. class_weights (CROSS_ENTROPY only) may be NULL; the trainer keeps
- * its own reference to it. */
+ * its own reference to it. The trainer runs on the device the module is on
+ * (kiln_module_to): batches given on the CPU are copied there. */
 typedef struct {
   kiln_loss loss;
   double huber_delta;
@@ -122,6 +132,7 @@ typedef struct {
   double alpha; /* RMSprop smoothing constant */
   int nesterov;
   double clip_grad_norm; /* <= 0: no clipping */
+  kiln_amp amp;
 } kiln_train_options;
 
 typedef struct kiln_trainer kiln_trainer;

@@ -1,6 +1,8 @@
 // train.cc — building TorchScript networks and training them with autograd
 // and torch::optim, behind the C ABI in kiln_train.h.
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/autocast_mode.h>
+#include <torch/version.h>
 #include <torch/csrc/jit/api/module.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/optim/adam.h>
@@ -108,7 +110,7 @@ at::Tensor compute_loss(const kiln_trainer* t, const at::Tensor& out,
           throw std::runtime_error("cross-entropy: " + std::to_string(t->class_weights.numel()) +
                                    " class weights for " + std::to_string(k) + " classes");
         }
-        w = t->class_weights.to(out.scalar_type());
+        w = t->class_weights.to(out.device(), out.scalar_type());
       }
       return at::cross_entropy_loss(out, target, w, mean, -100, t->label_smoothing);
     }
@@ -127,6 +129,64 @@ bool jit_optimize() {
     return v != nullptr && v[0] == '1';
   }();
   return on;
+}
+
+// Autocast of forward and loss to t->amp on t's device while it lives, as
+// `with torch.autocast(device_type, dtype):` does; the previous state is
+// restored and the cast cache cleared when the outermost scope ends.
+class AutocastScope {
+ public:
+  explicit AutocastScope(const kiln_trainer* t) : type_(t->device.type()), on_(t->amp != at::ScalarType::Undefined) {
+    if (!on_) return;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+    was_on_ = at::autocast::is_autocast_enabled(type_);
+    was_dtype_ = at::autocast::get_autocast_dtype(type_);
+    at::autocast::set_autocast_enabled(type_, true);
+    at::autocast::set_autocast_dtype(type_, t->amp);
+#else
+    if (type_ == c10::DeviceType::CPU) {
+      was_on_ = at::autocast::is_cpu_enabled();
+      was_dtype_ = at::autocast::get_autocast_cpu_dtype();
+      at::autocast::set_cpu_enabled(true);
+      at::autocast::set_autocast_cpu_dtype(t->amp);
+    } else {
+      was_on_ = at::autocast::is_enabled();
+      was_dtype_ = at::autocast::get_autocast_gpu_dtype();
+      at::autocast::set_enabled(true);
+      at::autocast::set_autocast_gpu_dtype(t->amp);
+    }
+#endif
+    at::autocast::increment_nesting();
+  }
+  ~AutocastScope() {
+    if (!on_) return;
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+    at::autocast::set_autocast_enabled(type_, was_on_);
+    at::autocast::set_autocast_dtype(type_, was_dtype_);
+#else
+    if (type_ == c10::DeviceType::CPU) {
+      at::autocast::set_cpu_enabled(was_on_);
+      at::autocast::set_autocast_cpu_dtype(was_dtype_);
+    } else {
+      at::autocast::set_enabled(was_on_);
+      at::autocast::set_autocast_gpu_dtype(was_dtype_);
+    }
+#endif
+  }
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
+
+ private:
+  c10::DeviceType type_;
+  bool on_;
+  bool was_on_ = false;
+  at::ScalarType was_dtype_ = at::ScalarType::Undefined;
+};
+
+// x on the trainer's device (the same tensor when it is there already).
+at::Tensor on_device(const kiln_trainer* t, const at::Tensor& x) {
+  return x.device() == t->device ? x : x.to(t->device);
 }
 
 at::Tensor run_forward(kiln_trainer* t, const at::Tensor& x) {
@@ -198,11 +258,17 @@ void sgd_step(kiln_trainer* t) {
 double train_step(kiln_trainer* t, const at::Tensor& x, const at::Tensor& y,
                   bool check = true, const at::Tensor& all_y = at::Tensor()) {
   clear_grads(t);
-  at::Tensor out = run_forward(t, x);
-  if (all_y.defined() && t->loss == KILN_LOSS_CROSS_ENTROPY && out.dim() == 2) {
-    check_classes(all_y, out.size(1));
+  at::Tensor l;
+  {
+    AutocastScope amp(t);
+    at::Tensor out = run_forward(t, on_device(t, x));
+    if (all_y.defined() && t->loss == KILN_LOSS_CROSS_ENTROPY && out.dim() == 2) {
+      check_classes(all_y, out.size(1));
+    }
+    // Under autocast the losses run in float32 (autocast's fp32 list),
+    // as torch.autocast does.
+    l = compute_loss(t, out, on_device(t, y), check);
   }
-  at::Tensor l = compute_loss(t, out, y, check);
   if (t->before_backward) t->before_backward(t);
   l.backward();
   if (t->reduce_grads) t->reduce_grads(t);
@@ -458,6 +524,25 @@ kiln_error kiln_trainer_new(kiln_module* m, const kiln_train_options* o,
   t->label_smoothing = o->label_smoothing;
   if (o->class_weights != nullptr) t->class_weights = o->class_weights->t.detach().clone();
   t->clip = o->clip_grad_norm;
+  t->device = m->device;
+  switch (o->amp) {
+    case KILN_AMP_NONE:
+      break;
+    case KILN_AMP_BF16:
+      t->amp = at::kBFloat16;
+      break;
+    case KILN_AMP_FP16:
+      if (!t->device.is_cuda()) {
+        return kiln::make_error(KILN_ERROR_UNSUPPORTED,
+                                "mixed precision fp16 needs a CUDA device (the module is on " +
+                                    t->device.str() + "); use bf16 on the CPU");
+      }
+      t->amp = at::kHalf;
+      break;
+    default:
+      return kiln::make_error(KILN_ERROR_INVALID_ARGUMENT,
+                              "unknown mixed precision mode " + std::to_string(static_cast<int>(o->amp)));
+  }
   double eps = o->eps > 0 ? o->eps : 1e-8;
   double b1 = o->beta1 > 0 ? o->beta1 : 0.9, b2 = o->beta2 > 0 ? o->beta2 : 0.999;
   switch (o->optimizer) {
@@ -572,8 +657,9 @@ kiln_error kiln_trainer_epoch(kiln_trainer* t, const kiln_tensor* x,
     t->m.train(true);
     // One gather per epoch into shuffled order; each batch is then a
     // contiguous slice (a view): no per-step copy or gather.
-    at::Tensor Xp = X.index_select(0, idx_all);
-    at::Tensor Yp = Y.index_select(0, idx_all);
+    // On a GPU the gathered epoch is copied there once.
+    at::Tensor Xp = on_device(t, X.index_select(0, idx_all));
+    at::Tensor Yp = on_device(t, Y.index_select(0, idx_all));
     // Class targets become int64 once per epoch, and are range-checked
     // once, at the first step.
     if (t->loss == KILN_LOSS_CROSS_ENTROPY && Yp.scalar_type() != at::kLong) Yp = Yp.to(at::kLong);
@@ -614,12 +700,17 @@ kiln_error kiln_trainer_evaluate(kiln_trainer* t, const kiln_tensor* x,
     t->m.train(false);
     int64_t rows = x->t.size(0);
     std::vector<at::Tensor> outs;
+    AutocastScope amp(t);
     for (int64_t i = 0; i < rows; i += batch) {
-      outs.push_back(run_forward(t, x->t.slice(0, i, std::min(rows, i + batch))));
+      outs.push_back(run_forward(t, on_device(t, x->t.slice(0, i, std::min(rows, i + batch)))));
     }
     if (outs.empty()) return kiln::make_error(KILN_ERROR_INVALID_ARGUMENT, "no samples to evaluate");
     at::Tensor all = outs.size() == 1 ? outs[0] : at::cat(outs);
-    *loss = y != nullptr ? compute_loss(t, all, y->t).item<double>() : 0.0;
+    *loss = y != nullptr ? compute_loss(t, all, on_device(t, y->t)).item<double>() : 0.0;
+    // Outputs come back to the CPU, in float32 where autocast made them
+    // bf16/fp16.
+    if (all.scalar_type() == at::kBFloat16 || all.scalar_type() == at::kHalf) all = all.to(at::kFloat);
+    all = all.to(at::kCPU);
     *outputs = new kiln_tensor{all.contiguous()};
   } catch (...) {
     // Shapes, dtypes or targets that do not fit the model are the caller's.

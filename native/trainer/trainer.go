@@ -197,7 +197,18 @@ type Options struct {
 	Alpha          float64
 	Nesterov       bool
 	ClipGradNorm   float64
+	AMP            AMP
 }
+
+// AMP mirrors kiln_amp: autocast of forward and loss.
+type AMP int32
+
+// Mixed precision modes, with the values of kiln_amp.
+const (
+	AMPNone AMP = C.KILN_AMP_NONE
+	AMPBF16 AMP = C.KILN_AMP_BF16
+	AMPFP16 AMP = C.KILN_AMP_FP16
+)
 
 func cbool(b bool) C.int {
 	if b {
@@ -230,6 +241,7 @@ func NewTrainer(m native.Module, o Options) (Trainer, error) {
 		alpha:           C.double(o.Alpha),
 		nesterov:        cbool(o.Nesterov),
 		clip_grad_norm:  C.double(o.ClipGradNorm),
+		amp:             C.kiln_amp(o.AMP),
 	}
 	var out *C.kiln_trainer
 	if err := takeErr(C.kiln_trainer_new(mod(m), &co, &out)); err != nil {

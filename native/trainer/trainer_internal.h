@@ -46,6 +46,10 @@ struct kiln_trainer {
   double label_smoothing = 0.0;
   at::Tensor class_weights;  // undefined when none
   double clip = 0.0;
+  // The module's device (kiln_module_to); batches are copied there.
+  c10::Device device{c10::kCPU};
+  // Autocast dtype of forward and loss; Undefined: none (kiln_amp).
+  at::ScalarType amp = at::ScalarType::Undefined;
   // SGD runs Kiln's own step (sgd_step) over the optimizer's state; keys
   // are the optimizer's state keys of params, computed once.
   bool sgd = false;

@@ -157,16 +157,25 @@ class Model:
 
     def fit(self, x, y, epochs: int = 10, batch_size: int = 32, validation_split: float = 0.2,
             optimizer: str = "adam", lr: float = 1e-3, loss: Optional[str] = None, seed: int = 0,
-            early_stopping: Optional[dict] = None, verbose: int = 1, callbacks=(), workers: int = 1) -> dict:
+            early_stopping: Optional[dict] = None, verbose: int = 1, callbacks=(), workers: int = 1,
+            device: Optional[str] = None, amp: Optional[str] = None) -> dict:
         """Trains in Kiln's Go core (the GIL is released while it works) and
         returns the history: per-epoch loss and validation metrics. Class
         targets may be any labels (kept as ``classes_``); Ctrl-C cancels.
         ``workers`` > 1 trains data-parallel: that many ranks of a c10d Gloo
         group in this process, each with ``batch_size`` on its shard (as
-        ``torchrun --nproc_per_node`` would run them)."""
+        ``torchrun --nproc_per_node`` would run them).
+
+        ``device`` is where training runs, as PyTorch names devices: "cpu"
+        (default), "cuda" or "cuda:N" (needs a Kiln built against a libtorch
+        with CUDA, and the GPU; otherwise ``kiln.UnsupportedError`` /
+        ``kiln.UnavailableError`` before any work). ``amp`` is mixed
+        precision: "bf16" (CPU or CUDA) or "fp16" (CUDA) autocast of
+        forward and loss, as ``torch.autocast``; weights stay float32."""
         with _train.fit(self.spec, x, y, epochs=epochs, batch_size=batch_size, validation_split=validation_split,
                         optimizer=optimizer, lr=lr, loss=loss, seed=seed, early_stopping=early_stopping,
-                        verbose=verbose, callbacks=callbacks, workers=workers) as (out, history):
+                        verbose=verbose, callbacks=callbacks, workers=workers, device=device,
+                        amp=amp) as (out, history):
             self._adopt(load(out), out)
         return history
 

@@ -52,6 +52,11 @@ type TrainRequest struct {
 	// Workers > 1 trains data-parallel with that many ranks in the server
 	// process (core/train Config.Workers), each with BatchSize.
 	Workers int `json:"workers,omitempty"`
+	// Device ("cpu", "cuda", "cuda:N") and AMP ("bf16", "fp16") override
+	// the spec's train.device and train.amp (core/train Config); a GPU the
+	// server lacks is refused before a job is made.
+	Device string `json:"device,omitempty"`
+	AMP    string `json:"amp,omitempty"`
 	// MaxBatchSize is the max_batch_size of the config.yaml written for a
 	// model the repository does not have yet (default 64).
 	MaxBatchSize int `json:"max_batch_size,omitempty"`
@@ -163,6 +168,12 @@ func ParseTrainRequest(body []byte) (TrainRequest, train.Job, error) {
 	if req.Workers != 0 { // a negative count fails Config's validation
 		t.Workers = req.Workers
 	}
+	if req.Device != "" {
+		t.Device = req.Device
+	}
+	if req.AMP != "" {
+		t.AMP = req.AMP
+	}
 	if req.Epochs < 0 || req.BatchSize < 0 || req.LR < 0 {
 		return req, job, errors.New("train request: epochs, batch_size and lr must not be negative")
 	}
@@ -228,6 +239,9 @@ func (t *ModelTrainer) CheckTrain(body json.RawMessage, dataset DatasetInfo) err
 		return core.Errorf(core.InvalidArgument, "train request: %v", err)
 	}
 	if err := job.Train.Validate(); err != nil {
+		if c := core.CodeOf(err); c == core.Unsupported || c == core.Unavailable {
+			return fmt.Errorf("train request: %w", err) // a device this server lacks
+		}
 		return core.Errorf(core.InvalidArgument, "train request: %v", err)
 	}
 	cols := []string(nil)

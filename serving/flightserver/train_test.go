@@ -17,6 +17,7 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/memory"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/kilnml/kiln/core"
 	kflight "github.com/kilnml/kiln/serving/flightserver"
@@ -286,9 +287,19 @@ func TestModelTrainerCancelAndErrors(t *testing.T) {
 		{map[string]any{"dataset": "blobs", "target": "cls", "spec": "model: {layers: [{type: linearr}]}"}, codes.InvalidArgument, "linearr"},
 		{map[string]any{"dataset": "blobs", "target": "cls", "spec": "model: {layers: [{type: linear}]}\ntrain: {optimizer: {type: adamm}}"}, codes.InvalidArgument, "adamm"},
 		{map[string]any{"dataset": "blobs", "target": "cls", "spec": "model: {layers: [{type: linear}]}\ntrain: {batch_size: -3}"}, codes.InvalidArgument, "batch"},
+		{map[string]any{"dataset": "blobs", "target": "cls", "spec": blobsSpec, "device": "gpu"}, codes.InvalidArgument, `device "gpu": want cpu, cuda or cuda:N`},
+		{map[string]any{"dataset": "blobs", "target": "cls", "spec": blobsSpec, "amp": "fp16"}, codes.InvalidArgument, "amp fp16 needs a CUDA device"},
 	} {
 		_, err := e.action(ctx, "train", c.body)
 		requireCode(t, err, c.code, c.want)
+	}
+	if core.CUDADeviceCount() == 0 {
+		// A GPU this server lacks: UNIMPLEMENTED without CUDA in libtorch,
+		// UNAVAILABLE without the GPU, naming the device.
+		_, err := e.action(ctx, "train", map[string]any{"dataset": "blobs", "target": "cls", "spec": blobsSpec, "device": "cuda:0"})
+		require.Error(t, err)
+		require.Contains(t, []codes.Code{codes.Unimplemented, codes.Unavailable}, status.Code(err), "%v", err)
+		require.ErrorContains(t, err, "device cuda:0")
 	}
 	require.Len(t, e.srv.Jobs().List(), jobs, "no job started")
 	requireRepo(t, repoRoot, nil, "nothing written for refused requests")

@@ -161,7 +161,7 @@ func ConfigProto(c *repository.Config) *pb.ModelConfig {
 		Name: c.Name, Platform: "pytorch_libtorch", Backend: "kiln",
 		MaxBatchSize:         int32(c.MaxBatchSize),
 		DefaultModelFilename: c.ModelFile,
-		InstanceGroup:        []*pb.ModelInstanceGroup{{Name: c.Name, Count: int32(c.Instances()), Kind: pb.ModelInstanceGroup_KIND_CPU}},
+		InstanceGroup:        []*pb.ModelInstanceGroup{instanceGroup(c)},
 		Parameters:           map[string]*pb.ModelParameter{"kiln_platform": {StringValue: c.Platform}},
 	}
 	if mc.DefaultModelFilename == "" {
@@ -479,4 +479,19 @@ func (s *Service) RepositoryModelUnload(_ context.Context, req *pb.RepositoryMod
 		return nil, toStatus(err)
 	}
 	return &pb.RepositoryModelUnloadResponse{}, nil
+}
+
+// instanceGroup is the model's placement in Triton's terms: KIND_CPU, or
+// KIND_GPU with the one GPU the model version runs on.
+func instanceGroup(c *repository.Config) *pb.ModelInstanceGroup {
+	g := &pb.ModelInstanceGroup{Name: c.Name, Count: int32(c.Instances()), Kind: pb.ModelInstanceGroup_KIND_CPU}
+	if d := c.DeviceName(); d != "cpu" {
+		g.Kind = pb.ModelInstanceGroup_KIND_GPU
+		idx := 0
+		if rest, ok := strings.CutPrefix(d, "cuda:"); ok {
+			idx, _ = strconv.Atoi(rest)
+		}
+		g.Gpus = []int32{int32(idx)}
+	}
+	return g
 }

@@ -474,6 +474,14 @@ func (m *Manager) loadVersion(rm *repository.Model, v int64, ident string) (*Ver
 	if err != nil {
 		return nil, err
 	}
+	if d := cfg.DeviceName(); d != core.CPU {
+		// Placed once, before warmup: forward copies inputs to the
+		// device and outputs back.
+		if err := mod.To(d); err != nil {
+			mod.Close()
+			return nil, err
+		}
+	}
 	if args := mod.Inputs(); len(args) != len(cfg.Inputs) {
 		mod.Close()
 		names := make([]string, len(args))

@@ -138,11 +138,12 @@ func NewLiveTensorsGauge() prometheus.GaugeFunc {
 }
 
 // Handler returns the /metrics handler: the manager's metrics, the live
-// native tensor gauge, the Go runtime's and the process's collectors, and
+// native tensor gauge, the GPU metrics (NewGPUCollector; none on a CPU
+// machine), the Go runtime's and the process's collectors, and
 // those of extra collectors (such as NewAdmissionCollector's).
 func Handler(mgr *manager.Manager, extra ...prometheus.Collector) http.Handler {
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(NewCollector(mgr), NewLiveTensorsGauge(), collectors.NewGoCollector(),
+	reg.MustRegister(NewCollector(mgr), NewLiveTensorsGauge(), NewGPUCollector(), collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	reg.MustRegister(extra...)
 	return promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorLog: nil})

@@ -66,3 +66,33 @@ func TestHandlerExportsProcessHealth(t *testing.T) {
 	core.CloseAll(ts)
 	assert.Equal(t, before[metrics.LiveTensorsName], scrape(t, h)[metrics.LiveTensorsName])
 }
+
+// TestGPUMetrics: with NVIDIA's driver the GPU gauges are exported under
+// Triton's names; without it (this CPU machine) NVML's absence is a coded
+// error and the endpoint exports no GPU samples, and still answers.
+func TestGPUMetrics(t *testing.T) {
+	repo, err := repository.Open(t.TempDir())
+	require.NoError(t, err)
+	h := metrics.Handler(manager.New(repo, manager.Options{}))
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	require.Equal(t, http.StatusOK, rec.Code)
+	body := rec.Body.String()
+
+	stats, err := core.GPUStats()
+	if err != nil {
+		assert.Equal(t, core.Unavailable, core.CodeOf(err), "%v", err)
+		assert.Contains(t, err.Error(), "libnvidia-ml.so.1")
+		assert.NotContains(t, body, "nv_gpu_utilization")
+		assert.NotContains(t, body, "nv_gpu_memory_used_bytes")
+	} else {
+		for _, s := range stats {
+			assert.Contains(t, body, `nv_gpu_memory_total_bytes{gpu_uuid="`+s.UUID+`"}`)
+		}
+	}
+	if core.CUDADeviceCount() == 0 {
+		assert.NotContains(t, body, "kiln_cuda_memory_allocated_bytes")
+	} else {
+		assert.Contains(t, body, `kiln_cuda_memory_allocated_bytes{device="cuda:0"}`)
+	}
+}

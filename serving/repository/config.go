@@ -2,6 +2,7 @@ package repository
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,6 +11,8 @@ import (
 	"strings"
 
 	yaml "go.yaml.in/yaml/v3"
+
+	"github.com/kilnml/kiln/core"
 )
 
 // ParseConfig decodes a configuration (YAML, or JSON when isJSON), rejecting
@@ -61,6 +64,7 @@ type configFile struct {
 	DynamicBatching *dynamicBatchingFile `json:"dynamic_batching" yaml:"dynamic_batching"`
 	InstanceCount   int                  `json:"instance_count" yaml:"instance_count"`
 	InstanceGroup   []instanceGroupFile  `json:"instance_group" yaml:"instance_group"` // Triton
+	Device          string               `json:"device" yaml:"device"`
 	VersionPolicy   versionPolicyFile    `json:"version_policy" yaml:"version_policy"`
 	ModelFile       string               `json:"model_file" yaml:"model_file"`
 	// DefaultModelFilename is Triton's model_file.
@@ -273,7 +277,7 @@ func oneOf[T comparable](kilnKey string, kiln T, tritonKey string, triton T) (T,
 
 // config merges the two spellings into a Config (not yet validated).
 func (f *configFile) config() (*Config, error) {
-	c := &Config{Name: f.Name, MaxBatchSize: f.MaxBatchSize, InstanceCount: f.InstanceCount, Warmup: f.Warmup}
+	c := &Config{Name: f.Name, MaxBatchSize: f.MaxBatchSize, InstanceCount: f.InstanceCount, Warmup: f.Warmup, Device: f.Device}
 	var err error
 	if c.Platform, err = platformOf(f.Platform, f.Backend); err != nil {
 		return nil, err
@@ -294,8 +298,15 @@ func (f *configFile) config() (*Config, error) {
 		if f.InstanceCount != 0 {
 			return nil, errors.New("give instance_count or instance_group (Triton's spelling), not both")
 		}
-		if c.InstanceCount, err = instanceCount(f.InstanceGroup); err != nil {
+		var device string
+		if c.InstanceCount, device, err = instanceGroups(f.InstanceGroup); err != nil {
 			return nil, err
+		}
+		if device != "" {
+			if f.Device != "" && f.Device != device {
+				return nil, fmt.Errorf("device %q and instance_group (Triton's spelling, %s) disagree", f.Device, device)
+			}
+			c.Device = device
 		}
 	}
 	p := f.VersionPolicy
@@ -426,32 +437,51 @@ func (d *dynamicBatchingFile) config() (*DynamicBatching, error) {
 	return b, nil
 }
 
-// instanceCount sums Triton's instance groups: count instances each (1
-// when count is absent), on the CPU. KIND_AUTO is the CPU, since Kiln
-// places models nowhere else; KIND_GPU, KIND_MODEL and gpus are refused.
-func instanceCount(groups []instanceGroupFile) (int, error) {
-	n := 0
+// instanceGroups reads Triton's instance groups: the instances they sum
+// to (count each, 1 when count is absent) and the device they place the
+// model on. KIND_CPU and KIND_AUTO are the CPU (""); KIND_GPU is "cuda:N"
+// for gpus [N] and "cuda:0" without gpus (Triton would place a copy on
+// every GPU; Kiln places a model version on one device, so a group may
+// name one GPU, and every group the same device). KIND_MODEL is refused.
+func instanceGroups(groups []instanceGroupFile) (count int, device string, err error) {
 	for i, g := range groups {
+		var d string
 		switch g.Kind {
 		case "", "KIND_AUTO", "KIND_CPU":
-		case "KIND_GPU", "KIND_MODEL":
-			return 0, fmt.Errorf("instance_group[%d]: kind %s is not supported: Kiln runs models on the CPU (use KIND_CPU)", i, g.Kind)
+			if len(g.GPUs) > 0 {
+				return 0, "", fmt.Errorf("instance_group[%d]: gpus %v with kind %s (use KIND_GPU to place the model on a GPU)", i, g.GPUs, cmp.Or(g.Kind, "KIND_AUTO"))
+			}
+		case "KIND_GPU":
+			switch len(g.GPUs) {
+			case 0:
+				d = "cuda:0"
+			case 1:
+				if g.GPUs[0] < 0 {
+					return 0, "", fmt.Errorf("instance_group[%d]: gpus [%d]: a GPU index is ≥ 0", i, g.GPUs[0])
+				}
+				d = fmt.Sprintf("cuda:%d", g.GPUs[0])
+			default:
+				return 0, "", fmt.Errorf("instance_group[%d]: gpus %v: Kiln places a model version on one device; list one GPU", i, g.GPUs)
+			}
+		case "KIND_MODEL":
+			return 0, "", fmt.Errorf("instance_group[%d]: kind KIND_MODEL is not supported (use KIND_CPU or KIND_GPU)", i)
 		default:
-			return 0, fmt.Errorf("instance_group[%d]: unknown kind %q (want KIND_CPU)", i, g.Kind)
+			return 0, "", fmt.Errorf("instance_group[%d]: unknown kind %q (want KIND_CPU or KIND_GPU)", i, g.Kind)
 		}
-		if len(g.GPUs) > 0 {
-			return 0, fmt.Errorf("instance_group[%d]: gpus %v: Kiln runs models on the CPU", i, g.GPUs)
+		if i > 0 && d != device {
+			return 0, "", fmt.Errorf("instance_group[%d]: places the model on %s, instance_group[0] on %s: Kiln places a model version on one device", i, cmp.Or(d, "cpu"), cmp.Or(device, "cpu"))
 		}
-		count := 1
+		device = d
+		n := 1
 		if g.Count != nil {
-			count = *g.Count
+			n = *g.Count
 		}
-		if count < 1 {
-			return 0, fmt.Errorf("instance_group[%d]: count is %d (want ≥ 1)", i, count)
+		if n < 1 {
+			return 0, "", fmt.Errorf("instance_group[%d]: count is %d (want ≥ 1)", i, n)
 		}
-		n += count
+		count += n
 	}
-	return n, nil
+	return count, device, nil
 }
 
 // Validate checks the configuration and fills in defaults (platform). It
@@ -464,6 +494,7 @@ func (c *Config) Validate() error {
 		c.validateTensorSpecs,
 		c.validateDynamicBatching,
 		c.validateInstanceCount,
+		c.validateDevice,
 		c.validateVersionPolicy,
 		c.validateModelFile,
 	} {
@@ -634,6 +665,20 @@ func (c *Config) validateDynamicBatching() error {
 		if s < 1 || s > c.MaxBatchSize {
 			return fmt.Errorf("dynamic_batching.preferred_batch_sizes: %d is not within 1..max_batch_size (%d)", s, c.MaxBatchSize)
 		}
+	}
+	return nil
+}
+
+// validateDevice checks the device's spelling and that the linked
+// libtorch and this machine have it (core.CheckDevice): a model asking for
+// a GPU that is not there is refused here, with the reason, before
+// anything is loaded.
+func (c *Config) validateDevice() error {
+	if c.Device == "" || c.Device == "cpu" {
+		return nil
+	}
+	if err := core.CheckDevice(c.Device); err != nil {
+		return fmt.Errorf("device: %w", err)
 	}
 	return nil
 }

@@ -129,6 +129,12 @@ type Config struct {
 	DynamicBatching *DynamicBatching `json:"dynamic_batching,omitempty" yaml:"dynamic_batching,omitempty"`
 	// InstanceCount is the number of executions that run at once (0: 1).
 	InstanceCount int `json:"instance_count,omitempty" yaml:"instance_count,omitempty"`
+	// Device places the model: "cpu" (or empty), "cuda" or "cuda:N", as
+	// PyTorch names devices. Triton's instance_group with kind KIND_GPU
+	// and gpus [N] sets it to "cuda:N". A GPU that the linked libtorch or
+	// the machine lacks fails validation with the reason, so the model is
+	// not ready and the index says why.
+	Device string `json:"device,omitempty" yaml:"device,omitempty"`
 	// VersionPolicy selects the versions served.
 	VersionPolicy VersionPolicy `json:"version_policy" yaml:"version_policy"`
 	// ModelFile is the model's file name in each version directory
@@ -137,6 +143,14 @@ type Config struct {
 	// Warmup, when true (the default), runs one forward pass on zeros before
 	// a version takes traffic, and checks its outputs against Outputs.
 	Warmup *bool `json:"warmup,omitempty" yaml:"warmup,omitempty"`
+}
+
+// DeviceName returns the device the model runs on: Device, or "cpu".
+func (c *Config) DeviceName() string {
+	if c.Device == "" {
+		return "cpu"
+	}
+	return c.Device
 }
 
 // Instances returns the number of concurrent executions, at least 1.

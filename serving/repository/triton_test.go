@@ -7,6 +7,9 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	yaml "go.yaml.in/yaml/v3"
+
+	"github.com/kilnml/kiln/core"
 )
 
 // goodTritonYAML is goodYAML in Triton's spellings.
@@ -92,8 +95,13 @@ func TestTritonSpellingErrors(t *testing.T) {
 		"both datatypes":        {"input: [{name: x, datatype: FP32, data_type: TYPE_FP32, dims: [8]}]\noutput: [{name: y, data_type: TYPE_FP32, dims: [3]}]\n", `input "x": give datatype or data_type`},
 		"bad data_type":         {"input: [{name: x, data_type: FP32, dims: [8]}]\noutput: [{name: y, data_type: TYPE_FP32, dims: [3]}]\n", `input "x": unknown data_type "FP32"`},
 		"string":                {"input: [{name: x, data_type: TYPE_STRING, dims: [8]}]\noutput: [{name: y, data_type: TYPE_FP32, dims: [3]}]\n", "BYTES has no TorchScript tensor type"},
-		"gpu":                   {base + "instance_group: [{count: 2, kind: KIND_GPU}]\n", "instance_group[0]: kind KIND_GPU is not supported: Kiln runs models on the CPU"},
-		"gpus":                  {base + "instance_group: [{gpus: [0]}]\n", "instance_group[0]: gpus [0]"},
+		"gpus on cpu":           {base + "instance_group: [{gpus: [0]}]\n", "instance_group[0]: gpus [0] with kind KIND_AUTO (use KIND_GPU"},
+		"two gpus":              {base + "instance_group: [{kind: KIND_GPU, gpus: [0, 1]}]\n", "instance_group[0]: gpus [0 1]: Kiln places a model version on one device; list one GPU"},
+		"negative gpu":          {base + "instance_group: [{kind: KIND_GPU, gpus: [-1]}]\n", "instance_group[0]: gpus [-1]: a GPU index is ≥ 0"},
+		"cpu and gpu":           {base + "instance_group: [{kind: KIND_CPU}, {kind: KIND_GPU, gpus: [1]}]\n", "instance_group[1]: places the model on cuda:1, instance_group[0] on cpu"},
+		"kind model":            {base + "instance_group: [{kind: KIND_MODEL}]\n", "kind KIND_MODEL is not supported"},
+		"device clash":          {base + "device: cuda:1\ninstance_group: [{kind: KIND_GPU, gpus: [0]}]\n", `device "cuda:1" and instance_group (Triton's spelling, cuda:0) disagree`},
+		"bad device":            {base + "device: gpu0\n", `device: kiln: device "gpu0": want cpu, cuda or cuda:N`},
 		"both instances":        {base + "instance_count: 2\ninstance_group: [{count: 2}]\n", "give instance_count or instance_group"},
 		"backend":               {base + "backend: onnxruntime\n", `backend "onnxruntime" is not supported`},
 		"backend clash":         {base + "backend: pytorch\nplatform: tensorflow_savedmodel\n", `backend "pytorch" does not run platform`},
@@ -151,7 +159,7 @@ func TestParseTritonConfigErrors(t *testing.T) {
 		"unknown field":   {"max_batch_size: 4\n" + io + "  sequence_batching { }\n", "invalid protobuf text: line 4:3: unknown field: sequence_batching"},
 		"eof":             {"max_batch_size: 4\ninput [{ name: \"x\" \n", "invalid protobuf text: line 3: unexpected end of file"},
 		"syntax":          {"max_batch_size: 4\nname: : \"x\"\n", "invalid protobuf text: line 2:7: syntax error"},
-		"gpu":             {io + "instance_group [{ kind: KIND_GPU }]\n", "instance_group[0]: kind KIND_GPU is not supported"},
+		"two gpus":        {io + "instance_group [{ kind: KIND_GPU gpus: [0, 2] }]\n", "instance_group[0]: gpus [0 2]: Kiln places a model version on one device"},
 		"parameters":      {io + "parameters { key: \"INFERENCE_MODE\" value { string_value: \"true\" } }\n", "parameters is set, and Kiln does not support it"},
 		"warmup":          {io + "model_warmup [{ name: \"w\" batch_size: 1 }]\n", "model_warmup is set"},
 		"optional":        {"input [{ name: \"x\" data_type: TYPE_FP32 dims: [4] optional: true }]\noutput [{ name: \"y\" data_type: TYPE_FP32 dims: [3] }]\n", "input[0].optional is set"},
@@ -209,7 +217,9 @@ func FuzzParseConfig(f *testing.F) {
 	for _, s := range []string{goodYAML, goodTritonYAML,
 		"inputs: [{name: x, datatype: FP32, dims: [8]}]\noutputs: [{name: y, datatype: FP32, dims: [3]}]\nversion_policy: {specific: [7]}\n",
 		"version_policy: {latest: {num_versions: 2}, all: {}, specific: {versions: [1]}}\n",
-		"max_batch_size: 0\n", "inputs: [\n"} {
+		"max_batch_size: 0\n", "inputs: [\n",
+		"inputs: [{name: x, datatype: FP32, dims: [8]}]\noutputs: [{name: y, datatype: FP32, dims: [3]}]\ndevice: cuda:1\n",
+		"inputs: [{name: x, datatype: FP32, dims: [8]}]\noutputs: [{name: y, datatype: FP32, dims: [3]}]\ndevice: cpu\ninstance_group: [{kind: KIND_GPU, gpus: [2]}]\n"} {
 		f.Add([]byte(s), false)
 	}
 	for _, s := range []string{
@@ -253,4 +263,46 @@ func FuzzParseTritonConfig(f *testing.F) {
 		require.NoError(t, again.Validate())
 		assert.Equal(t, *c, again)
 	})
+}
+
+// Triton's KIND_GPU instance groups and Kiln's device key place the model;
+// on a libtorch without CUDA (Debian's 1.13) validation then refuses it
+// with the reason, which is what the index and readiness report.
+func TestDevicePlacement(t *testing.T) {
+	base := "input: [{name: x, data_type: TYPE_FP32, dims: [8]}]\noutput: [{name: y, data_type: TYPE_FP32, dims: [3]}]\n"
+	for _, tc := range []struct{ yaml, device string }{
+		{base, ""},
+		{base + "device: cpu\n", "cpu"},
+		{base + "instance_group: [{count: 2, kind: KIND_CPU}]\n", ""},
+		{base + "instance_group: [{count: 2, kind: KIND_GPU}]\n", "cuda:0"},
+		{base + "instance_group: [{kind: KIND_GPU, gpus: [3]}, {count: 2, kind: KIND_GPU, gpus: [3]}]\n", "cuda:3"},
+		{base + "device: cuda:3\ninstance_group: [{kind: KIND_GPU, gpus: [3]}]\n", "cuda:3"},
+		{base + "device: cuda\n", "cuda"},
+	} {
+		var f configFile
+		require.NoError(t, yaml.Unmarshal([]byte(tc.yaml), &f), tc.yaml)
+		c, err := f.config()
+		require.NoError(t, err, tc.yaml)
+		assert.Equal(t, tc.device, c.Device, tc.yaml)
+		err = c.Validate()
+		if tc.device == "" || tc.device == "cpu" || core.CUDADeviceCount() > 0 {
+			assert.NoError(t, err, tc.yaml)
+			continue
+		}
+		require.Error(t, err, tc.yaml)
+		assert.Contains(t, err.Error(), "device: kiln: device "+tc.device+": ")
+		if !core.CUDACompiled() {
+			assert.Contains(t, err.Error(), "has no CUDA")
+			assert.Equal(t, core.Unsupported, core.CodeOf(err))
+		}
+	}
+	c, err := ParseTritonConfig([]byte("input [{ name: \"x\" data_type: TYPE_FP32 dims: [4] }]\noutput [{ name: \"y\" data_type: TYPE_FP32 dims: [3] }]\ninstance_group [{ count: 2 kind: KIND_GPU gpus: [1] }]\n"))
+	if core.CUDADeviceCount() > 1 {
+		require.NoError(t, err)
+		assert.Equal(t, "cuda:1", c.Device)
+		assert.Equal(t, 2, c.Instances())
+		return
+	}
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "device cuda:1")
 }
