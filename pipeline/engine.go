@@ -398,6 +398,11 @@ func (e *engine) runStage(ctx context.Context, i int, st *StageState, f stageFun
 			return err
 		}
 		st.Output = b
+		// The later stages read this stage's output as a resumed run
+		// does: from its checkpoint.
+		if err := e.restore(name, b); err != nil {
+			return err
+		}
 	}
 	st.Status, st.Summary = StageDone, summary
 	if out == nil {
