@@ -26,14 +26,23 @@ deps:
 build: deps
 	$(ENV) go build -o bin/kiln ./cmd/kiln
 
-# Kiln's main job: the model server. On first run Python torch trains the
-# demo repository's models (iris MLP, digits CNN) on data sets bundled with
-# scikit-learn; then `kiln serve` serves it in the foreground: gRPC :8001,
-# HTTP :8000, metrics :8002 (examples/repository/README.md has queries).
-REPO := build/repository
+# Kiln's main job, the whole life of its demo models on embedded defaults:
+# scikit-learn's iris and digits as CSV (first run only), then Kiln's own
+# pipelines (examples/pipeline/*.yaml) train, select, optimize, evaluate
+# against production, register and promote them in a SQLite registry under
+# build/run (each make run runs them again: the new candidates are
+# evaluated against what production serves), and `kiln serve` serves each
+# model's production version from that registry in the foreground: gRPC
+# :8001, HTTP :8000, metrics :8002, Flight :8815 (examples/repository/README.md
+# has queries).
+RUN := build/run
 run: build
-	@test -f $(REPO)/digits/1/model.pt || $(ENV) $(PY) examples/repository/make_repo.py $(REPO)
-	$(ENV) bin/kiln serve --model-repository $(REPO)
+	@test -f $(RUN)/data/digits.csv || $(ENV) $(PY) examples/pipeline/make_data.py $(RUN)/data
+	$(ENV) bin/kiln pipeline run examples/pipeline/iris.yaml --registry $(RUN)/registry.db --runs-dir $(RUN)/pipelines
+	$(ENV) bin/kiln pipeline run examples/pipeline/digits.yaml --registry $(RUN)/registry.db --runs-dir $(RUN)/pipelines
+	$(ENV) bin/kiln registry ls --registry $(RUN)/registry.db
+	mkdir -p $(RUN)/repository
+	$(ENV) bin/kiln serve --model-repository $(RUN)/repository --registry $(RUN)/registry.db --data-dir $(RUN)/datasets
 
 # The end-to-end batch prediction demo: Python torch trains a small iris
 # classifier and exports it as TorchScript; Kiln loads it and runs batched

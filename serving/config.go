@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -148,6 +149,21 @@ type Config struct {
 	// (default follower.DefaultGrace, 5 min).
 	RollbackGrace time.Duration `json:"rollback_grace"`
 
+	// Pipeline, with Registry and Flight, is a pipeline file (package
+	// pipeline) run by continuous training: every commit (a DoPut) of the
+	// dataset WatchDataset (default: the file's data.dataset) starts a
+	// run on that dataset, PipelineDebounce (default 30 s) after the last
+	// commit, one run at a time (commits during a run queue one more). A
+	// failed run is logged and recorded; the server goes on. With Registry
+	// the Flight action pipeline_run runs any pipeline file, with or
+	// without Pipeline.
+	Pipeline         string        `json:"pipeline"`
+	WatchDataset     string        `json:"watch_dataset"`
+	PipelineDebounce time.Duration `json:"pipeline_debounce"`
+	// pipelineRuns is the directory of pipeline runs ($KILN_HOME/pipelines,
+	// from ApplyEnv).
+	pipelineRuns string
+
 	// ShutdownTimeout bounds how long Run waits for requests in flight
 	// when its context ends (0: no limit).
 	ShutdownTimeout time.Duration `json:"shutdown_timeout"`
@@ -187,6 +203,11 @@ func (c *Config) ApplyEnv(v kilnenv.Vars) {
 	}
 	if c.IntraOpThreads == 0 {
 		c.IntraOpThreads = v.NumThreads
+	}
+	if c.pipelineRuns == "" {
+		if home, err := v.DataDir(); err == nil {
+			c.pipelineRuns = filepath.Join(home, "pipelines")
+		}
 	}
 }
 
@@ -240,6 +261,18 @@ func (c *Config) Validate() error {
 	}
 	if c.Registry == "" && c.RegistryArtifacts != "" {
 		return errors.New("registry artifacts need a registry")
+	}
+	if c.Pipeline != "" && c.Registry == "" {
+		return errors.New("--pipeline needs --registry (the pipeline registers and promotes there)")
+	}
+	if c.Pipeline != "" && c.FlightPort == PortOff {
+		return errors.New("--pipeline watches a Flight dataset: Flight cannot be off")
+	}
+	if c.WatchDataset != "" && c.Pipeline == "" {
+		return errors.New("--watch-dataset needs --pipeline (the pipeline to run on each commit)")
+	}
+	if c.PipelineDebounce < 0 {
+		return fmt.Errorf("pipeline debounce %v: want ≥ 0", c.PipelineDebounce)
 	}
 	if c.RegistryPollInterval < 0 {
 		return fmt.Errorf("registry poll interval %v: want ≥ 0", c.RegistryPollInterval)

@@ -67,6 +67,7 @@ type Server struct {
 	stopOnce   sync.Once
 	pollDone   chan struct{}      // closed when the poller returns
 	registry   *registry.Registry // nil without Config.Registry
+	pipes      *pipelines         // nil without Config.Registry
 	follower   *follower.Follower // nil without Config.Registry
 	followDone chan struct{}      // closed when the follower returns
 
@@ -123,6 +124,11 @@ func New(cfg Config) (*Server, error) {
 		if err := s.openRegistry(); err != nil {
 			s.mgr.Close()
 			return nil, fmt.Errorf("serving: registry: %w", err)
+		}
+		if s.pipes, err = s.newPipelines(); err != nil {
+			s.mgr.Close()
+			s.registry.Close()
+			return nil, fmt.Errorf("serving: %w", err)
 		}
 	}
 	lim := cfg.Limits.WithDefaults()
@@ -196,7 +202,13 @@ func (s *Server) newFlight(policy *auth.Policy) (*flightserver.Server, error) {
 	if s.cfg.DisableFlightTraining {
 		trainer = nil
 	}
+	var pipes flightserver.PipelineRunner
+	var committed func(flightserver.DatasetInfo)
+	if s.pipes != nil {
+		pipes, committed = s.pipes, s.pipes.committed
+	}
 	return flightserver.New(flightserver.Options{
+		Pipelines: pipes, OnDatasetCommitted: committed,
 		DataDir: s.cfg.DataDir, Addr: s.addrs.flight, Models: flightserver.ManagerModels(s.mgr),
 		Trainer: trainer, Auth: policy, TLSConfig: s.tls, MaxMessageBytes: s.cfg.MaxMessageBytes, Logger: s.log,
 		MaxTensorElements: s.cfg.Limits.WithDefaults().MaxTensorElements, MaxConcurrentStreams: s.cfg.Limits.WithDefaults().MaxConcurrentStreams,
@@ -561,6 +573,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.ready = false
 	s.mu.Unlock()
 	s.stopOnce.Do(func() { close(s.stop) })
+	s.pipes.close() // a continuous training run in progress is cancelled (and recorded KILLED)
 	if s.pollDone != nil {
 		<-s.pollDone
 	}

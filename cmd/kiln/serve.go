@@ -121,6 +121,9 @@ CPUs / instance_count) and --host accept IPv6 ("::1" or "[::1]").`,
 	f.StringVar(&cfg.ServeAlias, "serve-alias", follower.DefaultAlias, "with --registry: the alias whose versions are served")
 	f.DurationVar(&cfg.RegistryPollInterval, "registry-poll-interval", follower.DefaultInterval, "with --registry: time between two polls of the registry")
 	f.DurationVar(&cfg.RollbackGrace, "rollback-grace", follower.DefaultGrace, "with --registry: how long the version served before an alias move stays loaded (an immediate rollback)")
+	f.StringVar(&cfg.Pipeline, "pipeline", "", "with --registry: continuous training: run this pipeline file (kiln pipeline run) on each commit of --watch-dataset")
+	f.StringVar(&cfg.WatchDataset, "watch-dataset", "", "with --pipeline: the Flight dataset whose commits (DoPut) start a run (default: the pipeline's data.dataset)")
+	f.DurationVar(&cfg.PipelineDebounce, "pipeline-debounce", serving.DefaultPipelineDebounce, "with --pipeline: start a run this long after the last commit; commits during a run queue one more run")
 	return cmd
 }
 

@@ -34,6 +34,7 @@ def Sequential(layers_):
 from .client import Client, ServerError
 from ._serve import Server, serve
 from ._select import select_model
+from ._pipeline import pipeline_run
 from ._runtime import get_num_threads, set_num_threads, torch_version, __version__
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "Server",
     "serve",
     "select_model",
+    "pipeline_run",
     "ServerError",
     "load",
     "get_num_threads",

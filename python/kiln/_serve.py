@@ -56,7 +56,9 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
           max_streams: int = 64, shutdown_timeout: Optional[float] = None, registry: Optional[str] = None,
           registry_artifacts: Optional[str] = None, registry_key_file: Optional[str] = None,
           serve_alias: str = "production", registry_poll_interval: Optional[float] = None,
-          rollback_grace: Optional[float] = None, threads: int = 0) -> Server:
+          rollback_grace: Optional[float] = None, pipeline: Optional[str] = None,
+          watch_dataset: Optional[str] = None, pipeline_debounce: Optional[float] = None,
+          threads: int = 0) -> Server:
     """Serves a model repository from this process in the background and
     returns a handle with ``.stop()``: the same server as `kiln serve`
     (Go's serving.Run), with the same options under the flags' names and
@@ -94,6 +96,10 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
     loaded for rollback_grace seconds (default 300).
     registry_poll_interval: seconds between polls of the registry (default
     2).
+    pipeline: continuous training (needs registry): run this pipeline file
+    (as `kiln pipeline run`) on the Flight dataset watch_dataset (default:
+    the file's data.dataset) pipeline_debounce seconds (default 30) after
+    each commit, one run at a time.
 
     Raises KilnError (a subclass by the error's code) when an option is
     invalid or a listener cannot open."""
@@ -125,6 +131,8 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
         "registry_key_file": registry_key_file and os.fspath(registry_key_file),
         "registry_poll_interval": None if registry_poll_interval is None else int(registry_poll_interval * 1e9),
         "rollback_grace": None if rollback_grace is None else int(rollback_grace * 1e9),
+        "pipeline": pipeline and os.fspath(pipeline), "watch_dataset": watch_dataset,
+        "pipeline_debounce": None if pipeline_debounce is None else int(pipeline_debounce * 1e9),
     }
     opts.update({k: v for k, v in optional.items() if v is not None})
     try:

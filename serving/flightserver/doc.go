@@ -113,6 +113,19 @@
 // top of the repository and installed with repository.Install: a job that
 // fails or is cancelled leaves nothing in the repository.
 //
+// # Pipelines
+//
+// DoAction `pipeline_run` with a pipeline file (YAML, package pipeline) as
+// its body checks the file before any work through Options.Pipelines (a
+// bad file fails the action with INVALID_ARGUMENT naming the line and the
+// field; data that does not fit too), records the run and carries it out
+// as a job of the same registry as `train`: the result is {"job_id": ID,
+// "run_id": RUN}, and `job-status`, `cancel` and `list-jobs` follow it
+// (JobStatus.RunID; the progress is the stage, step of 7). Without
+// Options.Pipelines the action is UNIMPLEMENTED. Options.OnDatasetCommitted
+// is called after every committed DoPut (continuous training watches a
+// dataset with it).
+//
 // # Security
 //
 // Options.Auth is the server's one authentication policy (serving/auth,

@@ -38,6 +38,16 @@ type TrainChecker interface {
 	CheckTrain(spec json.RawMessage, dataset DatasetInfo) error
 }
 
+// PipelineRunner starts the `pipeline_run` action's pipeline runs
+// (serving gives one over package pipeline and the server's registry).
+type PipelineRunner interface {
+	// StartPipeline checks a pipeline file (YAML) before any work — an
+	// error's code (INVALID_ARGUMENT, NOT_FOUND, ...) becomes the action's
+	// status — and records its run; it returns the run's id and the
+	// function that carries it out as a job.
+	StartPipeline(ctx context.Context, yaml []byte) (runID string, run func(ctx context.Context, report func(Progress)) (json.RawMessage, error), err error)
+}
+
 // TrainerFunc adapts a function to the Trainer interface.
 type TrainerFunc func(ctx context.Context, spec json.RawMessage, dataset string, progress func(Progress)) (json.RawMessage, error)
 
@@ -81,6 +91,9 @@ type JobStatus struct {
 	ID string `json:"id"`
 	// Dataset is the dataset the job trains on.
 	Dataset string `json:"dataset"`
+	// RunID is a pipeline job's registry run (see the pipeline_run
+	// action).
+	RunID string `json:"run_id,omitempty"`
 	// State is RUNNING, SUCCEEDED, FAILED or CANCELLED.
 	State string `json:"state"`
 	// Progress is the latest progress the trainer reported.
@@ -139,7 +152,8 @@ type Jobs struct {
 	wg     sync.WaitGroup
 }
 
-// NewJobs returns a registry whose jobs run trainer.
+// NewJobs returns a registry whose jobs run trainer (nil: only jobs
+// started with StartFunc).
 func NewJobs(trainer Trainer) *Jobs {
 	return &Jobs{trainer: trainer, jobs: map[string]*job{}}
 }
@@ -157,6 +171,21 @@ func newJobID() string {
 // its trainer returns, Cancel, or Close; ctx only carries values to it (its
 // cancellation does not end the job).
 func (js *Jobs) Start(ctx context.Context, spec json.RawMessage, datasetName, datasetPath string) (string, error) {
+	if js.trainer == nil {
+		return "", errors.New("no trainer configured")
+	}
+	spec = append(json.RawMessage(nil), spec...)
+	return js.StartFunc(ctx, datasetName, "", func(ctx context.Context, report func(Progress)) (json.RawMessage, error) {
+		return runTrainer(ctx, js.trainer, spec, datasetPath, report)
+	})
+}
+
+// StartFunc starts a job that runs f (a pipeline run, say) in the
+// background and returns its id at once; dataset and runID are shown in
+// its JobStatus. f reports progress through report, must return promptly
+// when its context is cancelled (Cancel, Close), and a panic in it fails
+// the job.
+func (js *Jobs) StartFunc(ctx context.Context, dataset, runID string, f func(ctx context.Context, report func(Progress)) (json.RawMessage, error)) (string, error) {
 	js.mu.Lock()
 	defer js.mu.Unlock()
 	if js.closed {
@@ -164,10 +193,9 @@ func (js *Jobs) Start(ctx context.Context, spec json.RawMessage, datasetName, da
 	}
 	id := newJobID()
 	jctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	j := &job{cancel: cancel, done: make(chan struct{}), st: JobStatus{ID: id, Dataset: datasetName, State: JobRunning, Started: time.Now().UTC()}}
+	j := &job{cancel: cancel, done: make(chan struct{}), st: JobStatus{ID: id, Dataset: dataset, RunID: runID, State: JobRunning, Started: time.Now().UTC()}}
 	js.jobs[id] = j
 	js.wg.Add(1)
-	spec = append(json.RawMessage(nil), spec...)
 	go func() {
 		defer js.wg.Done()
 		defer close(j.done)
@@ -179,7 +207,7 @@ func (js *Jobs) Start(ctx context.Context, spec json.RawMessage, datasetName, da
 			j.st.Fraction = p.Fraction()
 			j.mu.Unlock()
 		}
-		res, err := runTrainer(jctx, js.trainer, spec, datasetPath, report)
+		res, err := runFunc(jctx, f, report)
 		now := time.Now().UTC()
 		j.mu.Lock()
 		defer j.mu.Unlock()
@@ -197,6 +225,16 @@ func (js *Jobs) Start(ctx context.Context, spec json.RawMessage, datasetName, da
 		}
 	}()
 	return id, nil
+}
+
+// runFunc calls f, turning a panic into the job's error.
+func runFunc(ctx context.Context, f func(context.Context, func(Progress)) (json.RawMessage, error), report func(Progress)) (res json.RawMessage, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("job panicked: %v", p)
+		}
+	}()
+	return f(ctx, report)
 }
 
 // runTrainer calls the trainer, turning a panic into the job's error.

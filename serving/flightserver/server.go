@@ -54,6 +54,9 @@ const (
 	ActionJobStatus = "job-status"
 	ActionCancel    = "cancel"
 	ActionListJobs  = "list-jobs"
+	// ActionPipelineRun starts a pipeline run (package pipeline) from the
+	// YAML body; see Options.Pipelines.
+	ActionPipelineRun = "pipeline_run"
 )
 
 // Options configure a Server.
@@ -71,6 +74,13 @@ type Options struct {
 	// Trainer runs the `train` action's jobs; nil makes `train` fail with
 	// UNIMPLEMENTED.
 	Trainer Trainer
+	// Pipelines runs the `pipeline_run` action's jobs; nil makes it fail
+	// with UNIMPLEMENTED.
+	Pipelines PipelineRunner
+	// OnDatasetCommitted, when set, is called after DoPut commits a
+	// dataset (continuous training watches a dataset with it); it must
+	// return quickly.
+	OnDatasetCommitted func(DatasetInfo)
 	// Auth is the authentication policy (serving/auth): with a token or
 	// users, datasets and actions need a bearer token, DoExchange too
 	// when the policy protects inference; Handshake runs Flight's
@@ -165,7 +175,7 @@ func New(opts Options) (*Server, error) {
 	}
 	s := &Server{opts: opts, log: opts.Logger, mem: opts.Allocator, store: st, stopping: make(chan struct{}),
 		hdrLim: headerLimits{maxLength: opts.MaxTensorElements, maxUncompressed: int64(opts.MaxMessageBytes)}}
-	if opts.Trainer != nil {
+	if opts.Trainer != nil || opts.Pipelines != nil {
 		s.jobs = NewJobs(opts.Trainer)
 	}
 	gopts := []grpc.ServerOption{
@@ -584,6 +594,9 @@ func (s *Server) DoPut(stream flight.FlightService_DoPutServer) (err error) {
 		s.log.Warn("flight DoPut: sending the final acknowledgement", "dataset", name, "err", err)
 	}
 	s.log.Info("flight DoPut stored a dataset", "dataset", name, "rows", info.Rows, "batches", info.Batches, "bytes", info.Bytes, "duration", time.Since(start))
+	if f := s.opts.OnDatasetCommitted; f != nil {
+		f(info)
+	}
 	return nil
 }
 
@@ -594,6 +607,7 @@ func (s *Server) ListActions(_ *flight.Empty, stream flight.FlightService_ListAc
 		{Type: ActionJobStatus, Description: `a job's status: body ID (or {"job_id": ID}); result JobStatus JSON`},
 		{Type: ActionCancel, Description: `cancel a job: body ID (or {"job_id": ID}); result JobStatus JSON`},
 		{Type: ActionListJobs, Description: `every job's status: result a JSON array of JobStatus`},
+		{Type: ActionPipelineRun, Description: `start a pipeline run: body the pipeline file (YAML); result {"job_id": ID, "run_id": RUN}; job-status follows it`},
 	} {
 		if err := stream.Send(a); err != nil {
 			return err
@@ -642,12 +656,29 @@ func sendJSON(stream flight.FlightService_DoActionServer, v any) error {
 func (s *Server) DoAction(a *flight.Action, stream flight.FlightService_DoActionServer) (err error) {
 	defer recoverStatus(&err, "DoAction")
 	switch a.GetType() {
-	case ActionTrain, ActionJobStatus, ActionCancel, ActionListJobs:
+	case ActionTrain, ActionJobStatus, ActionCancel, ActionListJobs, ActionPipelineRun:
 	default:
-		return status.Errorf(codes.Unimplemented, "unknown action %q (the actions are %s, %s, %s and %s)", a.GetType(), ActionTrain, ActionJobStatus, ActionCancel, ActionListJobs)
+		return status.Errorf(codes.Unimplemented, "unknown action %q (the actions are %s, %s, %s, %s and %s)", a.GetType(), ActionTrain, ActionJobStatus, ActionCancel, ActionListJobs, ActionPipelineRun)
 	}
 	if s.jobs == nil {
 		return status.Errorf(codes.Unimplemented, "action %q: this server has no trainer configured, so it runs no training jobs", a.GetType())
+	}
+	switch {
+	case a.GetType() == ActionTrain && s.opts.Trainer == nil:
+		return status.Errorf(codes.Unimplemented, "action %q: this server has no trainer configured, so it runs no training jobs", a.GetType())
+	case a.GetType() == ActionPipelineRun && s.opts.Pipelines == nil:
+		return status.Errorf(codes.Unimplemented, "action %q: this server runs no pipelines (kiln serve needs --registry)", a.GetType())
+	case a.GetType() == ActionPipelineRun:
+		runID, run, err := s.opts.Pipelines.StartPipeline(stream.Context(), a.GetBody())
+		if err != nil {
+			return toStatus(fmt.Errorf("pipeline_run: %w", err))
+		}
+		id, err := s.jobs.StartFunc(stream.Context(), "", runID, run)
+		if err != nil {
+			return status.Errorf(codes.Unavailable, "pipeline_run: %v", err)
+		}
+		s.log.Info("flight pipeline run started", "job", id, "run", runID)
+		return sendJSON(stream, map[string]string{"job_id": id, "run_id": runID})
 	}
 	switch a.GetType() {
 	case ActionTrain:

@@ -50,7 +50,7 @@ def test_same_options_and_defaults_as_cli(kiln_bin):
         elif name == "repository_poll_secs":
             assert want is None and float(text) == 15.0  # None: the Go default, 15 s
         elif name in ("data_dir", "max_message_bytes", "shutdown_timeout", "read_header_timeout", "read_timeout",
-                      "registry_poll_interval", "rollback_grace"):
+                      "registry_poll_interval", "rollback_grace", "pipeline_debounce"):
             assert want is None, name  # None: the Go default, the same the CLI shows
         else:
             assert str(want) == text, f"{name}: Python {want!r}, CLI {text!r}"

@@ -1,0 +1,49 @@
+"""kiln.pipeline_run: `kiln pipeline run` from Python (package pipeline in
+the Go core, run as a Go job that Python polls)."""
+import json
+import os
+from typing import Callable, Optional
+
+from ._errors import KilnError
+from ._native import bindings as _b
+from ._train import _run_job
+
+
+def pipeline_run(path, *, registry: Optional[str] = None, runs_dir: Optional[str] = None,
+                 resume: Optional[str] = None, actor: Optional[str] = None,
+                 progress: Optional[Callable[[dict], None]] = None) -> dict:
+    """Runs the pipeline file at path — data, preprocess, train/select,
+    optimize, evaluate against the alias (production), register, promote —
+    as `kiln pipeline run PATH` does, and returns its result: a dict with
+    run_id, model, trained and candidate ({"model", "version"}), verdict
+    ("PROMOTE", "HOLD" or "REJECT"), reason, first (no version at the alias
+    before), alias, baseline and serving (the alias's version before and
+    after; 0: none), promoted (bool) and evaluation_id.
+
+    registry: a SQLite file or postgres://... DSN (default $KILN_REGISTRY,
+    else $KILN_HOME/registry.db); runs_dir: the run directories (default
+    $KILN_HOME/pipelines); resume: the id of an interrupted run of this file
+    to continue from its first unfinished stage; actor: who runs it (default
+    the OS user). progress, when given, receives each progress event (a
+    dict: run_id, stage, index, stages, message, and epoch, epochs and
+    metrics for an epoch).
+
+    The GIL is free while the pipeline runs; Ctrl-C cancels it (the run is
+    recorded KILLED). Raises kiln.InvalidArgumentError for a bad pipeline
+    file (naming the line and the field) or data whose columns do not fit,
+    before any work; kiln.NotFoundError for a missing file;
+    kiln.FailedPreconditionError for a run that cannot resume; KilnError
+    (by its code) when a stage fails."""
+    opts = {"registry": registry and os.fspath(registry), "runs_dir": runs_dir and os.fspath(runs_dir),
+            "resume": resume, "actor": actor}
+    try:
+        h = _b.StartPipeline(os.fspath(path), json.dumps({k: v for k, v in opts.items() if v}))
+    except RuntimeError as e:
+        from ._errors import translate
+        raise translate(e, KilnError) from None
+
+    def on_event(e, _bar):
+        if progress is not None:
+            progress(e)
+
+    return _run_job(h, None, on_event)
