@@ -21,7 +21,11 @@
 // overhead per request. One run, one table.
 //
 //	go run ./bench/serve [-duration 5s] [-concurrency 1,8,64] [-models mlp,cnn]
-//	    [-servers grpc,stream,http,torchserve] [-conns 1] [-torchserve DIR] [-cpuprofile FILE]
+//	    [-servers grpc,stream,http,single,torchserve] [-conns 1] [-torchserve DIR] [-cpuprofile FILE]
+//
+// "single" is ModelInfer over the HTTP port with serving.Config.SinglePort
+// (gRPC through net/http's HTTP/2 server and grpc-go's ServeHTTP) next to
+// "grpc" (grpc-go's own transport on the gRPC port).
 package main
 
 import (
@@ -266,7 +270,7 @@ func main() {
 	install := flag.Bool("install-torchserve", true, "create the -torchserve virtualenv (Debian python3 with its torch, pip torchserve "+torchServeVersion+") when missing")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the Kiln runs to this file")
 	modelFlag := flag.String("models", "mlp,cnn", "comma-separated models to run (mlp, cnn)")
-	serverFlag := flag.String("servers", "grpc,stream,http,torchserve", "comma-separated servers to run: grpc (Kiln ModelInfer), stream (Kiln ModelStreamInfer), http (Kiln REST), torchserve")
+	serverFlag := flag.String("servers", "grpc,stream,http,torchserve", "comma-separated servers to run: grpc (Kiln ModelInfer), stream (Kiln ModelStreamInfer), http (Kiln REST), single (ModelInfer on the single port), torchserve")
 	nconns := flag.Int("conns", 1, "gRPC client connections the workers share (worker i uses connection i mod conns)")
 	flag.Parse()
 	models = slices.DeleteFunc(models, func(m model) bool { return !slices.Contains(strings.Split(*modelFlag, ","), m.name) })
@@ -317,6 +321,7 @@ func main() {
 	cfg.Host, cfg.GRPCPort, cfg.HTTPPort = "127.0.0.1", 0, 0
 	cfg.MetricsPort, cfg.FlightPort = serving.PortOff, serving.PortOff
 	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	cfg.SinglePort = slices.Contains(servers, "single")
 	srv, err := serving.New(cfg)
 	must(err)
 	must(srv.Start(context.Background()))
@@ -331,11 +336,18 @@ func main() {
 		conns[i], err = grpc.NewClient(srv.GRPCAddr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 		must(err)
 	}
+	singleConns := make([]*grpc.ClientConn, *nconns)
+	if cfg.SinglePort {
+		for i := range singleConns {
+			singleConns[i], err = grpc.NewClient(srv.HTTPAddr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+			must(err)
+		}
+	}
 	httpc := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256, MaxConnsPerHost: 256}}
 	httpURL := "http://" + srv.HTTPAddr().String()
 	instances := 0
 	var modules []*core.Module
-	protos := map[string]string{"grpc": "kiln gRPC", "stream": "kiln gRPC stream", "http": "kiln HTTP"}
+	protos := map[string]string{"grpc": "kiln gRPC", "stream": "kiln gRPC stream", "http": "kiln HTTP", "single": "kiln gRPC single port"}
 	for _, m := range models {
 		v, err := srv.Manager().Acquire(m.name, "")
 		must(err)
@@ -356,7 +368,7 @@ func main() {
 				var do func(int) error
 				var cleanup func()
 				switch s {
-				case "grpc", "stream":
+				case "grpc", "stream", "single":
 					// One request message per worker, built once and
 					// reused: the client's cost is the call, not building
 					// requests.
@@ -372,9 +384,13 @@ func main() {
 						}
 						return nil
 					}
-					if s == "grpc" {
-						clients := make([]pb.GRPCInferenceServiceClient, len(conns))
-						for i, cc := range conns {
+					if s == "grpc" || s == "single" {
+						cs := conns
+						if s == "single" {
+							cs = singleConns
+						}
+						clients := make([]pb.GRPCInferenceServiceClient, len(cs))
+						for i, cc := range cs {
 							clients[i] = pb.NewGRPCInferenceServiceClient(cc)
 						}
 						do = func(w int) error {
@@ -447,8 +463,10 @@ func main() {
 			}
 		}
 	}
-	for _, c := range conns {
-		c.Close()
+	for _, c := range append(conns, singleConns...) {
+		if c != nil {
+			c.Close()
+		}
 	}
 	for _, m := range modules {
 		m.Close()
@@ -481,7 +499,7 @@ func main() {
 		for _, c := range concs {
 			ceil, haveCeil := ceilings[key{m.name, "", c}]
 			ts, haveTS := results[key{m.name, "TorchServe", c}]
-			for _, server := range []string{"kiln gRPC", "kiln gRPC stream", "kiln HTTP", "TorchServe"} {
+			for _, server := range []string{"kiln gRPC", "kiln gRPC single port", "kiln gRPC stream", "kiln HTTP", "TorchServe"} {
 				r, ok := results[key{m.name, server, c}]
 				if !ok {
 					continue
