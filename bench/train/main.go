@@ -6,6 +6,11 @@
 //	(a) an 8→10→1 MLP, MSE, SGD with momentum, batch 32, 8192 tabular rows
 //	(b) the digits CNN (conv-bn-relu ×2, max-pool, dropout, linear),
 //	    cross-entropy, AdamW, batch 64, scikit-learn's 1797 digits
+//	(c) fine-tuning a ResNet-like model scripted in Python torch
+//	    (resnet.py: ResNet-18's layout, 16×16 digits), conv1/bn1/layer1
+//	    frozen, fc at 10× the base rate, AdamW, batch 64: Kiln trains the
+//	    TorchScript file (core/train InitModel path), PyTorch the same
+//	    weights in eager mode
 //
 //	go run ./bench/train [-threads 1] [-rounds 8] [-dist-epochs 4]
 //
@@ -46,6 +51,7 @@ import (
 
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/data"
+	"github.com/kilnml/kiln/core/modelpkg"
 	"github.com/kilnml/kiln/core/nn"
 	"github.com/kilnml/kiln/core/train"
 	"github.com/kilnml/kiln/internal/testkit"
@@ -216,7 +222,8 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command(py, filepath.Join(testkit.Root(), "bench", "train", "peer.py"), tab, fmt.Sprint(rows), fmt.Sprint(*threads))
+	resnetPath := filepath.Join(tmp, "resnet.pt")
+	cmd := exec.Command(py, filepath.Join(testkit.Root(), "bench", "train", "peer.py"), tab, fmt.Sprint(rows), fmt.Sprint(*threads), resnetPath)
 	cmd.Stderr = os.Stderr
 	in, err := cmd.StdinPipe()
 	if err != nil {
@@ -245,6 +252,17 @@ func run() error {
 	if err != nil {
 		return err
 	}
+	resnet, digits16, err := loadResNet(resnetPath, tb, all)
+	if err != nil {
+		return err
+	}
+	defer resnet.Close()
+	kRes, pRes, err := compare(p, "resnet", resnet, digits16, train.Config{BatchSize: 64, Seed: 1, Loss: train.Loss{Type: "cross_entropy"},
+		Optimizer: train.Optimizer{Type: "adamw", LR: 1e-3}, Freeze: []string{"conv1.", "bn1.", "layer1."},
+		ParamGroups: []train.ParamGroup{{Prefix: "fc.", LR: 1e-2}}, ProgressEvery: 1 << 30}, max(*rounds/2, 1))
+	if err != nil {
+		return err
+	}
 
 	fmt.Printf("training throughput, fastest of %d alternating epochs per side, libtorch %s, %d intra-op thread(s), %d CPUs\n\n",
 		*rounds, core.TorchVersion(), *threads, runtime.NumCPU())
@@ -255,6 +273,7 @@ func run() error {
 	}
 	row("(a) MLP 8-10-1, MSE, SGD, batch 32", kMLP, pMLP, ">= 2x")
 	row("(b) digits CNN, CE, AdamW, batch 64", kCNN, pCNN, ">= 1x")
+	row("(c) fine-tune scripted ResNet-like, 16x16 digits, batch 64", kRes, pRes, ">= 1x")
 	if err := tw.Flush(); err != nil {
 		return err
 	}
@@ -309,4 +328,44 @@ func main() {
 		fmt.Fprintln(os.Stderr, "bench/train:", err)
 		os.Exit(1)
 	}
+}
+
+// loadResNet adopts the scripted ResNet-like model peer.py wrote and
+// returns it with the digits upsampled to 16×16 as resnet.py's digits16
+// does (pixel/16, each pixel repeated 2×2), from the digits table.
+func loadResNet(path string, tb *data.Table, rows []int) (*nn.Net, *data.Dataset, error) {
+	pre, err := data.Fit(tb, rows, data.Options{Target: "digit", Task: data.Classification, Scale: "none"})
+	if err != nil {
+		return nil, nil, err
+	}
+	x8, err := pre.EncodeFeatures(tb, rows)
+	if err != nil {
+		return nil, nil, err
+	}
+	y, err := pre.EncodeTarget(tb, rows)
+	if err != nil {
+		return nil, nil, err
+	}
+	x := make([]float32, len(rows)*256)
+	for i := range rows {
+		for r := range 16 {
+			for c := range 16 {
+				x[i*256+r*16+c] = x8[i*64+(r/2)*8+c/2] / 16
+			}
+		}
+	}
+	ds, err := data.NewDataset(x, 256, y)
+	if err != nil {
+		return nil, nil, err
+	}
+	m, err := modelpkg.LoadModule(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	net, err := nn.Adopt(m, []int64{1, 16, 16})
+	if err != nil {
+		m.Close()
+		return nil, nil, err
+	}
+	return net, ds, nil
 }

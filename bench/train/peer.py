@@ -5,12 +5,15 @@ libtorch. Each epoch shuffles with torch.randperm, gathers each batch by
 index, and runs zero_grad, forward, loss, backward, step and loss.item(),
 as Kiln's one-call epoch does.
 
-Usage: peer.py TABULAR.bin ROWS THREADS
+Usage: peer.py TABULAR.bin ROWS THREADS RESNET.pt
   TABULAR.bin: float32 rows of 8 features and 1 target, written by Kiln's side.
+  RESNET.pt: where to write the scripted ResNet-like model (resnet.py)
+    that Kiln's side fine-tunes; this side fine-tunes the same weights in
+    eager mode, with the same frozen layers and parameter groups.
 
 Driven over stdin so that Kiln's and Python's epochs interleave on a
 shared machine: each input line "mlp" or "cnn" trains one epoch of that
-workload and answers with one line: its samples per wall-clock second and
+workload (or "resnet") and answers with one line: its samples per wall-clock second and
 per CPU second of this process. "ready" is
 printed once both models exist and have trained a warm-up epoch.
 """
@@ -22,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
+
+from resnet import FROZEN, HEAD_LR, ResNet, digits16
 
 
 class Workload:
@@ -48,7 +53,7 @@ class Workload:
 
 
 def main():
-    path, rows, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    path, rows, threads, resnet_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     torch.set_num_threads(threads)
     torch.manual_seed(0)
 
@@ -69,6 +74,21 @@ def main():
         nn.Flatten(), nn.Dropout(0.25), nn.Linear(32 * 4 * 4, 10))
     work["cnn"] = Workload(cnn, torch.optim.AdamW(cnn.parameters(), lr=3e-3),
                            F.cross_entropy, dx, dy, 64)
+    torch.manual_seed(0)
+    resnet = ResNet()
+    torch.jit.script(resnet).save(resnet_path)
+    frozen, head, rest = [], [], []
+    for name, p in resnet.named_parameters():
+        if name.startswith(FROZEN):
+            p.requires_grad_(False)
+            frozen.append(p)
+        elif name.startswith("fc."):
+            head.append(p)
+        else:
+            rest.append(p)
+    rx, ry = digits16(d)
+    work["resnet"] = Workload(resnet, torch.optim.AdamW([{"params": rest}, {"params": head, "lr": HEAD_LR}], lr=1e-3),
+                              F.cross_entropy, torch.from_numpy(rx), torch.from_numpy(ry), 64)
     for w in work.values():
         w.epoch()  # warm-up
     print("ready", flush=True)

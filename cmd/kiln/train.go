@@ -32,12 +32,13 @@ type trainOptions struct {
 	checkpointDir           string
 	resume, quiet, jsonOut  bool
 	dist                    distOptions
+	fineTune                fineTuneFlags
 }
 
 func newTrainCmd() *cobra.Command {
 	var o trainOptions
 	cmd := &cobra.Command{
-		Use:   "train --spec SPEC.yaml --data DATA.csv|DATA.arrow|DATA.parquet --target COL --out DIR",
+		Use:   "train --spec SPEC.yaml|--init MODEL.pt --data DATA.csv|DATA.arrow|DATA.parquet --target COL --out DIR",
 		Short: "Train a network on tabular data and save it as a Kiln model package",
 		Long: `Reads a training spec (YAML or JSON: model, data, split and train sections;
 see core/train.Job), loads the data (CSV, Arrow IPC or Parquet: numeric
@@ -46,7 +47,14 @@ stratified), fits the preprocessing on the training split, trains with
 validation each epoch and saves DIR/model.pt (TorchScript taking raw
 feature columns) and DIR/manifest.json. Progress goes to stderr; the final
 metrics to stdout. Ctrl-C stops after the current progress interval; with
---checkpoint-dir, --resume continues a killed run.`,
+--checkpoint-dir, --resume continues a killed run.
+
+--init MODEL.pt fine-tunes a TorchScript model of any architecture instead
+(a file torch.jit.save wrote, or a package): the feature columns, unscaled,
+reshaped to --input-shape, go to its forward; --freeze PREFIX keeps the
+parameters whose names start with PREFIX fixed, --lr-group PREFIX=LR trains
+those at their own learning rate. The spec (optional then) may still give
+the data, split and train sections.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
@@ -75,7 +83,7 @@ metrics to stdout. Ctrl-C stops after the current progress interval; with
 	f.StringVar(&o.dist.masterAddr, "master-addr", "", "data-parallel training: address of node 0, where rank 0 hosts the rendezvous store (default 127.0.0.1 with one node)")
 	f.IntVar(&o.dist.masterPort, "master-port", 29500, "data-parallel training: port of the rendezvous store")
 	f.DurationVar(&o.dist.timeout, "dist-timeout", dist.DefaultTimeout, "data-parallel training: a rank that dies or hangs makes the others fail within this time")
-	cmd.MarkFlagRequired("spec")
+	o.fineTune.addTo(f)
 	cmd.MarkFlagRequired("data")
 	cmd.MarkFlagRequired("out")
 	return cmd
@@ -119,13 +127,21 @@ func runTrain(ctx context.Context, stdout, stderr io.Writer, o trainOptions) err
 	if err != nil {
 		return err
 	}
-	raw, err := os.ReadFile(o.spec)
-	if err != nil {
-		return fmt.Errorf("kiln: train: %w", err)
+	var job train.Job
+	switch {
+	case o.spec != "":
+		raw, err := os.ReadFile(o.spec)
+		if err != nil {
+			return fmt.Errorf("kiln: train: %w", err)
+		}
+		if job, err = train.ParseJob(raw); err != nil {
+			return fmt.Errorf("%w (in %s)", err, o.spec)
+		}
+	case o.fineTune.init == "":
+		return fmt.Errorf("kiln: train: --spec is required (or --init MODEL.pt to fine-tune a TorchScript model)")
 	}
-	job, err := train.ParseJob(raw)
-	if err != nil {
-		return fmt.Errorf("%w (in %s)", err, o.spec)
+	if err := o.fineTune.apply(&job); err != nil {
+		return err
 	}
 	if o.target != "" {
 		job.Data.Target = o.target

@@ -50,8 +50,12 @@ type Net struct {
 	Inputs int64
 	// Outputs is the per-sample output shape.
 	Outputs []int64
-	// Source is forward's TorchScript source.
+	// Source is forward's TorchScript source ("" for an adopted module).
 	Source string
+	// InputShape, when set, is the per-sample shape forward takes (a
+	// module adopted with Adopt, e.g. [3, 32, 32]): training reshapes the
+	// flat feature rows to [batch, InputShape...]. Empty: [batch, Inputs].
+	InputShape []int64
 }
 
 // Build builds s for samples of `features` values, initializing parameters
@@ -68,6 +72,8 @@ type param struct {
 	a, b  float64
 	dt    native.DType
 	learn bool
+	// values, when set, are a buffer's fixed float32 contents (init unused).
+	values []float32
 }
 
 // mix derives an independent seed for the i-th parameter (splitmix64).
@@ -194,6 +200,9 @@ func layerCode(info LayerInfo, l Layer) ([]string, []param) {
 		}
 		return []string{fmt.Sprintf("x = torch.softmax(x, %d)", d)}, nil
 	}
+	if code, ps, ok := seqCode(info, l); ok {
+		return code, ps
+	}
 	panic("nn: layer type passed inference but has no code: " + info.Type)
 }
 
@@ -239,6 +248,12 @@ func BuildWithPrelude(s Spec, p Prelude, seed uint64) (*Net, error) {
 		}
 	}
 	for i, pr := range params {
+		if pr.values != nil {
+			if err := addBuffer(h, Buffer{Name: pr.name, Shape: pr.shape, Float: pr.values}); err != nil {
+				return nil, fmt.Errorf("kiln: build network: %s: %w", pr.name, err)
+			}
+			continue
+		}
 		register := trainer.RegisterBufferInit
 		if pr.learn {
 			register = trainer.RegisterParameterInit

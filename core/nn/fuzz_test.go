@@ -19,6 +19,11 @@ func specSeeds(f *testing.F) {
 	f.Add([]byte(`{"input_shape":[3,6148914691236517206],"layers":[{"type":"linear","out":1}]}`), int64(2))
 	f.Add([]byte("a: &a [1, 2]\nb: [*a, *a]\n"), int64(1))
 	f.Add([]byte(`[]`), int64(1))
+	for _, c := range seqSpecs {
+		f.Add([]byte(c.yaml), c.features)
+	}
+	f.Add([]byte(`{"input_shape":[4,6],"layers":[{"type":"multihead_attention","num_heads":4}]}`), int64(24))
+	f.Add([]byte(`{"layers":[{"type":"residual","layers":[{"type":"residual","layers":[{"type":"linear","out":3}]}]}]}`), int64(4))
 	for _, s := range []nn.Spec{
 		nn.Sequential(
 			nn.Conv2d(4, 3).Named("c1"), nn.BatchNorm2d(), nn.ReLU(), nn.MaxPool2d(2),

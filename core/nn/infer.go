@@ -80,6 +80,9 @@ func mulLimit(a, b, limit int64) int64 {
 // is meant or beyond MaxSampleValues, and float settings that are not
 // finite, before any arithmetic on them.
 func checkSizes(l Layer) error {
+	if len(l.Layers) > 0 && kind(l.Type) != "residual" {
+		return fmt.Errorf("layers apply to residual blocks only")
+	}
 	for _, f := range []struct {
 		name string
 		v    int64
@@ -317,6 +320,9 @@ func infer(t string, l Layer, in []int64) ([]int64, int64, error) {
 	case "":
 		return nil, 0, fmt.Errorf("missing type")
 	}
+	if out, params, err, ok := inferSeq(t, l, in); ok {
+		return out, params, err
+	}
 	return nil, 0, fmt.Errorf("unknown layer type %q (want %s or %s)", l.Type,
 		strings.Join(LayerTypes[:len(LayerTypes)-1], ", "), LayerTypes[len(LayerTypes)-1])
 }
@@ -325,7 +331,8 @@ func infer(t string, l Layer, in []int64) ([]int64, int64, error) {
 // "BatchNorm1d", "batch_norm1d" and "batchnorm1d" are one type).
 var LayerTypes = []string{"linear", "conv1d", "conv2d", "maxpool1d", "maxpool2d", "avgpool1d", "avgpool2d",
 	"batchnorm1d", "batchnorm2d", "layernorm", "dropout", "flatten", "embedding", "relu", "gelu", "sigmoid",
-	"tanh", "softmax"}
+	"tanh", "softmax", "residual", "multiheadattention", "transformerencoderlayer", "lstm", "gru",
+	"positionalembedding", "globalavgpool", "globalavgpool1d", "globalavgpool2d"}
 
 // CheckLayers reports what can be checked of s before the data's width is
 // known: there are layers, at most MaxLayers, each of a known type (see

@@ -34,7 +34,10 @@ type Spec struct {
 type Layer struct {
 	// Type is one of linear, conv1d, conv2d, maxpool1d, maxpool2d,
 	// avgpool1d, avgpool2d, batchnorm1d, batchnorm2d, layernorm, dropout,
-	// flatten, embedding, relu, gelu, sigmoid, tanh, softmax (case and
+	// flatten, embedding, relu, gelu, sigmoid, tanh, softmax, residual,
+	// multihead_attention, transformer_encoder_layer, lstm, gru,
+	// positional_embedding, global_avg_pool (global_avg_pool1d,
+	// global_avg_pool2d) (case and
 	// underscores ignored: "MaxPool2d" and "max_pool2d" are maxpool2d).
 	Type string `json:"type"`
 	// Name names the layer's parameters ("<name>_weight"); it must be an
@@ -62,8 +65,46 @@ type Layer struct {
 	Momentum float64 `json:"momentum,omitempty"`
 	// Num is embedding's number of vectors (indices 0..Num-1).
 	Num int64 `json:"num,omitempty"`
-	// Dim is softmax's dimension within a sample (default the last).
+	// Dim is softmax's dimension within a sample (default the last), or
+	// the sample dimension global_avg_pool averages over (default: all
+	// but the first, the channels).
 	Dim *int `json:"dim,omitempty"`
+
+	// The fields below belong to the layers beyond feed-forward
+	// (layers_seq.go); they follow torch.nn's argument names.
+
+	// Layers is the body of a residual block: y = body(x) + x, with a
+	// projection of x when the body changes its shape.
+	Layers []Layer `json:"layers,omitempty"`
+	// EmbedDim and NumHeads of multihead_attention (embed_dim is the
+	// input's last dimension; given, it is checked).
+	EmbedDim int64 `json:"embed_dim,omitempty"`
+	NumHeads int64 `json:"num_heads,omitempty"`
+	// Dropout of multihead_attention, transformer_encoder_layer and
+	// between lstm/gru layers (default 0: Kiln's default, not torch's 0.1).
+	Dropout float64 `json:"dropout,omitempty"`
+	// BatchFirst must be true (or unset): Kiln's tensors are always
+	// [batch, sequence, features].
+	BatchFirst *bool `json:"batch_first,omitempty"`
+	// DModel, NHead, DimFeedforward (default 2048), Activation (relu or
+	// gelu) and NormFirst of transformer_encoder_layer.
+	DModel         int64  `json:"d_model,omitempty"`
+	NHead          int64  `json:"nhead,omitempty"`
+	DimFeedforward int64  `json:"dim_feedforward,omitempty"`
+	Activation     string `json:"activation,omitempty"`
+	NormFirst      bool   `json:"norm_first,omitempty"`
+	// HiddenSize, NumLayers (default 1) and Bidirectional of lstm and gru;
+	// Output is "sequence" (default: every step, [seq, D*hidden]) or
+	// "last" (the last layer's final hidden state, [D*hidden]; forward
+	// then backward direction).
+	HiddenSize    int64  `json:"hidden_size,omitempty"`
+	NumLayers     int64  `json:"num_layers,omitempty"`
+	Bidirectional bool   `json:"bidirectional,omitempty"`
+	Output        string `json:"output,omitempty"`
+	// MaxLen of positional_embedding: the longest sequence (default the
+	// input's length); Encoding is "learned" (default) or "sinusoidal".
+	MaxLen   int64  `json:"max_len,omitempty"`
+	Encoding string `json:"encoding,omitempty"`
 }
 
 // Sequential makes a Spec of layers.

@@ -117,6 +117,13 @@ type Config struct {
 	// torch.autocast; parameters, gradients and the optimizer stay
 	// float32.
 	AMP string `json:"amp,omitempty"`
+	// Freeze, ParamGroups and FreezeBN fine-tune part of a network (any
+	// TorchScript module: Job.Init, or one built from a spec): parameters
+	// whose names start with a Freeze prefix stay fixed, ParamGroups give
+	// per-prefix learning rates (see FineTuneConfig).
+	Freeze      []string     `json:"freeze,omitempty"`
+	ParamGroups []ParamGroup `json:"param_groups,omitempty"`
+	FreezeBN    bool         `json:"freeze_bn,omitempty"`
 	// Group, when set, makes Fit one rank of a data-parallel run over it
 	// (see core/dist and distributed.go); not part of the serialized
 	// config.
@@ -152,6 +159,7 @@ func (c Config) validate() error {
 		c.validateWorkers,
 		c.validateDevice,
 		c.validateAMP,
+		c.validateFineTune,
 	} {
 		if err := stage(); err != nil {
 			return err

@@ -146,7 +146,7 @@ func (r *run) evaluateGroup() (Metrics, error) {
 			rows[i] = lo + i
 		}
 		part := ds.Subset(rows)
-		x, y, err := part.Tensors()
+		x, y, err := tensors(part, r.net)
 		if err != nil {
 			return nil, err
 		}
@@ -255,7 +255,7 @@ func fitWorkers(ctx context.Context, net *nn.Net, trainSet, valSet *data.Dataset
 			return nil, fmt.Errorf("kiln: train: workers: %w", err)
 		}
 		cp := &nn.Net{Module: m, Layers: net.Layers, Params: net.Params, Inputs: net.Inputs,
-			Outputs: net.Outputs, Source: net.Source}
+			Outputs: net.Outputs, Source: net.Source, InputShape: net.InputShape}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()

@@ -135,6 +135,13 @@ func newTrainer(net *nn.Net, cfg Config) (trainer.Trainer, error) {
 	if !h.Valid() {
 		return trainer.Trainer{}, fmt.Errorf("kiln: train: %w", core.ErrClosed)
 	}
+	if cfg.fineTunes() {
+		tr, _, err := trainer.NewFineTuneTrainer(h, opts, cfg.fineTune())
+		if err != nil {
+			return trainer.Trainer{}, fmt.Errorf("kiln: train: %w", err)
+		}
+		return tr, nil
+	}
 	tr, err := trainer.NewTrainer(h, opts)
 	if err != nil {
 		return trainer.Trainer{}, fmt.Errorf("kiln: train: %w", err)
@@ -228,8 +235,8 @@ func scoreValues(v []float32, y []float32, h head) Metrics {
 }
 
 // evaluate runs the network over ds in eval mode and scores it.
-func evaluate(tr trainer.Trainer, ds *data.Dataset, h head, batch int) (Metrics, error) {
-	x, y, err := ds.Tensors()
+func evaluate(tr trainer.Trainer, ds *data.Dataset, h head, batch int, net *nn.Net) (Metrics, error) {
+	x, y, err := tensors(ds, net)
 	if err != nil {
 		return nil, err
 	}
@@ -267,7 +274,7 @@ func Evaluate(net *nn.Net, ds *data.Dataset, cfg Config) (Metrics, error) {
 		return nil, err
 	}
 	defer tr.Free()
-	return evaluate(tr, ds, headOf(lk), cfg.BatchSize)
+	return evaluate(tr, ds, headOf(lk), cfg.BatchSize, net)
 }
 
 // Fit trains net on trainSet, validating on valSet (may be nil) after
@@ -313,7 +320,7 @@ func Fit(ctx context.Context, net *nn.Net, trainSet, valSet *data.Dataset, cfg C
 		return nil, err
 	}
 	defer tr.Free()
-	x, y, err := trainSet.Tensors()
+	x, y, err := tensors(trainSet, net)
 	if err != nil {
 		return nil, err
 	}
@@ -452,7 +459,7 @@ func (r *run) trainEpoch(epoch int) (EpochStats, error) {
 		if r.g != nil {
 			st.Val, err = r.evaluateGroup()
 		} else {
-			st.Val, err = evaluate(r.tr, r.valSet, r.h, r.cfg.BatchSize)
+			st.Val, err = evaluate(r.tr, r.valSet, r.h, r.cfg.BatchSize, r.net)
 		}
 		if err != nil {
 			return EpochStats{}, err

@@ -4,12 +4,15 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/data"
 	"github.com/kilnml/kiln/core/modelpkg"
 	"github.com/kilnml/kiln/core/nn"
+	"github.com/kilnml/kiln/native/trainer"
 )
 
 // Job is a complete training run, as a `kiln train` spec file declares it
@@ -22,8 +25,12 @@ import (
 //
 // The last linear layer may leave out `out`: it becomes the number of
 // classes (cross_entropy) or 1.
+//
+// Instead of model layers, init names a TorchScript model to fine-tune
+// (see InitModel, and Config's freeze and param_groups).
 type Job struct {
 	Model nn.Spec           `json:"model"`
+	Init  *InitModel        `json:"init,omitempty"`
 	Data  data.Options      `json:"data"`
 	Split data.SplitOptions `json:"split"`
 	Train Config            `json:"train"`
@@ -186,6 +193,9 @@ type Report struct {
 // the validation and test splits, and, when out is not empty, saves a
 // model package there (see SavePackage).
 func Run(ctx context.Context, j Job, t *data.Table, source, out string, onEvent func(Event)) (*Report, error) {
+	if j.Init != nil {
+		return runInit(ctx, j, t, source, out, onEvent)
+	}
 	p, err := Prepare(j, t)
 	if err != nil {
 		return nil, err
@@ -195,6 +205,12 @@ func Run(ctx context.Context, j Job, t *data.Table, source, out string, onEvent 
 		return nil, err
 	}
 	defer net.Close()
+	return fitAndSave(ctx, net, p, source, out, onEvent)
+}
+
+// fitAndSave trains net on p's splits, evaluates it and saves the package
+// (when out is not empty): the rest of Run once the network exists.
+func fitAndSave(ctx context.Context, net *nn.Net, p *Prepared, source, out string, onEvent func(Event)) (*Report, error) {
 	res, err := Fit(ctx, net, p.Train, p.Val, p.Job.Train, onEvent)
 	if err != nil {
 		return nil, err
@@ -259,19 +275,41 @@ func SavePackage(dir string, net *nn.Net, p *Prepared, rep *Report, source strin
 	if err != nil {
 		return fmt.Errorf("kiln: save package: hyperparameters: %w", err)
 	}
+	input := modelpkg.TensorInfo{Name: "x", DType: "float32", Shape: []int64{-1, net.Inputs}, Columns: p.Pre.Features}
+	pre, name := p.Pre, p.Job.Model.Name
+	if p.Job.Init != nil {
+		// A fine-tuned TorchScript module takes the features as they are
+		// (no preprocessing in its forward), shaped as it wants them.
+		// Flat inputs keep the (identity: scale none) preprocessing record,
+		// so that tools that encode raw columns with it still apply.
+		if name == "" {
+			name = strings.TrimSuffix(filepath.Base(p.Job.Init.Path), filepath.Ext(p.Job.Init.Path))
+		}
+		if len(net.InputShape) > 1 {
+			input.Shape = append([]int64{-1}, net.InputShape...)
+			input.Columns, pre = nil, nil
+		}
+	}
 	m := modelpkg.Manifest{
-		Format: modelpkg.Format, Name: p.Job.Model.Name, Task: p.Pre.Task, Model: modelpkg.ModelFile,
-		Inputs: []modelpkg.TensorInfo{{Name: "x", DType: "float32", Shape: []int64{-1, net.Inputs}, Columns: p.Pre.Features}},
+		Format: modelpkg.Format, Name: name, Task: p.Pre.Task, Model: modelpkg.ModelFile,
+		Inputs: []modelpkg.TensorInfo{input},
 		Outputs: []modelpkg.TensorInfo{{Name: "y", DType: "float32", Shape: append([]int64{-1}, net.Outputs...),
 			Meaning: meaning}},
 		Labels: p.Pre.Labels, Metrics: metrics, Parameters: net.Params, Spec: p.Job.Model,
-		Preprocessing: p.Pre, Training: training,
+		Preprocessing: pre, Training: training,
 		Lineage: modelpkg.Lineage{
 			DataSHA256: p.Table.Fingerprint, DataSource: source, Rows: p.Table.Rows(),
 			SplitRows: [3]int{rows(p.Train), rows(p.Val), rows(p.Test)}, Split: &p.Job.Split,
 			Seed: p.Job.Train.Seed, Hyperparameters: hyper,
 			Created: time.Now().UTC(), KilnVersion: core.Version, TorchVersion: core.TorchVersion(),
 		},
+	}
+	if p.Job.Train.fineTunes() {
+		// Frozen parameters were saved with requires_grad false; the
+		// package's module is as trainable as the one given.
+		if err := trainer.RequireGrad(net.Handle()); err != nil {
+			return fmt.Errorf("kiln: save package: %w", err)
+		}
 	}
 	if err := modelpkg.Write(dir, net.Module, m); err != nil {
 		return fmt.Errorf("kiln: save package: %w", err)

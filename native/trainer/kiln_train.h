@@ -191,6 +191,37 @@ kiln_error kiln_trainer_evaluate(kiln_trainer* t, const kiln_tensor* x,
 kiln_error kiln_trainer_save_state(kiln_trainer* t, const char* path);
 kiln_error kiln_trainer_load_state(kiln_trainer* t, const char* path);
 
+/* ---- fine-tuning (finetune.cc) ---------------------------------------- */
+
+/* A parameter group of kiln_trainer_new_finetune: the parameters whose
+ * names start with prefix, trained at learning rate lr (> 0). */
+typedef struct {
+  const char* prefix;
+  double lr;
+} kiln_param_group;
+
+/* A trainer for any TorchScript module m (e.g. one torch.jit.load read),
+ * over its parameters as named_parameters names them ("layer1.0.conv1.weight"):
+ *  - a parameter whose name starts with one of the nfreeze prefixes in
+ *    freeze is frozen: requires_grad false, left out of the optimizer, so it
+ *    stays bit-identical; every other parameter requires grad;
+ *  - a trainable parameter goes to the first of the ngroups groups whose
+ *    prefix its name starts with and trains at that group's lr, the others
+ *    at o->lr; a schedule (kiln_trainer_set_lr, an epoch's lrs) scales
+ *    every group's rate in proportion (group lr * rate / o->lr);
+ *  - freeze_bn nonzero keeps the submodules under the freeze prefixes in
+ *    eval mode while the rest trains (batch norm then normalizes with, and
+ *    does not update, its running statistics); otherwise the whole module
+ *    switches between train and eval mode, as model.train() does.
+ * A prefix that matches no parameter, an empty prefix, a group lr <= 0 and
+ * freezing every parameter are INVALID_ARGUMENT. *trainable receives the
+ * number of trainable parameter elements (may be NULL). */
+kiln_error kiln_trainer_new_finetune(kiln_module* m, const kiln_train_options* o,
+                                     const char* const* freeze, int nfreeze,
+                                     const kiln_param_group* groups, int ngroups,
+                                     int freeze_bn, int64_t* trainable,
+                                     kiln_trainer** out);
+
 #ifdef __cplusplus
 }  /* extern "C" */
 #endif

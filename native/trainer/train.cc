@@ -282,7 +282,10 @@ double train_step(kiln_trainer* t, const at::Tensor& x, const at::Tensor& y,
 }
 
 void set_lr(kiln_trainer* t, double lr) {
-  for (auto& g : t->opt->param_groups()) g.options().set_lr(lr);
+  auto& groups = t->opt->param_groups();
+  for (size_t i = 0; i < groups.size(); i++) {
+    groups[i].options().set_lr(i < t->lr_scale.size() ? lr * t->lr_scale[i] : lr);
+  }
 }
 
 // Batch boundaries: starts[i]..starts[i+1].
@@ -320,6 +323,78 @@ at::Generator generator(uint64_t seed) {
 }
 
 }  // namespace
+
+namespace kiln {
+
+void tune_malloc_once() { tune_malloc(); }
+
+std::unique_ptr<torch::optim::Optimizer> make_optimizer(
+    const kiln_train_options& o, const std::vector<std::vector<at::Tensor>>& groups,
+    const std::vector<double>& lrs) {
+  double eps = o.eps > 0 ? o.eps : 1e-8;
+  double b1 = o.beta1 > 0 ? o.beta1 : 0.9, b2 = o.beta2 > 0 ? o.beta2 : 0.999;
+  // One options object per group (each group's own learning rate).
+  auto build = [&](auto defaults) {
+    using Options = decltype(defaults);
+    std::vector<torch::optim::OptimizerParamGroup> pg;
+    for (size_t i = 0; i < groups.size(); i++) {
+      auto gopt = std::make_unique<Options>(defaults);
+      gopt->lr(lrs[i]);
+      pg.emplace_back(groups[i], std::move(gopt));
+    }
+    return pg;
+  };
+  switch (o.optimizer) {
+    case KILN_OPTIMIZER_SGD: {
+      auto d = torch::optim::SGDOptions(o.lr)
+                   .momentum(o.momentum)
+                   .nesterov(o.nesterov != 0)
+                   .weight_decay(o.weight_decay);
+      return std::make_unique<torch::optim::SGD>(build(d), d);
+    }
+    case KILN_OPTIMIZER_ADAM: {
+      auto d = torch::optim::AdamOptions(o.lr).betas({b1, b2}).eps(eps).weight_decay(o.weight_decay);
+      return std::make_unique<torch::optim::Adam>(build(d), d);
+    }
+    case KILN_OPTIMIZER_ADAMW: {
+      auto d = torch::optim::AdamWOptions(o.lr).betas({b1, b2}).eps(eps).weight_decay(o.weight_decay);
+      return std::make_unique<torch::optim::AdamW>(build(d), d);
+    }
+    case KILN_OPTIMIZER_RMSPROP: {
+      auto d = torch::optim::RMSpropOptions(o.lr)
+                   .alpha(o.alpha > 0 ? o.alpha : 0.99)
+                   .eps(eps)
+                   .weight_decay(o.weight_decay)
+                   .momentum(o.momentum);
+      return std::make_unique<torch::optim::RMSprop>(build(d), d);
+    }
+  }
+  throw std::invalid_argument("unknown optimizer " + std::to_string(static_cast<int>(o.optimizer)));
+}
+
+}  // namespace kiln
+
+namespace kiln {
+kiln_error set_amp(kiln_trainer* t, kiln_amp amp) {
+  switch (amp) {
+    case KILN_AMP_NONE:
+      t->amp = at::ScalarType::Undefined;
+      return nullptr;
+    case KILN_AMP_BF16:
+      t->amp = at::kBFloat16;
+      return nullptr;
+    case KILN_AMP_FP16:
+      if (!t->device.is_cuda()) {
+        return make_error(KILN_ERROR_UNSUPPORTED, "mixed precision fp16 needs a CUDA device (the module is on " +
+                                                      t->device.str() + "); use bf16 on the CPU");
+      }
+      t->amp = at::kHalf;
+      return nullptr;
+  }
+  return make_error(KILN_ERROR_INVALID_ARGUMENT,
+                    "unknown mixed precision mode " + std::to_string(static_cast<int>(amp)));
+}
+}  // namespace kiln
 
 extern "C" {
 
@@ -525,58 +600,13 @@ kiln_error kiln_trainer_new(kiln_module* m, const kiln_train_options* o,
   if (o->class_weights != nullptr) t->class_weights = o->class_weights->t.detach().clone();
   t->clip = o->clip_grad_norm;
   t->device = m->device;
-  switch (o->amp) {
-    case KILN_AMP_NONE:
-      break;
-    case KILN_AMP_BF16:
-      t->amp = at::kBFloat16;
-      break;
-    case KILN_AMP_FP16:
-      if (!t->device.is_cuda()) {
-        return kiln::make_error(KILN_ERROR_UNSUPPORTED,
-                                "mixed precision fp16 needs a CUDA device (the module is on " +
-                                    t->device.str() + "); use bf16 on the CPU");
-      }
-      t->amp = at::kHalf;
-      break;
-    default:
-      return kiln::make_error(KILN_ERROR_INVALID_ARGUMENT,
-                              "unknown mixed precision mode " + std::to_string(static_cast<int>(o->amp)));
-  }
-  double eps = o->eps > 0 ? o->eps : 1e-8;
-  double b1 = o->beta1 > 0 ? o->beta1 : 0.9, b2 = o->beta2 > 0 ? o->beta2 : 0.999;
-  switch (o->optimizer) {
-    case KILN_OPTIMIZER_SGD:
-      t->opt = std::make_unique<torch::optim::SGD>(
-          t->params, torch::optim::SGDOptions(o->lr)
-                         .momentum(o->momentum)
-                         .nesterov(o->nesterov != 0)
-                         .weight_decay(o->weight_decay));
-      t->sgd = true;
-      for (const at::Tensor& p : t->params) {
-        t->keys.push_back(state_key(p));
-      }
-      break;
-    case KILN_OPTIMIZER_ADAM:
-      t->opt = std::make_unique<torch::optim::Adam>(
-          t->params, torch::optim::AdamOptions(o->lr).betas({b1, b2}).eps(eps).weight_decay(
-                         o->weight_decay));
-      break;
-    case KILN_OPTIMIZER_ADAMW:
-      t->opt = std::make_unique<torch::optim::AdamW>(
-          t->params, torch::optim::AdamWOptions(o->lr).betas({b1, b2}).eps(eps).weight_decay(
-                         o->weight_decay));
-      break;
-    case KILN_OPTIMIZER_RMSPROP:
-      t->opt = std::make_unique<torch::optim::RMSprop>(
-          t->params, torch::optim::RMSpropOptions(o->lr)
-                         .alpha(o->alpha > 0 ? o->alpha : 0.99)
-                         .eps(eps)
-                         .weight_decay(o->weight_decay)
-                         .momentum(o->momentum));
-      break;
-    default:
-      return kiln::make_error("unknown optimizer " + std::to_string(static_cast<int>(o->optimizer)));
+  if (kiln_error e = kiln::set_amp(t.get(), o->amp)) return e;
+  t->opt = kiln::make_optimizer(*o, {t->params}, {o->lr});
+  if (o->optimizer == KILN_OPTIMIZER_SGD) {
+    t->sgd = true;
+    for (const at::Tensor& p : t->params) {
+      t->keys.push_back(state_key(p));
+    }
   }
   *out = t.release();
   KILN_GUARD_END
@@ -604,7 +634,7 @@ kiln_error kiln_trainer_step(kiln_trainer* t, const kiln_tensor* x,
   KILN_GUARD_BEGIN
   kiln::sync_threads();
   try {
-    t->m.train(true);
+    kiln::enter_train(t);
     *loss = train_step(t, x->t, y->t);
   } catch (const kiln::dist_error& e) {
     return kiln::make_error(KILN_ERROR_UNAVAILABLE, e.what());
@@ -654,7 +684,7 @@ kiln_error kiln_trainer_epoch(kiln_trainer* t, const kiln_tensor* x,
   kiln::sync_threads();
   at::Tensor idx_all = at::from_blob(const_cast<int64_t*>(perm), {n}, at::kLong);
   try {
-    t->m.train(true);
+    kiln::enter_train(t);
     // One gather per epoch into shuffled order; each batch is then a
     // contiguous slice (a view): no per-step copy or gather.
     // On a GPU the gathered epoch is copied there once.

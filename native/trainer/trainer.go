@@ -226,7 +226,17 @@ func (t Trainer) Valid() bool { return t.p != nil }
 // NewTrainer makes a trainer over m's parameters. It holds its own
 // reference to m's object.
 func NewTrainer(m native.Module, o Options) (Trainer, error) {
-	co := C.kiln_train_options{
+	co := o.c()
+	var out *C.kiln_trainer
+	if err := takeErr(C.kiln_trainer_new(mod(m), &co, &out)); err != nil {
+		return Trainer{}, err
+	}
+	return Trainer{out}, nil
+}
+
+// c converts o into kiln_train_options.
+func (o Options) c() C.kiln_train_options {
+	return C.kiln_train_options{
 		loss:            C.kiln_loss(o.Loss),
 		huber_delta:     C.double(o.HuberDelta),
 		label_smoothing: C.double(o.LabelSmoothing),
@@ -243,11 +253,6 @@ func NewTrainer(m native.Module, o Options) (Trainer, error) {
 		clip_grad_norm:  C.double(o.ClipGradNorm),
 		amp:             C.kiln_amp(o.AMP),
 	}
-	var out *C.kiln_trainer
-	if err := takeErr(C.kiln_trainer_new(mod(m), &co, &out)); err != nil {
-		return Trainer{}, err
-	}
-	return Trainer{out}, nil
 }
 
 // Free releases the trainer.

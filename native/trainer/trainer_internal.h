@@ -61,6 +61,11 @@ struct kiln_trainer {
   // Runs just before backward (dist.cc: readies the buckets that hooks on
   // the parameters fill during backward).
   std::function<void(kiln_trainer*)> before_backward;
+  // Fine-tuning (finetune.cc): each optimizer parameter group's learning
+  // rate as a multiple of the scheduled rate (empty: 1 for every group),
+  // and submodules kept in eval mode while the rest trains (freeze_bn).
+  std::vector<double> lr_scale;
+  std::vector<torch::jit::Module> eval_modules;
 };
 
 namespace kiln {
@@ -69,6 +74,27 @@ namespace kiln {
 struct dist_error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+// Puts the trainer's module in train mode, except the submodules kept in
+// eval mode (frozen batch norm: running statistics neither used from the
+// batch nor updated).
+inline void enter_train(kiln_trainer* t) {
+  t->m.train(true);
+  for (auto& sub : t->eval_modules) sub.train(false);
+}
+
+// glibc malloc thresholds for training (see train.cc), once per process.
+void tune_malloc_once();
+
+// An optimizer of o's kind and hyper-parameters over groups, group i at
+// learning rate lrs[i]. Throws std::invalid_argument for an unknown kind.
+std::unique_ptr<torch::optim::Optimizer> make_optimizer(
+    const kiln_train_options& o, const std::vector<std::vector<at::Tensor>>& groups,
+    const std::vector<double>& lrs);
+// Sets t->amp from a kiln_amp for a trainer whose device is set: fp16
+// only on CUDA (UNSUPPORTED on the CPU), an unknown mode INVALID_ARGUMENT.
+// Defined in train.cc.
+kiln_error set_amp(kiln_trainer* t, kiln_amp amp);
+
 }  // namespace kiln
 
 #endif  // KILN_TRAINER_INTERNAL_H

@@ -158,6 +158,7 @@ class Model:
     def fit(self, x, y, epochs: int = 10, batch_size: int = 32, validation_split: float = 0.2,
             optimizer: str = "adam", lr: float = 1e-3, loss: Optional[str] = None, seed: int = 0,
             early_stopping: Optional[dict] = None, verbose: int = 1, callbacks=(), workers: int = 1,
+            freeze=None, param_groups=None, freeze_bn: bool = False,
             device: Optional[str] = None, amp: Optional[str] = None) -> dict:
         """Trains in Kiln's Go core (the GIL is released while it works) and
         returns the history: per-epoch loss and validation metrics. Class
@@ -171,7 +172,30 @@ class Model:
         with CUDA, and the GPU; otherwise ``kiln.UnsupportedError`` /
         ``kiln.UnavailableError`` before any work). ``amp`` is mixed
         precision: "bf16" (CPU or CUDA) or "fp16" (CUDA) autocast of
-        forward and loss, as ``torch.autocast``; weights stay float32."""
+        forward and loss, as ``torch.autocast``; weights stay float32.
+
+        A model loaded from a TorchScript file (any architecture, e.g. a
+        ResNet scripted in Python torch) is fine-tuned: x is
+        [rows, *input_shape] as its forward takes it (unscaled), every
+        parameter trains except those whose names (``named_parameters``)
+        start with a ``freeze`` prefix (e.g. ``["conv1.", "layer1."]``);
+        ``param_groups=[{"prefix": "fc.", "lr": 1e-2}]`` gives parameters
+        their own learning rate; ``freeze_bn=True`` keeps the frozen
+        modules' batch norm in eval mode. The result is TorchScript that
+        ``torch.jit.load`` reads (``save``/``export_torchscript``)."""
+        if self._h is not None and not (self.spec or {}).get("layers"):
+            from . import _finetune
+
+            with _finetune.fit(self._package or self.path, x, y, epochs=epochs, batch_size=batch_size,
+                               validation_split=validation_split, optimizer=optimizer, lr=lr, loss=loss,
+                               seed=seed, early_stopping=early_stopping, verbose=verbose, callbacks=callbacks,
+                               freeze=freeze, param_groups=param_groups, freeze_bn=freeze_bn) as (out, history):
+                old = self._adopt(load(out), out)
+            if old is not None:
+                old.Close()
+            return history
+        if freeze or param_groups or freeze_bn:
+            raise ValueError("freeze, param_groups and freeze_bn apply to fine-tuning a loaded TorchScript model")
         with _train.fit(self.spec, x, y, epochs=epochs, batch_size=batch_size, validation_split=validation_split,
                         optimizer=optimizer, lr=lr, loss=loss, seed=seed, early_stopping=early_stopping,
                         verbose=verbose, callbacks=callbacks, workers=workers, device=device,
