@@ -11,14 +11,18 @@
 //     TorchScript files with its batching on (batchSize 64, maxBatchDelay
 //     1 ms, 2 workers of 1 thread, like Kiln's 2 instances).
 //
-// The load generator runs in this process; Kiln's server too (loopback
-// gRPC/HTTP), TorchServe as child processes. The load generator reuses one
-// request message (or body) per worker and shares one gRPC connection
-// (-conns) so that its own cost per request stays low: on a small machine
-// it competes with the server for the same cores. CPU µs/req is what every
-// process involved spent per answered request; the ceiling's is the
-// forward's core-µs per row, so the gap between the two is the serving
-// overhead per request. One run, one table.
+// The load generator runs in this process; Kiln's server runs in a child
+// process (this program again, with -serve-child: serving.New on loopback
+// gRPC/HTTP), TorchServe as child processes too, so that each server's CPU
+// time is counted alone, from /proc/PID/stat (utime+stime of every thread,
+// over the measured window), apart from the load generator's (getrusage of
+// this process). The load generator reuses one request message (or body)
+// per worker and shares one gRPC connection (-conns) so that its own cost
+// per request stays low: on a small machine it competes with the server
+// for the same cores. The table gives, per answered request, the server's
+// CPU µs, the client's, and the server's overhead: its CPU µs less the
+// forward's core-µs per row at the batch size the server formed (the
+// ceiling row's figure). One run, one table.
 //
 //	go run ./bench/serve [-duration 5s] [-concurrency 1,8,64] [-models mlp,cnn]
 //	    [-servers grpc,stream,http,single,torchserve] [-conns 1] [-torchserve DIR] [-cpuprofile FILE]
@@ -88,15 +92,44 @@ type result struct {
 	elapsed   time.Duration
 	latencies []time.Duration // sorted
 	meanBatch float64         // Kiln only: rows per execution
-	cpu       time.Duration   // this process's CPU time (user+system) in the measured window
+	cpu       time.Duration   // this process's (the client's) CPU time (user+system) in the measured window
+	serverCPU time.Duration   // the server processes' CPU time in the measured window
 }
 
-// cpuPerReq is this process's CPU time per answered request, in µs.
+// cpuPerReq is the client's CPU time per answered request, in µs.
 func (r result) cpuPerReq() float64 {
 	if r.requests == 0 {
 		return 0
 	}
 	return float64(r.cpu.Microseconds()) / float64(r.requests)
+}
+
+// serverPerReq is the server's CPU time per answered request, in µs.
+func (r result) serverPerReq() float64 {
+	if r.requests == 0 {
+		return 0
+	}
+	return float64(r.serverCPU.Microseconds()) / float64(r.requests)
+}
+
+// pidCPU is the CPU time (user+system, all threads) of process pid so far,
+// from /proc (in USER_HZ ticks, 10 ms on Linux).
+func pidCPU(pid int) time.Duration {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 13 {
+		return 0
+	}
+	u, _ := strconv.ParseInt(f[11], 10, 64)
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(u+st) * (time.Second / 100)
 }
 
 // groupCPU is the CPU time (user+system) of the live processes in process
@@ -153,24 +186,20 @@ func (r result) pct(p float64) time.Duration {
 
 // load runs c workers calling do for warm (discarded), then for dur.
 //
-// The result's cpu is this process's CPU time in the measured window, plus
-// extraCPU's (another process's, e.g. TorchServe's) when extraCPU is not nil.
-func load(c int, warm, dur time.Duration, extraCPU func() time.Duration, do func(worker int) error) result {
+// The result's cpu is this process's CPU time in the measured window, its
+// serverCPU serverCPU's (the server's processes).
+func load(c int, warm, dur time.Duration, serverCPU func() time.Duration, do func(worker int) error) result {
 	var mu sync.Mutex
 	var res result
 	var wg sync.WaitGroup
 	start := time.Now()
 	measureFrom, end := start.Add(warm), start.Add(warm+dur)
-	cpuDone := make(chan time.Duration, 1)
+	cpuDone := make(chan [2]time.Duration, 1)
 	go func() {
-		cpu := processCPU
-		if extraCPU != nil {
-			cpu = func() time.Duration { return processCPU() + extraCPU() }
-		}
 		time.Sleep(time.Until(measureFrom))
-		c0 := cpu()
+		c0, s0 := processCPU(), serverCPU()
 		time.Sleep(time.Until(end))
-		cpuDone <- cpu() - c0
+		cpuDone <- [2]time.Duration{processCPU() - c0, serverCPU() - s0}
 	}()
 	for w := range c {
 		wg.Go(func() {
@@ -209,7 +238,8 @@ func load(c int, warm, dur time.Duration, extraCPU func() time.Duration, do func
 	}
 	wg.Wait()
 	res.elapsed = dur
-	res.cpu = <-cpuDone
+	cpu := <-cpuDone
+	res.cpu, res.serverCPU = cpu[0], cpu[1]
 	slices.Sort(res.latencies)
 	return res
 }
@@ -262,6 +292,90 @@ func must(err error) {
 	}
 }
 
+// serveChild is the -serve-child mode: Kiln's server over repo on loopback
+// ports; it prints "GRPC_ADDR HTTP_ADDR THREADS INSTANCES" on one line, then
+// serves until its standard input closes.
+func serveChild(repo, cpuProfile string, single bool) {
+	cfg := serving.DefaultConfig()
+	cfg.SinglePort = single
+	cfg.ModelRepository = repo
+	cfg.Host, cfg.GRPCPort, cfg.HTTPPort = "127.0.0.1", 0, 0
+	cfg.MetricsPort, cfg.FlightPort = serving.PortOff, serving.PortOff
+	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	srv, err := serving.New(cfg)
+	must(err)
+	must(srv.Start(context.Background()))
+	if cpuProfile != "" {
+		f, err := os.Create(cpuProfile)
+		must(err)
+		must(pprof.StartCPUProfile(f))
+	}
+	v, err := srv.Manager().Acquire(models[0].name, "")
+	must(err)
+	instances := v.Config().Instances()
+	v.Release()
+	fmt.Printf("%s %s %d %d\n", srv.GRPCAddr(), srv.HTTPAddr(), core.NumThreads(), instances)
+	io.Copy(io.Discard, os.Stdin)
+	if cpuProfile != "" {
+		pprof.StopCPUProfile()
+	}
+	must(srv.Shutdown(context.Background()))
+}
+
+// kilnChild is a running -serve-child process.
+type kilnChild struct {
+	cmd                *exec.Cmd
+	stdin              io.WriteCloser
+	grpcAddr, httpAddr string
+	threads, instances int
+}
+
+func startKiln(repo, cpuProfile string, single bool) (*kilnChild, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(exe, "-serve-child", "-out", filepath.Dir(repo), "-cpuprofile", cpuProfile, "-servers", map[bool]string{true: "single", false: "grpc"}[single])
+	cmd.Stderr = os.Stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, err
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	k := &kilnChild{cmd: cmd, stdin: stdin}
+	if _, err := fmt.Fscan(stdout, &k.grpcAddr, &k.httpAddr, &k.threads, &k.instances); err != nil {
+		cmd.Process.Kill()
+		cmd.Wait()
+		return nil, fmt.Errorf("the Kiln server child did not start: %w", err)
+	}
+	return k, nil
+}
+
+func (k *kilnChild) cpu() time.Duration { return pidCPU(k.cmd.Process.Pid) }
+
+func (k *kilnChild) stop() error {
+	k.stdin.Close()
+	return k.cmd.Wait()
+}
+
+// statistics returns a model's inference and execution counts from the
+// server's ModelStatistics.
+func statistics(c pb.GRPCInferenceServiceClient, name string) (inferences, executions uint64) {
+	resp, err := c.ModelStatistics(context.Background(), &pb.ModelStatisticsRequest{Name: name})
+	must(err)
+	for _, s := range resp.ModelStats {
+		inferences += s.InferenceCount
+		executions += s.ExecutionCount
+	}
+	return inferences, executions
+}
+
 func main() {
 	dur := flag.Duration("duration", 5*time.Second, "measured time per cell (after 1 s of warm-up)")
 	concFlag := flag.String("concurrency", "1,8,64", "comma-separated client concurrencies")
@@ -272,7 +386,12 @@ func main() {
 	modelFlag := flag.String("models", "mlp,cnn", "comma-separated models to run (mlp, cnn)")
 	serverFlag := flag.String("servers", "grpc,stream,http,torchserve", "comma-separated servers to run: grpc (Kiln ModelInfer), stream (Kiln ModelStreamInfer), http (Kiln REST), single (ModelInfer on the single port), torchserve")
 	nconns := flag.Int("conns", 1, "gRPC client connections the workers share (worker i uses connection i mod conns)")
+	child := flag.Bool("serve-child", false, "internal: run only Kiln's server over -out/repo (see serveChild)")
 	flag.Parse()
+	if *child {
+		serveChild(filepath.Join(*out, "repo"), *cpuProfile, strings.Contains(*serverFlag, "single"))
+		return
+	}
 	models = slices.DeleteFunc(models, func(m model) bool { return !slices.Contains(strings.Split(*modelFlag, ","), m.name) })
 	servers := strings.Split(*serverFlag, ",")
 	if abs, err := filepath.Abs(*tsDir); err == nil {
@@ -310,49 +429,43 @@ func main() {
 	}
 	results := map[key]result{}
 	type ceil struct {
-		rows  float64 // rows/s
-		batch int
+		rows      float64 // rows/s
+		cpuPerRow float64 // CPU µs per row
+		batch     int
 	}
 	ceilings := map[key]ceil{}
 
-	// Kiln.
-	cfg := serving.DefaultConfig()
-	cfg.ModelRepository = filepath.Join(*out, "repo")
-	cfg.Host, cfg.GRPCPort, cfg.HTTPPort = "127.0.0.1", 0, 0
-	cfg.MetricsPort, cfg.FlightPort = serving.PortOff, serving.PortOff
-	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	cfg.SinglePort = slices.Contains(servers, "single")
-	srv, err := serving.New(cfg)
-	must(err)
-	must(srv.Start(context.Background()))
-	threads := core.NumThreads()
+	// Kiln, in a child process (the profile, if any, is the server's).
+	var err error
 	if *cpuProfile != "" {
-		f, err := os.Create(*cpuProfile)
+		*cpuProfile, err = filepath.Abs(*cpuProfile)
 		must(err)
-		must(pprof.StartCPUProfile(f))
 	}
+	outAbs, err := filepath.Abs(*out)
+	must(err)
+	single := slices.Contains(servers, "single")
+	kiln, err := startKiln(filepath.Join(outAbs, "repo"), *cpuProfile, single)
+	must(err)
+	threads, instances := kiln.threads, kiln.instances
+	must(core.SetNumThreads(threads)) // the ceiling's forward, like the server's
 	conns := make([]*grpc.ClientConn, *nconns)
 	for i := range conns {
-		conns[i], err = grpc.NewClient(srv.GRPCAddr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+		conns[i], err = grpc.NewClient(kiln.grpcAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 		must(err)
 	}
 	singleConns := make([]*grpc.ClientConn, *nconns)
-	if cfg.SinglePort {
+	if single {
 		for i := range singleConns {
-			singleConns[i], err = grpc.NewClient(srv.HTTPAddr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+			singleConns[i], err = grpc.NewClient(kiln.httpAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 			must(err)
 		}
 	}
+	statsClient := pb.NewGRPCInferenceServiceClient(conns[0])
 	httpc := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256, MaxConnsPerHost: 256}}
-	httpURL := "http://" + srv.HTTPAddr().String()
-	instances := 0
+	httpURL := "http://" + kiln.httpAddr
 	var modules []*core.Module
 	protos := map[string]string{"grpc": "kiln gRPC", "stream": "kiln gRPC stream", "http": "kiln HTTP", "single": "kiln gRPC single port"}
 	for _, m := range models {
-		v, err := srv.Manager().Acquire(m.name, "")
-		must(err)
-		instances = v.Config().Instances()
-		v.Release()
 		mod, err := core.LoadModule(filepath.Join(*out, "repo", m.name, "1", "model.pt"))
 		must(err)
 		modules = append(modules, mod)
@@ -362,9 +475,7 @@ func main() {
 				if !ok {
 					continue
 				}
-				v, err := srv.Manager().Acquire(m.name, "")
-				must(err)
-				before := v.Stats().Snapshot()
+				inf0, ex0 := statistics(statsClient, m.name)
 				var do func(int) error
 				var cleanup func()
 				switch s {
@@ -442,23 +553,23 @@ func main() {
 						return httpDo(httpc, req)
 					}
 				}
-				r := load(c, warm, *dur, nil, do)
+				r := load(c, warm, *dur, kiln.cpu, do)
 				if cleanup != nil {
 					cleanup()
 				}
-				after := v.Stats().Snapshot()
-				v.Release()
-				if ex := after.ExecutionCount - before.ExecutionCount; ex > 0 {
-					r.meanBatch = float64(after.InferenceCount-before.InferenceCount) / float64(ex)
+				inf1, ex1 := statistics(statsClient, m.name)
+				if ex := ex1 - ex0; ex > 0 {
+					r.meanBatch = float64(inf1-inf0) / float64(ex)
 				}
 				results[key{m.name, proto, c}] = r
-				fmt.Fprintf(os.Stderr, "%s c=%d %s: %.0f req/s, mean batch %.1f, %.0f µs CPU/req, %d errors\n", m.name, c, proto, r.rps(), r.meanBatch, r.cpuPerReq(), r.errors)
+				fmt.Fprintf(os.Stderr, "%s c=%d %s: %.0f req/s, mean batch %.1f, server %.0f µs CPU/req, client %.0f, %d errors\n", m.name, c, proto, r.rps(), r.meanBatch, r.serverPerReq(), r.cpuPerReq(), r.errors)
 				if _, done := ceilings[key{m.name, "", c}]; !done {
 					// The ceiling right after the first Kiln run of this
 					// cell, at the batch size the server formed, the server
 					// idle.
 					b := max(1, int(math.Round(r.meanBatch)))
-					ceilings[key{m.name, "", c}] = ceil{ceiling(mod, m, b, instances, *dur/2), b}
+					rows, cpu := ceiling(mod, m, b, instances, *dur/2)
+					ceilings[key{m.name, "", c}] = ceil{rows, cpu, b}
 				}
 			}
 		}
@@ -471,10 +582,7 @@ func main() {
 	for _, m := range modules {
 		m.Close()
 	}
-	must(srv.Shutdown(context.Background()))
-	if *cpuProfile != "" {
-		pprof.StopCPUProfile()
-	}
+	must(kiln.stop())
 
 	// TorchServe.
 	if !slices.Contains(servers, "torchserve") {
@@ -487,14 +595,14 @@ func main() {
 	}
 
 	// The table: per model and concurrency, each server, then the ceiling.
-	// CPU µs/req is the CPU time of everything involved per answered
-	// request (Kiln: this process, load generator and server together;
-	// TorchServe: its JVM and workers plus this process's client); for the
-	// ceiling it is the core-µs of forward per row, which no server on
-	// these CPUs can go under.
-	cores := min(instances*threads, runtime.NumCPU())
+	// server / client CPU µs/req: the CPU time of the server's processes
+	// (Kiln's child; TorchServe's JVM and Python workers) and of this
+	// process (the load generator) per answered request; overhead µs/req:
+	// the server's less the forward's CPU µs per row at the batch size
+	// Kiln formed (the ceiling's server figure, which no server on these
+	// CPUs can go under).
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "model\tconc\tserver\treq/s\tp50 ms\tp99 ms\tmean batch\tCPU µs/req\t% of ceiling\t× TorchServe\terrors\t")
+	fmt.Fprintln(tw, "model\tconc\tserver\treq/s\tp50 ms\tp99 ms\tmean batch\tserver CPU µs/req\toverhead µs/req\tclient CPU µs/req\t% of ceiling\t× TorchServe\terrors\t")
 	for _, m := range models {
 		for _, c := range concs {
 			ceil, haveCeil := ceilings[key{m.name, "", c}]
@@ -504,12 +612,15 @@ func main() {
 				if !ok {
 					continue
 				}
-				batch, ofCeil, vsTS := "-", "-", "-"
+				batch, ofCeil, vsTS, over := "-", "-", "-", "-"
 				if r.meanBatch > 0 {
 					batch = fmt.Sprintf("%.1f", r.meanBatch)
 				}
 				if haveCeil && ceil.rows > 0 {
 					ofCeil = fmt.Sprintf("%.0f%%", 100*r.rps()/ceil.rows)
+					if server != "TorchServe" {
+						over = fmt.Sprintf("%.0f", r.serverPerReq()-ceil.cpuPerRow)
+					}
 				}
 				if haveTS && ts.rps() > 0 && server != "TorchServe" {
 					vsTS = fmt.Sprintf("%.1f×", r.rps()/ts.rps())
@@ -518,27 +629,27 @@ func main() {
 				if r.firstErr != nil {
 					errs += " (" + firstLine(r.firstErr.Error()) + ")"
 				}
-				fmt.Fprintf(tw, "%s\t%d\t%s\t%.0f\t%.2f\t%.2f\t%s\t%.0f\t%s\t%s\t%s\t\n", m.name, c, server, r.rps(),
-					ms(r.pct(0.50)), ms(r.pct(0.99)), batch, r.cpuPerReq(), ofCeil, vsTS, errs)
+				fmt.Fprintf(tw, "%s\t%d\t%s\t%.0f\t%.2f\t%.2f\t%s\t%.0f\t%s\t%.0f\t%s\t%s\t%s\t\n", m.name, c, server, r.rps(),
+					ms(r.pct(0.50)), ms(r.pct(0.99)), batch, r.serverPerReq(), over, r.cpuPerReq(), ofCeil, vsTS, errs)
 			}
 			if haveCeil {
 				vsTS := "-"
 				if haveTS && ts.rps() > 0 {
 					vsTS = fmt.Sprintf("%.1f×", ceil.rows/ts.rps())
 				}
-				fmt.Fprintf(tw, "%s\t%d\t%s\t%.0f\t-\t-\t%d\t%.0f\t100%%\t%s\t-\t\n", m.name, c, "ceiling", ceil.rows,
-					ceil.batch, float64(cores)*1e6/ceil.rows, vsTS)
+				fmt.Fprintf(tw, "%s\t%d\t%s\t%.0f\t-\t-\t%d\t%.1f\t0\t-\t100%%\t%s\t-\t\n", m.name, c, "ceiling", ceil.rows,
+					ceil.batch, ceil.cpuPerRow, vsTS)
 			}
 		}
 	}
 	tw.Flush()
-	fmt.Printf("\nOne-row FP32 requests; %v measured per cell after 1 s warm-up; load generator and Kiln in one process, sharing the same %d CPUs (%s/%s, no pinning), loopback; %d gRPC connection(s) shared by the workers; stream: one ModelStreamInfer stream per worker.\n",
+	fmt.Printf("\nOne-row FP32 requests; %v measured per cell after 1 s warm-up; the load generator in this process, Kiln's server in a child process, on the same %d CPUs (%s/%s, no pinning: each process's CPU time is counted apart, from /proc/PID/stat and getrusage), loopback; %d gRPC connection(s) shared by the workers; stream: one ModelStreamInfer stream per worker.\n",
 		*dur, runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, *nconns)
 	fmt.Printf("Kiln: libtorch %s, %d instances × %d intra-op (and OpenBLAS) threads, dynamic batching max_batch_size 64, max_queue_delay_us 100.\n",
 		core.TorchVersion(), instances, threads)
-	fmt.Printf("ceiling: raw core.Module.Forward, no server and no load generator, on the same CPUs with the server's resources (%d goroutines × %d intra-op threads), at the batch size Kiln's first run of that cell formed (rounded), right after it; req/s = rows/s; CPU µs/req = %d cores × 1e6 / rows/s = forward core-µs per row.\n",
-		instances, threads, cores)
-	fmt.Printf("CPU µs/req: CPU time (user+system) per answered request of everything that ran: Kiln rows = this process (load generator + server); TorchServe rows = its JVM and Python workers + this process's client.\n")
+	fmt.Printf("ceiling: raw core.Module.Forward, no server and no load generator, with the server's resources (%d goroutines × %d intra-op threads), at the batch size Kiln's first run of that cell formed (rounded), right after it; req/s = rows/s; server CPU µs/req = the process's CPU time per row forwarded.\n",
+		instances, threads)
+	fmt.Printf("server CPU µs/req: the server processes' CPU time (user+system) per answered request (Kiln: its child process; TorchServe: its JVM and Python workers); overhead = server CPU less the ceiling's forward CPU per row; client CPU µs/req: the load generator's (this process).\n")
 	fmt.Printf("mlp: 784-512-256-10 MLP; cnn: 3x32x32 conv16-pool-conv32-pool-fc128-fc10.\n")
 	fmt.Println("TorchServe:", tsNote)
 }
@@ -596,12 +707,15 @@ func httpDo(c *http.Client, req *http.Request) error {
 }
 
 // ceiling returns the rows per second of Forward on batches of b rows,
-// from `instances` goroutines at once, over about dur.
-func ceiling(mod *core.Module, m model, b, instances int, dur time.Duration) float64 {
-	var wg sync.WaitGroup
+// from `instances` goroutines at once, over about dur, and the CPU µs this
+// process spent per row.
+func ceiling(mod *core.Module, m model, b, instances int, dur time.Duration) (float64, float64) {
+	var wg, warmed sync.WaitGroup
 	var mu sync.Mutex
 	total := 0
 	var elapsed time.Duration
+	start := make(chan struct{})
+	warmed.Add(instances)
 	for g := range instances {
 		wg.Go(func() {
 			row := randomRow(m, uint64(g))
@@ -619,6 +733,8 @@ func ceiling(mod *core.Module, m model, b, instances int, dur time.Duration) flo
 				must(err)
 				core.CloseAll(outs)
 			}
+			warmed.Done()
+			<-start
 			n := 0
 			t0 := time.Now()
 			for time.Since(t0) < dur {
@@ -634,8 +750,12 @@ func ceiling(mod *core.Module, m model, b, instances int, dur time.Duration) flo
 			mu.Unlock()
 		})
 	}
+	warmed.Wait()
+	cpu0 := processCPU()
+	close(start)
 	wg.Wait()
-	return float64(total) / elapsed.Seconds()
+	cpu := processCPU() - cpu0
+	return float64(total) / elapsed.Seconds(), float64(cpu.Microseconds()) / float64(total)
 }
 
 func freePort() int {

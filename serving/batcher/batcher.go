@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/bits"
 	"runtime"
 	"slices"
 	"strconv"
@@ -92,18 +93,34 @@ func (e *ExecError) Unwrap() error { return e.Err }
 
 type result struct {
 	outputs []Tensor
+	tensors []*core.Tensor // a direct request's outputs, owned by its caller
 	err     error
 }
+
+// Request states of a direct request (see ForwardTensors): an instance
+// takes it only from queued, its caller gives it up only from queued.
+const (
+	stateQueued int32 = iota
+	stateRunning
+	stateAbandoned
+)
 
 type request struct {
 	ctx       context.Context
 	inputs    []Tensor
+	direct    []*core.Tensor // ForwardTensors' inputs: run alone, never merged
 	rows      int
 	key       string // requests merge only with equal keys
 	enqueued  time.Time
 	done      chan result
 	abandoned atomic.Bool
+	state     atomic.Int32 // direct requests only
 }
+
+// directKey is the merge key of direct requests: no Submit request has it
+// (theirs are built of digits, commas and semicolons), and a direct request
+// is never merged with another one either (see pickLocked).
+const directKey = "direct"
 
 // Batcher queues requests and executes them on its instances.
 type Batcher struct {
@@ -195,6 +212,66 @@ func (b *Batcher) Submit(ctx context.Context, inputs []Tensor) ([]Tensor, error)
 		return res.outputs, res.err
 	case <-ctx.Done():
 		r.abandoned.Store(true)
+		return nil, ctx.Err()
+	}
+}
+
+// ForwardTensors runs inputs, tensors of any number of rows (the
+// MaxBatchSize bound does not apply), through the model in one execution
+// on one of the batcher's instances, queued with the Submit requests but
+// never merged with them, and returns the model's outputs without copying
+// them: the caller owns and must close them. The inputs are not copied
+// either; they must stay open until ForwardTensors returns, and the caller
+// closes them. It is for callers that already hold a whole batch in C
+// memory (Flight's DoExchange), where Submit would copy it in and out.
+// Errors are those of Submit; a failed execution is an *ExecError.
+func (b *Batcher) ForwardTensors(ctx context.Context, inputs []*core.Tensor) ([]*core.Tensor, error) {
+	if len(inputs) == 0 {
+		return nil, core.Errorf(core.InvalidArgument, "batcher: request without inputs")
+	}
+	rows := 1
+	for i, t := range inputs {
+		if t == nil {
+			return nil, core.Errorf(core.InvalidArgument, "batcher: input %d is nil", i)
+		}
+		if b.opts.MaxBatchSize > 0 && t.Dim() == 0 {
+			return nil, core.Errorf(core.InvalidArgument, "batcher: input %d has no batch dimension", i)
+		}
+	}
+	if b.opts.MaxBatchSize > 0 {
+		rows = int(inputs[0].Shape()[0])
+	}
+	r := &request{ctx: ctx, direct: inputs, rows: rows, key: directKey, done: make(chan result, 1)}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	b.mu.Lock()
+	switch {
+	case b.closed:
+		b.mu.Unlock()
+		return nil, ErrClosed
+	case b.opts.MaxQueueSize > 0 && len(b.queue) >= b.opts.MaxQueueSize:
+		b.mu.Unlock()
+		return nil, ErrQueueFull
+	}
+	r.enqueued = time.Now()
+	b.queue = append(b.queue, r)
+	b.mu.Unlock()
+	select {
+	case b.notify <- struct{}{}:
+	default:
+	}
+	select {
+	case res := <-r.done:
+		return res.tensors, res.err
+	case <-ctx.Done():
+		if r.state.CompareAndSwap(stateQueued, stateAbandoned) {
+			r.abandoned.Store(true) // dropExpiredLocked removes it
+			return nil, ctx.Err()
+		}
+		// An instance runs it: the inputs are in use until it ends.
+		res := <-r.done
+		core.CloseAll(res.tensors)
 		return nil, ctx.Err()
 	}
 }
@@ -396,6 +473,9 @@ func (b *Batcher) pickLocked(now time.Time) ([]int, bool) {
 		return []int{0}, true
 	}
 	head := b.queue[0]
+	if head.direct != nil {
+		return []int{0}, true
+	}
 	picked := []int{0}
 	rows := head.rows
 	sums := []int{rows}
@@ -429,6 +509,10 @@ func (b *Batcher) pickLocked(now time.Time) ([]int, bool) {
 
 // execute runs one batch and answers its requests.
 func (b *Batcher) execute(batch []*request) {
+	if batch[0].direct != nil {
+		b.executeDirect(batch[0])
+		return
+	}
 	start := time.Now()
 	outs, rows, tIn, tInfer, err := b.forward(batch)
 	if err != nil && len(batch) > 1 {
@@ -461,6 +545,27 @@ func (b *Batcher) execute(batch []*request) {
 	for i, r := range batch {
 		r.done <- result{outputs: results[i]}
 	}
+}
+
+// executeDirect runs a ForwardTensors request alone and hands its outputs
+// over to its caller.
+func (b *Batcher) executeDirect(r *request) {
+	if !r.state.CompareAndSwap(stateQueued, stateRunning) {
+		return // its caller left
+	}
+	start := time.Now()
+	outs, err := b.run(r.direct)
+	infer := time.Since(start)
+	if err != nil {
+		r.done <- result{err: &ExecError{Err: err}}
+		return
+	}
+	bucket := r.rows
+	if bucket > b.opts.MaxBatchSize && bucket > 1 {
+		bucket = 1 << bits.Len(uint(bucket-1))
+	}
+	b.stats.recordExecutionAs(bucket, r.rows, []time.Duration{start.Sub(r.enqueued)}, 0, infer, 0)
+	r.done <- result{tensors: outs}
 }
 
 // forward merges the batch's inputs into C tensors and runs the model.

@@ -73,15 +73,22 @@ func (s *Stats) RecordRequest(ok bool, d time.Duration) {
 }
 
 func (s *Stats) recordExecution(rows int, requests []time.Duration, in, infer, out time.Duration) {
+	s.recordExecutionAs(rows, rows, requests, in, infer, out)
+}
+
+// recordExecutionAs records an execution of rows under the batch size
+// bucket (ForwardTensors' batches, of any size, are recorded under a power
+// of two, so that the sizes kept stay few).
+func (s *Stats) recordExecutionAs(bucket, rows int, requests []time.Duration, in, infer, out time.Duration) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.batches == nil {
 		s.batches = map[int]*BatchStats{}
 	}
-	b := s.batches[rows]
+	b := s.batches[bucket]
 	if b == nil {
-		b = &BatchStats{Size: rows}
-		s.batches[rows] = b
+		b = &BatchStats{Size: bucket}
+		s.batches[bucket] = b
 	}
 	b.ComputeInput.add(in)
 	b.ComputeInfer.add(infer)

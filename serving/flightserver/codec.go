@@ -8,6 +8,7 @@ import (
 	"math/bits"
 	"sync"
 	"sync/atomic"
+	"unsafe"
 
 	"github.com/apache/arrow-go/v18/arrow/flight"
 	"github.com/apache/arrow-go/v18/arrow/ipc"
@@ -18,6 +19,7 @@ import (
 	"google.golang.org/protobuf/encoding/protowire"
 	gproto "google.golang.org/protobuf/proto"
 
+	"github.com/kilnml/kiln/arrowio"
 	"github.com/kilnml/kiln/serving/limits"
 )
 
@@ -41,7 +43,12 @@ func newFlightCodec() flightCodec { return flightCodec{proto: encoding.GetCodecV
 
 func (c flightCodec) Name() string { return proto.Name }
 
-func (c flightCodec) Marshal(v any) (mem.BufferSlice, error) { return c.proto.Marshal(v) }
+func (c flightCodec) Marshal(v any) (mem.BufferSlice, error) {
+	if m, ok := v.(*outMessage); ok {
+		return m.marshal(), nil
+	}
+	return c.proto.Marshal(v)
+}
 
 func (c flightCodec) Unmarshal(data mem.BufferSlice, v any) error {
 	fd, ok := v.(*flight.FlightData)
@@ -51,6 +58,8 @@ func (c flightCodec) Unmarshal(data mem.BufferSlice, v any) error {
 	r := data.Reader()
 	defer r.Close()
 	if err := unmarshalFlightData(r, fd); err != nil {
+		bodyPool.put(fd.DataBody)
+		fd.DataBody = nil
 		return fmt.Errorf("decoding FlightData: %w", err)
 	}
 	return nil
@@ -125,11 +134,11 @@ func unmarshalFlightData(r *mem.Reader, fd *flight.FlightData) error {
 				return err
 			}
 		case fdDataBody:
-			b := bodyPool.get(int(n))
-			if _, err := io.ReadFull(r, b); err != nil {
+			bodyPool.put(fd.DataBody) // a repeated field: the last wins
+			fd.DataBody = bodyPool.get(int(n))
+			if _, err := io.ReadFull(r, fd.DataBody); err != nil {
 				return errTruncated
 			}
-			fd.DataBody = b
 		default:
 			if d, _ := r.Discard(int(n)); uint64(d) != n {
 				return errTruncated
@@ -140,21 +149,39 @@ func unmarshalFlightData(r *mem.Reader, fd *flight.FlightData) error {
 }
 
 // minPooledBody is the smallest body kept in bodyPool; smaller ones are
-// ordinary allocations.
+// ordinary Go allocations.
 const minPooledBody = 64 << 10
 
-// sizedPools recycles record batch bodies by power-of-two capacity, so that
-// a long DoPut stream reuses a few buffers instead of allocating (and
-// zeroing) a new one per batch. A body not given back is collected by the
-// garbage collector like any slice.
+// maxKeptBodyBytes bounds the idle bodies bodyPool keeps for reuse; a body
+// given back beyond it is freed.
+const maxKeptBodyBytes = 128 << 20
+
+// sizedPools recycles record batch bodies of C memory (an arrowio
+// Allocator's: malloc'd, 64-byte aligned, known to arrowio) by
+// power-of-two capacity, so that a long DoPut or DoExchange stream reuses a
+// few buffers instead of allocating (and faulting in) a new one per batch,
+// and so that DoExchange hands the columns of a batch to libtorch without
+// copying them (arrowio.ArrayToTensor shares C memory it knows of). C
+// memory is not garbage collected: every body get returns must come back
+// through put (the readers do it when the last Arrow buffer slicing the
+// body is released); put frees what it does not keep. Bodies under
+// minPooledBody are Go slices, which put ignores.
 type sizedPools struct {
-	pools [48]sync.Pool
-	puts  atomic.Int64 // buffers given back, for tests
+	alloc *arrowio.Allocator
+
+	mu   sync.Mutex
+	free [48][][]byte
+	kept int64
+	live map[uintptr]struct{} // bodies handed out by get, by address
+
+	puts atomic.Int64 // buffers given back, for tests
 }
 
-var bodyPool sizedPools
+var bodyPool = sizedPools{alloc: arrowio.NewAllocator(), live: map[uintptr]struct{}{}}
 
 func poolClass(n int) int { return bits.Len(uint(n - 1)) }
+
+func addr(b []byte) uintptr { return uintptr(unsafe.Pointer(unsafe.SliceData(b))) }
 
 // get returns a slice of length n; its contents are arbitrary.
 func (p *sizedPools) get(n int) []byte {
@@ -162,21 +189,50 @@ func (p *sizedPools) get(n int) []byte {
 		return make([]byte, n)
 	}
 	c := poolClass(n)
-	if b, ok := p.pools[c].Get().(*[]byte); ok {
-		return (*b)[:n]
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var b []byte
+	if k := len(p.free[c]); k > 0 {
+		b = p.free[c][k-1]
+		p.free[c] = p.free[c][:k-1]
+		p.kept -= int64(cap(b))
+	} else {
+		b = p.alloc.Allocate(1 << c)
 	}
-	return make([]byte, n, 1<<c)
+	p.live[addr(b)] = struct{}{}
+	return b[:n]
 }
 
-// put gives b back for reuse; nothing may use it afterwards.
+// put gives b, a body that get returned, back for reuse; nothing may use it
+// afterwards. Slices get did not return (Go memory, other C memory) are
+// left alone.
 func (p *sizedPools) put(b []byte) {
 	c := cap(b)
 	if c < minPooledBody || c&(c-1) != 0 {
 		return // not one of ours
 	}
 	b = b[:c]
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if _, ok := p.live[addr(b)]; !ok {
+		return
+	}
+	delete(p.live, addr(b))
 	p.puts.Add(1)
-	p.pools[poolClass(c)].Put(&b)
+	if p.kept+int64(c) > maxKeptBodyBytes {
+		p.alloc.Free(b)
+		return
+	}
+	p.kept += int64(c)
+	p.free[poolClass(c)] = append(p.free[poolClass(c)], b)
+}
+
+// outstanding returns the number of bodies handed out and not given back,
+// for tests.
+func (p *sizedPools) outstanding() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.live)
 }
 
 // poolAllocator frees the bodies of bodyPool back to it; it allocates like
@@ -207,13 +263,20 @@ func (poolAllocator) Free(b []byte) { bodyPool.put(b) }
 // message is read (DoPut has written the batch by then) or the reader is
 // released; a message the gate refuses is a RESOURCE_EXHAUSTED error.
 type pooledMessageReader struct {
-	stream   flight.FlightService_DoPutServer
+	stream   recvStream
 	msg      *ipc.Message
 	descr    *flight.FlightDescriptor
+	meta     []byte // the app_metadata of msg
 	refCount int64
 	lim      headerLimits
 	gate     *limits.Gate
 	held     int64 // admitted for msg
+	checked  bool  // stream checks and admits messages itself (checkedStream)
+}
+
+// recvStream is the receiving side of a DoPut or DoExchange stream.
+type recvStream interface {
+	Recv() (*flight.FlightData, error)
 }
 
 func (d *pooledMessageReader) Message() (*ipc.Message, error) {
@@ -228,6 +291,16 @@ func (d *pooledMessageReader) Message() (*ipc.Message, error) {
 		var err error
 		if fd, err = d.stream.Recv(); err != nil {
 			return nil, err
+		}
+		if d.checked {
+			if fd.FlightDescriptor != nil {
+				d.descr = fd.FlightDescriptor
+			}
+			if len(fd.DataHeader) > 0 {
+				break
+			}
+			bodyPool.put(fd.DataBody)
+			continue
 		}
 		if err := checkFlightData(fd, d.lim); err != nil {
 			bodyPool.put(fd.DataBody)
@@ -251,6 +324,7 @@ func (d *pooledMessageReader) Message() (*ipc.Message, error) {
 		// IPC message (as Flight's own readers treat it).
 		bodyPool.put(fd.DataBody)
 	}
+	d.meta = fd.AppMetadata
 	body := memory.NewBufferWithAllocator(fd.DataBody, poolAllocator{})
 	d.msg = ipc.NewMessage(memory.NewBufferBytes(fd.DataHeader), body)
 	body.Release() // the message holds it now
@@ -293,8 +367,27 @@ func newPutReader(stream flight.FlightService_DoPutServer, mem memory.Allocator,
 	return &putReader{Reader: rdr, mr: mr}, nil
 }
 
+// newExchangeReader reads a DoExchange stream's schema, like
+// newPutReader, from a checkedStream, which checks and admits every
+// message itself. Bodies go back to bodyPool when the last Arrow buffer
+// slicing them is released, so the batches it returns may be retained past
+// the next Read.
+func newExchangeReader(stream *checkedStream, mem memory.Allocator) (*putReader, error) {
+	mr := &pooledMessageReader{stream: stream, refCount: 2, checked: true}
+	rdr, err := ipc.NewReaderFromMessageReader(mr, ipc.WithAllocator(mem))
+	if err != nil {
+		mr.Release()
+		return nil, err
+	}
+	return &putReader{Reader: rdr, mr: mr}, nil
+}
+
 // LatestFlightDescriptor returns the last descriptor the stream carried.
 func (p *putReader) LatestFlightDescriptor() *flight.FlightDescriptor { return p.mr.descr }
+
+// LatestAppMetadata returns the app_metadata of the message of the last
+// record batch read.
+func (p *putReader) LatestAppMetadata() []byte { return p.mr.meta }
 
 // Release releases the reader and its last message.
 func (p *putReader) Release() {

@@ -56,10 +56,13 @@
 // VERSION] (the highest serving version when omitted) reads record batches
 // of inputs and answers each with one record batch of predictions, in
 // order, echoing the input batch's app_metadata. Input batches are
-// pipelined, and each is split into requests of at most the model's
-// max_batch_size rows that the dynamic batcher merges with other clients'
-// (gRPC or Flight) requests; the version's statistics count them as the
-// gRPC service does.
+// pipelined (up to four in flight per stream, their bytes held in the
+// server's in-flight memory gate until answered): while one batch runs
+// through the model, the next ones are received and decoded and the
+// previous answer is written. Each batch runs whole, as one execution on
+// one of the version's instances, queued with the gRPC requests in its
+// dynamic batcher but never cut into max_batch_size requests nor merged
+// (batcher.Batcher.ForwardTensors); the version's statistics count it.
 //
 // An input is the column named as the model input, of exactly the input's
 // datatype, holding one value per row: a numeric column for an input with
@@ -82,8 +85,17 @@
 // Each model output becomes a column named after it: a numeric column for
 // outputs with one value per row, a fixed_shape_tensor of the per-row shape
 // otherwise. Outputs must have one row per input row, and one shape for the
-// whole stream. The batcher copies inputs once into C memory (merging
-// requests) and outputs once out of libtorch's.
+// whole stream.
+//
+// Copies: the server's gRPC codec receives each record batch body once,
+// from gRPC's buffers into recycled C memory (malloc'd, 64-byte aligned);
+// an input column there (one column, no permutation: any column arrow-go
+// decoded without compression) becomes the model's input tensor without a
+// copy, sharing the Arrow buffer, slices at their offset included. Other
+// inputs (permuted tensors, stacked features, compressed bodies) are
+// copied once into C memory. The answer's columns are the model's output
+// memory, sent without a copy: the FlightData references the buffers until
+// gRPC has written them.
 //
 // Errors end the stream with a status: INVALID_ARGUMENT for a descriptor,
 // schema or batch that does not fit the model (missing input columns, wrong

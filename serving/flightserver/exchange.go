@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unsafe"
 
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/array"
@@ -95,11 +96,12 @@ func rowType(dt arrow.DataType) (elem arrow.DataType, shape, phys, perm []int64)
 	return dt, nil, nil, nil
 }
 
-// permuteRows returns rows of permuted tensors in their logical row-major
-// order: row r's physical values src[r*n:(r+1)*n] (n = product of phys, in
-// elements of size bytes) hold a tensor of physical shape phys whose
-// logical dimension i is physical dimension perm[i].
-func permuteRows(src []byte, rows int, phys, perm []int64, size int) []byte {
+// permuteRows writes into out, as long as src, rows of permuted tensors in
+// their logical row-major order: row r's physical values src[r*n:(r+1)*n]
+// (n = product of phys, in elements of size bytes) hold a tensor of
+// physical shape phys whose logical dimension i is physical dimension
+// perm[i].
+func permuteRows(out, src []byte, rows int, phys, perm []int64, size int) {
 	k := len(phys)
 	pstride := make([]int64, k)
 	n := int64(1)
@@ -112,7 +114,6 @@ func permuteRows(src []byte, rows int, phys, perm []int64, size int) []byte {
 	for i, p := range perm {
 		shape[i], stride[i] = phys[p], pstride[p]
 	}
-	out := make([]byte, len(src))
 	idx := make([]int64, k)
 	for r := 0; r < rows; r++ {
 		row := src[int64(r)*n*int64(size):]
@@ -132,7 +133,6 @@ func permuteRows(src []byte, rows int, phys, perm []int64, size int) []byte {
 			}
 		}
 	}
-	return out
 }
 
 func dtypeOf(dt arrow.DataType) (core.DType, repository.DataType, error) {
@@ -293,6 +293,11 @@ func columnBytes(col arrow.Array, elemSize int, rowElems int64) ([]byte, error) 
 // whose rows are copied into their logical order; stacked columns are
 // interleaved into a new buffer.
 func (src *inputSource) gather(rec arrow.RecordBatch) ([]byte, error) {
+	return src.gatherTo(rec, func(n int) []byte { return make([]byte, n) })
+}
+
+// gatherTo is gather with the buffers that copies need from alloc.
+func (src *inputSource) gatherTo(rec arrow.RecordBatch, alloc func(n int) []byte) ([]byte, error) {
 	size := src.dt.Size()
 	if !src.stacked {
 		b, err := columnBytes(rec.Column(src.cols[0]), size, src.rowElems)
@@ -300,7 +305,9 @@ func (src *inputSource) gather(rec arrow.RecordBatch) ([]byte, error) {
 			return nil, invalidArg("input column %q: %v", src.name, err)
 		}
 		if src.perm != nil {
-			b = permuteRows(b, int(rec.NumRows()), src.phys, src.perm, size)
+			out := alloc(len(b))
+			permuteRows(out, b, int(rec.NumRows()), src.phys, src.perm, size)
+			b = out
 		}
 		return b, nil
 	}
@@ -318,7 +325,7 @@ func (src *inputSource) gather(rec arrow.RecordBatch) ([]byte, error) {
 		}
 		cols[j] = b
 	}
-	out := make([]byte, rows*k*size)
+	out := alloc(rows * k * size)
 	for j, b := range cols {
 		for r := 0; r < rows; r++ {
 			copy(out[(r*k+j)*size:(r*k+j+1)*size], b[r*size:(r+1)*size])
@@ -353,8 +360,15 @@ func makeOutputSpec(name string, dt core.DType, rowShape []int64) (outputSpec, e
 
 // array wraps data, rows of the output's values, as an Arrow array.
 func (o *outputSpec) array(data []byte, rows int) (arrow.Array, error) {
-	at, _ := arrowio.ArrowTypeOf(o.dt)
 	buf := memory.NewBufferBytes(data)
+	defer buf.Release()
+	return o.arrayOf(buf, rows)
+}
+
+// arrayOf wraps buf, rows of the output's values, as an Arrow array, which
+// holds its own reference on buf.
+func (o *outputSpec) arrayOf(buf *memory.Buffer, rows int) (arrow.Array, error) {
+	at, _ := arrowio.ArrowTypeOf(o.dt)
 	vals := array.NewData(at, rows*int(product(o.rowShape)), []*memory.Buffer{nil, buf}, nil, 0, 0)
 	defer vals.Release()
 	va := array.MakeFromData(vals)
@@ -393,7 +407,7 @@ func (s *Server) DoExchange(stream flight.FlightService_DoExchangeServer) (err e
 	ctx, cancel := context.WithCancel(stream.Context())
 	defer cancel()
 	in := &checkedStream{FlightService_DoExchangeServer: stream, lim: s.hdrLim, gate: s.opts.Gate}
-	rdr, err := flight.NewRecordReader(in, ipc.WithAllocator(s.mem))
+	rdr, err := newExchangeReader(in, s.mem)
 	s.opts.Gate.Release(in.take()) // the schema is read
 	if err != nil {
 		return statusFromReadErr(ctx, "DoExchange: reading the input schema", err)
@@ -431,15 +445,16 @@ func (s *Server) DoExchange(stream flight.FlightService_DoExchangeServer) (err e
 		defer close(pending)
 		readErr <- x.readLoop(ctx, rdr, in, pending)
 	}()
-	var w *flight.Writer
+	var w *ipc.Writer
 	defer func() {
 		if w != nil {
 			w.Close()
 		}
 	}()
+	sender := &payloadSender{stream: stream}
 	startWriter := func() {
 		if w == nil {
-			w = flight.NewRecordWriter(stream, ipc.WithSchema(x.schema()), ipc.WithAllocator(s.mem))
+			w = ipc.NewWriterWithPayloadWriter(sender, ipc.WithSchema(x.schema()), ipc.WithAllocator(s.mem))
 		}
 	}
 	var firstErr error
@@ -457,12 +472,7 @@ func (s *Server) DoExchange(stream flight.FlightService_DoExchangeServer) (err e
 			return
 		}
 		startWriter()
-		var err error
-		if len(r.meta) > 0 {
-			err = w.WriteWithAppMetadata(r.rec, r.meta)
-		} else {
-			err = w.Write(r.rec)
-		}
+		err := sender.write(w, r.rec, r.meta)
 		r.rec.Release()
 		if err != nil {
 			firstErr = status.Errorf(codes.Unavailable, "DoExchange %s: sending predictions: %v", x.label(), err)
@@ -576,7 +586,7 @@ func staticOutputs(cfg *repository.Config) ([]outputSpec, bool) {
 // results in order on pending. The bytes in reads admitted through the
 // gate are released once the batch they carried is predicted (or
 // dropped).
-func (x *exchange) readLoop(ctx context.Context, rdr *flight.Reader, in *checkedStream, pending chan<- *result) error {
+func (x *exchange) readLoop(ctx context.Context, rdr *putReader, in *checkedStream, pending chan<- *result) error {
 	gate := x.s.opts.Gate
 	defer func() { gate.Release(in.take()) }()
 	for {
@@ -609,8 +619,11 @@ func (x *exchange) readLoop(ctx context.Context, rdr *flight.Reader, in *checked
 	}
 }
 
-// infer runs one input batch through the model, split into requests of at
-// most max_batch_size rows that the dynamic batcher may merge with others.
+// infer runs one input batch through the model as it came: one execution
+// on one of the version's instances, not cut into max_batch_size requests
+// (see batcher.Batcher.ForwardTensors), on tensors that share the batch's
+// Arrow buffers where their layout allows (see inputSource.tensor), and
+// answers with columns that share the model's output memory.
 func (x *exchange) infer(ctx context.Context, rec arrow.RecordBatch) (arrow.RecordBatch, error) {
 	m, err := x.s.acquire(x.name, x.version)
 	if err != nil {
@@ -622,84 +635,39 @@ func (x *exchange) infer(ctx context.Context, rec arrow.RecordBatch) (arrow.Reco
 		return nil, err
 	}
 	rows := int(rec.NumRows())
-	data := make([][]byte, len(p.inputs))
-	for i := range p.inputs {
-		if data[i], err = p.inputs[i].gather(rec); err != nil {
-			return nil, err
-		}
-	}
-	chunk := rows
-	if p.batched {
-		chunk = p.maxRows
-	} else {
+	if !p.batched {
 		for i, in := range p.inputs {
 			if d := p.dims[i][0]; d != -1 && d != int64(rows) {
 				return nil, invalidArg("model %q: input %q has %d rows in its first dimension, this batch %d", x.name, in.name, d, rows)
 			}
 		}
+	} else if rows == 0 {
+		return x.emptyResult()
 	}
-	if rows == 0 {
-		if !p.batched {
-			chunk = 0
-		} else {
-			return x.emptyResult()
+	ins := make([]*core.Tensor, 0, len(p.inputs))
+	defer func() { core.CloseAll(ins) }()
+	for i := range p.inputs {
+		t, err := p.inputs[i].tensor(rec)
+		if err != nil {
+			return nil, err
 		}
+		ins = append(ins, t)
 	}
-	nchunks := 1
-	if chunk > 0 {
-		nchunks = (rows + chunk - 1) / chunk
-	}
-	outs := make([][]batcher.Tensor, nchunks)
-	errs := make([]error, nchunks)
-	sem := make(chan struct{}, maxChunksInFlight)
-	var wg sync.WaitGroup
-	cctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	for c := 0; c < nchunks; c++ {
-		lo, hi := c*chunk, min((c+1)*chunk, rows)
-		if chunk == 0 {
-			lo, hi = 0, 0
-		}
-		inputs := make([]batcher.Tensor, len(p.inputs))
-		for i, in := range p.inputs {
-			per := int(in.rowElems) * in.dt.Size()
-			inputs[i] = batcher.Tensor{DType: in.dt, Shape: append([]int64{int64(hi - lo)}, in.rowShape...), Data: data[i][lo*per : hi*per]}
-		}
-		select {
-		case sem <- struct{}{}:
-		case <-cctx.Done():
-			wg.Wait()
-			return nil, cctx.Err()
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			outs[c], errs[c] = x.submit(cctx, m, inputs)
-			if errs[c] != nil {
-				cancel()
-			}
-		}()
-	}
-	wg.Wait()
-	for _, e := range errs {
-		if e != nil && !errors.Is(e, context.Canceled) {
-			return nil, e
-		}
-	}
-	if err := errors.Join(errs...); err != nil {
+	outs, err := x.forward(ctx, m, ins)
+	if err != nil {
 		return nil, err
 	}
+	defer core.CloseAll(outs)
 	return x.assemble(m, rows, outs)
 }
 
-// submit queues one request, waiting and retrying while the queue is full,
+// forward runs one batch, waiting and retrying while the queue is full,
 // and records its outcome in the version's statistics.
-func (x *exchange) submit(ctx context.Context, m Model, inputs []batcher.Tensor) ([]batcher.Tensor, error) {
+func (x *exchange) forward(ctx context.Context, m Model, ins []*core.Tensor) ([]*core.Tensor, error) {
 	delay := 100 * time.Microsecond
 	for {
 		start := time.Now()
-		out, err := m.Infer(ctx, inputs)
+		out, err := m.ForwardTensors(ctx, ins)
 		if errors.Is(err, batcher.ErrQueueFull) {
 			select {
 			case <-time.After(delay):
@@ -710,17 +678,83 @@ func (x *exchange) submit(ctx context.Context, m Model, inputs []batcher.Tensor)
 			}
 		}
 		if err == nil {
-			err = checkOutputs(m.Config(), out)
+			if err = checkOutputs(m.Config(), len(out)); err != nil {
+				core.CloseAll(out)
+				out = nil
+			}
 		}
 		m.Stats().RecordRequest(err == nil, time.Since(start))
 		return out, err
 	}
 }
 
-// checkOutputs checks that a model returned what its configuration names.
-func checkOutputs(cfg *repository.Config, outs []batcher.Tensor) error {
-	if len(outs) != len(cfg.Outputs) {
-		return &batcher.ExecError{Err: fmt.Errorf("the model returned %d outputs, its configuration names %d", len(outs), len(cfg.Outputs))}
+// tensor returns the values of one input for every row of rec as a C
+// tensor of shape [rows, rowShape...]. A single column whose values are C
+// memory (the bodies the server's codec receives are), aligned for its
+// type, is shared without copying: the tensor holds a reference on the
+// Arrow buffer until libtorch drops it. Other columns (Go memory, a
+// permuted fixed_shape_tensor, stacked features) are copied once into C
+// memory.
+func (src *inputSource) tensor(rec arrow.RecordBatch) (*core.Tensor, error) {
+	shape := append([]int64{rec.NumRows()}, src.rowShape...)
+	if rec.NumRows() == 0 || src.rowElems == 0 {
+		return core.Zeros(src.dt, shape...)
+	}
+	if !src.stacked && src.perm == nil {
+		col := rec.Column(src.cols[0])
+		b, err := columnBytes(col, src.dt.Size(), src.rowElems)
+		if err != nil {
+			return nil, invalidArg("input column %q: %v", src.name, err)
+		}
+		if p := unsafe.Pointer(unsafe.SliceData(b)); arrowio.IsCMemory(p, len(b)) && uintptr(p)%uintptr(src.dt.Size()) == 0 {
+			buf := valuesBuffer(col)
+			buf.Retain()
+			t, err := core.FromBlob(p, src.dt, shape, nil, buf.Release)
+			if err != nil {
+				buf.Release()
+				return nil, status.Errorf(codes.Internal, "input %q: %v", src.name, err)
+			}
+			return t, nil
+		}
+	}
+	var c []byte
+	alloc := func(n int) []byte { c = copyAlloc.Allocate(n); return c }
+	b, err := src.gatherTo(rec, alloc)
+	if err != nil {
+		if c != nil {
+			copyAlloc.Free(c)
+		}
+		return nil, err
+	}
+	if c == nil { // a single column gatherTo did not copy
+		c = copyAlloc.Allocate(len(b))
+		copy(c, b)
+	}
+	t, err := core.FromBlob(unsafe.Pointer(unsafe.SliceData(c)), src.dt, shape, nil, func() { copyAlloc.Free(c) })
+	if err != nil {
+		copyAlloc.Free(c)
+		return nil, status.Errorf(codes.Internal, "input %q: %v", src.name, err)
+	}
+	return t, nil
+}
+
+// copyAlloc allocates the C memory of the inputs DoExchange copies.
+var copyAlloc = arrowio.NewAllocator()
+
+// valuesBuffer returns the buffer columnBytes read a column's values from.
+func valuesBuffer(col arrow.Array) *memory.Buffer {
+	d := col.Data()
+	if len(d.Children()) == 1 {
+		d = d.Children()[0]
+	}
+	return d.Buffers()[1]
+}
+
+// checkOutputs checks that a model returned as many outputs as its
+// configuration names.
+func checkOutputs(cfg *repository.Config, n int) error {
+	if n != len(cfg.Outputs) {
+		return &batcher.ExecError{Err: fmt.Errorf("the model returned %d outputs, its configuration names %d", n, len(cfg.Outputs))}
 	}
 	return nil
 }
@@ -742,18 +776,40 @@ func (x *exchange) emptyResult() (arrow.RecordBatch, error) {
 	return array.NewRecordBatch(schema, cols, 0), nil
 }
 
-// assemble concatenates the outputs of a batch's requests into columns.
-func (x *exchange) assemble(m Model, rows int, outs [][]batcher.Tensor) (arrow.RecordBatch, error) {
+// tensorOwner is the allocator of a buffer that views a tensor's memory:
+// freeing the buffer closes the tensor handle that keeps the memory alive.
+type tensorOwner struct {
+	once sync.Once
+	t    *core.Tensor
+}
+
+func (*tensorOwner) Allocate(int) []byte {
+	panic("flightserver: a buffer viewing a tensor cannot allocate")
+}
+
+func (*tensorOwner) Reallocate(int, []byte) []byte {
+	panic("flightserver: a buffer viewing a tensor cannot grow")
+}
+
+func (o *tensorOwner) Free([]byte) { o.once.Do(func() { o.t.Close() }) }
+
+// assemble makes the model's outputs for a batch of rows into columns that
+// view the outputs' memory (made contiguous first: a copy only if an
+// output was not).
+func (x *exchange) assemble(m Model, rows int, outs []*core.Tensor) (arrow.RecordBatch, error) {
 	cfg := m.Config()
 	specs := make([]outputSpec, len(cfg.Outputs))
 	for i, o := range cfg.Outputs {
-		first := outs[0][i]
-		if len(first.Shape) == 0 {
+		shape := outs[i].Shape()
+		if len(shape) == 0 {
 			return nil, status.Errorf(codes.FailedPrecondition, "model %q: output %q is a scalar, which cannot be a column of rows", x.name, o.Name)
 		}
-		spec, err := makeOutputSpec(o.Name, first.DType, first.Shape[1:])
+		spec, err := makeOutputSpec(o.Name, outs[i].DType(), shape[1:])
 		if err != nil {
 			return nil, status.Errorf(codes.Unimplemented, "model %q: %v", x.name, err)
+		}
+		if shape[0] != int64(rows) {
+			return nil, status.Errorf(codes.FailedPrecondition, "model %q: output %q has %d rows for %d input rows; only outputs with one row per input row can be columns", x.name, o.Name, shape[0], rows)
 		}
 		specs[i] = spec
 	}
@@ -778,28 +834,24 @@ func (x *exchange) assemble(m Model, rows int, outs [][]batcher.Tensor) (arrow.R
 		}
 	}()
 	for i := range specs {
-		per := int(product(specs[i].rowShape)) * specs[i].dt.Size()
-		var data []byte
-		if len(outs) == 1 {
-			data = outs[0][i].Data
+		c, err := outs[i].Contiguous()
+		if err != nil {
+			return nil, status.Errorf(codes.Internal, "model %q: output %q: %v", x.name, specs[i].name, err)
+		}
+		data, err := c.Bytes()
+		if err != nil {
+			c.Close()
+			return nil, status.Errorf(codes.Internal, "model %q: output %q: %v", x.name, specs[i].name, err)
+		}
+		var buf *memory.Buffer
+		if len(data) > 0 {
+			buf = memory.NewBufferWithAllocator(data, &tensorOwner{t: c})
 		} else {
-			data = make([]byte, 0, rows*per)
-			for _, o := range outs {
-				data = append(data, o[i].Data...)
-			}
+			c.Close()
+			buf = memory.NewBufferBytes(nil)
 		}
-		n := 0
-		for _, o := range outs {
-			t := o[i]
-			if t.DType != specs[i].dt || len(t.Shape) == 0 || !slices.Equal(t.Shape[1:], specs[i].rowShape) {
-				return nil, status.Errorf(codes.FailedPrecondition, "model %q: output %q changed shape between requests of one batch", x.name, specs[i].name)
-			}
-			n += int(t.Shape[0])
-		}
-		if n != rows || len(data) != rows*per {
-			return nil, status.Errorf(codes.FailedPrecondition, "model %q: output %q has %d rows (%d bytes) for %d input rows; only outputs with one row per input row can be columns", x.name, specs[i].name, n, len(data), rows)
-		}
-		a, err := specs[i].array(data, rows)
+		a, err := specs[i].arrayOf(buf, rows)
+		buf.Release() // the array holds it
 		if err != nil {
 			return nil, status.Errorf(codes.Internal, "model %q: output %q: %v", x.name, specs[i].name, err)
 		}

@@ -16,7 +16,8 @@ func TestPermuteRows(t *testing.T) {
 	for i := range rows * n {
 		binary.LittleEndian.PutUint32(src[4*i:], uint32(i))
 	}
-	out := permuteRows(src, rows, phys, perm, 4)
+	out := make([]byte, len(src))
+	permuteRows(out, src, rows, phys, perm, 4)
 	for r := range rows {
 		e := 0
 		for a := range 4 { // logical dims: physical 2, 0, 1

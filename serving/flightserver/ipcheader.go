@@ -121,10 +121,12 @@ func (c *checkedStream) Recv() (*flight.FlightData, error) {
 		return nil, err
 	}
 	if err := checkFlightData(fd, c.lim); err != nil {
+		bodyPool.put(fd.DataBody)
 		return nil, err
 	}
 	n := flightDataBytes(fd)
 	if !c.gate.Acquire(n) {
+		bodyPool.put(fd.DataBody)
 		return nil, c.gate.Busy(n)
 	}
 	c.held += n

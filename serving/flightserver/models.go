@@ -3,6 +3,7 @@ package flightserver
 import (
 	"context"
 
+	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/serving/batcher"
 	"github.com/kilnml/kiln/serving/manager"
 	"github.com/kilnml/kiln/serving/repository"
@@ -21,6 +22,10 @@ type Model interface {
 	// Infer runs one request through the version's batcher, with the
 	// semantics of batcher.Batcher.Submit.
 	Infer(ctx context.Context, inputs []batcher.Tensor) ([]batcher.Tensor, error)
+	// ForwardTensors runs a whole batch of C tensors in one execution
+	// on one of the version's instances, with the semantics of
+	// manager.Version.ForwardTensors: the caller owns the outputs.
+	ForwardTensors(ctx context.Context, inputs []*core.Tensor) ([]*core.Tensor, error)
 	// Stats returns the version's statistics, which DoExchange records
 	// each request's outcome in, as the gRPC service does.
 	Stats() *batcher.Stats

@@ -91,6 +91,50 @@ func (v *Version) Infer(ctx context.Context, inputs []batcher.Tensor) ([]batcher
 	return outs, nil
 }
 
+// ForwardTensors runs a whole batch of C tensors through the version in
+// one execution on one of its instances, without copying inputs or outputs
+// (see batcher.Batcher.ForwardTensors: max_batch_size does not bound it),
+// then applies the configuration's post-processing (softmax) to the
+// outputs in place. The caller closes the inputs, after it returns, and
+// owns the outputs.
+func (v *Version) ForwardTensors(ctx context.Context, inputs []*core.Tensor) ([]*core.Tensor, error) {
+	outs, err := v.batcher.ForwardTensors(ctx, inputs)
+	if err != nil {
+		return nil, err
+	}
+	if err := postprocessTensors(v.model.Config, outs); err != nil {
+		core.CloseAll(outs)
+		return nil, &batcher.ExecError{Err: err}
+	}
+	return outs, nil
+}
+
+// postprocessTensors applies postprocess to C tensors, in place: an output
+// that needs softmax is made contiguous first (a copy only if it was not).
+func postprocessTensors(cfg *repository.Config, outs []*core.Tensor) error {
+	for i, o := range cfg.Outputs {
+		if !o.Softmax || i >= len(outs) {
+			continue
+		}
+		c, err := outs[i].Contiguous()
+		if err != nil {
+			return fmt.Errorf("output %q: %w", o.Name, err)
+		}
+		outs[i].Close()
+		outs[i] = c
+		data, err := c.Bytes()
+		if err != nil {
+			return fmt.Errorf("output %q: %w", o.Name, err)
+		}
+		t := []batcher.Tensor{{DType: c.DType(), Shape: c.Shape(), Data: data}}
+		one := &repository.Config{Outputs: []repository.TensorSpec{o}}
+		if err := postprocess(one, t); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // Release ends a use of the version that Manager.Acquire began.
 func (v *Version) Release() {
 	v.mu.Lock()
