@@ -62,6 +62,9 @@ type inputSource struct {
 	stacked  bool       // cols are features stacked into one input
 	phys     []int64    // a permuted fixed_shape_tensor's physical row shape
 	perm     []int64    // and its permutation; nil when rows are row-major
+	// column is the input's spec when it is a column of a raw record
+	// (repository.Config Columns; see columns.go).
+	column *repository.TensorSpec
 }
 
 // plan maps the columns of an input schema to a model's inputs.
@@ -185,6 +188,9 @@ func featureColumns(schema *arrow.Schema, k int64) ([]int, error) {
 
 // newPlan checks an input schema against a model's configuration.
 func newPlan(model string, cfg *repository.Config, schema *arrow.Schema) (*plan, error) {
+	if cfg.Columns {
+		return columnsPlan(model, cfg, schema)
+	}
 	p := &plan{model: model, batched: cfg.MaxBatchSize > 0, maxRows: cfg.MaxBatchSize}
 	want := func(c repository.TensorSpec) string {
 		if p.batched {
@@ -293,6 +299,9 @@ func columnBytes(col arrow.Array, elemSize int, rowElems int64) ([]byte, error) 
 // whose rows are copied into their logical order; stacked columns are
 // interleaved into a new buffer.
 func (src *inputSource) gather(rec arrow.RecordBatch) ([]byte, error) {
+	if src.column != nil {
+		return src.gatherColumn(rec)
+	}
 	size := src.dt.Size()
 	if !src.stacked {
 		b, err := columnBytes(rec.Column(src.cols[0]), size, src.rowElems)
