@@ -10,6 +10,7 @@ import (
 
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/data"
+	"github.com/kilnml/kiln/core/nn"
 	"github.com/kilnml/kiln/core/train"
 	"github.com/kilnml/kiln/native"
 )
@@ -175,5 +176,35 @@ func (j *TrainJob) Report() (_ string, err error) {
 		return "", j.err
 	}
 	b, err := json.Marshal(j.report)
+	return string(b), err
+}
+
+// SpecSummary validates the network spec specJSON (core/nn, JSON) for
+// samples of `features` values and returns each layer's name, type, input
+// and output shapes (per sample) and trainable parameter count as a JSON
+// list, for Python's Model.summary. A spec that does not fit is
+// INVALID_ARGUMENT.
+func SpecSummary(specJSON string, features int) (_ string, err error) {
+	defer guard(&err)
+	s, err := nn.ParseSpec([]byte(specJSON))
+	if err != nil {
+		return "", err
+	}
+	infos, err := s.Infer(int64(features))
+	if err != nil {
+		return "", err
+	}
+	type layer struct {
+		Name   string  `json:"name"`
+		Type   string  `json:"type"`
+		In     []int64 `json:"in"`
+		Out    []int64 `json:"out"`
+		Params int64   `json:"params"`
+	}
+	out := make([]layer, len(infos))
+	for i, l := range infos {
+		out[i] = layer{l.Name, l.Type, l.In, l.Out, l.Params}
+	}
+	b, err := json.Marshal(out)
 	return string(b), err
 }

@@ -24,6 +24,7 @@ import (
 
 type trainOptions struct {
 	spec, data, target, out string
+	loss                    string
 	register                string
 	reg                     registryFlags
 	epochs                  int
@@ -68,6 +69,7 @@ the data, split and train sections.`,
 	f.StringVar(&o.target, "target", "", "column to predict (overrides the spec's data.target)")
 	f.StringVar(&o.out, "out", "", "directory for the model package (required)")
 	f.IntVar(&o.epochs, "epochs", 0, "epochs (overrides the spec)")
+	f.StringVar(&o.loss, "loss", "", "loss (overrides the spec's train.loss.type): mse, l1, huber, bce_with_logits, cross_entropy, or Keras's binary_crossentropy (network ending in a sigmoid), categorical_crossentropy, sparse_categorical_crossentropy (ending in a softmax), computed stably on the activation's input")
 	f.Int64Var(&o.seed, "seed", -1, "seed for the split, initialization, dropout and shuffling (overrides the spec)")
 	f.StringVar(&o.device, "device", "", "where to train: cpu, cuda or cuda:N (overrides the spec's train.device; a GPU needs a libtorch with CUDA)")
 	f.StringVar(&o.amp, "amp", "", "mixed precision: none, bf16 (CPU or CUDA) or fp16 (CUDA) — forward and loss under autocast (overrides the spec's train.amp)")
@@ -148,6 +150,9 @@ func runTrain(ctx context.Context, stdout, stderr io.Writer, o trainOptions) err
 	}
 	if o.epochs > 0 {
 		job.Train.Epochs = o.epochs
+	}
+	if o.loss != "" {
+		job.Train.Loss.Type = o.loss
 	}
 	if o.seed >= 0 {
 		job.Train.Seed = uint64(o.seed)

@@ -27,12 +27,17 @@ func (j *Job) compareClassifiers(ctx context.Context, ev *Evidence, out [2]outpu
 		var nll float64
 		for r := range n {
 			row := out[i].v[r*out[i].width : (r+1)*out[i].width]
-			pred[r] = s.toBase[argmax(row)]
+			probs := s.pkg.hasProbabilities()
+			pred[r] = s.toBase[classOf(row, probs)]
 			correct[i][r] = pred[r] == j.truthClass[r]
-			nll -= logProb(row, fromBase[j.truthClass[r]])
+			if probs {
+				nll -= logOfProb(row, fromBase[j.truthClass[r]])
+			} else {
+				nll -= logProb(row, fromBase[j.truthClass[r]])
+			}
 		}
 		m := ClassMetrics(pred, j.truthClass, k)
-		if s.pkg.hasLogits() {
+		if s.pkg.hasLogits() || s.pkg.hasProbabilities() {
 			m["log_loss"] = nll / float64(n)
 		}
 		results[i].Metrics = m
@@ -172,6 +177,31 @@ func ClassMetrics(pred, truth []int, k int) map[string]float64 {
 		out["f1_macro"] = (m["f1"] + m0["f1"]) / 2
 	}
 	return out
+}
+
+// classOf is the class a row of outputs predicts: argmax, and for one
+// value class 1 when it is > 0 (a logit) or > 0.5 (a probability, when
+// probs).
+func classOf(row []float32, probs bool) int {
+	if probs && len(row) == 1 {
+		if row[0] > 0.5 {
+			return 1
+		}
+		return 0
+	}
+	return argmax(row)
+}
+
+// logOfProb is the log-probability of class c from a row of probabilities
+// (one value: that of class 1), clipped to [1e-7, 1-1e-7] as Keras does.
+func logOfProb(row []float32, c int) float64 {
+	p := float64(row[0])
+	if len(row) > 1 {
+		p = float64(row[c])
+	} else if c == 0 {
+		p = 1 - p
+	}
+	return math.Log(math.Min(math.Max(p, 1e-7), 1-1e-7))
 }
 
 // argmax is the index of the largest value (the first of ties); one value

@@ -118,6 +118,13 @@ func (p *Package) hasLogits() bool {
 	return strings.HasPrefix(p.Manifest.Outputs[0].Meaning, "logit")
 }
 
+// hasProbabilities reports whether the output is probabilities (Kiln
+// writes "probability of labels[1] (...)" and "probabilities (...)" for
+// classifiers trained with Keras's losses on a sigmoid or softmax output).
+func (p *Package) hasProbabilities() bool {
+	return strings.HasPrefix(p.Manifest.Outputs[0].Meaning, "probabilit")
+}
+
 // target returns the target column the package was trained to predict.
 func (p *Package) target() string { return p.Manifest.Preprocessing.Options.Target }
 

@@ -74,11 +74,12 @@ func humanBytes(n int64) string {
 // Measure saves m to a temporary file for its size and measures its test
 // metric on ds and its latency. task and classes say how outputs score.
 func Measure(name string, m *core.Module, params int64, sparsity float64, ds *data.Dataset, task data.Task, classes int) (Variant, error) {
-	return measure(name, m, params, sparsity, ds, task, classes, true)
+	return measure(name, m, params, sparsity, ds, task, classes, false, true)
 }
 
 // measure is Measure, timing the latencies only when timed.
-func measure(name string, m *core.Module, params int64, sparsity float64, ds *data.Dataset, task data.Task, classes int, timed bool) (Variant, error) {
+// probs says a single output is a probability (threshold 0.5), not a logit.
+func measure(name string, m *core.Module, params int64, sparsity float64, ds *data.Dataset, task data.Task, classes int, probs, timed bool) (Variant, error) {
 	v := Variant{Name: name, Params: params, Sparsity: sparsity}
 	dir, err := os.MkdirTemp("", "kiln-measure-")
 	if err != nil {
@@ -94,7 +95,7 @@ func measure(name string, m *core.Module, params int64, sparsity float64, ds *da
 		return v, err
 	}
 	v.FileBytes = st.Size()
-	met, err := Score(m, ds, task, classes)
+	met, err := ScoreOutputs(m, ds, task, classes, probs)
 	if err != nil {
 		return v, err
 	}
@@ -153,6 +154,13 @@ func outputs(m *core.Module, ds *data.Dataset) ([]float32, int, error) {
 // Score computes the metrics of m's outputs on ds: class metrics (argmax
 // of the logits; one output: logit > 0) or regression metrics.
 func Score(m *core.Module, ds *data.Dataset, task data.Task, classes int) (train.Metrics, error) {
+	return ScoreOutputs(m, ds, task, classes, false)
+}
+
+// ScoreOutputs is Score for a model whose single output is a probability
+// of class 1 (threshold 0.5) when probs, as a package trained with
+// binary_crossentropy on a sigmoid output records (core/train).
+func ScoreOutputs(m *core.Module, ds *data.Dataset, task data.Task, classes int, probs bool) (train.Metrics, error) {
 	if ds == nil || ds.Len() == 0 {
 		return nil, fmt.Errorf("kiln: optimize: no data to score on")
 	}
@@ -172,7 +180,7 @@ func Score(m *core.Module, ds *data.Dataset, task data.Task, classes int) (train
 	for i := range n {
 		row := out[i*w : (i+1)*w]
 		if w == 1 {
-			if row[0] > 0 {
+			if (probs && row[0] > 0.5) || (!probs && row[0] > 0) {
 				pred[i] = 1
 			}
 		} else {

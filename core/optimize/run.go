@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/data"
@@ -107,6 +108,13 @@ func reload(m *core.Module) (*core.Module, error) {
 
 func numClasses(s *Source) int { return len(s.Manifest.Labels) }
 
+// probabilities reports whether s's outputs are probabilities (a package
+// trained with a loss fused with its sigmoid or softmax) rather than
+// logits.
+func probabilities(s *Source) bool {
+	return len(s.Manifest.Outputs) > 0 && strings.HasPrefix(s.Manifest.Outputs[0].Meaning, "probabilit")
+}
+
 // scoreSet is the split variants are measured on: test, else validation.
 func scoreSet(sp *Splits) *data.Dataset {
 	if sp.Test != nil {
@@ -124,7 +132,7 @@ func measureModule(s *Source, name string, m *core.Module, params int64, sparsit
 		return Variant{}, err
 	}
 	*timed = append(*timed, r)
-	return measure(name, r, params, sparsity, scoreSet(sp), s.Manifest.Task, numClasses(s), false)
+	return measure(name, r, params, sparsity, scoreSet(sp), s.Manifest.Task, numClasses(s), probabilities(s), false)
 }
 
 // timeVariants sets the latencies of rec's report rows (and Before and
@@ -495,14 +503,14 @@ func SavePackage(dir string, s *Source, sp *Splits, res *Result) error {
 	m.Parameters = res.Params
 	m.Metrics = map[string]map[string]float64{}
 	if sp.Val != nil {
-		v, err := Score(res.Module, sp.Val, s.Manifest.Task, numClasses(s))
+		v, err := ScoreOutputs(res.Module, sp.Val, s.Manifest.Task, numClasses(s), probabilities(s))
 		if err != nil {
 			return err
 		}
 		m.Metrics["val"] = v
 	}
 	if sp.Test != nil {
-		v, err := Score(res.Module, sp.Test, s.Manifest.Task, numClasses(s))
+		v, err := ScoreOutputs(res.Module, sp.Test, s.Manifest.Task, numClasses(s), probabilities(s))
 		if err != nil {
 			return err
 		}

@@ -23,7 +23,12 @@ import (
 
 // Loss configures the training loss.
 type Loss struct {
-	// Type is mse, l1, huber, bce_with_logits or cross_entropy.
+	// Type is mse, l1, huber, bce_with_logits or cross_entropy (on raw
+	// outputs), or Keras's binary_crossentropy (on a network ending in a
+	// sigmoid), categorical_crossentropy or
+	// sparse_categorical_crossentropy (on one ending in a softmax): those
+	// train as bce_with_logits and cross_entropy on the activation's input,
+	// and the saved model returns probabilities (see TrainSpec).
 	Type string `json:"type"`
 	// HuberDelta is huber's threshold (default 1).
 	HuberDelta float64 `json:"huber_delta,omitempty"`
@@ -77,6 +82,27 @@ type EarlyStopping struct {
 	Metric string `json:"metric,omitempty"`
 	// MinDelta is the smallest change counted as improvement.
 	MinDelta float64 `json:"min_delta,omitempty"`
+	// RestoreBestWeights, when false, leaves the last epoch's weights
+	// (Keras's restore_best_weights=False); nil or true restores the
+	// best epoch's.
+	RestoreBestWeights *bool `json:"restore_best_weights,omitempty"`
+}
+
+// ModelCheckpoint saves the model as a package (Keras's ModelCheckpoint)
+// after an epoch: every epoch, or with SaveBestOnly only when the
+// monitored metric improved. Only Run (and what calls it: kiln train,
+// Python's fit, Flight's train action) can save packages; Fit alone
+// ignores it.
+type ModelCheckpoint struct {
+	// Path is the package directory; "{epoch}" in it becomes the epoch
+	// number (1-based).
+	Path string `json:"path"`
+	// Monitor is a validation metric name (see EarlyStopping.Metric) or
+	// train_loss; default loss (the validation loss).
+	Monitor string `json:"monitor,omitempty"`
+	// SaveBestOnly saves only when Monitor improved on every earlier
+	// epoch.
+	SaveBestOnly bool `json:"save_best_only,omitempty"`
 }
 
 // Config holds training's hyper-parameters.
@@ -90,6 +116,8 @@ type Config struct {
 	// ClipGradNorm clips the gradients' joint 2-norm (0: off).
 	ClipGradNorm  float64        `json:"clip_grad_norm,omitempty"`
 	EarlyStopping *EarlyStopping `json:"early_stopping,omitempty"`
+	// ModelCheckpoint, when set, saves packages during training.
+	ModelCheckpoint *ModelCheckpoint `json:"model_checkpoint,omitempty"`
 	// ProgressEvery emits a step event every this many steps (default:
 	// about 10 per epoch).
 	ProgressEvery int `json:"progress_every,omitempty"`
@@ -128,6 +156,9 @@ type Config struct {
 	// (see core/dist and distributed.go); not part of the serialized
 	// config.
 	Group *dist.Group `json:"-"`
+	// saveModel writes the network being trained as a package at path
+	// (set by Run for ModelCheckpoint).
+	saveModel func(path string, res *Result) error
 }
 
 // Validate checks the hyper-parameters without data (epochs, batch size,
@@ -156,6 +187,7 @@ func (c Config) validate() error {
 		c.validateOptimizerType,
 		c.validateSchedule,
 		c.validateEarlyStopping,
+		c.validateModelCheckpoint,
 		c.validateWorkers,
 		c.validateDevice,
 		c.validateAMP,
@@ -271,6 +303,22 @@ func (c Config) validateEarlyStopping() error {
 	return err
 }
 
+// validateModelCheckpoint requires a path and a known monitor.
+func (c Config) validateModelCheckpoint() error {
+	mc := c.ModelCheckpoint
+	if mc == nil {
+		return nil
+	}
+	if strings.TrimSpace(mc.Path) == "" {
+		return fmt.Errorf("kiln: train: model_checkpoint needs a path")
+	}
+	if mc.Monitor == "train_loss" {
+		return nil
+	}
+	_, err := higherIsBetter(mc.Monitor)
+	return err
+}
+
 func norm(s string) string {
 	return strings.NewReplacer("-", "_", " ", "_").Replace(strings.ToLower(strings.TrimSpace(s)))
 }
@@ -283,12 +331,15 @@ func lossKind(s string) (trainer.Loss, error) {
 		return trainer.LossL1, nil
 	case "huber", "smooth_l1":
 		return trainer.LossHuber, nil
-	case "bce_with_logits", "bcewithlogits", "binary_cross_entropy_with_logits":
+	case "bce_with_logits", "bcewithlogits", "binary_cross_entropy_with_logits",
+		"binary_crossentropy", "binary_cross_entropy":
 		return trainer.LossBCEWithLogit, nil
-	case "cross_entropy", "crossentropy", "ce":
+	case "cross_entropy", "crossentropy", "ce",
+		"categorical_crossentropy", "sparse_categorical_crossentropy",
+		"categorical_cross_entropy", "sparse_categorical_cross_entropy":
 		return trainer.LossCrossEntropy, nil
 	}
-	return 0, fmt.Errorf("kiln: train: unknown loss %q (want mse, l1, huber, bce_with_logits or cross_entropy)", s)
+	return 0, fmt.Errorf("kiln: train: unknown loss %q (want mse, l1, huber, bce_with_logits, cross_entropy, binary_crossentropy, categorical_crossentropy or sparse_categorical_crossentropy)", s)
 }
 
 func optKind(s string) (trainer.Optimizer, error) {

@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"math"
 	"math/rand/v2"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/kilnml/kiln/core"
@@ -374,6 +376,10 @@ func checkFit(net *nn.Net, trainSet, valSet *data.Dataset, cfg Config) (*data.Da
 	}
 	lk, _ := lossKind(cfg.Loss.Type)
 	h := headOf(lk)
+	if act := fusedActivation(cfg.Loss.Type); act != "" && len(net.Layers) > 0 && net.Layers[len(net.Layers)-1].Type == act {
+		return nil, 0, core.Errorf(core.InvalidArgument,
+			"kiln: train: loss %s trains the network without its final %s (build it from TrainSpec), but this network ends in one", cfg.Loss.Type, act)
+	}
 	if err := checkTargets(trainSet, h, net.Outputs, "training"); err != nil {
 		return nil, 0, err
 	}
@@ -508,6 +514,9 @@ func (r *run) endEpoch(epoch int, st EpochStats) (bool, error) {
 			return false, err
 		}
 	}
+	if err := r.modelCheckpoint(st); err != nil {
+		return false, err
+	}
 	if cfg.CheckpointDir != "" && r.writes() {
 		ce := max(cfg.CheckpointEvery, 1)
 		if (epoch+1)%ce == 0 || epoch+1 == cfg.Epochs || stop {
@@ -579,6 +588,43 @@ type run struct {
 	samples int64
 	// g is the process group of a data-parallel run (nil: one process).
 	g *dist.Group
+	// ckBest is the best value ModelCheckpoint's monitor has had, ckSeen
+	// whether it has had one.
+	ckBest float64
+	ckSeen bool
+}
+
+// modelCheckpoint saves a package after the epoch st when
+// Config.ModelCheckpoint asks for one (on rank 0 of a group).
+func (r *run) modelCheckpoint(st EpochStats) error {
+	mc := r.cfg.ModelCheckpoint
+	if mc == nil || r.cfg.saveModel == nil || !r.writes() {
+		return nil
+	}
+	name := mc.Monitor
+	if name == "" {
+		name = "loss"
+	}
+	v, ok := st.TrainLoss, true
+	if name != "train_loss" {
+		v, ok = st.Val[name]
+	}
+	if !ok {
+		return fmt.Errorf("kiln: train: model_checkpoint monitors %q, which this run does not compute (it has %v; without a validation split only train_loss)", name, keys(st.Val))
+	}
+	if mc.SaveBestOnly {
+		up, _ := higherIsBetter(name)
+		better := !r.ckSeen || (up && v > r.ckBest) || (!up && v < r.ckBest)
+		if !better {
+			return nil
+		}
+	}
+	r.ckBest, r.ckSeen = v, true
+	path := strings.ReplaceAll(mc.Path, "{epoch}", strconv.Itoa(st.Epoch))
+	if err := r.cfg.saveModel(path, r.res); err != nil {
+		return fmt.Errorf("kiln: train: model_checkpoint after epoch %d: %w", st.Epoch, err)
+	}
+	return r.net.SetTraining(true)
 }
 
 func (r *run) freeBest() {
@@ -610,6 +656,11 @@ func (r *run) track(st EpochStats) (bool, error) {
 		} else {
 			better = v < r.bestValue-es.MinDelta
 		}
+	}
+	if better && es.RestoreBestWeights != nil && !*es.RestoreBestWeights {
+		r.bestValue, r.bad = v, 0
+		r.res.BestEpoch, r.res.Best = st.Epoch, st.Val
+		return false, nil
 	}
 	if better {
 		c, err := trainer.DeepCopy(r.net.Handle())

@@ -99,7 +99,11 @@ func autoOut(s nn.Spec, p *data.Preprocessor, loss string) nn.Spec {
 
 // Prepared is a job's data after splitting and preprocessing.
 type Prepared struct {
-	Job              Job
+	Job Job
+	// TrainModel is the network Build builds: Job.Model, or for a fused
+	// loss (binary_crossentropy, ...) Job.Model without its final
+	// activation (see TrainSpec).
+	TrainModel       nn.Spec
 	Pre              *data.Preprocessor
 	Train, Val, Test *data.Dataset
 	Table            *data.Table
@@ -140,6 +144,9 @@ func Prepare(j Job, t *data.Table) (*Prepared, error) {
 		return nil, err
 	}
 	p := &Prepared{Job: j.withDefaults(pre), Pre: pre, Table: t}
+	if p.TrainModel, err = TrainSpec(p.Job.Model, p.Job.Train.Loss.Type); err != nil {
+		return nil, err
+	}
 	enc := func(rows []int) (*data.Dataset, error) {
 		if len(rows) == 0 {
 			return nil, nil
@@ -176,7 +183,7 @@ func cell(c *data.Column, i int) string {
 // Build builds the job's network behind its preprocessing, seeded by the
 // job's seed.
 func (p *Prepared) Build() (*nn.Net, error) {
-	return nn.BuildWithPrelude(p.Job.Model, p.Pre.Prelude(), p.Job.Train.Seed)
+	return nn.BuildWithPrelude(p.TrainModel, p.Pre.Prelude(), p.Job.Train.Seed)
 }
 
 // Report is the outcome of Run.
@@ -211,7 +218,13 @@ func Run(ctx context.Context, j Job, t *data.Table, source, out string, onEvent 
 // fitAndSave trains net on p's splits, evaluates it and saves the package
 // (when out is not empty): the rest of Run once the network exists.
 func fitAndSave(ctx context.Context, net *nn.Net, p *Prepared, source, out string, onEvent func(Event)) (*Report, error) {
-	res, err := Fit(ctx, net, p.Train, p.Val, p.Job.Train, onEvent)
+	cfg := p.Job.Train
+	if cfg.ModelCheckpoint != nil {
+		cfg.saveModel = func(path string, res *Result) error {
+			return SavePackage(path, net, p, &Report{Result: res}, source)
+		}
+	}
+	res, err := Fit(ctx, net, p.Train, p.Val, cfg, onEvent)
 	if err != nil {
 		return nil, err
 	}
@@ -252,13 +265,25 @@ func SavePackage(dir string, net *nn.Net, p *Prepared, rep *Report, source strin
 	if err := net.SetTraining(false); err != nil {
 		return err
 	}
+	loss := p.Job.Train.Loss.Type
+	net, release, err := packagedNet(net, p.Job.Model, p.Pre.Prelude(), p.Job.Train.Seed, loss)
+	if err != nil {
+		return err
+	}
+	defer release()
 	meaning := "prediction"
-	lk, _ := lossKind(p.Job.Train.Loss.Type)
+	lk, _ := lossKind(loss)
 	switch headOf(lk) {
 	case multiclass:
 		meaning = "logits (class scores in labels order; softmax for probabilities)"
+		if fusedActivation(loss) != "" {
+			meaning = "probabilities (softmax over the classes, in labels order)"
+		}
 	case binary:
 		meaning = "logit of labels[1] (sigmoid for its probability)"
+		if fusedActivation(loss) != "" {
+			meaning = "probability of labels[1] (a sigmoid's output)"
+		}
 	}
 	metrics := map[string]map[string]float64{}
 	if rep.Val != nil {

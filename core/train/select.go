@@ -388,7 +388,11 @@ func latency(net *nn.Net) (float64, error) {
 func trainCandidate(ctx context.Context, p *Prepared, c Candidate, cfg Config, metric string, e *Entry, onEvent func(string, Event)) (*nn.Net, error) {
 	spec := autoOut(c.Spec, p.Pre, cfg.Loss.Type)
 	e.Spec = spec
-	net, err := nn.BuildWithPrelude(spec, p.Pre.Prelude(), cfg.Seed)
+	ts, err := TrainSpec(spec, cfg.Loss.Type)
+	if err != nil {
+		return nil, err
+	}
+	net, err := nn.BuildWithPrelude(ts, p.Pre.Prelude(), cfg.Seed)
 	if err != nil {
 		return nil, err
 	}

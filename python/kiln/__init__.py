@@ -23,12 +23,9 @@ from ._errors import (
     UnsupportedError,
 )
 from ._model import Model, load
-from . import layers
-
-
-def Sequential(layers_):
-    """An untrained network from a list of layer specs (see kiln.layers)."""
-    return Model.from_spec({"layers": list(layers_)})
+from . import callbacks, layers
+from ._keras import Sequential
+from ._plot import plot_history, plot_optimization
 
 
 from .client import Client, ServerError
@@ -57,6 +54,9 @@ __all__ = [
     "Model",
     "Sequential",
     "layers",
+    "callbacks",
+    "plot_history",
+    "plot_optimization",
     "Client",
     "Server",
     "serve",

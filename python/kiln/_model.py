@@ -159,13 +159,30 @@ class Model:
             optimizer: str = "adam", lr: float = 1e-3, loss: Optional[str] = None, seed: int = 0,
             early_stopping: Optional[dict] = None, verbose: int = 1, callbacks=(), workers: int = 1,
             freeze=None, param_groups=None, freeze_bn: bool = False,
-            device: Optional[str] = None, amp: Optional[str] = None) -> dict:
+            device: Optional[str] = None, amp: Optional[str] = None, metrics=None):
         """Trains in Kiln's Go core (the GIL is released while it works) and
-        returns the history: per-epoch loss and validation metrics. Class
-        targets may be any labels (kept as ``classes_``); Ctrl-C cancels.
-        ``workers`` > 1 trains data-parallel: that many ranks of a c10d Gloo
-        group in this process, each with ``batch_size`` on its shard (as
-        ``torchrun --nproc_per_node`` would run them).
+        returns a ``kiln.callbacks.History``: ``history.history["loss"]``
+        (training loss per epoch), ``["val_loss"]``, ``["val_accuracy"]``,
+        ... (validation metrics per epoch; ``metrics`` picks which, e.g.
+        ["accuracy"]), ``history.epoch``, ``history.params``.
+
+        x: float features [rows, features]. y: targets [rows]. Text, bool
+        and integer labels make a classifier (labels kept as ``classes_``;
+        with a binary loss, bce_with_logits or binary_crossentropy, 0/1
+        labels make a binary one with classes [0, 1]); floats a regressor.
+        loss: mse, l1, huber, bce_with_logits, cross_entropy, or Keras's
+        binary_crossentropy (the network ends in a sigmoid),
+        categorical_crossentropy (one-hot y) and
+        sparse_categorical_crossentropy (ending in a softmax): computed
+        stably on the activation's input; the model then predicts
+        probabilities. callbacks: kiln.callbacks.EarlyStopping and
+        ModelCheckpoint (run in the Go core), Callback objects or functions
+        of each epoch's event. Ctrl-C cancels. ``workers`` > 1 trains
+        data-parallel: that many ranks of a c10d Gloo group in this
+        process, each with ``batch_size`` on its shard (as ``torchrun
+        --nproc_per_node`` would run them). Errors: ValueError
+        (kiln.InvalidArgumentError) for data, loss and network that do not
+        fit together.
 
         ``device`` is where training runs, as PyTorch names devices: "cpu"
         (default), "cuda" or "cuda:N" (needs a Kiln built against a libtorch
@@ -199,8 +216,9 @@ class Model:
         with _train.fit(self.spec, x, y, epochs=epochs, batch_size=batch_size, validation_split=validation_split,
                         optimizer=optimizer, lr=lr, loss=loss, seed=seed, early_stopping=early_stopping,
                         verbose=verbose, callbacks=callbacks, workers=workers, device=device,
-                        amp=amp) as (out, history):
+                        amp=amp, metrics=metrics) as (out, history):
             self._adopt(load(out), out)
+        history.model = self
         return history
 
     def evaluate(self, x, y) -> Dict[str, float]:
@@ -297,6 +315,16 @@ class Model:
             return _b.Deploy(self._package, os.fspath(repository), name)
         except RuntimeError as e:
             raise translate(e, KilnError) from None
+
+    def summary(self, print_fn=None) -> None:
+        """Prints the network as Keras does: each layer's name and type,
+        its output shape (None: the batch dimension) and its parameter
+        count, then the totals. Needs the input size: a trained model, or a
+        first layer with input_shape. print_fn (default print) receives the
+        text."""
+        from ._summary import summary
+
+        (print_fn or print)(summary(self))
 
     @property
     def classes_(self) -> Optional[list]:

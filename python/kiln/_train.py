@@ -67,13 +67,107 @@ def _scratch_dir(prefix):
         raise
 
 
+# Loss names (normalized as core/train does) by what they train.
+_BINARY_LOSSES = {"bce_with_logits", "bcewithlogits", "binary_cross_entropy_with_logits", "binary_crossentropy",
+                  "binary_cross_entropy"}
+_CLASS_LOSSES = {"cross_entropy", "crossentropy", "ce", "categorical_crossentropy", "sparse_categorical_crossentropy",
+                 "categorical_cross_entropy", "sparse_categorical_cross_entropy"}
+# Keras metric names -> the Go core's validation metric names.
+_METRICS = {"accuracy": "accuracy", "acc": "accuracy", "binary_accuracy": "accuracy",
+            "categorical_accuracy": "accuracy", "sparse_categorical_accuracy": "accuracy",
+            "precision": "precision", "recall": "recall", "f1": "f1", "f1_score": "f1",
+            "mse": "mse", "mean_squared_error": "mse", "mae": "mae", "mean_absolute_error": "mae", "r2": "r2"}
+_CLASS_METRICS = {"accuracy", "precision", "recall", "f1"}
+
+
+def norm_loss(loss):
+    """A loss name as core/train normalizes it (None stays None)."""
+    if loss is None:
+        return None
+    if not isinstance(loss, str):
+        raise TypeError(f"loss must be a loss name such as 'binary_crossentropy', got {type(loss).__name__}")
+    return loss.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+def metric_names(metrics):
+    """The Go core's names for Keras-style metric names (ValueError for
+    one Kiln does not compute); None for 'all'."""
+    if metrics is None:
+        return None
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    out = []
+    for m in metrics:
+        key = m.lower() if isinstance(m, str) else m
+        if key not in _METRICS:
+            raise ValueError(f"unknown metric {m!r}; Kiln computes {sorted(set(_METRICS))}")
+        if _METRICS[key] not in out:
+            out.append(_METRICS[key])
+    return out
+
+
+def class_targets(y, loss):
+    """(labels, codes) when (y, loss) make a classifier, else (None, y):
+    text, bool and integer labels (integers with no loss or a class or
+    binary loss), 0/1 floats with a binary loss, and one-hot rows with
+    categorical_crossentropy."""
+    lossn = norm_loss(loss)
+    if y.ndim == 2 and lossn == "categorical_crossentropy":
+        if y.shape[1] < 2:
+            raise ValueError(f"categorical_crossentropy takes one-hot targets [rows, classes], got shape {y.shape}")
+        y = y.argmax(axis=1)
+    if y.ndim != 1 and not (y.ndim == 2 and y.shape[1] == 1):
+        raise ValueError(f"y must be 1-D [rows] (or one-hot [rows, classes] with categorical_crossentropy), "
+                         f"got shape {y.shape}")
+    y = y.reshape(-1)
+    binary = lossn in _BINARY_LOSSES
+    classify = (y.dtype.kind in "OUSb"
+                or (y.dtype.kind in "iu" and (lossn is None or lossn in _CLASS_LOSSES or binary))
+                or (y.dtype.kind == "f" and binary and len(y) > 0 and bool(np.isin(y, (0.0, 1.0)).all())))
+    if not classify:
+        return None, y
+    labels, codes = np.unique(y, return_inverse=True)
+    if binary and len(labels) > 2:
+        raise ValueError(f"loss {loss!r} trains a binary classifier but y has {len(labels)} classes "
+                         f"({list(labels[:5])}...); use sparse_categorical_crossentropy with a softmax output")
+    if y.dtype.kind == "f":
+        labels = labels.astype(np.int64)  # 0/1 floats: classes [0, 1]
+    return labels, codes
+
+
+def _split_callbacks(callbacks, early_stopping):
+    """(early_stopping dict, model_checkpoint dict, Python callbacks) from
+    fit's callbacks: kiln.callbacks.EarlyStopping / ModelCheckpoint run in
+    the Go core; Callback objects and plain functions in Python."""
+    from .callbacks import Callback, EarlyStopping, ModelCheckpoint
+
+    es, ck, py = early_stopping, None, []
+    for cb in callbacks or ():
+        if isinstance(cb, EarlyStopping):
+            if es is not None:
+                raise ValueError("fit: more than one early stopping (an EarlyStopping callback and early_stopping=)")
+            es = cb._config()
+        elif isinstance(cb, ModelCheckpoint):
+            if ck is not None:
+                raise ValueError("fit: Kiln takes one ModelCheckpoint")
+            ck = cb._config()
+        elif isinstance(cb, Callback) or callable(cb):
+            py.append(cb)
+        else:
+            raise TypeError(f"fit: a callback is a kiln.callbacks.Callback or a function of the epoch event, "
+                            f"got {type(cb).__name__}")
+    return es, ck, py
+
+
 @contextlib.contextmanager
 def fit(spec, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss, seed, early_stopping,
-        verbose, callbacks, workers=1, device=None, amp=None):
+        verbose, callbacks, workers=1, device=None, amp=None, metrics=None):
     """Trains the network spec on (x, y) in the Go core, writing a model
     package (with the caller's class labels) to a new temporary directory.
-    Yields (directory, history); the directory is removed again if the job
+    Yields (directory, History); the directory is removed again if the job
     or the with block fails."""
+    from .callbacks import Callback, History
+
     if spec is None:
         raise KilnError("this model has no spec to train (load a package or use kiln.Model.from_spec)")
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
@@ -82,13 +176,17 @@ def fit(spec, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss
     y = np.asarray(y)
     if len(y) != len(x):
         raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
-    labels = None
-    if y.dtype.kind in "OUSb" or (y.dtype.kind in "iu" and loss in (None, "cross_entropy")):
-        labels, codes = np.unique(y, return_inverse=True)
-        y = codes
+    labels, y = class_targets(y, loss)
     y = np.ascontiguousarray(y, dtype=np.float32)
     if not 0 <= validation_split < 1:
         raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
+    wanted = metric_names(metrics)
+    if wanted is not None:
+        wrong = [m for m in wanted if (m in _CLASS_METRICS) != (labels is not None)]
+        if wrong:
+            kind = "a classifier" if labels is not None else "a regressor"
+            raise ValueError(f"metrics {wrong} do not apply to {kind} (these targets and loss train {kind})")
+    es, ck, py_callbacks = _split_callbacks(callbacks, early_stopping)
     job = {
         "model": spec,
         "data": {"target": "target", "task": "classification" if labels is not None else "regression"},
@@ -98,8 +196,10 @@ def fit(spec, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss
     }
     if loss:
         job["train"]["loss"] = {"type": loss}
-    if early_stopping:
-        job["train"]["early_stopping"] = early_stopping
+    if es:
+        job["train"]["early_stopping"] = es
+    if ck:
+        job["train"]["model_checkpoint"] = ck
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     if workers > 1:
@@ -113,25 +213,50 @@ def fit(spec, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss
             h = _b.StartTraining(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out)
         except RuntimeError as e:
             raise translate(e, InferenceError) from None
-        history = {"loss": []}
+        history = History()
+        history.params = {"epochs": epochs, "batch_size": batch_size, "verbose": verbose, "steps": None}
 
         def on_event(e, bar):
             if e["kind"] != "epoch":
                 return
-            history["loss"].append(e["loss"])
+            logs = {"loss": e["loss"]}
             for k, v in (e.get("metrics") or {}).items():
-                history.setdefault("val_" + k, []).append(v)
+                if wanted is None or k == "loss" or k in wanted:
+                    logs["val_" + k] = v
+            history.params["steps"] = e["steps"]
+            history.on_epoch_end(e["epoch"] - 1, logs)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{e['loss']:.4f}", sps=f"{e['samples_per_sec']:.0f}")
-            for cb in callbacks:
-                cb(e)
+            for cb in py_callbacks:
+                if isinstance(cb, Callback):
+                    cb.on_epoch_end(e["epoch"] - 1, dict(logs))
+                else:
+                    cb(e)
 
-        history["report"] = _run_job(h, _progress(epochs, verbose), on_event)
+        history.report = _run_job(h, _progress(epochs, verbose), on_event)
+        for cb in py_callbacks:
+            if isinstance(cb, Callback):
+                cb.on_train_end(dict(history.report.get("val") or {}))
         if labels is not None:
             # Go saw class codes 0..k-1; the package records the caller's labels.
             _record_labels(out, labels)
+            if ck:  # and so do the packages ModelCheckpoint wrote
+                import os
+
+                for e in range(1, len(history.epoch) + 1):
+                    p = ck["path"].replace("{epoch}", str(e))
+                    if os.path.isfile(os.path.join(p, "manifest.json")):
+                        _record_labels(p, labels)
         yield out, history
+
+
+def _outputs_probabilities(model):
+    """Whether the model's output is probabilities (trained with
+    binary_crossentropy on a sigmoid or a categorical loss on a softmax)
+    rather than logits."""
+    outs = (model.manifest or {}).get("outputs") or [{}]
+    return str(outs[0].get("meaning", "")).startswith("probabilit")
 
 
 def evaluate(model, x, y):
@@ -140,17 +265,36 @@ def evaluate(model, x, y):
     labels = model.classes_
     if labels is not None:
         names = list(labels)
+        if y.ndim == 2 and y.shape[1] > 1:  # one-hot (categorical_crossentropy)
+            y = np.asarray(names, dtype=object)[y.argmax(axis=1)]
+        probs = _outputs_probabilities(model)
         if pred.ndim == 2 and pred.shape[1] > 1:
             idx = pred.argmax(axis=1)
-        else:  # one logit: binary
-            idx = (pred.reshape(-1) > 0).astype(int)
-        truth = np.array([names.index(v.item() if hasattr(v, "item") else v) for v in y])
-        return {"accuracy": float((idx == truth).mean())}
+            p = pred if probs else _softmax(pred)
+        else:  # one output: binary
+            z = pred.reshape(-1).astype(np.float64)
+            idx = (z > (0.5 if probs else 0)).astype(int)
+            p1 = z if probs else 1 / (1 + np.exp(-z))
+            p = np.stack([1 - p1, p1], axis=1)
+        try:
+            truth = np.array([names.index(v.item() if hasattr(v, "item") else v) for v in y.reshape(-1)])
+        except ValueError as e:
+            raise ValueError(f"y holds a value that is not one of the model's classes {names}: {e}") from None
+        # Cross-entropy of the predicted probabilities, clipped as Keras does.
+        eps = 1e-7
+        loss = float(-np.log(np.clip(p[np.arange(len(truth)), truth], eps, 1 - eps)).mean())
+        return {"loss": loss, "accuracy": float((idx == truth).mean())}
     p = pred.reshape(-1).astype(np.float64)
     t = y.reshape(-1).astype(np.float64)
     ss = ((t - t.mean()) ** 2).sum()
     return {"mse": float(((p - t) ** 2).mean()), "mae": float(np.abs(p - t).mean()),
             "r2": float(1 - ((p - t) ** 2).sum() / ss) if ss else float("nan")}
+
+
+def _softmax(z):
+    z = z.astype(np.float64) - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def _encode_like_fit(labels, x, y):

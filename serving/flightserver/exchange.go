@@ -63,6 +63,9 @@ type inputSource struct {
 	stacked  bool       // cols are features stacked into one input
 	phys     []int64    // a permuted fixed_shape_tensor's physical row shape
 	perm     []int64    // and its permutation; nil when rows are row-major
+	// column is the input's spec when it is a column of a raw record
+	// (repository.Config Columns; see columns.go).
+	column *repository.TensorSpec
 }
 
 // plan maps the columns of an input schema to a model's inputs.
@@ -185,6 +188,9 @@ func featureColumns(schema *arrow.Schema, k int64) ([]int, error) {
 
 // newPlan checks an input schema against a model's configuration.
 func newPlan(model string, cfg *repository.Config, schema *arrow.Schema) (*plan, error) {
+	if cfg.Columns {
+		return columnsPlan(model, cfg, schema)
+	}
 	p := &plan{model: model, batched: cfg.MaxBatchSize > 0, maxRows: cfg.MaxBatchSize}
 	want := func(c repository.TensorSpec) string {
 		if p.batched {
@@ -298,6 +304,9 @@ func (src *inputSource) gather(rec arrow.RecordBatch) ([]byte, error) {
 
 // gatherTo is gather with the buffers that copies need from alloc.
 func (src *inputSource) gatherTo(rec arrow.RecordBatch, alloc func(n int) []byte) ([]byte, error) {
+	if src.column != nil {
+		return src.gatherColumn(rec)
+	}
 	size := src.dt.Size()
 	if !src.stacked {
 		b, err := columnBytes(rec.Column(src.cols[0]), size, src.rowElems)
@@ -700,7 +709,7 @@ func (src *inputSource) tensor(rec arrow.RecordBatch) (*core.Tensor, error) {
 	if rec.NumRows() == 0 || src.rowElems == 0 {
 		return core.Zeros(src.dt, shape...)
 	}
-	if !src.stacked && src.perm == nil {
+	if !src.stacked && src.perm == nil && src.column == nil {
 		col := rec.Column(src.cols[0])
 		b, err := columnBytes(col, src.dt.Size(), src.rowElems)
 		if err != nil {

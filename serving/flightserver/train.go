@@ -244,6 +244,13 @@ func (t *ModelTrainer) CheckTrain(body json.RawMessage, dataset DatasetInfo) err
 		}
 		return core.Errorf(core.InvalidArgument, "train request: %v", err)
 	}
+	if job.Train.Loss.Type != "" {
+		// A Keras loss needs its activation last; a logits loss must not
+		// follow one (a double sigmoid).
+		if _, err := train.TrainSpec(job.Model, job.Train.Loss.Type); err != nil {
+			return core.Errorf(core.InvalidArgument, "train request: %v", err)
+		}
+	}
 	cols := []string(nil)
 	if len(job.Data.Features) > 0 {
 		cols = append(slices.Clone(job.Data.Features), job.Data.Target)

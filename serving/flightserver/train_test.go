@@ -289,6 +289,9 @@ func TestModelTrainerCancelAndErrors(t *testing.T) {
 		{map[string]any{"dataset": "blobs", "target": "cls", "spec": "model: {layers: [{type: linear}]}\ntrain: {batch_size: -3}"}, codes.InvalidArgument, "batch"},
 		{map[string]any{"dataset": "blobs", "target": "cls", "spec": blobsSpec, "device": "gpu"}, codes.InvalidArgument, `device "gpu": want cpu, cuda or cuda:N`},
 		{map[string]any{"dataset": "blobs", "target": "cls", "spec": blobsSpec, "amp": "fp16"}, codes.InvalidArgument, "amp fp16 needs a CUDA device"},
+		// A Keras loss without its activation, and a double sigmoid.
+		{map[string]any{"dataset": "blobs", "target": "cls", "spec": "model: {layers: [{type: linear}]}\ntrain: {loss: {type: binary_crossentropy}}"}, codes.InvalidArgument, "takes the output of a sigmoid"},
+		{map[string]any{"dataset": "blobs", "target": "cls", "spec": "model: {layers: [{type: linear}, {type: sigmoid}]}\ntrain: {loss: {type: bce_with_logits}}"}, codes.InvalidArgument, "applied twice"},
 	} {
 		_, err := e.action(ctx, "train", c.body)
 		requireCode(t, err, c.code, c.want)

@@ -277,7 +277,7 @@ func (s *Service) run(ctx context.Context, v *manager.Version, req *pb.ModelInfe
 		c := cfg.Outputs[w.index]
 		t := outs[w.index]
 		if w.top > 0 {
-			shape, data, err := classify(t, w.top, v.Labels(c.Name), cfg.MaxBatchSize > 0)
+			shape, data, err := classify(t, w.top, v.Labels(c.Name), cfg.MaxBatchSize > 0, c.Binary)
 			if err != nil {
 				return nil, invalid("output %q: classification: %v", c.Name, err)
 			}

@@ -126,6 +126,27 @@ func decodeInputs(model string, cfg *repository.Config, req *pb.ModelInferReques
 			}
 			n *= d
 		}
+		if c.DataType == repository.Bytes {
+			// A category column of a raw record (repository.Config
+			// Columns): strings in, float32 category codes out.
+			var elems [][]byte
+			if len(raw) > 0 {
+				if in.GetContents() != nil {
+					return nil, invalid("input %q: give either raw_input_contents or contents, not both", c.Name)
+				}
+				var err error
+				if elems, err = repository.SplitBytes(raw[i], n); err != nil {
+					return nil, invalid("input %q: raw_input_contents: %v", c.Name, err)
+				}
+			} else {
+				elems = in.GetContents().GetBytesContents()
+				if int64(len(elems)) != n {
+					return nil, invalid("input %q: contents hold %d BYTES values (bytes_contents), shape %s needs %d", c.Name, len(elems), shapeString(got), n)
+				}
+			}
+			out[ci] = batcher.Tensor{DType: core.Float32, Shape: slices.Clone(got), Data: cfg.Inputs[ci].Codes(elems)}
+			continue
+		}
 		dt, _ := c.DataType.DType()
 		var data []byte
 		if len(raw) > 0 {
@@ -304,7 +325,12 @@ func toFloat64(t batcher.Tensor) ([]float64, error) {
 
 // classify implements the classification extension: the top k classes of
 // each batch element as "score:index[:label]" BYTES elements.
-func classify(t batcher.Tensor, k int, labels []string, batched bool) ([]int64, []byte, error) {
+//
+// binaryKind ("logit" or "probability", the output's repository.TensorSpec
+// Binary) makes one value per element the score of class 1: the element is
+// ranked as two classes, labels[1] with probability p (the value, or its
+// sigmoid for a logit) and labels[0] with 1 - p.
+func classify(t batcher.Tensor, k int, labels []string, batched bool, binaryKind string) ([]int64, []byte, error) {
 	vals, err := toFloat64(t)
 	if err != nil {
 		return nil, nil, err
@@ -315,6 +341,17 @@ func classify(t batcher.Tensor, k int, labels []string, batched bool) ([]int64, 
 	}
 	if rows == 0 || len(vals)%rows != 0 {
 		return nil, nil, fmt.Errorf("cannot classify shape %v", t.Shape)
+	}
+	if binaryKind != "" && len(vals) == rows {
+		two := make([]float64, 0, 2*rows)
+		for _, v := range vals {
+			p := v
+			if binaryKind == "logit" {
+				p = 1 / (1 + math.Exp(-v))
+			}
+			two = append(two, 1-p, p)
+		}
+		vals = two
 	}
 	classes := len(vals) / rows
 	k = min(k, classes)

@@ -19,6 +19,15 @@ func varConfig() *repository.Config {
 	}
 }
 
+// recordConfig is a raw-record model: a BYTES category column and an FP32
+// one.
+func recordConfig() *repository.Config {
+	return &repository.Config{Name: "rec", MaxBatchSize: 4, Columns: true,
+		Inputs: []repository.TensorSpec{{Name: "colour", DataType: repository.Bytes, Dims: []int64{1}, Categories: []string{"blue", "red"}},
+			{Name: "size", DataType: repository.FP32, Dims: []int64{1}}},
+		Outputs: []repository.TensorSpec{{Name: "y", DataType: repository.FP32, Dims: []int64{1}}}}
+}
+
 func wantInvalid(t *testing.T, err error) {
 	t.Helper()
 	if status.Code(err) != codes.InvalidArgument {
@@ -69,6 +78,13 @@ func FuzzDecodeInputs(f *testing.F) {
 			Contents: &pb.InferTensorContents{BoolContents: []bool{true, false}}}}},
 		{Inputs: []*pb.ModelInferRequest_InferInputTensor{{Name: "b", Datatype: "INT8", Shape: []int64{1, 2},
 			Contents: &pb.InferTensorContents{IntContents: []int32{1, 300}}}}},
+		// Raw records: BYTES category strings, typed and raw.
+		{Inputs: []*pb.ModelInferRequest_InferInputTensor{
+			{Name: "colour", Datatype: "BYTES", Shape: []int64{2, 1}, Contents: &pb.InferTensorContents{BytesContents: [][]byte{[]byte("red"), {}}}},
+			{Name: "size", Datatype: "FP32", Shape: []int64{2, 1}, Contents: &pb.InferTensorContents{Fp32Contents: []float32{1, 2}}}}},
+		{Inputs: []*pb.ModelInferRequest_InferInputTensor{
+			{Name: "colour", Datatype: "BYTES", Shape: []int64{1, 1}}, {Name: "size", Datatype: "FP32", Shape: []int64{1, 1}}},
+			RawInputContents: [][]byte{{4, 0, 0, 0, 'b', 'l', 'u', 'e'}, {0, 0, 128, 63}}},
 	}
 	for _, s := range seeds {
 		b, err := gproto.Marshal(s)
@@ -89,7 +105,7 @@ func FuzzDecodeInputs(f *testing.F) {
 		if err := gproto.Unmarshal(msg, req); err != nil {
 			return
 		}
-		for _, cfg := range []*repository.Config{varConfig(), batched, int8s} {
+		for _, cfg := range []*repository.Config{varConfig(), batched, int8s, recordConfig()} {
 			ins, err := decodeInputs(cfg.Name, cfg, req, lim)
 			if err != nil {
 				if status.Code(err) != codes.InvalidArgument {

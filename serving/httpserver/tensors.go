@@ -158,6 +158,59 @@ func decodeInferRequest(model, version string, body []byte, headerLen string) (*
 	return req, choice, nil
 }
 
+// jsonBytesData converts a BYTES input's JSON "data" (strings, in nested
+// lists or flat; null for an empty element) to the raw form, each element
+// a 4-byte little-endian length and its bytes, checking the count against
+// the declared shape. Memory grows with the bytes received only.
+func jsonBytesData(in jsonTensor) ([]byte, error) {
+	var tree any
+	dec := json.NewDecoder(bytes.NewReader(in.Data))
+	if err := dec.Decode(&tree); err != nil {
+		return nil, invalid("input %q: invalid \"data\": %v", in.Name, err)
+	}
+	var buf []byte
+	var count int64
+	var walk func(v any, depth int) error
+	walk = func(v any, depth int) error {
+		if depth > 64 {
+			return invalid("input %q: \"data\" nests deeper than 64 lists", in.Name)
+		}
+		switch t := v.(type) {
+		case []any:
+			for _, e := range t {
+				if err := walk(e, depth+1); err != nil {
+					return err
+				}
+			}
+			return nil
+		case string:
+			buf = binary.LittleEndian.AppendUint32(buf, uint32(len(t)))
+			buf = append(buf, t...)
+		case nil:
+			buf = binary.LittleEndian.AppendUint32(buf, 0)
+		default:
+			return invalid("input %q: BYTES values must be strings (or null), got %v", in.Name, t)
+		}
+		count++
+		return nil
+	}
+	if err := walk(tree, 0); err != nil {
+		return nil, err
+	}
+	want := int64(1)
+	for _, d := range in.Shape {
+		if d < 0 || (d != 0 && want > math.MaxInt32/d) {
+			want = -1
+			break
+		}
+		want *= d
+	}
+	if want >= 0 && count != want {
+		return nil, invalid("input %q: \"data\" holds %d values, shape %v needs %d", in.Name, count, in.Shape, want)
+	}
+	return buf, nil
+}
+
 // notNumberError is a leaf of JSON "data" that is no number, true or
 // false (a string, null, an object).
 type notNumberError struct{ tok []byte }
@@ -253,7 +306,10 @@ func jsonLeaves(data []byte, leaf func(tok []byte) error) (int64, error) {
 // that many elements, with no intermediate value per element.
 func jsonData(in jsonTensor) ([]byte, error) {
 	dt := repository.DataType(in.Datatype)
-	if dt == repository.Bytes || !dt.Known() {
+	if dt == repository.Bytes {
+		return jsonBytesData(in)
+	}
+	if !dt.Known() {
 		return nil, invalid("input %q: datatype %q cannot be given as JSON \"data\"", in.Name, in.Datatype)
 	}
 	count, err := jsonLeaves(in.Data, nil)

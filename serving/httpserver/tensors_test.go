@@ -19,6 +19,8 @@ func FuzzDecodeInferRequest(f *testing.F) {
 	f.Add([]byte(`{"id":"a","parameters":{"binary_data_output":true},"inputs":[{"name":"x","shape":[2],"datatype":"INT64","data":[1,2]}],"outputs":[{"name":"y","parameters":{"classification":2}}]}`), "")
 	f.Add([]byte(`{"inputs":[{"name":"x","shape":[8589934592],"datatype":"FP32","data":[]}]}`), "")
 	f.Add([]byte(`{"inputs":[{"name":"b","shape":[2],"datatype":"BOOL","data":[true,false]}]}`), "")
+	f.Add([]byte(`{"inputs":[{"name":"c","shape":[3,1],"datatype":"BYTES","data":[["red"],[null],[""]]}]}`), "")
+	f.Add([]byte(`{"inputs":[{"name":"c","shape":[2],"datatype":"BYTES","data":["a",1]}]}`), "")
 	bin := `{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}`
 	f.Add(append([]byte(bin), 0, 0, 128, 63, 0, 0, 0, 64), "96")
 	f.Fuzz(func(t *testing.T, body []byte, headerLen string) {
@@ -123,4 +125,26 @@ func FuzzParseAliasMove(f *testing.F) {
 			t.Fatalf("accepted %+v", m)
 		}
 	})
+}
+
+// BYTES "data" (strings, null for empty) becomes length-prefixed raw
+// contents; other values and a wrong count are INVALID_ARGUMENT.
+func TestJSONBytesData(t *testing.T) {
+	req, _, err := decodeInferRequest("m", "", []byte(`{"inputs":[{"name":"c","shape":[3,1],"datatype":"BYTES","data":[["red"],[null],["é"]]}]}`), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "\x03\x00\x00\x00red\x00\x00\x00\x00\x02\x00\x00\x00é"
+	if got := string(req.pb.RawInputContents[0]); got != want {
+		t.Fatalf("raw %q, want %q", got, want)
+	}
+	for _, body := range []string{
+		`{"inputs":[{"name":"c","shape":[2],"datatype":"BYTES","data":["a",1]}]}`,
+		`{"inputs":[{"name":"c","shape":[3],"datatype":"BYTES","data":["a","b"]}]}`,
+		`{"inputs":[{"name":"c","shape":[1],"datatype":"BYTES","data":{"a":1}}]}`,
+	} {
+		if _, _, err := decodeInferRequest("m", "", []byte(body), ""); status.Code(err) != codes.InvalidArgument {
+			t.Fatalf("%s: got %v, want INVALID_ARGUMENT", body, err)
+		}
+	}
 }

@@ -80,7 +80,19 @@ func (v *Version) QueueLen() int { return v.batcher.QueueLen() }
 // Infer runs one request through the version's batcher (see
 // batcher.Batcher.Submit), then applies the configuration's
 // post-processing (softmax) to the outputs.
+//
+// With a Columns config, inputs are the record's columns, each float32
+// [batch, 1] (category strings already mapped to their codes by the
+// decoder); they are assembled into the model's one float32 [batch,
+// columns] input before the batcher, so requests still batch together.
 func (v *Version) Infer(ctx context.Context, inputs []batcher.Tensor) ([]batcher.Tensor, error) {
+	if v.model.Config.Columns {
+		x, err := AssembleColumns(inputs)
+		if err != nil {
+			return nil, err
+		}
+		inputs = []batcher.Tensor{x}
+	}
 	outs, err := v.batcher.Submit(ctx, inputs)
 	if err != nil {
 		return nil, err
@@ -97,7 +109,18 @@ func (v *Version) Infer(ctx context.Context, inputs []batcher.Tensor) ([]batcher
 // then applies the configuration's post-processing (softmax) to the
 // outputs in place. The caller closes the inputs, after it returns, and
 // owns the outputs.
+//
+// With a Columns config, inputs are the record's columns (float32 [batch,
+// 1], as for Infer), assembled into the model's one input first (a copy).
 func (v *Version) ForwardTensors(ctx context.Context, inputs []*core.Tensor) ([]*core.Tensor, error) {
+	if v.model.Config.Columns {
+		x, err := assembleTensors(inputs)
+		if err != nil {
+			return nil, err
+		}
+		defer x.Close()
+		inputs = []*core.Tensor{x}
+	}
 	outs, err := v.batcher.ForwardTensors(ctx, inputs)
 	if err != nil {
 		return nil, err
@@ -544,7 +567,11 @@ func (m *Manager) loadVersion(rm *repository.Model, v int64, ident string) (*Ver
 			return nil, err
 		}
 	}
-	if args := mod.Inputs(); len(args) != len(cfg.Inputs) {
+	wantArgs := len(cfg.Inputs)
+	if cfg.Columns {
+		wantArgs = 1 // the assembled record
+	}
+	if args := mod.Inputs(); len(args) != wantArgs {
 		mod.Close()
 		names := make([]string, len(args))
 		for i, a := range args {
@@ -587,6 +614,9 @@ func warmup(v *Version) error {
 	ins := make([]batcher.Tensor, len(cfg.Inputs))
 	for i, in := range cfg.Inputs {
 		dt, _ := in.DataType.DType()
+		if cfg.Columns {
+			dt = core.Float32 // a column's values or category codes
+		}
 		var shape []int64
 		if cfg.MaxBatchSize > 0 {
 			shape = append(shape, 1)
@@ -601,12 +631,85 @@ func warmup(v *Version) error {
 		}
 		ins[i] = batcher.Tensor{DType: dt, Shape: shape, Data: make([]byte, n*int64(dt.Size()))}
 	}
+	if cfg.Columns {
+		x, err := AssembleColumns(ins)
+		if err != nil {
+			return err
+		}
+		ins = []batcher.Tensor{x}
+	}
 	outs, err := v.batcher.Submit(context.Background(), ins)
 	if err != nil {
 		return err
 	}
 	v.batcher.Stats().Reset()
 	return CheckOutputs(cfg, outs)
+}
+
+// assembleTensors is AssembleColumns over C tensors: a new float32
+// [batch, len(cols)] tensor the caller closes.
+func assembleTensors(cols []*core.Tensor) (*core.Tensor, error) {
+	bt := make([]batcher.Tensor, len(cols))
+	for j, c := range cols {
+		if c.DType() != core.Float32 {
+			return nil, core.Errorf(core.InvalidArgument, "column %d: %v, want float32 [batch, 1]", j, c.DType())
+		}
+		cc, err := c.Contiguous()
+		if err != nil {
+			return nil, err
+		}
+		vals, err := core.Data[float32](cc)
+		if err != nil {
+			cc.Close()
+			return nil, err
+		}
+		b := make([]byte, 4*len(vals))
+		for i, f := range vals {
+			binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(f))
+		}
+		cc.Close()
+		bt[j] = batcher.Tensor{DType: core.Float32, Shape: c.Shape(), Data: b}
+	}
+	x, err := AssembleColumns(bt)
+	if err != nil {
+		return nil, err
+	}
+	rows, k := int(x.Shape[0]), int(x.Shape[1])
+	vals := make([]float32, rows*k)
+	for i := range vals {
+		vals[i] = math.Float32frombits(binary.LittleEndian.Uint32(x.Data[4*i:]))
+	}
+	return core.NewTensor(vals, int64(rows), int64(k))
+}
+
+// AssembleColumns lays the columns of a raw record out as one float32
+// [batch, len(cols)] tensor, row-major: each column is float32 [batch, 1]
+// (or [batch]) with the same batch. Anything else is INVALID_ARGUMENT.
+func AssembleColumns(cols []batcher.Tensor) (batcher.Tensor, error) {
+	if len(cols) == 0 {
+		return batcher.Tensor{}, core.Errorf(core.InvalidArgument, "no columns")
+	}
+	k := len(cols)
+	var rows int
+	for j, c := range cols {
+		if c.DType != core.Float32 || len(c.Shape) == 0 || len(c.Shape) > 2 || (len(c.Shape) == 2 && c.Shape[1] != 1) {
+			return batcher.Tensor{}, core.Errorf(core.InvalidArgument, "column %d: %v %v, want float32 [batch, 1]", j, c.DType, c.Shape)
+		}
+		r := int(c.Shape[0])
+		if j == 0 {
+			rows = r
+		}
+		if r != rows || len(c.Data) != 4*r {
+			return batcher.Tensor{}, core.Errorf(core.InvalidArgument, "column %d: %d rows in %d bytes, the first column has %d rows", j, r, len(c.Data), rows)
+		}
+	}
+	out := make([]byte, 4*rows*k)
+	for j, c := range cols {
+		for r := range rows {
+			copy(out[4*(r*k+j):4*(r*k+j+1)], c.Data[4*r:4*r+4])
+		}
+	}
+	return batcher.Tensor{DType: core.Float32, Shape: []int64{int64(rows), int64(k)}, Data: out}, nil
 }
 
 // CheckOutputs checks a model's outputs against its configuration: their

@@ -70,6 +70,7 @@ type configFile struct {
 	// DefaultModelFilename is Triton's model_file.
 	DefaultModelFilename string `json:"default_model_filename" yaml:"default_model_filename"`
 	Warmup               *bool  `json:"warmup" yaml:"warmup"`
+	Columns              bool   `json:"columns" yaml:"columns"`
 }
 
 // tensorFile is one input or output as written.
@@ -82,8 +83,10 @@ type tensorFile struct {
 	Reshape        *reshapeFile `json:"reshape" yaml:"reshape"` // Triton
 	Labels         string       `json:"labels" yaml:"labels"`
 	// LabelFilename is Triton's labels.
-	LabelFilename string `json:"label_filename" yaml:"label_filename"`
-	Softmax       bool   `json:"softmax" yaml:"softmax"`
+	LabelFilename string   `json:"label_filename" yaml:"label_filename"`
+	Softmax       bool     `json:"softmax" yaml:"softmax"`
+	Binary        string   `json:"binary" yaml:"binary"`
+	Categories    []string `json:"categories" yaml:"categories"`
 }
 
 // reshapeFile is Triton's ModelTensorReshape.
@@ -277,7 +280,7 @@ func oneOf[T comparable](kilnKey string, kiln T, tritonKey string, triton T) (T,
 
 // config merges the two spellings into a Config (not yet validated).
 func (f *configFile) config() (*Config, error) {
-	c := &Config{Name: f.Name, MaxBatchSize: f.MaxBatchSize, InstanceCount: f.InstanceCount, Warmup: f.Warmup, Device: f.Device}
+	c := &Config{Name: f.Name, MaxBatchSize: f.MaxBatchSize, InstanceCount: f.InstanceCount, Warmup: f.Warmup, Device: f.Device, Columns: f.Columns}
 	var err error
 	if c.Platform, err = platformOf(f.Platform, f.Backend); err != nil {
 		return nil, err
@@ -356,7 +359,7 @@ func tensorSpecs(kind, kilnKey string, kiln, triton []tensorFile) ([]TensorSpec,
 
 // spec merges one tensor's spellings.
 func (t tensorFile) spec() (TensorSpec, error) {
-	s := TensorSpec{Name: t.Name, DataType: t.DataType, Dims: t.Dims, Softmax: t.Softmax}
+	s := TensorSpec{Name: t.Name, DataType: t.DataType, Dims: t.Dims, Softmax: t.Softmax, Binary: t.Binary, Categories: t.Categories}
 	if t.TritonDataType != "" {
 		if t.DataType != "" {
 			return s, errors.New("give datatype or data_type (Triton's spelling), not both")
@@ -541,7 +544,19 @@ func (c *Config) validateTensorSpecs() error {
 		return errors.New("no outputs")
 	}
 	seen := map[string]bool{}
-	for _, t := range c.Inputs {
+	for i, t := range c.Inputs {
+		if c.Columns {
+			if err := c.validateColumn(t, seen); err != nil {
+				return err
+			}
+			if t.DataType == Bytes {
+				c.Inputs[i].index = categoryIndex(t.Categories)
+			}
+			continue
+		}
+		if len(t.Categories) > 0 {
+			return fmt.Errorf("input %q: categories belong to the inputs of a columns config", t.Name)
+		}
 		if err := c.validateTensorSpec("input", t, seen); err != nil {
 			return err
 		}
@@ -569,7 +584,58 @@ func (c *Config) validateTensorSpec(kind string, t TensorSpec, seen map[string]b
 	if err := c.validateSoftmax(kind, t); err != nil {
 		return err
 	}
+	if err := validateBinary(kind, t); err != nil {
+		return err
+	}
 	return validateLabels(kind, t)
+}
+
+// validateColumn checks one input of a Columns config: a named FP32 or
+// BYTES (with categories) column of dims [1], in a batching model.
+func (c *Config) validateColumn(t TensorSpec, seen map[string]bool) error {
+	if err := validateTensorName("input", t, seen); err != nil {
+		return err
+	}
+	if c.MaxBatchSize <= 0 {
+		return fmt.Errorf("columns needs max_batch_size > 0 (a batch of rows)")
+	}
+	if len(t.Dims) != 1 || t.Dims[0] != 1 {
+		return fmt.Errorf("input %q: a column has dims [1], not %v", t.Name, t.Dims)
+	}
+	switch t.DataType {
+	case FP32:
+		if len(t.Categories) > 0 {
+			return fmt.Errorf("input %q: categories belong to BYTES columns", t.Name)
+		}
+	case Bytes:
+		if len(t.Categories) == 0 {
+			return fmt.Errorf("input %q: a BYTES column needs its categories", t.Name)
+		}
+	default:
+		return fmt.Errorf("input %q: a column is FP32 (numbers) or BYTES (categories), not %s", t.Name, t.DataType)
+	}
+	if t.Labels != "" || t.Softmax || t.Binary != "" {
+		return fmt.Errorf("input %q: labels, softmax and binary belong to outputs", t.Name)
+	}
+	return nil
+}
+
+// validateBinary allows binary ("logit" or "probability") on
+// floating-point outputs of one value per batch element.
+func validateBinary(kind string, t TensorSpec) error {
+	if t.Binary == "" {
+		return nil
+	}
+	if kind != "output" {
+		return fmt.Errorf("input %q: binary belongs to outputs", t.Name)
+	}
+	if t.Binary != "logit" && t.Binary != "probability" {
+		return fmt.Errorf("output %q: binary is %q (want logit or probability)", t.Name, t.Binary)
+	}
+	if (t.DataType != FP32 && t.DataType != FP64) || len(t.Dims) != 1 || t.Dims[0] != 1 || t.Softmax {
+		return fmt.Errorf("output %q: binary needs an FP32 or FP64 output of dims [1] without softmax", t.Name)
+	}
+	return nil
 }
 
 // validateTensorName requires a name, unique among its kind.

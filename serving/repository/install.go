@@ -14,6 +14,7 @@ import (
 	yaml "go.yaml.in/yaml/v3"
 
 	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/core/data"
 	"github.com/kilnml/kiln/core/modelpkg"
 )
 
@@ -273,15 +274,44 @@ func PackageConfig(model string, man *modelpkg.Manifest, maxBatchSize int) (*Con
 		DynamicBatching: &DynamicBatching{MaxQueueDelayUS: 500},
 		VersionPolicy:   VersionPolicy{Latest: 1},
 	}
+	if cols := in.Columns; len(cols) > 0 && int64(len(cols)) == in.Shape[len(in.Shape)-1] && hasCategories(cols) {
+		// Raw records: one input per column, category strings as BYTES.
+		cfg.Columns = true
+		cfg.Inputs = make([]TensorSpec, len(cols))
+		for i, c := range cols {
+			cfg.Inputs[i] = TensorSpec{Name: c.Name, DataType: FP32, Dims: []int64{1}}
+			if c.Categorical {
+				cfg.Inputs[i].DataType, cfg.Inputs[i].Categories = Bytes, slices.Clone(c.Categories)
+			}
+		}
+	}
 	var labels []string
 	if len(man.Labels) > 0 && len(out.Shape) == 2 && out.Shape[1] == int64(len(man.Labels)) {
 		labels = man.Labels
 		cfg.Outputs[0].Labels = "labels.txt"
+	} else if len(man.Labels) == 2 && len(out.Shape) == 2 && out.Shape[1] == 1 {
+		// A binary classifier: one logit or probability of labels[1].
+		labels = man.Labels
+		cfg.Outputs[0].Labels = "labels.txt"
+		cfg.Outputs[0].Binary = "logit"
+		if strings.HasPrefix(out.Meaning, "probabilit") {
+			cfg.Outputs[0].Binary = "probability"
+		}
 	}
 	if err := cfg.Validate(); err != nil {
 		return nil, nil, fmt.Errorf("generated config: %w", err)
 	}
 	return cfg, labels, nil
+}
+
+// hasCategories reports whether a column is categorical.
+func hasCategories(cols []data.FeatureInfo) bool {
+	for _, c := range cols {
+		if c.Categorical {
+			return true
+		}
+	}
+	return false
 }
 
 // readModelConfig returns the model's existing configuration (a Kiln file
@@ -306,10 +336,12 @@ func configFits(have, want *Config, file string) error {
 	}
 	same := func(a, b []TensorSpec) bool {
 		return slices.EqualFunc(a, b, func(x, y TensorSpec) bool {
-			return x.Name == y.Name && x.DataType == y.DataType && slices.Equal(x.Dims, y.Dims)
+			return x.Name == y.Name && x.DataType == y.DataType && slices.Equal(x.Dims, y.Dims) &&
+				slices.Equal(x.Categories, y.Categories)
 		})
 	}
-	if !same(have.Inputs, want.Inputs) || !same(have.Outputs, want.Outputs) || (have.MaxBatchSize == 0) != (want.MaxBatchSize == 0) {
+	if !same(have.Inputs, want.Inputs) || !same(have.Outputs, want.Outputs) || (have.MaxBatchSize == 0) != (want.MaxBatchSize == 0) ||
+		have.Columns != want.Columns {
 		return fmt.Errorf("the package (inputs %s, outputs %s) does not fit the model's %s (inputs %s, outputs %s); install it under a new model name",
 			describe(want.Inputs), describe(want.Outputs), file, describe(have.Inputs), describe(have.Outputs))
 	}

@@ -85,6 +85,18 @@ type TensorSpec struct {
 	// their softmax along the last dimension before they are returned (and
 	// before classification ranks them).
 	Softmax bool `json:"softmax,omitempty" yaml:"softmax,omitempty"`
+	// Categories, on a BYTES input of a Columns config, is the column's
+	// vocabulary in index order.
+	Categories []string `json:"categories,omitempty" yaml:"categories,omitempty"`
+	// index maps a category to its index (built by Config.Validate, so
+	// that requests read it without locking).
+	index map[string]int
+	// Binary, on an output of one value per batch element with two
+	// labels, says what the value is: "logit" (of labels[1]: class 1 when
+	// > 0) or "probability" (of labels[1]: class 1 when > 0.5), so that
+	// classification answers with the predicted label and its
+	// probability. Kiln's binary classifiers are installed with it.
+	Binary string `json:"binary,omitempty" yaml:"binary,omitempty"`
 }
 
 // DynamicBatching configures the dynamic batcher.
@@ -121,8 +133,18 @@ type Config struct {
 	// MaxBatchSize is the largest batch along dimension 0; 0 means the
 	// model does not batch and dims are whole shapes.
 	MaxBatchSize int `json:"max_batch_size" yaml:"max_batch_size"`
-	// Inputs are the forward method's arguments, in order.
+	// Inputs are the forward method's arguments, in order (with Columns,
+	// the columns of a raw record).
 	Inputs []TensorSpec `json:"inputs" yaml:"inputs"`
+	// Columns, for a Kiln package trained on a table, makes the inputs
+	// one per column of the raw record (dims [1]): FP32 numbers (NaN for
+	// a null) and BYTES category strings, mapped through the input's
+	// Categories (the stored vocabulary) to their index; an unknown or
+	// empty string maps to NaN, the model's "unknown" encoding. The
+	// server assembles them into the single float32 [batch, inputs]
+	// tensor the package's forward takes, whose preprocessing then
+	// imputes, scales and one-hot encodes. It needs max_batch_size > 0.
+	Columns bool `json:"columns,omitempty" yaml:"columns,omitempty"`
 	// Outputs are the tensors forward returns (tuples flattened), in order.
 	Outputs []TensorSpec `json:"outputs" yaml:"outputs"`
 	// DynamicBatching, when set, merges requests into batches; it needs

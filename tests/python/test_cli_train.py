@@ -67,3 +67,45 @@ def test_train_names_a_missing_column(kiln_bin, tmp_path):
         capture_output=True, text=True)
     assert run.returncode == 1
     assert 'target column "label" not found; the data has columns a, b' in run.stderr
+
+
+KERAS_SPEC = """
+model:
+  layers:
+    - {type: linear, out: 10}
+    - {type: relu}
+    - {type: linear, out: 1}
+    - {type: sigmoid}
+split: {val: 0.15, test: 0.2, stratify: true}
+train: {epochs: 20, batch_size: 32, seed: 1, optimizer: {type: adam, lr: 0.01}}
+"""
+
+
+def test_train_loss_flag_keras_binary(kiln_bin, tmp_path):
+    """`kiln train --loss binary_crossentropy` on a network ending in a
+    sigmoid: a binary classifier whose TorchScript returns probabilities;
+    --loss bce_with_logits on the same network is refused with a hint."""
+    make_fixture("datasets", tmp_path)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(KERAS_SPEC)
+    args = [str(kiln_bin), "train", "--spec", str(spec), "--data", str(tmp_path / "breast_cancer.csv"),
+            "--target", "diagnosis", "-q"]
+    run = subprocess.run(args + ["--out", str(tmp_path / "pkg"), "--loss", "binary_crossentropy"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
+    assert manifest["labels"] == ["benign", "malignant"]
+    assert manifest["outputs"][0]["meaning"].startswith("probability")
+    assert manifest["metrics"]["test"]["accuracy"] >= 0.93
+    model = torch.jit.load(str(tmp_path / "pkg" / "model.pt"))
+    cols = [c["name"] for c in manifest["inputs"][0]["columns"]]
+    with open(tmp_path / "breast_cancer.csv") as f:
+        rows = list(csv.DictReader(f))
+    with torch.no_grad():
+        p = model(torch.tensor(np.array([[float(r[c]) for c in cols] for r in rows], dtype=np.float32)))
+    assert p.shape == (len(rows), 1) and float(p.min()) >= 0 and float(p.max()) <= 1
+
+    run = subprocess.run(args + ["--out", str(tmp_path / "bad"), "--loss", "bce_with_logits"],
+                         capture_output=True, text=True)
+    assert run.returncode == 1
+    assert "applied twice" in run.stderr

@@ -1,12 +1,13 @@
 // Command testserver runs Kiln's server (serving.Run, the composition
 // `kiln serve` runs) for the Python tests until SIGINT or SIGTERM: KServe
-// v2 gRPC always, Arrow Flight when -flight is given, HTTP and metrics off.
+// v2 gRPC always, Arrow Flight when -flight is given, HTTP with -http,
+// metrics off.
 // Once every listener is up it prints one JSON line on stdout:
-// {"grpc": "HOST:PORT", "flight": "HOST:PORT", "ready": true|false}
-// ("flight" only with -flight).
+// {"grpc": "HOST:PORT", "flight": "HOST:PORT", "http": "HOST:PORT", "ready": true|false}
+// ("flight" only with -flight, "http" only with -http).
 //
 //	go run ./serving/internal/testserver -repo DIR [-grpc 127.0.0.1:0]
-//	    [-explicit] [-max-message-bytes N]
+//	    [-explicit] [-max-message-bytes N] [-http]
 //	    [-flight 127.0.0.1:0 -data DIR [-trainer stats|kiln|none]]
 //	    [-user NAME -password PW] [-token TOKEN] [-tls-cert PEM -tls-key PEM]
 //
@@ -45,6 +46,7 @@ func main() {
 	explicit := flag.Bool("explicit", false, "load no model at start (explicit model control)")
 	maxMsg := flag.Int("max-message-bytes", 0, "gRPC message size limit (0: default)")
 	flightAddr := flag.String("flight", "", "Flight listen address, on the gRPC host (default: no Flight)")
+	httpOn := flag.Bool("http", false, "serve HTTP/REST too, on a free port of the gRPC host")
 	data := flag.String("data", "", "Flight's dataset directory (required with -flight)")
 	trainer := flag.String("trainer", "stats", "Flight trainer: stats, kiln or none")
 	user := flag.String("user", "", "user name accepted by Flight's basic-auth handshake")
@@ -60,6 +62,9 @@ func main() {
 	var err error
 	if cfg.Host, cfg.GRPCPort, err = hostPort(*grpcAddr); err != nil {
 		fail(2, fmt.Errorf("-grpc %s: %w", *grpcAddr, err))
+	}
+	if *httpOn {
+		cfg.HTTPPort = 0
 	}
 	if *maxMsg > 0 {
 		cfg.MaxMessageBytes = *maxMsg
@@ -82,6 +87,9 @@ func main() {
 		info := map[string]any{"grpc": srv.GRPCAddr().String(), "ready": srv.Ready()}
 		if *flightAddr != "" {
 			info["flight"] = srv.FlightAddr().String()
+		}
+		if *httpOn {
+			info["http"] = srv.HTTPAddr().String()
 		}
 		line, _ := json.Marshal(info)
 		fmt.Println(string(line))
