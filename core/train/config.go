@@ -106,6 +106,13 @@ type Config struct {
 	// joined by a Gloo group over loopback; see Group for one rank per
 	// process (torchrun).
 	Workers int `json:"workers,omitempty"`
+	// SyncBatchNorm synchronizes batch-norm statistics across the ranks
+	// of a data-parallel run (torch.nn.SyncBatchNorm): in training each
+	// batch-norm layer normalizes with the mean and variance of every
+	// rank's batch together, and the running statistics follow them.
+	// Without it each rank uses its own batch's statistics (DDP's
+	// default). No effect in a single process.
+	SyncBatchNorm bool `json:"sync_batchnorm,omitempty"`
 	// Group, when set, makes Fit one rank of a data-parallel run over it
 	// (see core/dist and distributed.go); not part of the serialized
 	// config.

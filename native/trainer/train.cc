@@ -129,9 +129,10 @@ bool jit_optimize() {
   return on;
 }
 
-at::Tensor run_forward(kiln_trainer* t, const at::Tensor& x) {
+at::Tensor run_forward(kiln_trainer* t, const at::Tensor& x, bool training = false) {
   torch::jit::GraphOptimizerEnabledGuard opt(jit_optimize());
-  c10::IValue r = t->m.forward({x});
+  torch::jit::Module& m = training && t->train_m ? *t->train_m : t->m;
+  c10::IValue r = m.forward({x});
   if (!r.isTensor()) throw std::runtime_error("forward returned " + r.tagKind() + ", not a tensor");
   return r.toTensor();
 }
@@ -198,7 +199,7 @@ void sgd_step(kiln_trainer* t) {
 double train_step(kiln_trainer* t, const at::Tensor& x, const at::Tensor& y,
                   bool check = true, const at::Tensor& all_y = at::Tensor()) {
   clear_grads(t);
-  at::Tensor out = run_forward(t, x);
+  at::Tensor out = run_forward(t, x, /*training=*/true);
   if (all_y.defined() && t->loss == KILN_LOSS_CROSS_ENTROPY && out.dim() == 2) {
     check_classes(all_y, out.size(1));
   }
@@ -520,10 +521,13 @@ kiln_error kiln_trainer_step(kiln_trainer* t, const kiln_tensor* x,
   kiln::sync_threads();
   try {
     t->m.train(true);
+    if (t->train_m) t->train_m->train(true);
+    kiln::dist_failure.clear();
     *loss = train_step(t, x->t, y->t);
   } catch (const kiln::dist_error& e) {
     return kiln::make_error(KILN_ERROR_UNAVAILABLE, e.what());
   } catch (...) {
+    if (!kiln::dist_failure.empty()) return kiln::make_error(KILN_ERROR_UNAVAILABLE, kiln::dist_failure);
     // Shapes, dtypes or targets that do not fit the model are the caller's.
     return kiln::current_error(KILN_ERROR_INVALID_ARGUMENT, concise);
   }
@@ -570,6 +574,8 @@ kiln_error kiln_trainer_epoch(kiln_trainer* t, const kiln_tensor* x,
   at::Tensor idx_all = at::from_blob(const_cast<int64_t*>(perm), {n}, at::kLong);
   try {
     t->m.train(true);
+    if (t->train_m) t->train_m->train(true);
+    kiln::dist_failure.clear();
     // One gather per epoch into shuffled order; each batch is then a
     // contiguous slice (a view): no per-step copy or gather.
     at::Tensor Xp = X.index_select(0, idx_all);
@@ -595,6 +601,7 @@ kiln_error kiln_trainer_epoch(kiln_trainer* t, const kiln_tensor* x,
   } catch (const kiln::dist_error& e) {
     return kiln::make_error(KILN_ERROR_UNAVAILABLE, e.what());
   } catch (...) {
+    if (!kiln::dist_failure.empty()) return kiln::make_error(KILN_ERROR_UNAVAILABLE, kiln::dist_failure);
     // Shapes, dtypes or targets that do not fit the model are the caller's.
     return kiln::current_error(KILN_ERROR_INVALID_ARGUMENT, concise);
   }

@@ -57,6 +57,14 @@ struct kiln_trainer {
   // Runs just before backward (dist.cc: readies the buckets that hooks on
   // the parameters fill during backward).
   std::function<void(kiln_trainer*)> before_backward;
+  // Synchronized batch norm (dist.cc, kiln_trainer_set_sync_batchnorm):
+  // when set, training steps run this module's forward instead of m's. It
+  // holds m's very tensors (parameters and buffers), with batch-norm
+  // layers whose batch statistics are all-reduced over a process group;
+  // evaluation and the saved model keep m's plain batch norm.
+  std::shared_ptr<torch::jit::Module> train_m;
+  // Keeps the process group registered for train_m's forward.
+  std::shared_ptr<void> sync_token;
 };
 
 namespace kiln {
@@ -65,6 +73,13 @@ namespace kiln {
 struct dist_error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+
+// A collective inside forward or backward (synchronized batch norm) failed
+// on this thread: TorchScript's interpreter rethrows exceptions as its own
+// errors, so the collective records its failure here as well, and
+// kiln_trainer_epoch/kiln_trainer_step report it as UNAVAILABLE. Cleared at
+// the start of each.
+inline thread_local std::string dist_failure;
 }  // namespace kiln
 
 #endif  // KILN_TRAINER_INTERNAL_H
