@@ -157,16 +157,23 @@ class Model:
 
     def fit(self, x, y, epochs: int = 10, batch_size: int = 32, validation_split: float = 0.2,
             optimizer: str = "adam", lr: float = 1e-3, loss: Optional[str] = None, seed: int = 0,
-            early_stopping: Optional[dict] = None, verbose: int = 1, callbacks=(), workers: int = 1) -> dict:
+            early_stopping: Optional[dict] = None, verbose: int = 1, callbacks=(), workers: int = 1,
+            sync_batchnorm: bool = False) -> dict:
         """Trains in Kiln's Go core (the GIL is released while it works) and
         returns the history: per-epoch loss and validation metrics. Class
         targets may be any labels (kept as ``classes_``); Ctrl-C cancels.
         ``workers`` > 1 trains data-parallel: that many ranks of a c10d Gloo
         group in this process, each with ``batch_size`` on its shard (as
-        ``torchrun --nproc_per_node`` would run them)."""
+        ``torchrun --nproc_per_node`` would run them). ``sync_batchnorm``
+        makes the ranks' batch-norm layers normalize with the statistics of
+        all ranks' batches together (``torch.nn.SyncBatchNorm``; default:
+        each rank its own, as DDP); no effect with one worker. Raises
+        ``ValueError`` for a workers count below 1 or a non-bool
+        sync_batchnorm."""
         with _train.fit(self.spec, x, y, epochs=epochs, batch_size=batch_size, validation_split=validation_split,
                         optimizer=optimizer, lr=lr, loss=loss, seed=seed, early_stopping=early_stopping,
-                        verbose=verbose, callbacks=callbacks, workers=workers) as (out, history):
+                        verbose=verbose, callbacks=callbacks, workers=workers,
+                        sync_batchnorm=sync_batchnorm) as (out, history):
             self._adopt(load(out), out)
         return history
 

@@ -69,7 +69,7 @@ def _scratch_dir(prefix):
 
 @contextlib.contextmanager
 def fit(spec, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss, seed, early_stopping,
-        verbose, callbacks, workers=1):
+        verbose, callbacks, workers=1, sync_batchnorm=False):
     """Trains the network spec on (x, y) in the Go core, writing a model
     package (with the caller's class labels) to a new temporary directory.
     Yields (directory, history); the directory is removed again if the job
@@ -104,6 +104,10 @@ def fit(spec, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     if workers > 1:
         job["train"]["workers"] = workers
+    if not isinstance(sync_batchnorm, bool):
+        raise ValueError(f"sync_batchnorm must be True or False, got {sync_batchnorm!r}")
+    if sync_batchnorm:
+        job["train"]["sync_batchnorm"] = True
     with _scratch_dir("kiln-model-") as out:
         try:
             h = _b.StartTraining(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out)

@@ -52,6 +52,9 @@ type TrainRequest struct {
 	// Workers > 1 trains data-parallel with that many ranks in the server
 	// process (core/train Config.Workers), each with BatchSize.
 	Workers int `json:"workers,omitempty"`
+	// SyncBatchNorm synchronizes batch-norm statistics across the workers
+	// (core/train Config.SyncBatchNorm); overrides the spec when set.
+	SyncBatchNorm bool `json:"sync_batchnorm,omitempty"`
 	// MaxBatchSize is the max_batch_size of the config.yaml written for a
 	// model the repository does not have yet (default 64).
 	MaxBatchSize int `json:"max_batch_size,omitempty"`
@@ -162,6 +165,9 @@ func ParseTrainRequest(body []byte) (TrainRequest, train.Job, error) {
 	t := &job.Train
 	if req.Workers != 0 { // a negative count fails Config's validation
 		t.Workers = req.Workers
+	}
+	if req.SyncBatchNorm {
+		t.SyncBatchNorm = true
 	}
 	if req.Epochs < 0 || req.BatchSize < 0 || req.LR < 0 {
 		return req, job, errors.New("train request: epochs, batch_size and lr must not be negative")
