@@ -550,17 +550,24 @@ func TestBadLaunchesAreClear(t *testing.T) {
 		// latter is refused, the other two form the group.
 		port := freePort(t)
 		errs := make([]error, 3)
-		var wg sync.WaitGroup
+		var wg, ones sync.WaitGroup
+		ones.Add(2)
 		for i, rank := range []int{0, 1, 1} {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				g, err := dist.Init(localEnv(port, rank, 2), dist.Options{Timeout: 5 * time.Second})
+				g, err := dist.Init(localEnv(port, rank, 2), dist.Options{Timeout: 10 * time.Second})
 				if err == nil {
 					err = g.Barrier()
+					if rank == 0 {
+						ones.Wait() // the store (hosted here) stays up until both RANK=1 processes are done
+					}
 					g.Close()
 				}
 				errs[i] = err
+				if rank == 1 {
+					ones.Done()
+				}
 			}()
 		}
 		wg.Wait()
