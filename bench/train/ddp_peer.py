@@ -5,11 +5,19 @@ and data as Kiln's two ranks. Each rank takes its DistributedSampler shard
 (shuffled by epoch, padded to equal length) and runs zero_grad, forward,
 loss, backward (DDP all-reduces gradients in buckets) and step.
 
-Usage: torchrun --nproc_per_node 2 ddp_peer.py TABULAR.bin ROWS THREADS EPOCHS DIGITS.csv
-Rank 0 prints lines "mlp SAMPLES_PER_S", "cnn SAMPLES_PER_S" (global
-samples per second of the fastest epoch) and "allreduce BYTES GB_PER_S"
-(a plain all_reduce of a 25 MiB float32 tensor).
+Usage: torchrun --nproc_per_node 2 ddp_peer.py TABULAR.bin ROWS THREADS DIGITS.csv PORT
+
+The ranks stay up and work on request, so that the benchmark can alternate
+Kiln's epochs with these: rank 0 connects to 127.0.0.1:PORT (the Go side
+listens there), says "ready", then reads one command per line, hands it to
+every rank (broadcast_object_list) and answers one line:
+  threads    -> "THREADS OMP_NUM_THREADS" (torch.get_num_threads() per rank)
+  mlp | cnn  -> global samples per second of one epoch (barrier to barrier)
+  allreduce  -> "BYTES GB_PER_S": 10 all_reduce calls of a 25 MiB float32 tensor
+  quit       -> ends
 """
+import os
+import socket
 import sys
 import time
 
@@ -30,32 +38,34 @@ def shard(n, epoch, rank, world):
     return perm[rank::world]
 
 
-def bench(name, model, opt, loss_fn, x, y, batch, epochs, rank, world):
-    model = DDP(model)
-    n = x.shape[0]
-    best = 0.0
-    for epoch in range(epochs + 1):  # epoch 0 warms up
-        idx_all = shard(n, epoch, rank, world)
+class Workload:
+    def __init__(self, model, opt, loss_fn, x, y, batch):
+        self.model, self.opt, self.loss_fn = DDP(model), opt, loss_fn
+        self.x, self.y, self.batch = x, y, batch
+        self.epoch = 0
+
+    def run_epoch(self, rank, world):
+        """One epoch; returns global samples per second."""
+        n = self.x.shape[0]
+        idx_all = shard(n, self.epoch, rank, world)
+        self.epoch += 1
         dist.barrier()
         t0 = time.perf_counter()
-        model.train()
-        for s in range(0, idx_all.shape[0], batch):
-            idx = idx_all[s:s + batch]
-            xb, yb = x.index_select(0, idx), y.index_select(0, idx)
-            opt.zero_grad()
-            loss = loss_fn(model(xb), yb)
+        self.model.train()
+        for s in range(0, idx_all.shape[0], self.batch):
+            idx = idx_all[s:s + self.batch]
+            xb, yb = self.x.index_select(0, idx), self.y.index_select(0, idx)
+            self.opt.zero_grad()
+            loss = self.loss_fn(self.model(xb), yb)
             loss.backward()
-            opt.step()
+            self.opt.step()
             loss.item()
         dist.barrier()
-        if epoch > 0:
-            best = max(best, n / (time.perf_counter() - t0))
-    if rank == 0:
-        print(f"{name} {best:f}", flush=True)
+        return n / (time.perf_counter() - t0)
 
 
 def main():
-    path, rows, threads, epochs, digits = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    path, rows, threads, digits, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
     torch.set_num_threads(threads)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -64,7 +74,7 @@ def main():
     raw = torch.from_numpy(np.fromfile(path, dtype="<f4").reshape(rows, 9))
     x, y = raw[:, :8].contiguous(), raw[:, 8:].contiguous()
     mlp = nn.Sequential(nn.Linear(8, 10), nn.ReLU(), nn.Linear(10, 1))
-    bench("mlp", mlp, torch.optim.SGD(mlp.parameters(), lr=0.01, momentum=0.9), F.mse_loss, x, y, 32, epochs, rank, world)
+    work = {"mlp": Workload(mlp, torch.optim.SGD(mlp.parameters(), lr=0.01, momentum=0.9), F.mse_loss, x, y, 32)}
 
     d = np.loadtxt(digits, delimiter=",", skiprows=1, dtype=np.float64)
     feats, target = d[:, :-1], d[:, -1]
@@ -76,19 +86,44 @@ def main():
         nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Dropout(0.25), nn.Linear(32 * 4 * 4, 10))
-    bench("cnn", cnn, torch.optim.AdamW(cnn.parameters(), lr=3e-3), F.cross_entropy, dx, dy, 64, epochs, rank, world)
+    work["cnn"] = Workload(cnn, torch.optim.AdamW(cnn.parameters(), lr=3e-3), F.cross_entropy, dx, dy, 64)
+    big = torch.ones(25 << 18)  # 25 MiB of float32
 
-    t = torch.ones(25 << 18)  # 25 MiB of float32
-    dist.all_reduce(t)
-    reps = 10
-    dist.barrier()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        dist.all_reduce(t)
-    el = time.perf_counter() - t0
+    conn = None
     if rank == 0:
-        print(f"allreduce {t.numel() * 4} {t.numel() * 4 * reps / el / 1e9:f}", flush=True)
+        conn = socket.create_connection(("127.0.0.1", port))
+        rd, wr = conn.makefile("r"), conn.makefile("w")
+        wr.write("ready\n")
+        wr.flush()
+    while True:
+        cmd = [rd.readline().strip() or "quit"] if rank == 0 else [None]
+        dist.broadcast_object_list(cmd, src=0)
+        cmd = cmd[0]
+        if cmd == "quit":
+            break
+        if cmd in work:
+            answer = f"{work[cmd].run_epoch(rank, world):f}"
+        elif cmd == "allreduce":
+            dist.all_reduce(big)
+            reps = 10
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                dist.all_reduce(big)
+            answer = f"{big.numel() * 4} {big.numel() * 4 * reps / (time.perf_counter() - t0) / 1e9:f}"
+        elif cmd == "threads":
+            t = torch.tensor([torch.get_num_threads()])
+            ts = [torch.zeros_like(t) for _ in range(world)]
+            dist.all_gather(ts, t)
+            answer = f"{','.join(str(int(v)) for v in ts)} {os.environ.get('OMP_NUM_THREADS', '')}"
+        else:
+            answer = f"error unknown command {cmd!r}"
+        if rank == 0:
+            wr.write(answer + "\n")
+            wr.flush()
     dist.destroy_process_group()
+    if conn is not None:
+        conn.close()
 
 
 if __name__ == "__main__":

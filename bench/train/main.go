@@ -12,15 +12,18 @@
 //	    TorchScript file (core/train InitModel path), PyTorch the same
 //	    weights in eager mode
 //
-//	go run ./bench/train [-threads 1] [-rounds 8] [-dist-epochs 4]
+//	go run ./bench/train [-threads 1] [-rounds 8] [-dist-epochs 6]
 //
 // A second table, the distributed rows: the same two workloads trained by
-// two data-parallel ranks, Kiln's (Config.Workers=2: one process, two
-// c10d Gloo ranks over loopback, bucketed gradient all-reduce) next to
-// PyTorch DDP's (torchrun --nproc_per_node 2, gloo, ddp_peer.py), same
-// per-rank batch and data, global samples/s of each side's fastest epoch;
-// and the all-reduce bandwidth of one 25 MiB float32 bucket through
-// Kiln's group next to torch.distributed.all_reduce of the same size.
+// two data-parallel ranks, Kiln's (two goroutines of this process, each a
+// c10d Gloo rank over loopback with bucketed gradient all-reduce, as
+// Config.Workers runs them) next to PyTorch DDP's (torchrun
+// --nproc_per_node 2, gloo, ddp_peer.py), same per-rank batch, data and
+// intra-op threads (printed for both sides), both sides' ranks kept up and
+// their epochs alternating, global samples/s of each side's fastest
+// epoch; and the all-reduce bandwidth of one 25 MiB float32 gradient
+// bucket through Kiln's group next to torch.distributed.all_reduce of the
+// same size.
 //
 // Each side's figure is its fastest epoch of -rounds, the two sides'
 // epochs alternating (peer.py stays up and trains one epoch per request),
@@ -123,8 +126,9 @@ func compare(p *peer, name string, net *nn.Net, ds *data.Dataset, cfg train.Conf
 
 func run() error {
 	threads := flag.Int("threads", 1, "libtorch intra-op threads, both sides")
-	rounds := flag.Int("rounds", 8, "timed epochs per side and workload (alternating)")
-	distEpochs := flag.Int("dist-epochs", 4, "distributed rows: timed epochs per side (0: no distributed rows)")
+	rounds := flag.Int("rounds", 8, "timed epochs per side and workload, alternating (0: no single-process rows)")
+	distEpochs := flag.Int("dist-epochs", 6, "distributed rows: timed epochs per side and workload, alternating (0: no distributed rows)")
+	distOnly := flag.String("dist-only", "", "distributed rows: only this one (mlp, cnn or allreduce; for profiling)")
 	flag.Parse()
 	// libtorch's thread setting does not reach OpenBLAS, whose own worker
 	// threads spin (sched_yield) between GEMMs and compete for the cores;
@@ -218,108 +222,134 @@ func run() error {
 	}
 	defer cnn.Close()
 
-	py, err := testkit.PythonPath()
-	if err != nil {
-		return err
-	}
-	resnetPath := filepath.Join(tmp, "resnet.pt")
-	cmd := exec.Command(py, filepath.Join(testkit.Root(), "bench", "train", "peer.py"), tab, fmt.Sprint(rows), fmt.Sprint(*threads), resnetPath)
-	cmd.Stderr = os.Stderr
-	in, err := cmd.StdinPipe()
-	if err != nil {
-		return err
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		return err
-	}
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("python peer: %w", err)
-	}
-	defer cmd.Wait()
-	defer in.Close()
-	p := &peer{in: in, out: bufio.NewScanner(stdout)}
-	if !p.out.Scan() || strings.TrimSpace(p.out.Text()) != "ready" {
-		return fmt.Errorf("python peer did not start: %v", p.out.Err())
-	}
-	kMLP, pMLP, err := compare(p, "mlp", mlp, mlpData, train.Config{BatchSize: 32, Seed: 1, Loss: train.Loss{Type: "mse"},
-		Optimizer: train.Optimizer{Type: "sgd", LR: 0.01, Momentum: 0.9}, ProgressEvery: 1 << 30}, *rounds)
-	if err != nil {
-		return err
-	}
-	kCNN, pCNN, err := compare(p, "cnn", cnn, digits, train.Config{BatchSize: 64, Seed: 1, Loss: train.Loss{Type: "cross_entropy"},
-		Optimizer: train.Optimizer{Type: "adamw", LR: 3e-3}, ProgressEvery: 1 << 30}, *rounds)
-	if err != nil {
-		return err
-	}
-	resnet, digits16, err := loadResNet(resnetPath, tb, all)
-	if err != nil {
-		return err
-	}
-	defer resnet.Close()
-	kRes, pRes, err := compare(p, "resnet", resnet, digits16, train.Config{BatchSize: 64, Seed: 1, Loss: train.Loss{Type: "cross_entropy"},
-		Optimizer: train.Optimizer{Type: "adamw", LR: 1e-3}, Freeze: []string{"conv1.", "bn1.", "layer1."},
-		ParamGroups: []train.ParamGroup{{Prefix: "fc.", LR: 1e-2}}, ProgressEvery: 1 << 30}, max(*rounds/2, 1))
-	if err != nil {
-		return err
-	}
+	// The single-process rows (-rounds 0 leaves them out).
+	single := func() error {
+		py, err := testkit.PythonPath()
+		if err != nil {
+			return err
+		}
+		resnetPath := filepath.Join(tmp, "resnet.pt")
+		cmd := exec.Command(py, filepath.Join(testkit.Root(), "bench", "train", "peer.py"), tab, fmt.Sprint(rows), fmt.Sprint(*threads), resnetPath)
+		cmd.Stderr = os.Stderr
+		in, err := cmd.StdinPipe()
+		if err != nil {
+			return err
+		}
+		stdout, err := cmd.StdoutPipe()
+		if err != nil {
+			return err
+		}
+		if err := cmd.Start(); err != nil {
+			return fmt.Errorf("python peer: %w", err)
+		}
+		defer cmd.Wait()
+		defer in.Close()
+		p := &peer{in: in, out: bufio.NewScanner(stdout)}
+		if !p.out.Scan() || strings.TrimSpace(p.out.Text()) != "ready" {
+			return fmt.Errorf("python peer did not start: %v", p.out.Err())
+		}
+		kMLP, pMLP, err := compare(p, "mlp", mlp, mlpData, train.Config{BatchSize: 32, Seed: 1, Loss: train.Loss{Type: "mse"},
+			Optimizer: train.Optimizer{Type: "sgd", LR: 0.01, Momentum: 0.9}, ProgressEvery: 1 << 30}, *rounds)
+		if err != nil {
+			return err
+		}
+		kCNN, pCNN, err := compare(p, "cnn", cnn, digits, train.Config{BatchSize: 64, Seed: 1, Loss: train.Loss{Type: "cross_entropy"},
+			Optimizer: train.Optimizer{Type: "adamw", LR: 3e-3}, ProgressEvery: 1 << 30}, *rounds)
+		if err != nil {
+			return err
+		}
+		resnet, digits16, err := loadResNet(resnetPath, tb, all)
+		if err != nil {
+			return err
+		}
+		defer resnet.Close()
+		kRes, pRes, err := compare(p, "resnet", resnet, digits16, train.Config{BatchSize: 64, Seed: 1, Loss: train.Loss{Type: "cross_entropy"},
+			Optimizer: train.Optimizer{Type: "adamw", LR: 1e-3}, Freeze: []string{"conv1.", "bn1.", "layer1."},
+			ParamGroups: []train.ParamGroup{{Prefix: "fc.", LR: 1e-2}}, ProgressEvery: 1 << 30}, max(*rounds/2, 1))
+		if err != nil {
+			return err
+		}
 
-	fmt.Printf("training throughput, fastest of %d alternating epochs per side, libtorch %s, %d intra-op thread(s), %d CPUs\n\n",
-		*rounds, core.TorchVersion(), *threads, runtime.NumCPU())
-	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "workload\tkiln samples/s\tpytorch samples/s\tratio\tkiln samples/cpu-s\tpytorch samples/cpu-s\tratio\ttarget\t")
-	row := func(name string, k, p rate, target string) {
-		fmt.Fprintf(tw, "%s\t%.0f\t%.0f\t%.2fx\t%.0f\t%.0f\t%.2fx\t%s\t\n", name, k.wall, p.wall, k.wall/p.wall, k.cpu, p.cpu, k.cpu/p.cpu, target)
+		fmt.Printf("training throughput, fastest of %d alternating epochs per side, libtorch %s, %d intra-op thread(s), %d CPUs\n\n",
+			*rounds, core.TorchVersion(), *threads, runtime.NumCPU())
+		tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+		fmt.Fprintln(tw, "workload\tkiln samples/s\tpytorch samples/s\tratio\tkiln samples/cpu-s\tpytorch samples/cpu-s\tratio\ttarget\t")
+		row := func(name string, k, p rate, target string) {
+			fmt.Fprintf(tw, "%s\t%.0f\t%.0f\t%.2fx\t%.0f\t%.0f\t%.2fx\t%s\t\n", name, k.wall, p.wall, k.wall/p.wall, k.cpu, p.cpu, k.cpu/p.cpu, target)
+		}
+		row("(a) MLP 8-10-1, MSE, SGD, batch 32", kMLP, pMLP, ">= 2x")
+		row("(b) digits CNN, CE, AdamW, batch 64", kCNN, pCNN, ">= 1x")
+		row("(c) fine-tune scripted ResNet-like, 16x16 digits, batch 64", kRes, pRes, ">= 1x")
+		return tw.Flush()
 	}
-	row("(a) MLP 8-10-1, MSE, SGD, batch 32", kMLP, pMLP, ">= 2x")
-	row("(b) digits CNN, CE, AdamW, batch 64", kCNN, pCNN, ">= 1x")
-	row("(c) fine-tune scripted ResNet-like, 16x16 digits, batch 64", kRes, pRes, ">= 1x")
-	if err := tw.Flush(); err != nil {
-		return err
+	if *rounds > 0 {
+		if err := single(); err != nil {
+			return err
+		}
 	}
 	if *distEpochs <= 0 {
 		return nil
 	}
 
-	// Distributed rows: Kiln's two ranks (Config.Workers: one process,
-	// two Gloo ranks over loopback) next to PyTorch DDP's two ranks
-	// (torchrun, gloo), same models, data and per-rank batch; each side
-	// from the same starting weights of its own.
-	var k distRates
-	mlp2, err := nn.Build(nn.Sequential(nn.Linear(10), nn.ReLU(), nn.Linear(1)), 8, 1)
+	// Distributed rows: Kiln's two ranks (two goroutines of this process,
+	// each a c10d Gloo rank over loopback, as Config.Workers runs them)
+	// next to PyTorch DDP's two ranks (torchrun, gloo), same models, data,
+	// per-rank batch and intra-op threads, epochs alternating.
+	buildTwice := func(build func() (*nn.Net, error)) ([2]*nn.Net, error) {
+		var nets [2]*nn.Net
+		for r := range 2 {
+			n, err := build()
+			if err != nil {
+				return nets, err
+			}
+			nets[r] = n
+		}
+		return nets, nil
+	}
+	mlpWork := &distWork{ds: mlpData, cfg: train.Config{BatchSize: 32, Seed: 1, Loss: train.Loss{Type: "mse"},
+		Optimizer: train.Optimizer{Type: "sgd", LR: 0.01, Momentum: 0.9}, ProgressEvery: 1 << 30}}
+	if mlpWork.nets, err = buildTwice(func() (*nn.Net, error) {
+		return nn.Build(nn.Sequential(nn.Linear(10), nn.ReLU(), nn.Linear(1)), 8, 1)
+	}); err != nil {
+		return err
+	}
+	cnnWork := &distWork{ds: digits, cfg: train.Config{BatchSize: 64, Seed: 1, Loss: train.Loss{Type: "cross_entropy"},
+		Optimizer: train.Optimizer{Type: "adamw", LR: 3e-3}, ProgressEvery: 1 << 30}}
+	if cnnWork.nets, err = buildTwice(func() (*nn.Net, error) { return nn.BuildWithPrelude(cnnSpec, pre.Prelude(), 1) }); err != nil {
+		return err
+	}
+	for _, w := range []*distWork{mlpWork, cnnWork} {
+		for _, n := range w.nets {
+			if n != nil {
+				defer n.Close()
+			}
+		}
+	}
+	kr, err := newKilnRanks()
+	if err != nil {
+		return fmt.Errorf("kiln ranks: %w", err)
+	}
+	defer kr.close()
+	peer, err := startDDPPeer(tab, rows, *threads, filepath.Join(tmp, "digits.csv"))
 	if err != nil {
 		return err
 	}
-	defer mlp2.Close()
-	if k.mlp, err = kilnDist(mlp2, mlpData, train.Config{BatchSize: 32, Seed: 1, Loss: train.Loss{Type: "mse"},
-		Optimizer: train.Optimizer{Type: "sgd", LR: 0.01, Momentum: 0.9}, ProgressEvery: 1 << 30}, *distEpochs); err != nil {
-		return fmt.Errorf("kiln 2 ranks mlp: %w", err)
-	}
-	cnn2, err := nn.BuildWithPrelude(cnnSpec, pre.Prelude(), 1)
+	defer peer.close()
+	k, pt, err := distCompare(kr, peer, mlpWork, cnnWork, *distEpochs, *distOnly)
 	if err != nil {
 		return err
 	}
-	defer cnn2.Close()
-	if k.cnn, err = kilnDist(cnn2, digits, train.Config{BatchSize: 64, Seed: 1, Loss: train.Loss{Type: "cross_entropy"},
-		Optimizer: train.Optimizer{Type: "adamw", LR: 3e-3}, ProgressEvery: 1 << 30}, *distEpochs); err != nil {
-		return fmt.Errorf("kiln 2 ranks cnn: %w", err)
-	}
-	if k.allreduce, k.bytes, err = kilnAllReduce(10); err != nil {
-		return fmt.Errorf("kiln all-reduce: %w", err)
-	}
-	pt, err := torchDDP(tab, rows, *threads, *distEpochs, filepath.Join(tmp, "digits.csv"))
-	if err != nil {
-		return err
-	}
-	fmt.Printf("\ndistributed: 2 ranks on this machine (Gloo over loopback), fastest of %d epochs per side, global samples/s\n\n", *distEpochs)
-	tw = tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Printf("\ndistributed: 2 ranks on this machine (Gloo over loopback), fastest of %d alternating epochs per side, global samples/s\n", *distEpochs)
+	fmt.Printf("intra-op threads per rank: kiln %s, pytorch %s (OMP_NUM_THREADS: kiln %q, pytorch ranks %q); OPENBLAS_NUM_THREADS=%s both\n\n",
+		k.threads, pt.threads, k.ompThreads, pt.ompThreads, os.Getenv("OPENBLAS_NUM_THREADS"))
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "workload\tkiln 2 ranks\tpytorch DDP 2 ranks\tratio\ttarget\t")
 	drow := func(name string, k, p float64, unit, target string) {
 		fmt.Fprintf(tw, "%s\t%.2f %s\t%.2f %s\t%.2fx\t%s\t\n", name, k, unit, p, unit, k/p, target)
 	}
 	drow("(a) MLP 8-10-1, SGD, batch 32/rank", k.mlp, pt.mlp, "samples/s", ">= 1.5x")
 	drow("(b) digits CNN, AdamW, batch 64/rank", k.cnn, pt.cnn, "samples/s", ">= 1x")
-	drow(fmt.Sprintf("all-reduce %d MiB float32", k.bytes>>20), k.allreduce, pt.allreduce, "GB/s", "")
+	drow(fmt.Sprintf("all-reduce of a %d MiB float32 bucket", k.bytes>>20), k.allreduce, pt.allreduce, "GB/s", "")
 	return tw.Flush()
 }
 

@@ -58,13 +58,16 @@ func runAsKiln(t *testing.T, name string, args ...string) (string, string, error
 }
 
 func TestTrainNprocPerNode(t *testing.T) {
+	t.Setenv("OMP_NUM_THREADS", "") // unset: the launcher gives each rank one thread, as torchrun
+	t.Setenv("KILN_NUM_THREADS", "")
 	out := filepath.Join(t.TempDir(), "pkg")
 	args := append(distJob(t, out), "--nproc-per-node", "2", "--master-port", strconv.Itoa(freePort(t)))
 	stdout, stderr, err := runAsKiln(t, os.Args[0], args...)
 	require.NoError(t, err, stderr)
 	assert.Contains(t, stdout, "trained 8 epochs")
 	assert.Contains(t, stdout, "test        accuracy 1.0000")
-	assert.Contains(t, stderr, "rank=1 world_size=2")
+	assert.Contains(t, stderr, "rank=1 world_size=2 backend=gloo threads=1")
+	assert.Contains(t, stderr, "rank=0 world_size=2 backend=gloo threads=1")
 	assert.FileExists(t, filepath.Join(out, "model.pt"))
 	assert.FileExists(t, filepath.Join(out, "manifest.json"))
 }

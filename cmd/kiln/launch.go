@@ -27,6 +27,7 @@ type distOptions struct {
 	masterAddr   string
 	masterPort   int
 	timeout      time.Duration
+	backend      string
 }
 
 // launched reports whether a launcher (torchrun, a PyTorchJob, kiln train
@@ -55,6 +56,14 @@ func launchRanks(ctx context.Context, stderr io.Writer, o distOptions) error {
 		return fmt.Errorf("kiln: train: finding this executable: %w", err)
 	}
 	world := o.nnodes * o.nprocPerNode
+	// As torchrun: several local ranks get one intra-op thread each unless
+	// OMP_NUM_THREADS says otherwise, so that they do not oversubscribe
+	// the cores (kiln honours OMP_NUM_THREADS; see setThreads).
+	ompThreads := ""
+	if o.nprocPerNode > 1 && os.Getenv("OMP_NUM_THREADS") == "" {
+		ompThreads = "1"
+		slog.Info("kiln: setting OMP_NUM_THREADS=1 for each local rank (set it, or KILN_NUM_THREADS, to tune)", "nproc_per_node", o.nprocPerNode)
+	}
 	type exit struct {
 		rank int
 		err  error
@@ -74,6 +83,9 @@ func launchRanks(ctx context.Context, stderr io.Writer, o distOptions) error {
 			dist.VarRank+"="+strconv.Itoa(rank), dist.VarWorldSize+"="+strconv.Itoa(world),
 			dist.VarLocalRank+"="+strconv.Itoa(i), dist.VarLocalWorldSize+"="+strconv.Itoa(o.nprocPerNode),
 			dist.VarUseAgentStore+"=False")
+		if ompThreads != "" {
+			c.Env = append(c.Env, "OMP_NUM_THREADS="+ompThreads)
+		}
 		if err := c.Start(); err != nil {
 			mu.Lock()
 			for _, p := range cmds[:i] {

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"runtime"
+	"strconv"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -44,7 +45,7 @@ func newRoot() *cobra.Command {
 			return setThreads(threads)
 		},
 	}
-	root.PersistentFlags().IntVar(&threads, "threads", 0, "libtorch intra-op threads (default $KILN_NUM_THREADS, else the number of CPUs)")
+	root.PersistentFlags().IntVar(&threads, "threads", 0, "libtorch intra-op threads (default $KILN_NUM_THREADS, else $OMP_NUM_THREADS, else the number of CPUs)")
 	root.PersistentFlags().BoolVarP(&verbose, "verbose", "v", false, "debug logging")
 	root.AddCommand(newVersionCmd(), newInfoCmd(), newPredictCmd(), newTrainCmd(), newSelectCmd(), newServeCmd(), newOptimizeCmd(), newEvaluateCmd(), newRegistryCmd(), newPipelineCmd(), newFetchCmd(), newRepositoryCmd())
 	return root
@@ -109,7 +110,9 @@ manifest summarized.`,
 }
 
 // setThreads sets libtorch's intra-op threads to n, or when n is 0 to
-// $KILN_NUM_THREADS, else to the number of CPUs (some libtorch builds
+// $KILN_NUM_THREADS, else to $OMP_NUM_THREADS (which torchrun and kiln
+// train --nproc-per-node set to 1 for each of several local ranks, as
+// PyTorch honours it), else to the number of CPUs (some libtorch builds
 // start with one thread).
 func setThreads(n int) error {
 	vars, err := kilnenv.Load(os.Getenv)
@@ -118,6 +121,11 @@ func setThreads(n int) error {
 	}
 	if n == 0 {
 		n = vars.NumThreads
+	}
+	if n == 0 {
+		if v, err := strconv.Atoi(os.Getenv("OMP_NUM_THREADS")); err == nil && v > 0 {
+			n = v
+		}
 	}
 	if n == 0 {
 		n = runtime.NumCPU()

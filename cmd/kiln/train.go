@@ -32,6 +32,7 @@ type trainOptions struct {
 	device, amp             string
 	checkpointDir           string
 	resume, quiet, jsonOut  bool
+	syncBatchNorm           bool
 	dist                    distOptions
 	fineTune                fineTuneFlags
 }
@@ -86,6 +87,8 @@ the data, split and train sections.`,
 	f.IntVar(&o.dist.masterPort, "master-port", 29500, "data-parallel training: port of the rendezvous store")
 	f.DurationVar(&o.dist.timeout, "dist-timeout", dist.DefaultTimeout, "data-parallel training: a rank that dies or hangs makes the others fail within this time")
 	o.fineTune.addTo(f)
+	f.StringVar(&o.dist.backend, "backend", dist.BackendGloo, "data-parallel training: c10d backend, gloo or nccl (nccl needs a libtorch with CUDA and NCCL)")
+	f.BoolVar(&o.syncBatchNorm, "sync-batchnorm", false, "data-parallel training: synchronize batch-norm statistics across the ranks (torch.nn.SyncBatchNorm; default: per rank, as DDP)")
 	cmd.MarkFlagRequired("data")
 	cmd.MarkFlagRequired("out")
 	return cmd
@@ -122,6 +125,9 @@ func tableColumns(o data.Options) []string {
 }
 
 func runTrain(ctx context.Context, stdout, stderr io.Writer, o trainOptions) error {
+	if err := dist.CheckBackend(o.dist.backend); err != nil {
+		return err
+	}
 	if o.dist.nprocPerNode > 0 && !launched(os.Getenv) {
 		return launchRanks(ctx, stderr, o.dist)
 	}
@@ -166,6 +172,9 @@ func runTrain(ctx context.Context, stdout, stderr io.Writer, o trainOptions) err
 	if o.checkpointDir != "" {
 		job.Train.CheckpointDir = o.checkpointDir
 	}
+	if o.syncBatchNorm {
+		job.Train.SyncBatchNorm = true
+	}
 	if o.resume {
 		if job.Train.CheckpointDir == "" {
 			return fmt.Errorf("kiln: train: --resume needs --checkpoint-dir (or train.checkpoint_dir in the spec)")
@@ -179,7 +188,7 @@ func runTrain(ctx context.Context, stdout, stderr io.Writer, o trainOptions) err
 	out, quiet := o.out, o.quiet
 	rank0 := true
 	if distributed {
-		g, err := dist.Init(env, dist.Options{Timeout: o.dist.timeout})
+		g, err := dist.Init(env, dist.Options{Timeout: o.dist.timeout, Backend: o.dist.backend})
 		if err != nil {
 			return err
 		}

@@ -144,6 +144,32 @@ type Options struct {
 	Timeout time.Duration
 	// BucketBytes is the size of a gradient bucket (0: DefaultBucketBytes).
 	BucketBytes int64
+	// Backend is the c10d backend: BackendGloo ("" too) or BackendNCCL,
+	// which needs a libtorch with CUDA and NCCL (see CheckBackend).
+	Backend string
+}
+
+// The c10d backends.
+const (
+	BackendGloo = "gloo"
+	BackendNCCL = "nccl"
+)
+
+// CheckBackend checks that backend ("" for gloo) is known and usable with
+// the linked libtorch: nccl only where it has CUDA and NCCL (Debian's
+// libtorch 1.13 has neither), else Unsupported; an unknown name is
+// InvalidArgument.
+func CheckBackend(backend string) error {
+	switch backend {
+	case "", BackendGloo:
+		return nil
+	case BackendNCCL:
+		if !trainer.HasNCCL() {
+			return core.Errorf(core.Unsupported, "kiln: distributed: %s", trainer.NCCLUnavailable())
+		}
+		return nil
+	}
+	return core.Errorf(core.InvalidArgument, "kiln: distributed: unknown backend %q (want gloo or nccl)", backend)
 }
 
 // Group is this process's membership of a c10d Gloo process group. It owns
@@ -171,15 +197,23 @@ func Init(env Env, opts Options) (*Group, error) {
 	if env.WorldSize < 1 || env.Rank < 0 || env.Rank >= env.WorldSize {
 		return nil, core.Errorf(core.InvalidArgument, "kiln: distributed: RANK %d outside [0, WORLD_SIZE=%d)", env.Rank, env.WorldSize)
 	}
+	if opts.Backend == "" {
+		opts.Backend = BackendGloo
+	}
+	if err := CheckBackend(opts.Backend); err != nil {
+		return nil, err
+	}
 	t0 := time.Now()
 	g, err := trainer.NewGroup(trainer.GroupOptions{
 		MasterAddr: env.MasterAddr, MasterPort: env.MasterPort, Rank: env.Rank, WorldSize: env.WorldSize,
 		HostStore: !env.AgentStore && env.Rank == 0, Prefix: env.StorePrefix, Timeout: opts.Timeout, IfName: env.IfName,
+		Backend: opts.Backend,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("kiln: distributed: rank %d: %w", env.Rank, err)
 	}
-	slog.Info("kiln: joined the process group", "rank", env.Rank, "world_size", env.WorldSize,
+	slog.Info("kiln: joined the process group", "rank", env.Rank, "world_size", env.WorldSize, "backend", opts.Backend,
+		"threads", core.NumThreads(),
 		"store", fmt.Sprintf("%s:%d", env.MasterAddr, env.MasterPort), "agent_store", env.AgentStore,
 		"seconds", time.Since(t0).Seconds())
 	return &Group{g: g, env: env, opts: opts}, nil

@@ -53,6 +53,13 @@ func TestEnvFrom(t *testing.T) {
 		{map[string]string{"MASTER_ADDR": "h", "MASTER_PORT": "1", "RANK": "0", "WORLD_SIZE": "x"}, "WORLD_SIZE"},
 		{map[string]string{"MASTER_ADDR": "h", "MASTER_PORT": "1", "RANK": "0", "WORLD_SIZE": "2",
 			"TORCHELASTIC_USE_AGENT_STORE": "True"}, "TORCHELASTIC_RESTART_COUNT"},
+		{map[string]string{"MASTER_ADDR": "h", "MASTER_PORT": "1", "RANK": "1", "WORLD_SIZE": "4",
+			"LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"}, "LOCAL_RANK=\"2\""},
+		{map[string]string{"MASTER_ADDR": "h", "MASTER_PORT": "1", "RANK": "1", "WORLD_SIZE": "4",
+			"LOCAL_WORLD_SIZE": "5"}, "LOCAL_WORLD_SIZE=\"5\""},
+		{map[string]string{"MASTER_ADDR": "h", "MASTER_PORT": "1", "RANK": "-1", "WORLD_SIZE": "2"}, "RANK=\"-1\""},
+		{map[string]string{"MASTER_ADDR": "h", "MASTER_PORT": "1", "RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE=\"0\""},
+		{map[string]string{"MASTER_PORT": "1", "RANK": "0", "WORLD_SIZE": "1"}, "MASTER_ADDR missing"},
 	}
 	for _, b := range bad {
 		_, _, err := dist.EnvFrom(get(b.vars))
@@ -498,4 +505,156 @@ func TestResumeWithAnotherWorldSize(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, 2, res.ResumedFrom)
 	assert.Len(t, res.History, 4)
+}
+
+// bnNet has a 2-D and a 1-D batch-norm layer (no dropout).
+func bnNet() nn.Spec {
+	return nn.Sequential(
+		nn.Layer{Type: "conv2d", Out: 4, Kernel: 3, Padding: 1}, nn.BatchNorm2d(), nn.ReLU(),
+		nn.Flatten(), nn.Linear(16), nn.BatchNorm1d(), nn.ReLU(), nn.Linear(1),
+	).WithInputShape(1, 2, 4)
+}
+
+// maxAbsDiff is max |a[i] - b[i]|.
+func maxAbsDiff(t *testing.T, a, b []float64) float64 {
+	t.Helper()
+	require.Len(t, b, len(a))
+	d := 0.0
+	for i := range a {
+		d = max(d, math.Abs(a[i]-b[i]))
+	}
+	return d
+}
+
+// Synchronized batch norm: two ranks with batch 32 normalize with the
+// statistics of both ranks' 64 samples, so they train exactly as one
+// process with batch 64 (weights and running statistics); without the
+// option each rank normalizes with its own 32 samples and the results
+// differ. (SGD: Adam divides each gradient by its running magnitude, so
+// the biases in front of a batch norm, whose true gradient is zero, take
+// steps of ±lr from rounding noise alone, in both runs but not alike.)
+func TestSyncBatchNorm(t *testing.T) {
+	trainSet := regData(512, 1)
+	for _, opt := range []train.Optimizer{{Type: "sgd", LR: 0.05, Momentum: 0.9}} {
+		t.Run(opt.Type, func(t *testing.T) {
+			cfg := train.Config{Epochs: 3, BatchSize: 64, Seed: 5, Loss: train.Loss{Type: "mse"}, Optimizer: opt}
+			one, err := nn.Build(bnNet(), 8, 11)
+			require.NoError(t, err)
+			defer one.Close()
+			_, err = train.Fit(context.Background(), one, trainSet, nil, cfg, nil)
+			require.NoError(t, err)
+			want := flat(t, one)
+
+			twoRanks := func(sync bool) []float64 {
+				n, err := nn.Build(bnNet(), 8, 11)
+				require.NoError(t, err)
+				defer n.Close()
+				c := cfg
+				c.BatchSize, c.Workers, c.SyncBatchNorm = 32, 2, sync
+				_, err = train.Fit(context.Background(), n, trainSet, nil, c, nil)
+				require.NoError(t, err)
+				return flat(t, n)
+			}
+			assert.Less(t, maxAbsDiff(t, want, twoRanks(true)), 1e-5,
+				"sync_batchnorm: 2 ranks x 32 equal 1 process x 64 (weights and running statistics)")
+			assert.Greater(t, maxAbsDiff(t, want, twoRanks(false)), 1e-3,
+				"per-rank statistics (DDP's default) train differently")
+		})
+	}
+}
+
+// Bad launches fail with clear errors and do not hang: two processes with
+// the same RANK, a store nobody hosts, ranks with different data or
+// hyper-parameters, and the nccl backend on a libtorch without CUDA.
+func TestBadLaunchesAreClear(t *testing.T) {
+	t.Run("same-rank-twice", func(t *testing.T) {
+		// Rank 0 and two processes that both say RANK=1: one of the
+		// latter is refused, the other two form the group.
+		port := freePort(t)
+		errs := make([]error, 3)
+		var wg, ones sync.WaitGroup
+		ones.Add(2)
+		for i, rank := range []int{0, 1, 1} {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				g, err := dist.Init(localEnv(port, rank, 2), dist.Options{Timeout: 10 * time.Second})
+				if err == nil {
+					err = g.Barrier()
+					if rank == 0 {
+						ones.Wait() // the store (hosted here) stays up until both RANK=1 processes are done
+					}
+					g.Close()
+				}
+				errs[i] = err
+				if rank == 1 {
+					ones.Done()
+				}
+			}()
+		}
+		wg.Wait()
+		require.NoError(t, errs[0])
+		failed := 0
+		for _, err := range errs[1:] {
+			if err != nil {
+				failed++
+				assert.Contains(t, err.Error(), "two processes have RANK=1")
+				assert.True(t, core.HasCode(err, core.InvalidArgument), "%v", err)
+			}
+		}
+		assert.Equal(t, 1, failed, "exactly one of the two RANK=1 processes is refused: %v", errs)
+	})
+	t.Run("no-store", func(t *testing.T) {
+		t0 := time.Now()
+		_, err := dist.Init(localEnv(freePort(t), 1, 2), dist.Options{Timeout: 2 * time.Second})
+		require.Error(t, err)
+		assert.Contains(t, err.Error(), "cannot reach the store at 127.0.0.1:")
+		assert.Less(t, time.Since(t0), 15*time.Second, "fails within the timeout")
+	})
+	t.Run("different-data-or-config", func(t *testing.T) {
+		cfg := train.Config{Epochs: 1, BatchSize: 16, Seed: 1, Loss: train.Loss{Type: "mse"}, Optimizer: train.Optimizer{Type: "sgd", LR: 0.01}}
+		for _, c := range []struct {
+			name string
+			rows int
+			lr   float64
+			want string
+		}{{"rows", 80, 0.01, "rank(s) 1 have a different training data (row count)"},
+			{"config", 64, 0.5, "rank(s) 1 have a different training config"}} {
+			errs := ranks(t, 2, func(g *dist.Group) error {
+				n, err := nn.Build(mlp(), 8, 1)
+				if err != nil {
+					return err
+				}
+				defer n.Close()
+				cc, rows := cfg, 64
+				cc.Group = g
+				if g.Rank() == 1 {
+					rows, cc.Optimizer.LR = c.rows, c.lr
+				}
+				_, err = train.Fit(context.Background(), n, regData(rows, 1), nil, cc, nil)
+				return err
+			})
+			for r, err := range errs {
+				require.Error(t, err, "%s: rank %d", c.name, r)
+				assert.Contains(t, err.Error(), c.want)
+				assert.True(t, core.HasCode(err, core.InvalidArgument), "%v", err)
+			}
+		}
+	})
+	t.Run("nccl-without-cuda", func(t *testing.T) {
+		if trainer.HasNCCL() {
+			t.Skip("this libtorch has CUDA and NCCL")
+		}
+		t0 := time.Now()
+		_, err := dist.Init(localEnv(freePort(t), 0, 2), dist.Options{Timeout: 20 * time.Second, Backend: dist.BackendNCCL})
+		require.Error(t, err)
+		assert.True(t, core.HasCode(err, core.Unsupported), "%v", err)
+		assert.Contains(t, err.Error(), "backend nccl: the linked libtorch has no CUDA")
+		assert.Contains(t, err.Error(), "use the gloo backend")
+		assert.Less(t, time.Since(t0), 5*time.Second, "fails before the rendezvous")
+		err = dist.CheckBackend("mpi")
+		assert.True(t, core.HasCode(err, core.InvalidArgument), "%v", err)
+		require.NoError(t, dist.CheckBackend(""))
+		require.NoError(t, dist.CheckBackend("gloo"))
+	})
 }

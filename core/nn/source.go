@@ -2,6 +2,7 @@ package nn
 
 import (
 	"fmt"
+	"regexp"
 	"strings"
 )
 
@@ -46,3 +47,27 @@ func LayerTensors(info LayerInfo, l Layer) []string {
 
 // HasBias reports whether a linear or conv layer has a bias.
 func HasBias(l Layer) bool { return hasBias(l) }
+
+// batchNormLine matches the statement Build generates for a batch-norm
+// layer (see layerCode): weight, bias, running mean and variance,
+// momentum and eps.
+var batchNormLine = regexp.MustCompile(`x = torch\.batch_norm\(x, (self\.\w+), (self\.\w+), (self\.\w+), (self\.\w+), self\.training, ([^,]+), ([^,]+), False\)`)
+
+// SyncBatchNormSource rewrites the forward source of a network Build made
+// (Net.Source) for synchronized batch norm in data-parallel training: each
+// batch-norm layer's statement becomes a call of Kiln's operator
+// kiln::sync_batch_norm (kiln.sync_batch_norm in the training module's
+// TorchScript) with the process group of the training
+// module (self.kiln_sync_group; see native/trainer's SetSyncBatchNorm),
+// whose batch statistics are those of every rank's batch together. It
+// returns the new source and the number of layers rewritten (0: src is
+// returned unchanged).
+func SyncBatchNormSource(src string) (string, int) {
+	n := 0
+	out := batchNormLine.ReplaceAllStringFunc(src, func(m string) string {
+		n++
+		return batchNormLine.ReplaceAllString(m,
+			"x = kiln.sync_batch_norm(x, $1, $2, $3, $4, $5, $6, self.kiln_sync_group)")
+	})
+	return out, n
+}

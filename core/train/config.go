@@ -152,6 +152,13 @@ type Config struct {
 	Freeze      []string     `json:"freeze,omitempty"`
 	ParamGroups []ParamGroup `json:"param_groups,omitempty"`
 	FreezeBN    bool         `json:"freeze_bn,omitempty"`
+	// SyncBatchNorm synchronizes batch-norm statistics across the ranks
+	// of a data-parallel run (torch.nn.SyncBatchNorm): in training each
+	// batch-norm layer normalizes with the mean and variance of every
+	// rank's batch together, and the running statistics follow them.
+	// Without it each rank uses its own batch's statistics (DDP's
+	// default). No effect in a single process.
+	SyncBatchNorm bool `json:"sync_batchnorm,omitempty"`
 	// Group, when set, makes Fit one rank of a data-parallel run over it
 	// (see core/dist and distributed.go); not part of the serialized
 	// config.

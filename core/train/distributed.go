@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"hash/fnv"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -46,6 +47,11 @@ func (r *run) joinGroup() error {
 		return fmt.Errorf("kiln: train: %w", err)
 	}
 	net := r.net
+	if r.cfg.SyncBatchNorm {
+		if err := r.syncBatchNorm(); err != nil {
+			return err
+		}
+	}
 	if err := g.Agree("network (spec, inputs, outputs)", hash64(net.Source, net.Inputs, net.Outputs, net.Params, net.Layers)); err != nil {
 		return err
 	}
@@ -57,6 +63,23 @@ func (r *run) joinGroup() error {
 	}
 	if err := g.Agree("training config", hash64(r.cfg.fingerprint(), r.cfg.Epochs)); err != nil {
 		return err
+	}
+	return nil
+}
+
+// syncBatchNorm makes the trainer's batch-norm layers normalize with the
+// statistics of every rank's batch (Config.SyncBatchNorm).
+func (r *run) syncBatchNorm() error {
+	if r.net.Source == "" {
+		return core.Errorf(core.InvalidArgument, "kiln: train: sync_batchnorm needs a network Kiln built from a spec (this one has no forward source)")
+	}
+	src, n := nn.SyncBatchNormSource(r.net.Source)
+	if n == 0 {
+		slog.Info("kiln: train: sync_batchnorm: the network has no batch-norm layer; nothing to synchronize")
+		return nil
+	}
+	if err := r.tr.SetSyncBatchNorm(r.g.Native(), src); err != nil {
+		return fmt.Errorf("kiln: train: sync_batchnorm: %w", err)
 	}
 	return nil
 }

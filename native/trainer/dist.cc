@@ -9,11 +9,23 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef USE_C10D_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+#include <ATen/Context.h>
+#include <gloo/allreduce.h>
+#include <gloo/math.h>
+#include <gloo/rendezvous/context.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/jit/frontend/resolver.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -25,11 +37,38 @@
 struct kiln_pg {
   c10::intrusive_ptr<c10d::Store> tcp;    // the TCPStore (server or client)
   c10::intrusive_ptr<c10d::Store> store;  // kiln's keys: <prefix>/kiln/
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+  c10::intrusive_ptr<c10d::ProcessGroup> pg;  // Gloo, or NCCL where built with it
   int rank = 0;
   int world = 1;
   std::chrono::milliseconds timeout{60000};
   std::string where;  // "MASTER_ADDR:MASTER_PORT", for messages
+  // A Gloo context of its own (own connections, Gloo backend only) for
+  // the blocking all-reduces of batch-norm statistics inside forward and
+  // backward (synchronized batch norm), run on the calling thread: they
+  // never wait behind the gradient buckets queued on the process group.
+  std::shared_ptr<::gloo::Context> direct;
+  uint32_t direct_tag = 0;
+
+  // All-reduces (sums) the contiguous float32/float64 tensor t in place,
+  // blocking, over `direct` (else through the process group). Throws.
+  void allreduce_now(at::Tensor& t) {
+    if (direct && t.is_contiguous() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble)) {
+      ::gloo::AllreduceOptions o(direct);
+      if (t.scalar_type() == at::kFloat) {
+        o.setOutput(t.data_ptr<float>(), static_cast<size_t>(t.numel()));
+        o.setReduceFunction(static_cast<void (*)(void*, const void*, const void*, size_t)>(&::gloo::sum<float>));
+      } else {
+        o.setOutput(t.data_ptr<double>(), static_cast<size_t>(t.numel()));
+        o.setReduceFunction(static_cast<void (*)(void*, const void*, const void*, size_t)>(&::gloo::sum<double>));
+      }
+      o.setTag(direct_tag++);
+      o.setTimeout(timeout);
+      ::gloo::allreduce(o);
+      return;
+    }
+    std::vector<at::Tensor> ts{t};
+    pg->allreduce(ts)->wait();
+  }
 };
 
 namespace {
@@ -265,6 +304,133 @@ kiln_error collective_error(const char* what) noexcept {
   }
 }
 
+// Synchronized batch norm (torch.nn.SyncBatchNorm's semantics, on the
+// CPU and Gloo). In training, a batch-norm layer's statistics are those of
+// the whole global batch: each rank sums its batch's values and squares
+// per channel (in float64) and counts its values, one all-reduce adds them
+// up over the ranks, and every rank normalizes with the global mean and
+// biased variance; the running statistics take the global mean and the
+// unbiased variance (count N / (N - 1)). Backward goes through the same
+// sums: the all-reduce's gradient is the all-reduce (sum) of the ranks'
+// gradients, which is SyncBatchNorm's backward (its all-reduced sum_dy and
+// sum_dy_xmu are exactly these gradients of the global sums). The weight
+// and bias gradients stay per rank, averaged by the gradient buckets as
+// every other parameter's.
+//
+// TorchScript reaches it as kiln.sync_batch_norm(x, weight,
+// bias, running_mean, running_var, momentum, eps, group), group being the
+// id under which kiln_trainer_set_sync_batchnorm registered the process
+// group (the training module's kiln_sync_group attribute).
+namespace syncbn {
+
+std::mutex mu;
+std::map<int64_t, kiln_pg*> groups;
+int64_t next_id = 1;
+
+kiln_pg* lookup(int64_t id) {
+  std::lock_guard<std::mutex> l(mu);
+  auto it = groups.find(id);
+  if (it == groups.end()) {
+    throw std::runtime_error("sync_batch_norm: no process group " + std::to_string(id) +
+                             " (synchronized batch norm outside a data-parallel trainer)");
+  }
+  return it->second;
+}
+
+// Sums t (contiguous) in place over the group, blocking; a failure is
+// recorded for the trainer (kiln::dist_failure) and thrown.
+void allreduce_sum(kiln_pg* pg, at::Tensor& t) {
+  try {
+    pg->allreduce_now(t);
+  } catch (const std::exception& e) {
+    kiln::dist_failure = std::string("all-reduce of batch-norm statistics: ") + e.what();
+    throw kiln::dist_error(kiln::dist_failure);
+  }
+}
+
+// y = sum over ranks of x, with backward dx = sum over ranks of dy.
+struct AllReduceSum : torch::autograd::Function<AllReduceSum> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            int64_t group) {
+    ctx->saved_data["group"] = group;
+    at::Tensor y = x.detach().clone(at::MemoryFormat::Contiguous);
+    allreduce_sum(lookup(group), y);
+    return y;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    at::Tensor g = grads[0].detach().clone(at::MemoryFormat::Contiguous);
+    allreduce_sum(lookup(ctx->saved_data["group"].toInt()), g);
+    return {g, at::Tensor()};
+  }
+};
+
+at::Tensor sync_batch_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                           const c10::optional<at::Tensor>& bias, at::Tensor running_mean,
+                           at::Tensor running_var, double momentum, double eps, int64_t group) {
+  TORCH_CHECK(x.dim() >= 2, "sync_batch_norm: input must be [N, C, ...], got ", x.dim(), " dims");
+  const int64_t c = x.size(1);
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < x.dim(); d++) dims.push_back(d);
+  std::vector<int64_t> shape(x.dim(), 1);
+  shape[1] = c;
+  at::Tensor xd = x.to(at::kDouble);
+  at::Tensor local = at::cat({xd.sum(dims), (xd * xd).sum(dims),
+                              at::full({1}, static_cast<double>(x.numel() / std::max<int64_t>(c, 1)),
+                                       at::TensorOptions().dtype(at::kDouble))});
+  at::Tensor global = AllReduceSum::apply(local, group);
+  at::Tensor n = global.narrow(0, 2 * c, 1);
+  at::Tensor mean = global.narrow(0, 0, c) / n;
+  at::Tensor var = (global.narrow(0, c, c) / n - mean * mean).clamp_min(0);
+  {
+    at::NoGradGuard ng;
+    double count = n.item<double>();
+    TORCH_CHECK(count > 1, "sync_batch_norm: expected more than 1 value per channel over all ranks in training, got ",
+                count);
+    if (running_mean.defined()) {
+      running_mean.mul_(1 - momentum).add_(mean.detach().to(running_mean.scalar_type()), momentum);
+    }
+    if (running_var.defined()) {
+      running_var.mul_(1 - momentum)
+          .add_((var.detach() * (count / (count - 1))).to(running_var.scalar_type()), momentum);
+    }
+  }
+  at::Tensor invstd = (var + eps).rsqrt();
+  at::Tensor scale = invstd.to(x.scalar_type());
+  at::Tensor shift = (-mean * invstd).to(x.scalar_type());
+  if (weight.has_value() && weight->defined()) {
+    scale = scale * *weight;
+    shift = shift * *weight;
+  }
+  if (bias.has_value() && bias->defined()) shift = shift + *bias;
+  return x * scale.view(shape) + shift.view(shape);
+}
+
+// Resolves `kiln` in TorchScript compiled from C++ to Kiln's operators
+// (kiln.sync_batch_norm is kiln::sync_batch_norm), besides `torch`.
+struct Resolver : torch::jit::NativeResolver {
+  std::shared_ptr<torch::jit::SugaredValue> resolveValue(const std::string& name,
+                                                         torch::jit::GraphFunction& m,
+                                                         const torch::jit::SourceRange& loc) override {
+    if (name == "kiln") return std::make_shared<torch::jit::BuiltinModule>("kiln");
+    return torch::jit::NativeResolver::resolveValue(name, m, loc);
+  }
+};
+
+// Registers pg for the training module's forward; the token unregisters it.
+std::shared_ptr<void> register_group(kiln_pg* pg, int64_t* id) {
+  std::lock_guard<std::mutex> l(mu);
+  int64_t k = next_id++;
+  groups[k] = pg;
+  *id = k;
+  return std::shared_ptr<void>(nullptr, [k](void*) {
+    std::lock_guard<std::mutex> l2(mu);
+    groups.erase(k);
+  });
+}
+
+}  // namespace syncbn
+
 }  // namespace
 
 extern "C" {
@@ -279,7 +445,14 @@ kiln_error kiln_pg_new(const kiln_pg_options* o, kiln_pg** out) {
                  "RANK " + std::to_string(o->rank) + " outside [0, WORLD_SIZE=" +
                      std::to_string(o->world_size) + ")");
   KILN_CHECK_ARG(o->timeout_ms > 0, "timeout must be > 0");
+  const std::string backend = o->backend != nullptr && o->backend[0] != '\0' ? o->backend : "gloo";
+  KILN_CHECK_ARG(backend == "gloo" || backend == "nccl",
+                 "unknown backend '" + backend + "' (want gloo or nccl)");
   KILN_GUARD_BEGIN
+  // Checked before the rendezvous, so that every rank fails at once.
+  if (backend == "nccl" && kiln_dist_has_nccl() == 0) {
+    return kiln::make_error(KILN_ERROR_UNSUPPORTED, kiln_dist_nccl_unavailable_reason());
+  }
   auto p = std::make_unique<kiln_pg>();
   p->rank = o->rank;
   p->world = o->world_size;
@@ -317,6 +490,20 @@ kiln_error kiln_pg_new(const kiln_pg_options* o, kiln_pg** out) {
   } catch (...) {
     return collective_error(("rendezvous at " + p->where).c_str());
   }
+#ifdef USE_C10D_NCCL
+  if (backend == "nccl") {
+    try {
+      auto opts = c10d::ProcessGroupNCCL::Options::create();
+      opts->timeout = p->timeout;
+      auto pgstore = c10::make_intrusive<c10d::PrefixStore>("pg", p->store);
+      p->pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(pgstore, p->rank, p->world, opts);
+    } catch (...) {
+      return collective_error(("creating the NCCL process group (rendezvous " + p->where + ")").c_str());
+    }
+    *out = p.release();
+    return nullptr;
+  }
+#endif
   try {
     auto opts = c10d::ProcessGroupGloo::Options::create(p->timeout);
     if (o->ifname != nullptr && o->ifname[0] != '\0') {
@@ -326,11 +513,37 @@ kiln_error kiln_pg_new(const kiln_pg_options* o, kiln_pg** out) {
     }
     auto pgstore = c10::make_intrusive<c10d::PrefixStore>("pg", p->store);
     p->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(pgstore, p->rank, p->world, opts);
+    auto ctx = std::make_shared<::gloo::rendezvous::Context>(p->rank, p->world);
+    ctx->setTimeout(p->timeout);
+    c10d::ProcessGroupGloo::GlooStore gs(c10::make_intrusive<c10d::PrefixStore>("direct", p->store));
+    ctx->connectFullMesh(gs, opts->devices[0]);
+    p->direct = std::move(ctx);
   } catch (...) {
     return collective_error(("creating the Gloo process group (rendezvous " + p->where + ")").c_str());
   }
   *out = p.release();
   KILN_GUARD_END
+}
+
+int kiln_dist_has_nccl(void) {
+#ifdef USE_C10D_NCCL
+  try {
+    return at::hasCUDA() ? 1 : 0;
+  } catch (...) {
+    return 0;
+  }
+#else
+  return 0;
+#endif
+}
+
+const char* kiln_dist_nccl_unavailable_reason(void) {
+#ifdef USE_C10D_NCCL
+  return "backend nccl: libtorch was built with NCCL but finds no CUDA device; use the gloo backend";
+#else
+  return "backend nccl: the linked libtorch has no CUDA and no NCCL (a CPU-only build: "
+         "ProcessGroupNCCL is compiled only with USE_C10D_NCCL); use the gloo backend";
+#endif
 }
 
 void kiln_pg_free(kiln_pg* pg) {
@@ -470,4 +683,51 @@ kiln_error kiln_trainer_set_group(kiln_trainer* t, kiln_pg* pg, int64_t bucket_b
   KILN_GUARD_END
 }
 
+kiln_error kiln_trainer_set_sync_batchnorm(kiln_trainer* t, kiln_pg* pg, const char* source) {
+  KILN_CHECK_ARG(t != nullptr, "NULL trainer");
+  KILN_CHECK_ARG(pg == nullptr || (source != nullptr && source[0] != '\0'),
+                 "synchronized batch norm needs the training forward's source");
+  KILN_GUARD_BEGIN
+  if (pg == nullptr) {
+    t->train_m.reset();
+    t->sync_token.reset();
+    return nullptr;
+  }
+  // A module of its own class (a fresh compilation unit) over the very
+  // tensors of t's module: what its optimizer updates, this one reads.
+  auto tm = std::make_shared<torch::jit::Module>(c10::QualifiedName("__torch__.kiln.SyncBatchNormNet"));
+  const c10::ClassTypePtr& type = t->m.type();
+  for (size_t i = 0; i < type->numAttributes(); i++) {
+    const std::string& name = type->getAttributeName(i);
+    c10::IValue v = t->m._ivalue()->getSlot(i);
+    if (name == "training") continue;
+    if (!v.isTensor()) {
+      return kiln::make_error(KILN_ERROR_INVALID_ARGUMENT,
+                              "synchronized batch norm: the network's attribute '" + name +
+                                  "' is not a tensor (only flat Kiln networks are supported)");
+    }
+    tm->register_parameter(name, v.toTensor(), /*is_buffer=*/!type->is_parameter(i));
+  }
+  tm->register_attribute("training", c10::BoolType::get(), true);
+  int64_t id = 0;
+  std::shared_ptr<void> token = syncbn::register_group(pg, &id);
+  tm->register_attribute("kiln_sync_group", c10::IntType::get(), id);
+  try {
+    tm->define(source, std::make_shared<syncbn::Resolver>());
+  } catch (const std::exception& e) {
+    return kiln::make_error(KILN_ERROR_INVALID_ARGUMENT,
+                            std::string("synchronized batch norm: compiling the training forward: ") + e.what());
+  }
+  t->train_m = std::move(tm);
+  t->sync_token = std::move(token);
+  KILN_GUARD_END
+}
+
 }  // extern "C"
+
+TORCH_LIBRARY(kiln, m) {
+  m.def(
+      "sync_batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!) running_mean, "
+      "Tensor(b!) running_var, float momentum, float eps, int group) -> Tensor",
+      &syncbn::sync_batch_norm);
+}

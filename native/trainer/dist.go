@@ -31,7 +31,16 @@ type GroupOptions struct {
 	// IfName is the network interface Gloo uses (GLOO_SOCKET_IFNAME), or ""
 	// for the default device.
 	IfName string
+	// Backend is "gloo" ("" too) or "nccl" (needs HasNCCL).
+	Backend string
 }
+
+// HasNCCL reports whether the nccl backend can be used: Kiln was compiled
+// against a libtorch with NCCL and libtorch finds CUDA.
+func HasNCCL() bool { return C.kiln_dist_has_nccl() != 0 }
+
+// NCCLUnavailable says why the nccl backend cannot be used.
+func NCCLUnavailable() string { return C.GoString(C.kiln_dist_nccl_unavailable_reason()) }
 
 // Group is a raw handle to a kiln_pg (TCPStore + ProcessGroupGloo); Free
 // it exactly once.
@@ -47,7 +56,11 @@ func (g Group) Valid() bool { return g.p != nil }
 func NewGroup(o GroupOptions) (Group, error) {
 	addr := C.CString(o.MasterAddr)
 	defer C.free(unsafe.Pointer(addr))
-	var prefix, ifname *C.char
+	var prefix, ifname, backend *C.char
+	if o.Backend != "" {
+		backend = C.CString(o.Backend)
+		defer C.free(unsafe.Pointer(backend))
+	}
 	if o.Prefix != "" {
 		prefix = C.CString(o.Prefix)
 		defer C.free(unsafe.Pointer(prefix))
@@ -59,7 +72,7 @@ func NewGroup(o GroupOptions) (Group, error) {
 	co := C.kiln_pg_options{
 		master_addr: addr, master_port: C.int(o.MasterPort), rank: C.int(o.Rank),
 		world_size: C.int(o.WorldSize), host_store: cbool(o.HostStore), prefix: prefix,
-		timeout_ms: C.int64_t(o.Timeout.Milliseconds()), ifname: ifname,
+		timeout_ms: C.int64_t(o.Timeout.Milliseconds()), ifname: ifname, backend: backend,
 	}
 	var out *C.kiln_pg
 	if err := takeErr(C.kiln_pg_new(&co, &out)); err != nil {
@@ -139,4 +152,18 @@ func (g Group) Alive(tag string, wait time.Duration) ([]bool, error) {
 // while t trains.
 func (t Trainer) SetGroup(g Group, bucketBytes int64) error {
 	return takeErr(C.kiln_trainer_set_group(t.p, g.p, C.int64_t(bucketBytes)))
+}
+
+// SetSyncBatchNorm makes t's training steps run source, a forward over
+// t's module's own parameters and buffers whose batch-norm layers call
+// kiln.sync_batch_norm (see core/nn.SyncBatchNormSource): batch
+// statistics all-reduced over g. A zero Group turns it off. g must stay
+// open while t trains.
+func (t Trainer) SetSyncBatchNorm(g Group, source string) error {
+	var cs *C.char
+	if g.p != nil {
+		cs = C.CString(source)
+		defer C.free(unsafe.Pointer(cs))
+	}
+	return takeErr(C.kiln_trainer_set_sync_batchnorm(t.p, g.p, cs))
 }

@@ -36,7 +36,18 @@ typedef struct {
   /* Network interface for Gloo (GLOO_SOCKET_IFNAME), or NULL/"" for the
    * default device (the address the host name resolves to). */
   const char* ifname;
+  /* "gloo" (NULL or "": the default) or "nccl". nccl needs a libtorch
+   * with CUDA and NCCL (kiln_dist_has_nccl); otherwise kiln_pg_new fails
+   * with UNSUPPORTED before the rendezvous. */
+  const char* backend;
 } kiln_pg_options;
+
+/* 1 when the nccl backend can be used: Kiln was compiled against a
+ * libtorch with NCCL (USE_C10D_NCCL) and libtorch finds CUDA; else 0. */
+int kiln_dist_has_nccl(void);
+
+/* Why the nccl backend cannot be used (a static string). */
+const char* kiln_dist_nccl_unavailable_reason(void);
 
 /* Joins the group: connects to (or hosts) the store, checks that every
  * rank of [0, world_size) arrives once, within the timeout and with the
@@ -89,6 +100,18 @@ kiln_error kiln_pg_alive(kiln_pg* pg, const char* tag, int64_t wait_ms, int* ali
  * rank, overlapping communication with the rest of backward. pg may be
  * NULL to stop (removing the hooks). pg must outlive its use by t. */
 kiln_error kiln_trainer_set_group(kiln_trainer* t, kiln_pg* pg, int64_t bucket_bytes);
+
+/* Synchronized batch norm (torch.nn.SyncBatchNorm's semantics): makes
+ * trainer t's training steps run `source` (TorchScript of a forward
+ * method) over the very parameters and buffers of t's module, in which
+ * batch-norm layers call kiln.sync_batch_norm(x, weight, bias,
+ * running_mean, running_var, momentum, eps, self.kiln_sync_group): batch
+ * statistics all-reduced over pg in forward, their gradients in backward.
+ * Evaluation and saving keep the module's own forward. Every rank must
+ * run the same layers in the same order. pg NULL turns it off. pg must
+ * outlive its use by t. INVALID_ARGUMENT when source does not compile or
+ * the module is not a flat Kiln network (attributes other than tensors). */
+kiln_error kiln_trainer_set_sync_batchnorm(kiln_trainer* t, kiln_pg* pg, const char* source);
 
 #ifdef __cplusplus
 }  /* extern "C" */

@@ -189,9 +189,10 @@ at::Tensor on_device(const kiln_trainer* t, const at::Tensor& x) {
   return x.device() == t->device ? x : x.to(t->device);
 }
 
-at::Tensor run_forward(kiln_trainer* t, const at::Tensor& x) {
+at::Tensor run_forward(kiln_trainer* t, const at::Tensor& x, bool training = false) {
   torch::jit::GraphOptimizerEnabledGuard opt(jit_optimize());
-  c10::IValue r = t->m.forward({x});
+  torch::jit::Module& m = training && t->train_m ? *t->train_m : t->m;
+  c10::IValue r = m.forward({x});
   if (!r.isTensor()) throw std::runtime_error("forward returned " + r.tagKind() + ", not a tensor");
   return r.toTensor();
 }
@@ -261,7 +262,7 @@ double train_step(kiln_trainer* t, const at::Tensor& x, const at::Tensor& y,
   at::Tensor l;
   {
     AutocastScope amp(t);
-    at::Tensor out = run_forward(t, on_device(t, x));
+    at::Tensor out = run_forward(t, on_device(t, x), /*training=*/true);
     if (all_y.defined() && t->loss == KILN_LOSS_CROSS_ENTROPY && out.dim() == 2) {
       check_classes(all_y, out.size(1));
     }
@@ -635,10 +636,13 @@ kiln_error kiln_trainer_step(kiln_trainer* t, const kiln_tensor* x,
   kiln::sync_threads();
   try {
     kiln::enter_train(t);
+    if (t->train_m) t->train_m->train(true);
+    kiln::dist_failure.clear();
     *loss = train_step(t, x->t, y->t);
   } catch (const kiln::dist_error& e) {
     return kiln::make_error(KILN_ERROR_UNAVAILABLE, e.what());
   } catch (...) {
+    if (!kiln::dist_failure.empty()) return kiln::make_error(KILN_ERROR_UNAVAILABLE, kiln::dist_failure);
     // Shapes, dtypes or targets that do not fit the model are the caller's.
     return kiln::current_error(KILN_ERROR_INVALID_ARGUMENT, concise);
   }
@@ -685,6 +689,8 @@ kiln_error kiln_trainer_epoch(kiln_trainer* t, const kiln_tensor* x,
   at::Tensor idx_all = at::from_blob(const_cast<int64_t*>(perm), {n}, at::kLong);
   try {
     kiln::enter_train(t);
+    if (t->train_m) t->train_m->train(true);
+    kiln::dist_failure.clear();
     // One gather per epoch into shuffled order; each batch is then a
     // contiguous slice (a view): no per-step copy or gather.
     // On a GPU the gathered epoch is copied there once.
@@ -711,6 +717,7 @@ kiln_error kiln_trainer_epoch(kiln_trainer* t, const kiln_tensor* x,
   } catch (const kiln::dist_error& e) {
     return kiln::make_error(KILN_ERROR_UNAVAILABLE, e.what());
   } catch (...) {
+    if (!kiln::dist_failure.empty()) return kiln::make_error(KILN_ERROR_UNAVAILABLE, kiln::dist_failure);
     // Shapes, dtypes or targets that do not fit the model are the caller's.
     return kiln::current_error(KILN_ERROR_INVALID_ARGUMENT, concise);
   }

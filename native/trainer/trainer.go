@@ -7,7 +7,10 @@ package trainer
 
 /*
 #cgo CXXFLAGS: -std=c++17 -O2 -Wall -I/usr/include/torch/csrc/api/include -DUSE_C10D_GLOO
-#cgo LDFLAGS: -ltorch -ltorch_cpu -lc10 -lstdc++
+// -lgloo as needed: Debian's libtorch links Gloo as a shared library (dist.cc
+// calls it directly); a pip torch's libtorch_cpu exports Gloo itself, and
+// then libgloo is not linked.
+#cgo LDFLAGS: -ltorch -ltorch_cpu -lc10 -Wl,--as-needed -lgloo -Wl,--no-as-needed -lstdc++
 #include <stdlib.h>
 #include "kiln_train.h"
 

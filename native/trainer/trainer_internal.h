@@ -66,6 +66,14 @@ struct kiln_trainer {
   // and submodules kept in eval mode while the rest trains (freeze_bn).
   std::vector<double> lr_scale;
   std::vector<torch::jit::Module> eval_modules;
+  // Synchronized batch norm (dist.cc, kiln_trainer_set_sync_batchnorm):
+  // when set, training steps run this module's forward instead of m's. It
+  // holds m's very tensors (parameters and buffers), with batch-norm
+  // layers whose batch statistics are all-reduced over a process group;
+  // evaluation and the saved model keep m's plain batch norm.
+  std::shared_ptr<torch::jit::Module> train_m;
+  // Keeps the process group registered for train_m's forward.
+  std::shared_ptr<void> sync_token;
 };
 
 namespace kiln {
@@ -95,6 +103,13 @@ std::unique_ptr<torch::optim::Optimizer> make_optimizer(
 // Defined in train.cc.
 kiln_error set_amp(kiln_trainer* t, kiln_amp amp);
 
+
+// A collective inside forward or backward (synchronized batch norm) failed
+// on this thread: TorchScript's interpreter rethrows exceptions as its own
+// errors, so the collective records its failure here as well, and
+// kiln_trainer_epoch/kiln_trainer_step report it as UNAVAILABLE. Cleared at
+// the start of each.
+inline thread_local std::string dist_failure;
 }  // namespace kiln
 
 #endif  // KILN_TRAINER_INTERNAL_H

@@ -159,7 +159,8 @@ class Model:
             optimizer: str = "adam", lr: float = 1e-3, loss: Optional[str] = None, seed: int = 0,
             early_stopping: Optional[dict] = None, verbose: int = 1, callbacks=(), workers: int = 1,
             freeze=None, param_groups=None, freeze_bn: bool = False,
-            device: Optional[str] = None, amp: Optional[str] = None, metrics=None):
+            device: Optional[str] = None, amp: Optional[str] = None, metrics=None,
+            sync_batchnorm: bool = False):
         """Trains in Kiln's Go core (the GIL is released while it works) and
         returns a ``kiln.callbacks.History``: ``history.history["loss"]``
         (training loss per epoch), ``["val_loss"]``, ``["val_accuracy"]``,
@@ -180,7 +181,10 @@ class Model:
         of each epoch's event. Ctrl-C cancels. ``workers`` > 1 trains
         data-parallel: that many ranks of a c10d Gloo group in this
         process, each with ``batch_size`` on its shard (as ``torchrun
-        --nproc_per_node`` would run them). Errors: ValueError
+        --nproc_per_node`` would run them); ``sync_batchnorm`` makes the
+        ranks' batch-norm layers normalize with the statistics of all ranks'
+        batches together (``torch.nn.SyncBatchNorm``; default: each rank its
+        own, as DDP), no effect with one worker. Errors: ValueError
         (kiln.InvalidArgumentError) for data, loss and network that do not
         fit together.
 
@@ -216,7 +220,7 @@ class Model:
         with _train.fit(self.spec, x, y, epochs=epochs, batch_size=batch_size, validation_split=validation_split,
                         optimizer=optimizer, lr=lr, loss=loss, seed=seed, early_stopping=early_stopping,
                         verbose=verbose, callbacks=callbacks, workers=workers, device=device,
-                        amp=amp, metrics=metrics) as (out, history):
+                        amp=amp, metrics=metrics, sync_batchnorm=sync_batchnorm) as (out, history):
             self._adopt(load(out), out)
         history.model = self
         return history

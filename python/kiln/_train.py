@@ -161,7 +161,7 @@ def _split_callbacks(callbacks, early_stopping):
 
 @contextlib.contextmanager
 def fit(spec, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss, seed, early_stopping,
-        verbose, callbacks, workers=1, device=None, amp=None, metrics=None):
+        verbose, callbacks, workers=1, device=None, amp=None, metrics=None, sync_batchnorm=False):
     """Trains the network spec on (x, y) in the Go core, writing a model
     package (with the caller's class labels) to a new temporary directory.
     Yields (directory, History); the directory is removed again if the job
@@ -208,6 +208,10 @@ def fit(spec, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss
         job["train"]["device"] = str(device)
     if amp:
         job["train"]["amp"] = str(amp)
+    if not isinstance(sync_batchnorm, bool):
+        raise ValueError(f"sync_batchnorm must be True or False, got {sync_batchnorm!r}")
+    if sync_batchnorm:
+        job["train"]["sync_batchnorm"] = True
     with _scratch_dir("kiln-model-") as out:
         try:
             h = _b.StartTraining(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out)

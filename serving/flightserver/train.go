@@ -57,6 +57,9 @@ type TrainRequest struct {
 	// server lacks is refused before a job is made.
 	Device string `json:"device,omitempty"`
 	AMP    string `json:"amp,omitempty"`
+	// SyncBatchNorm synchronizes batch-norm statistics across the workers
+	// (core/train Config.SyncBatchNorm); overrides the spec when set.
+	SyncBatchNorm bool `json:"sync_batchnorm,omitempty"`
 	// MaxBatchSize is the max_batch_size of the config.yaml written for a
 	// model the repository does not have yet (default 64).
 	MaxBatchSize int `json:"max_batch_size,omitempty"`
@@ -173,6 +176,9 @@ func ParseTrainRequest(body []byte) (TrainRequest, train.Job, error) {
 	}
 	if req.AMP != "" {
 		t.AMP = req.AMP
+	}
+	if req.SyncBatchNorm {
+		t.SyncBatchNorm = true
 	}
 	if req.Epochs < 0 || req.BatchSize < 0 || req.LR < 0 {
 		return req, job, errors.New("train request: epochs, batch_size and lr must not be negative")

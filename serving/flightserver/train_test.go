@@ -344,3 +344,23 @@ func requireRepo(t *testing.T, repoRoot string, names []string, msg string) {
 	}
 	require.ElementsMatch(t, names, got, msg)
 }
+
+// The train action's workers and sync_batchnorm reach the job's config;
+// an unknown field is refused.
+func TestParseTrainRequestDistributed(t *testing.T) {
+	body, err := json.Marshal(map[string]any{"dataset": "blobs", "target": "cls", "spec": blobsSpec,
+		"workers": 2, "sync_batchnorm": true})
+	require.NoError(t, err)
+	req, job, err := kflight.ParseTrainRequest(body)
+	require.NoError(t, err)
+	require.True(t, req.SyncBatchNorm)
+	require.Equal(t, 2, job.Train.Workers)
+	require.True(t, job.Train.SyncBatchNorm)
+
+	_, job, err = kflight.ParseTrainRequest([]byte(`{"dataset": "blobs", "target": "cls", "spec": ` + strconv.Quote(blobsSpec) + `}`))
+	require.NoError(t, err)
+	require.False(t, job.Train.SyncBatchNorm, "per-rank statistics by default")
+
+	_, _, err = kflight.ParseTrainRequest([]byte(`{"dataset": "blobs", "sync_batchnorms": true}`))
+	require.Error(t, err)
+}
