@@ -186,7 +186,7 @@ func (s *Server) newFlight(policy *auth.Policy) (*flightserver.Server, error) {
 	trainer := s.cfg.FlightTrainer
 	if trainer == nil && !s.cfg.DisableFlightTraining {
 		mt, err := flightserver.NewModelTrainer(flightserver.ModelTrainerOptions{
-			Repository: s.cfg.ModelRepository, Load: s.mgr.Load,
+			Repository: s.cfg.ModelRepository, Load: s.mgr.Load, Registry: s.registry,
 		})
 		if err != nil {
 			return nil, err

@@ -56,6 +56,9 @@ type Progress struct {
 	Message string `json:"message,omitempty"`
 	// Metrics holds the latest metrics (loss, accuracy, ...).
 	Metrics map[string]float64 `json:"metrics,omitempty"`
+	// RunID is the registry run recording the job, when the trainer
+	// records one; the job status keeps the last one reported.
+	RunID string `json:"run_id,omitempty"`
 }
 
 // Fraction returns Step/Total, or 0 when Total is unknown.
@@ -87,6 +90,9 @@ type JobStatus struct {
 	Progress Progress `json:"progress"`
 	// Fraction is Progress.Fraction(), 1 once the job succeeded.
 	Fraction float64 `json:"fraction"`
+	// RunID is the registry run that records the job (Kiln's trainer on a
+	// server with a registry), as the trainer reported it.
+	RunID string `json:"run_id,omitempty"`
 	// Error says why a FAILED job failed.
 	Error string `json:"error,omitempty"`
 	// Result is what a SUCCEEDED job's trainer returned.
@@ -177,6 +183,9 @@ func (js *Jobs) Start(ctx context.Context, spec json.RawMessage, datasetName, da
 			j.mu.Lock()
 			j.st.Progress = p
 			j.st.Fraction = p.Fraction()
+			if p.RunID != "" {
+				j.st.RunID = p.RunID
+			}
 			j.mu.Unlock()
 		}
 		res, err := runTrainer(jctx, js.trainer, spec, datasetPath, report)
