@@ -34,6 +34,7 @@ def Sequential(layers_):
 from .client import Client, ServerError
 from ._serve import Server, serve
 from ._select import select_model
+from ._registry import AliasConflictError, AliasEvent, Metric, ModelVersion, RegisteredModel, Registry, Run
 from ._runtime import get_num_threads, set_num_threads, torch_version, __version__
 
 __all__ = [
@@ -60,6 +61,13 @@ __all__ = [
     "Server",
     "serve",
     "select_model",
+    "Registry",
+    "ModelVersion",
+    "RegisteredModel",
+    "Run",
+    "Metric",
+    "AliasEvent",
+    "AliasConflictError",
     "ServerError",
     "load",
     "get_num_threads",
