@@ -11,6 +11,7 @@ import (
 	"github.com/kilnml/kiln/core/optimize"
 	"github.com/kilnml/kiln/core/train"
 	"github.com/kilnml/kiln/native"
+	"github.com/kilnml/kiln/registry/runlog"
 )
 
 // StartOptimize prunes and/or quantizes the model package at pkgDir as
@@ -23,8 +24,9 @@ import (
 // copied during this call; the optimization then runs in the background
 // like training: Python polls the job (the GIL stays free), Cancel stops
 // it, and Report returns the optimization record (with the size, accuracy
-// and latency report) as JSON.
-func StartOptimize(pkgDir, optionsJSON string, xAddr uint64, rows, cols int, yAddr uint64, calAddr uint64, calRows, calCols int, outDir string) (_ *TrainJob, err error) {
+// and latency report) as JSON. recordJSON, when not "", records the job
+// as a registry run of kind optimize (see StartTraining).
+func StartOptimize(pkgDir, optionsJSON string, xAddr uint64, rows, cols int, yAddr uint64, calAddr uint64, calRows, calCols int, outDir, recordJSON string) (_ *TrainJob, err error) {
 	defer guard(&err)
 	var o optimize.Options
 	if err := json.Unmarshal([]byte(optionsJSON), &o); err != nil {
@@ -50,7 +52,14 @@ func StartOptimize(pkgDir, optionsJSON string, xAddr uint64, rows, cols int, yAd
 			return nil, err
 		}
 	}
-	return startJob(func(ctx context.Context, _ func(train.Event)) (any, error) {
+	extra := numpyParams(rows, cols)
+	extra["model"] = pkgDir
+	tr, err := startTracking(recordJSON, runlog.KindOptimize, runlog.OptimizeParams(o, extra))
+	if err != nil {
+		src.Close()
+		return nil, err
+	}
+	return startJob(tr, func(ctx context.Context, _ func(train.Event)) (any, error) {
 		defer src.Close()
 		res, err := optimize.Run(ctx, src, sp, o)
 		if err != nil {
@@ -63,8 +72,9 @@ func StartOptimize(pkgDir, optionsJSON string, xAddr uint64, rows, cols int, yAd
 		if err := optimize.SavePackage(outDir, src, sp, res); err != nil {
 			return nil, err
 		}
+		runlog.OptimizeVariants(tr, res.Record.Report)
 		return res.Record, nil
-	}), nil
+	}, nil), nil
 }
 
 // numpyCalibration reads rows×cols float32 raw model inputs at addr as a

@@ -13,6 +13,7 @@ import (
 	"github.com/kilnml/kiln/core/nn"
 	"github.com/kilnml/kiln/core/train"
 	"github.com/kilnml/kiln/native"
+	"github.com/kilnml/kiln/registry/runlog"
 )
 
 // TrainJob is a training run in a goroutine; Python polls it, so the GIL is
@@ -20,6 +21,9 @@ import (
 type TrainJob struct {
 	cancel context.CancelFunc
 	done   chan struct{}
+
+	// runID is the registry run recording the job ("" when none).
+	runID string
 
 	mu     sync.Mutex
 	events []train.Event
@@ -32,8 +36,10 @@ type TrainJob struct {
 // a table with feature columns f0..f{cols-1} and target column "target",
 // and trains the job described by jobJSON (a `kiln train` spec as JSON; its
 // data.target is set to "target") in the background, writing the model
-// package to outDir.
-func StartTraining(jobJSON string, xAddr uint64, rows, cols int, yAddr uint64, outDir string) (_ *TrainJob, err error) {
+// package to outDir. recordJSON, when not "", records the job as a
+// registry run (see recordSpec; RunID returns its id) as `kiln train`
+// does (runlog).
+func StartTraining(jobJSON string, xAddr uint64, rows, cols int, yAddr uint64, outDir, recordJSON string) (_ *TrainJob, err error) {
 	defer guard(&err)
 	j, err := train.ParseJob([]byte(jobJSON))
 	if err != nil {
@@ -44,15 +50,33 @@ func StartTraining(jobJSON string, xAddr uint64, rows, cols int, yAddr uint64, o
 	if err != nil {
 		return nil, err
 	}
-	return startJob(func(ctx context.Context, onEvent func(train.Event)) (any, error) {
-		return train.Run(ctx, j, t, "numpy", outDir, onEvent)
-	}), nil
+	tr, err := startTracking(recordJSON, runlog.KindTrain, runlog.TrainParams(j, numpyParams(rows, cols)))
+	if err != nil {
+		return nil, err
+	}
+	return startJob(tr, func(ctx context.Context, onEvent func(train.Event)) (any, error) {
+		rep, err := train.Run(ctx, j, t, "numpy", outDir, func(e train.Event) {
+			onEvent(e)
+			tr.Epoch(e.Epoch, runlog.TrainEpoch(e))
+		})
+		if err != nil {
+			return nil, err
+		}
+		return rep, nil
+	}, func(res any) map[string]float64 { return runlog.TrainFinal(res.(*train.Report)) }), nil
+}
+
+// numpyParams are the run parameters that say where a Python job's data
+// came from.
+func numpyParams(rows, cols int) map[string]string {
+	return map[string]string{"data": "numpy", "rows": fmt.Sprint(rows), "features": fmt.Sprint(cols)}
 }
 
 // StartSelection runs model selection (a `kiln select` spec as JSON) over
 // the same kind of numpy data as StartTraining, saving the winner's package
-// to outDir; Report returns the leaderboard.
-func StartSelection(jobJSON string, xAddr uint64, rows, cols int, yAddr uint64, outDir string) (_ *TrainJob, err error) {
+// to outDir; Report returns the leaderboard. recordJSON records the job
+// as a registry run, as for StartTraining (`kiln select`'s shape).
+func StartSelection(jobJSON string, xAddr uint64, rows, cols int, yAddr uint64, outDir, recordJSON string) (_ *TrainJob, err error) {
 	defer guard(&err)
 	j, err := train.ParseSelectJob([]byte(jobJSON))
 	if err != nil {
@@ -63,12 +87,32 @@ func StartSelection(jobJSON string, xAddr uint64, rows, cols int, yAddr uint64, 
 	if err != nil {
 		return nil, err
 	}
-	return startJob(func(ctx context.Context, onEvent func(train.Event)) (any, error) {
-		return train.Select(ctx, j, t, "numpy", outDir, func(_ string, e train.Event) {
+	tr, err := startTracking(recordJSON, runlog.KindSelect, runlog.SelectParams(j, numpyParams(rows, cols)))
+	if err != nil {
+		return nil, err
+	}
+	var mu sync.Mutex // candidates train concurrently
+	return startJob(tr, func(ctx context.Context, onEvent func(train.Event)) (any, error) {
+		lb, err := train.Select(ctx, j, t, "numpy", outDir, func(name string, e train.Event) {
+			mu.Lock()
+			tr.Epoch(e.Epoch, runlog.SelectEpoch(name, e))
+			mu.Unlock()
 			if e.Kind == "done" {
 				onEvent(e) // one event per finished candidate
 			}
 		})
+		if err != nil {
+			return nil, err
+		}
+		if _, winner := runlog.SelectFinal(lb); winner != nil {
+			if err := tr.LogParams(ctx, winner); err != nil {
+				return nil, err
+			}
+		}
+		return lb, nil
+	}, func(res any) map[string]float64 {
+		final, _ := runlog.SelectFinal(res.(*train.Leaderboard))
+		return final
 	}), nil
 }
 
@@ -95,30 +139,49 @@ func numpyTable(xAddr uint64, rows, cols int, yAddr uint64) (*data.Table, error)
 	return data.NewTable(names, vals)
 }
 
-// startJob runs work in a goroutine, collecting its events for Poll.
-func startJob(work func(ctx context.Context, onEvent func(train.Event)) (any, error)) *TrainJob {
+// startJob runs work in a goroutine, collecting its events for Poll. With
+// a tracker (nil: none) the run ends when work does: FINISHED with
+// final(result) as its final metrics (final may be nil), FAILED with
+// work's error, KILLED when cancelled; the tracker's registry is closed.
+func startJob(tr *runlog.Tracker, work func(ctx context.Context, onEvent func(train.Event)) (any, error), final func(any) map[string]float64) *TrainJob {
 	ctx, cancel := context.WithCancel(context.Background())
-	job := &TrainJob{cancel: cancel, done: make(chan struct{})}
+	job := &TrainJob{cancel: cancel, done: make(chan struct{}), runID: tr.ID()}
 	go func() {
 		defer close(job.done)
-		defer func() {
-			if r := recover(); r != nil {
-				job.mu.Lock()
-				job.err = core.Errorf(core.Internal, "kiln: internal error: %v", r)
-				job.mu.Unlock()
-			}
-		}()
-		res, err := work(ctx, func(e train.Event) {
+		res, err := runWork(ctx, work, func(e train.Event) {
 			job.mu.Lock()
 			job.events = append(job.events, e)
 			job.mu.Unlock()
 		})
+		if tr != nil {
+			var metrics map[string]float64
+			if err == nil && final != nil && res != nil {
+				metrics = final(res)
+			}
+			if ferr := tr.Finish(err, metrics); err == nil && ferr != nil {
+				err = fmt.Errorf("kiln: recording the run's end: %w", ferr)
+			}
+			tr.Close()
+		}
 		job.mu.Lock()
 		job.report, job.err = res, err
 		job.mu.Unlock()
 	}()
 	return job
 }
+
+// runWork calls work, turning a panic into an Internal error.
+func runWork(ctx context.Context, work func(ctx context.Context, onEvent func(train.Event)) (any, error), onEvent func(train.Event)) (res any, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			res, err = nil, core.Errorf(core.Internal, "kiln: internal error: %v", r)
+		}
+	}()
+	return work(ctx, onEvent)
+}
+
+// RunID returns the id of the registry run recording the job, or "".
+func (j *TrainJob) RunID() string { return j.runID }
 
 // eventJSON is one progress event for Python.
 type eventJSON struct {

@@ -270,6 +270,11 @@ var (
 	aliasName = regexp.MustCompile(`^[a-z][a-z0-9_-]{0,63}$`)
 )
 
+// ValidModelName checks a registered model's name: a letter or digit, then
+// letters, digits, '.', '_' or '-' (at most 128); a bad one is
+// InvalidArgument.
+func ValidModelName(name string) error { return checkModelName(name) }
+
 func checkModelName(name string) error {
 	if !modelName.MatchString(name) {
 		return core.Errorf(core.InvalidArgument, "registry: model name %q: want a letter or digit, then letters, digits, '.', '_' or '-' (at most 128)", name)

@@ -228,7 +228,7 @@ func (s *Server) newFlight(policy *auth.Policy) (*flightserver.Server, error) {
 	trainer := s.cfg.FlightTrainer
 	if trainer == nil && !s.cfg.DisableFlightTraining {
 		mt, err := flightserver.NewModelTrainer(flightserver.ModelTrainerOptions{
-			Repository: s.repoDir, Load: s.mgr.Load,
+			Repository: s.repoDir, Load: s.mgr.Load, Registry: s.registry,
 		})
 		if err != nil {
 			return nil, err

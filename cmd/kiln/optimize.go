@@ -17,6 +17,7 @@ import (
 	"github.com/kilnml/kiln/core/modelpkg"
 	"github.com/kilnml/kiln/core/optimize"
 	"github.com/kilnml/kiln/registry"
+	"github.com/kilnml/kiln/registry/runlog"
 )
 
 type optimizeOptions struct {
@@ -100,16 +101,14 @@ func runOptimize(cmd *cobra.Command, stdout io.Writer, o optimizeOptions) error 
 		return err
 	}
 	defer src.Close()
-	params := map[string]string{"model": o.model, "data": o.data, "out": o.out, "prune": fmt.Sprint(o.prune),
-		"structured": fmt.Sprint(o.structured), "global": fmt.Sprint(o.global), "norm": o.norm, "steps": fmt.Sprint(o.steps),
-		"finetune_epochs": fmt.Sprint(o.finetune), "quantize": o.quantize, "engine": o.engine, "calibrate": o.calibrate, "weights": o.weights}
-	tr, err := startRun(ctx, o.reg, o.register, "optimize", params)
+	params := runlog.OptimizeParams(o.options(nil), map[string]string{"model": o.model, "data": o.data, "out": o.out, "calibrate": o.calibrate})
+	tr, err := startRun(ctx, o.reg, o.register, runlog.KindOptimize, params)
 	if err != nil {
 		return err
 	}
-	defer tr.close()
+	defer tr.Close()
 	version, err := optimizeAndSave(ctx, stdout, o, src, tr, parent)
-	if ferr := tr.finish(err, nil); err == nil {
+	if ferr := tr.Finish(err, nil); err == nil {
 		err = ferr
 	}
 	if err != nil {
@@ -119,6 +118,16 @@ func runOptimize(cmd *cobra.Command, stdout io.Writer, o optimizeOptions) error 
 		fmt.Fprintf(stdout, "registered %s (sha256:%s, parent %s)\n", version.Ref(), version.Digest, parentOf(*version))
 	}
 	return nil
+}
+
+// options are the optimization's options, with cal as static int8's
+// calibration rows (nil: none).
+func (o optimizeOptions) options(cal *data.Dataset) optimize.Options {
+	return optimize.Options{
+		Prune: o.prune, Structured: o.structured, Global: o.global, Norm: optimize.Norm(o.norm),
+		Steps: o.steps, FineTuneEpochs: o.finetune, Quantize: o.quantize, Engine: o.engine,
+		Calibration: cal, Weights: o.weights,
+	}
 }
 
 // registeredInput returns the package directory --model names: the
@@ -153,7 +162,7 @@ func registeredInput(ctx context.Context, rf registryFlags, model string) (strin
 
 // optimizeAndSave runs the optimization, writes --out, prints the report,
 // logs the variants' figures to the run and registers the result.
-func optimizeAndSave(ctx context.Context, stdout io.Writer, o optimizeOptions, src *optimize.Source, tr *tracker, parent *registry.Ref) (*registry.Version, error) {
+func optimizeAndSave(ctx context.Context, stdout io.Writer, o optimizeOptions, src *optimize.Source, tr *runlog.Tracker, parent *registry.Ref) (*registry.Version, error) {
 	tb, err := loadTable(o.data)
 	if err != nil {
 		return nil, err
@@ -176,11 +185,7 @@ func optimizeAndSave(ctx context.Context, stdout io.Writer, o optimizeOptions, s
 			return nil, fmt.Errorf("%w (--calibrate %s)", err, o.calibrate)
 		}
 	}
-	res, err := optimize.Run(ctx, src, sp, optimize.Options{
-		Prune: o.prune, Structured: o.structured, Global: o.global, Norm: optimize.Norm(o.norm),
-		Steps: o.steps, FineTuneEpochs: o.finetune, Quantize: o.quantize, Engine: o.engine,
-		Calibration: cal, Weights: o.weights,
-	})
+	res, err := optimize.Run(ctx, src, sp, o.options(cal))
 	if err != nil {
 		return nil, err
 	}
@@ -189,13 +194,10 @@ func optimizeAndSave(ctx context.Context, stdout io.Writer, o optimizeOptions, s
 		return nil, err
 	}
 	// One metric step per variant, in the report's order.
-	for i, v := range res.Record.Report.Variants {
-		tr.epoch(i, map[string]float64{v.Name + "." + v.Metric: v.Value, v.Name + ".file_bytes": float64(v.FileBytes),
-			v.Name + ".params": float64(v.Params), v.Name + ".sparsity": v.Sparsity, v.Name + ".latency_ms_b1": v.LatencyB1})
-	}
+	runlog.OptimizeVariants(tr, res.Record.Report)
 	var version *registry.Version
 	if o.register != "" {
-		v, err := tr.register(ctx, o.register, o.out, parent)
+		v, err := tr.Register(ctx, o.register, o.out, parent)
 		if err != nil {
 			return nil, err
 		}

@@ -3,13 +3,9 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
-	"os/user"
-	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -22,6 +18,7 @@ import (
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/internal/kilnenv"
 	"github.com/kilnml/kiln/registry"
+	"github.com/kilnml/kiln/registry/runlog"
 )
 
 // registryFlags are the flags that reach the model registry.
@@ -40,10 +37,7 @@ func (f registryFlags) who() string {
 	if f.actor != "" {
 		return f.actor
 	}
-	if u, err := user.Current(); err == nil && u.Username != "" {
-		return u.Username
-	}
-	return "unknown"
+	return runlog.DefaultActor()
 }
 
 // configured reports whether a registry was named (--registry or
@@ -54,7 +48,7 @@ func (f registryFlags) configured() (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	return f.dsn != "" || vars.Registry != "", nil
+	return vars.RegistryConfigured(f.dsn), nil
 }
 
 // open opens the registry: --registry, else $KILN_REGISTRY, else
@@ -67,21 +61,9 @@ func (f registryFlags) open(ctx context.Context) (*registry.Registry, error) {
 	if err != nil {
 		return nil, err
 	}
-	dsn := f.dsn
-	if dsn == "" {
-		dsn = vars.Registry
-	}
-	var artifacts string
-	if dsn == "" || strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://") {
-		home, err := vars.DataDir()
-		if err != nil {
-			return nil, fmt.Errorf("kiln: registry: %w", err)
-		}
-		if dsn == "" {
-			dsn = filepath.Join(home, "registry.db")
-		} else {
-			artifacts = filepath.Join(home, "artifacts")
-		}
+	dsn, artifacts, err := vars.RegistryLocation(f.dsn)
+	if err != nil {
+		return nil, fmt.Errorf("kiln: registry: %w", err)
 	}
 	key, err := registry.LoadKey(vars.RegistryKey, vars.RegistryKeyFile)
 	if err != nil {
@@ -353,20 +335,11 @@ func orEmpty[T any](s []T) []T {
 
 func isNotFound(err error) bool { return core.HasCode(err, core.NotFound) }
 
-// tracker records one command's run in the registry; a nil tracker (no
-// registry configured) records nothing. Failing to log an epoch only
-// warns: the registry never stops a training.
-type tracker struct {
-	r      *registry.Registry
-	run    registry.Run
-	actor  string
-	warned bool
-}
-
 // startRun opens the registry and starts a run of kind when a registry is
 // configured or a version is to be registered (register != ""); else it
-// returns nil.
-func startRun(ctx context.Context, rf registryFlags, register, kind string, params map[string]string) (*tracker, error) {
+// returns nil (a nil tracker records nothing). The tracker closes the
+// registry.
+func startRun(ctx context.Context, rf registryFlags, register, kind string, params map[string]string) (*runlog.Tracker, error) {
 	on, err := rf.configured()
 	if err != nil {
 		return nil, err
@@ -378,94 +351,10 @@ func startRun(ctx context.Context, rf registryFlags, register, kind string, para
 	if err != nil {
 		return nil, err
 	}
-	run, err := r.StartRun(ctx, kind, register, rf.who(), params)
+	tr, err := runlog.Start(ctx, r, kind, params, runlog.Options{Model: register, Actor: rf.who(), CloseRegistry: true})
 	if err != nil {
 		r.Close()
 		return nil, err
 	}
-	slog.Debug("registry: run started", "run", run.ID, "kind", kind)
-	return &tracker{r: r, run: run, actor: rf.who()}, nil
-}
-
-// epoch logs metrics at step.
-func (t *tracker) epoch(step int, metrics map[string]float64) {
-	if t == nil || len(metrics) == 0 {
-		return
-	}
-	if err := t.r.LogMetrics(context.Background(), t.run.ID, step, metrics); err != nil && !t.warned {
-		t.warned = true
-		slog.Warn("registry: cannot log metrics; the run goes on", "run", t.run.ID, "err", err)
-	}
-}
-
-// finish ends the run: FINISHED when runErr is nil, KILLED when it was
-// cancelled, FAILED otherwise.
-func (t *tracker) finish(runErr error, metrics map[string]float64) error {
-	if t == nil {
-		return nil
-	}
-	status := registry.Finished
-	switch {
-	case errors.Is(runErr, context.Canceled):
-		status = registry.Killed
-	case runErr != nil:
-		status = registry.Failed
-	}
-	_, err := t.r.FinishRun(context.Background(), t.run.ID, status, metrics, runErr)
-	return err
-}
-
-// register stores the package in dir as a new version of name, made by
-// this run.
-func (t *tracker) register(ctx context.Context, name, dir string, parent *registry.Ref) (registry.Version, error) {
-	return t.r.RegisterVersion(ctx, name, dir, registry.RegisterOptions{RunID: t.run.ID, Parent: parent, Actor: t.actor})
-}
-
-func (t *tracker) close() {
-	if t != nil {
-		t.r.Close()
-	}
-}
-
-// flatten turns a JSON-marshallable value into MLflow-style parameters:
-// nested keys joined with '.', values as JSON text (strings bare).
-func flatten(prefix string, v any, out map[string]string) {
-	b, err := json.Marshal(v)
-	if err != nil {
-		return
-	}
-	var x any
-	if json.Unmarshal(b, &x) != nil {
-		return
-	}
-	var walk func(string, any)
-	walk = func(k string, x any) {
-		switch t := x.(type) {
-		case map[string]any:
-			for kk, vv := range t {
-				if k != "" {
-					kk = k + "." + kk
-				}
-				walk(kk, vv)
-			}
-		case nil:
-		case string:
-			out[k] = t
-		default:
-			b, _ := json.Marshal(t)
-			out[k] = string(b)
-		}
-	}
-	walk(prefix, x)
-}
-
-// prefixed returns m's entries with prefix+"_" before their keys.
-func prefixed(prefix string, m map[string]float64, into map[string]float64) map[string]float64 {
-	if into == nil {
-		into = map[string]float64{}
-	}
-	for k, v := range m {
-		into[prefix+"_"+k] = v
-	}
-	return into
+	return tr, nil
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/kilnml/kiln/core/train"
 	"github.com/kilnml/kiln/registry"
+	"github.com/kilnml/kiln/registry/runlog"
 )
 
 type selectOptions struct {
@@ -89,23 +90,17 @@ func runSelect(ctx context.Context, stdout, stderr io.Writer, o selectOptions) e
 	if err != nil {
 		return err
 	}
-	params := map[string]string{"data": o.data, "spec": o.spec}
-	flatten("", job.Train, params)
-	flatten("data", job.Data, params)
-	flatten("split", job.Split, params)
-	flatten("budget", job.Budget, params)
-	flatten("rank", job.Rank, params)
-	flatten("search", job.Search, params)
-	tr, err := startRun(ctx, o.reg, o.register, "select", params)
+	params := runlog.SelectParams(job, map[string]string{"data": o.data, "spec": o.spec})
+	tr, err := startRun(ctx, o.reg, o.register, runlog.KindSelect, params)
 	if err != nil {
 		return err
 	}
-	defer tr.close()
+	defer tr.Close()
 	var mu sync.Mutex
 	progress := func(name string, e train.Event) {
 		if e.Kind == "epoch" {
 			mu.Lock()
-			tr.epoch(e.Epoch, prefixed(name+".val", e.Metrics, map[string]float64{name + ".loss": e.Loss}))
+			tr.Epoch(e.Epoch, runlog.SelectEpoch(name, e))
 			mu.Unlock()
 		}
 		if o.quiet || e.Kind != "done" {
@@ -119,19 +114,17 @@ func runSelect(ctx context.Context, stdout, stderr io.Writer, o selectOptions) e
 	var final map[string]float64
 	var version *registry.Version
 	if err == nil && lb.Winner != nil {
-		w := lb.Winner
-		final = prefixed("test", w.Test, prefixed("val", w.Val, map[string]float64{"score": w.Score, "latency_ms": w.LatencyMs, "candidates": float64(len(lb.Entries))}))
-		if tr != nil {
-			if perr := tr.r.LogParams(ctx, tr.run.ID, map[string]string{"winner": w.Name}); perr != nil {
-				err = perr
-			}
+		var winner map[string]string
+		final, winner = runlog.SelectFinal(lb)
+		if perr := tr.LogParams(ctx, winner); perr != nil {
+			err = perr
 		}
 		if err == nil && o.register != "" {
-			v, rerr := tr.register(ctx, o.register, o.out, nil)
+			v, rerr := tr.Register(ctx, o.register, o.out, nil)
 			err, version = rerr, &v
 		}
 	}
-	if ferr := tr.finish(err, final); err == nil {
+	if ferr := tr.Finish(err, final); err == nil {
 		err = ferr
 	}
 	if err != nil {
@@ -154,7 +147,7 @@ func runSelect(ctx context.Context, stdout, stderr io.Writer, o selectOptions) e
 		fmt.Fprintf(stdout, "saved:  %s (model.pt, manifest.json)\n", o.out)
 	}
 	if tr != nil {
-		fmt.Fprintf(stdout, "run:    %s\n", tr.run.ID)
+		fmt.Fprintf(stdout, "run:    %s\n", tr.ID())
 	}
 	if version != nil {
 		fmt.Fprintf(stdout, "registered: %s (sha256:%s)\n", version.Ref(), version.Digest)

@@ -20,6 +20,7 @@ import (
 	"github.com/kilnml/kiln/core/dist"
 	"github.com/kilnml/kiln/core/train"
 	"github.com/kilnml/kiln/registry"
+	"github.com/kilnml/kiln/registry/runlog"
 )
 
 type trainOptions struct {
@@ -198,39 +199,30 @@ func runTrain(ctx context.Context, stdout, stderr io.Writer, o trainOptions) err
 			out, quiet, rank0 = "", true, false // rank 0 reports, writes the package and records the run
 		}
 	}
-	var tr *tracker
+	var tr *runlog.Tracker
 	if rank0 {
-		params := map[string]string{"data": o.data, "spec": o.spec, "out": o.out}
-		flatten("", job.Train, params)
-		flatten("data", job.Data, params)
-		flatten("split", job.Split, params)
-		flatten("model", job.Model, params)
-		if tr, err = startRun(ctx, o.reg, o.register, "train", params); err != nil {
+		params := runlog.TrainParams(job, map[string]string{"data": o.data, "spec": o.spec, "out": o.out})
+		if tr, err = startRun(ctx, o.reg, o.register, runlog.KindTrain, params); err != nil {
 			return err
 		}
-		defer tr.close()
+		defer tr.Close()
 	}
 	bar := newProgressBar(stderr, quiet)
 	rep, err := train.Run(ctx, job, tb, o.data, out, func(e train.Event) {
 		bar.event(e)
-		if e.Kind == "epoch" {
-			tr.epoch(e.Epoch, prefixed("val", e.Metrics, map[string]float64{"loss": e.Loss, "lr": e.LR}))
-		}
+		tr.Epoch(e.Epoch, runlog.TrainEpoch(e))
 	})
 	bar.finish()
 	var final map[string]float64
 	var version *registry.Version
 	if err == nil {
-		final = prefixed("test", rep.Test, prefixed("val", rep.Val, nil))
-		if r := rep.Result; r != nil {
-			final["epochs"], final["best_epoch"], final["samples_per_sec"] = float64(len(r.History)), float64(r.BestEpoch), r.SamplesPerSec
-		}
+		final = runlog.TrainFinal(rep)
 		if o.register != "" && rank0 {
-			v, rerr := tr.register(ctx, o.register, o.out, nil)
+			v, rerr := tr.Register(ctx, o.register, o.out, nil)
 			err, version = rerr, &v
 		}
 	}
-	if ferr := tr.finish(err, final); err == nil {
+	if ferr := tr.Finish(err, final); err == nil {
 		err = ferr
 	}
 	if err != nil {
@@ -261,7 +253,7 @@ func runTrain(ctx context.Context, stdout, stderr io.Writer, o trainOptions) err
 	}
 	fmt.Fprintf(stdout, "saved       %s (model.pt, manifest.json)\n", o.out)
 	if tr != nil {
-		fmt.Fprintf(stdout, "run         %s\n", tr.run.ID)
+		fmt.Fprintf(stdout, "run         %s\n", tr.ID())
 	}
 	if version != nil {
 		fmt.Fprintf(stdout, "registered  %s (sha256:%s)\n", version.Ref(), version.Digest)

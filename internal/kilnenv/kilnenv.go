@@ -30,6 +30,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 )
 
 // Names of the variables Load reads.
@@ -102,4 +103,33 @@ func (v Vars) DataDir() (string, error) {
 		return "", fmt.Errorf("no data directory: %s is unset and %w", Home, err)
 	}
 	return filepath.Join(h, ".kiln"), nil
+}
+
+// RegistryConfigured reports whether a registry is named: by dsn (a
+// --registry flag or a caller's argument) or by KILN_REGISTRY. Training
+// jobs record runs by default only then.
+func (v Vars) RegistryConfigured(dsn string) bool { return dsn != "" || v.Registry != "" }
+
+// RegistryLocation returns the registry to open and its artifact
+// directory: dsn when it is not "", else KILN_REGISTRY, else the SQLite
+// file registry.db in the data directory (its artifacts beside it:
+// artifacts is ""). A PostgreSQL DSN keeps its artifacts in the data
+// directory's artifacts/ (a directory every server sharing the registry
+// must share).
+func (v Vars) RegistryLocation(dsn string) (string, string, error) {
+	if dsn == "" {
+		dsn = v.Registry
+	}
+	pg := strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://")
+	if dsn != "" && !pg {
+		return dsn, "", nil
+	}
+	home, err := v.DataDir()
+	if err != nil {
+		return "", "", err
+	}
+	if dsn == "" {
+		return filepath.Join(home, "registry.db"), "", nil
+	}
+	return dsn, filepath.Join(home, "artifacts"), nil
 }

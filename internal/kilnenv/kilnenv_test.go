@@ -62,3 +62,23 @@ func TestLoadS3PathStyle(t *testing.T) {
 		t.Fatalf("%s=sometimes accepted", S3PathStyle)
 	}
 }
+
+func TestRegistryLocation(t *testing.T) {
+	v := Vars{Home: "/srv/kiln"}
+	dsn, art, err := v.RegistryLocation("")
+	if err != nil || dsn != "/srv/kiln/registry.db" || art != "" || v.RegistryConfigured("") {
+		t.Fatalf("default: %q %q %v", dsn, art, err)
+	}
+	v.Registry = "postgres://u@/db?host=/run/pg"
+	dsn, art, err = v.RegistryLocation("")
+	if err != nil || dsn != v.Registry || art != "/srv/kiln/artifacts" || !v.RegistryConfigured("") {
+		t.Fatalf("env postgres: %q %q %v", dsn, art, err)
+	}
+	dsn, art, err = v.RegistryLocation("/tmp/r.db")
+	if err != nil || dsn != "/tmp/r.db" || art != "" {
+		t.Fatalf("explicit sqlite: %q %q %v", dsn, art, err)
+	}
+	if !(Vars{}).RegistryConfigured("x.db") {
+		t.Fatal("an explicit DSN is a configured registry")
+	}
+}

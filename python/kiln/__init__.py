@@ -32,6 +32,7 @@ from .client import Client, ServerError
 from ._serve import Server, serve
 from ._select import select_model
 from ._pipeline import pipeline_run
+from ._registry import AliasConflictError, AliasEvent, Metric, ModelVersion, RegisteredModel, Registry, Run
 from ._runtime import get_num_threads, set_num_threads, torch_version, __version__
 
 __all__ = [
@@ -62,6 +63,13 @@ __all__ = [
     "serve",
     "select_model",
     "pipeline_run",
+    "Registry",
+    "ModelVersion",
+    "RegisteredModel",
+    "Run",
+    "Metric",
+    "AliasEvent",
+    "AliasConflictError",
     "ServerError",
     "load",
     "get_num_threads",

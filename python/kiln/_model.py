@@ -137,6 +137,13 @@ class Model:
         self.spec = spec
         self.manifest = manifest
         self._package = None
+        # The registry run that made the current package (fit, select,
+        # prune/quantize); the version it is registered as (register,
+        # Registry.load); the registered version an optimized package
+        # derives from (the parent register records).
+        self.run_id: Optional[str] = None
+        self.registered = None
+        self._parent = None
         # Input signature -> _Fast, or None for "use the general path".
         self._fast: Dict[tuple, Optional[_Fast]] = {}
         self._inputs = json.loads(handle.InputsJSON() or "null") or [] if handle is not None else []
@@ -160,7 +167,8 @@ class Model:
             early_stopping: Optional[dict] = None, verbose: int = 1, callbacks=(), workers: int = 1,
             freeze=None, param_groups=None, freeze_bn: bool = False,
             device: Optional[str] = None, amp: Optional[str] = None, metrics=None,
-            sync_batchnorm: bool = False):
+            sync_batchnorm: bool = False, record: Optional[bool] = None, register: Optional[str] = None,
+            registry=None):
         """Trains in Kiln's Go core (the GIL is released while it works) and
         returns a ``kiln.callbacks.History``: ``history.history["loss"]``
         (training loss per epoch), ``["val_loss"]``, ``["val_accuracy"]``,
@@ -203,7 +211,9 @@ class Model:
         ``param_groups=[{"prefix": "fc.", "lr": 1e-2}]`` gives parameters
         their own learning rate; ``freeze_bn=True`` keeps the frozen
         modules' batch norm in eval mode. The result is TorchScript that
-        ``torch.jit.load`` reads (``save``/``export_torchscript``)."""
+        ``torch.jit.load`` reads (``save``/``export_torchscript``).
+
+"""
         if self._h is not None and not (self.spec or {}).get("layers"):
             from . import _finetune
 
@@ -217,12 +227,19 @@ class Model:
             return history
         if freeze or param_groups or freeze_bn:
             raise ValueError("freeze, param_groups and freeze_bn apply to fine-tuning a loaded TorchScript model")
+        from . import _registry
+
+        rec = _registry.record_spec(record, register, registry)
         with _train.fit(self.spec, x, y, epochs=epochs, batch_size=batch_size, validation_split=validation_split,
                         optimizer=optimizer, lr=lr, loss=loss, seed=seed, early_stopping=early_stopping,
                         verbose=verbose, callbacks=callbacks, workers=workers, device=device,
-                        amp=amp, metrics=metrics, sync_batchnorm=sync_batchnorm) as (out, history):
+                        amp=amp, metrics=metrics, sync_batchnorm=sync_batchnorm,
+                        record=rec) as (out, history):
             self._adopt(load(out), out)
         history.model = self
+        self.run_id, self.registered, self._parent = history.run_id, None, None
+        if register:
+            history.registered = self.register(register, registry=registry)
         return history
 
     def evaluate(self, x, y) -> Dict[str, float]:
@@ -249,20 +266,24 @@ class Model:
         shutil.copy2(os.path.join(self._package, "model.pt"), os.fspath(path))
 
     def prune(self, amount: float, x, y, structured: bool = False, global_: bool = False,
-              finetune_epochs: int = 0, steps: int = 1) -> dict:
+              finetune_epochs: int = 0, steps: int = 1, record: Optional[bool] = None,
+              register: Optional[str] = None, registry=None) -> dict:
         """Prunes this trained model in place: unstructured magnitude pruning
         to `amount` sparsity (per layer, or across layers with global_), or
         with structured=True removes that fraction of each hidden Linear
         layer's neurons and conv layer's channels and rebuilds a smaller
         dense network; then fine-tunes
         for finetune_epochs. x and y are the data fit used (its splits are
-        re-created). Returns the record with the size/accuracy/latency report."""
+        re-created). Returns the record with the size/accuracy/latency report.
+        record, register, registry: as for ``quantize``."""
         if not 0 <= amount < 1:
             raise ValueError(f"amount (sparsity) {amount} is outside [0, 1)")
         return self._optimize(x, y, {"prune": amount, "structured": structured, "global": global_,
-                                     "finetune_epochs": finetune_epochs, "steps": steps})
+                                     "finetune_epochs": finetune_epochs, "steps": steps},
+                              record=record, register=register, registry=registry)
 
-    def quantize(self, mode: str, x, y, engine: str = "", calibration=None, weights: str = "") -> dict:
+    def quantize(self, mode: str, x, y, engine: str = "", calibration=None, weights: str = "",
+                 record: Optional[bool] = None, register: Optional[str] = None, registry=None) -> dict:
         """Quantizes this trained model in place and returns the record
         with the report (size, parameters, accuracy, latency at batch 1 and
         64, before and after).
@@ -282,20 +303,75 @@ class Model:
         hundred representative rows are enough. weights: static int8's
         weight scales, "per-channel" (more accurate) or "per-tensor"
         (smaller file); "" takes the engine's default (per-tensor on
-        qnnpack, as PyTorch's default qconfig)."""
-        return self._optimize(x, y, {"quantize": mode, "engine": engine, "weights": weights},
-                              calibration=calibration)
+        qnnpack, as PyTorch's default qconfig).
 
-    def _optimize(self, x, y, options, calibration=None) -> dict:
+        Registry (as for ``fit``): the optimization is recorded as a run
+        of kind "optimize" (its options, one metric step per variant:
+        metric, file bytes, parameters, sparsity, latency) when
+        ``record`` is True or, with None, when ``registry`` or
+        ``register`` is given or ``$KILN_REGISTRY`` is set; the record's
+        ``run_id`` and ``model.run_id`` name it. ``register="NAME"``
+        registers the result (``record["registered"]``); when this model
+        came from the registry (``Registry.load``, ``register``) that
+        version is its parent."""
+        return self._optimize(x, y, {"quantize": mode, "engine": engine, "weights": weights},
+                              calibration=calibration, record=record, register=register, registry=registry)
+
+    def _optimize(self, x, y, options, calibration=None, record=None, register=None, registry=None) -> dict:
         """Runs the Go optimizer on this model's package with options (see
         core/optimize.Options) and takes over the optimized package;
         returns the optimization record."""
-        with _train.optimize(self._package, self.classes_, x, y, options, calibration) as (out, record):
+        from . import _registry
+
+        rec = _registry.record_spec(record, register, registry)
+        with _train.optimize(self._package, self.classes_, x, y, options, calibration, record=rec) as (out, result):
             new = load(out)
         old = self._adopt(new, out)
         if old is not None:
             old.Close()
-        return record
+        # The optimized package derives from the registered version this
+        # model was (or from that one's parent, after several steps).
+        self._parent = self.registered or self._parent
+        self.registered, self.run_id = None, result.run_id
+        if register:
+            result["registered"] = self.register(register, registry=registry)
+        return result
+
+    def register(self, name: str, registry=None, *, run_id: Optional[str] = None, parent: Optional[str] = None,
+                 description: str = "", actor: str = "", lineage: Optional[dict] = None):
+        """Registers this model's package as a new immutable version of the
+        registered model ``name`` (created when new) and returns the
+        ``kiln.ModelVersion`` (digest, size, run, parent, lineage, ...).
+
+        registry: a ``kiln.Registry``, a registry URI, or None for the
+        default (``$KILN_REGISTRY``, else ``$KILN_HOME/registry.db``). The
+        lineage is what the package's manifest records (data fingerprint,
+        network spec, hyper-parameters, preprocessing, optimization report,
+        metrics) plus ``lineage``; run_id defaults to the run that made the
+        package (``model.run_id``), parent to the registered version an
+        optimized model derives from (``models:/NAME/VERSION``). Raises
+        KilnError for a model without a package (untrained, or loaded from
+        a bare TorchScript file)."""
+        from . import _registry
+
+        if self._package is None:
+            raise KilnError("only a model trained by fit (or loaded from a package) can be registered")
+        if parent is None and self._parent is not None:
+            parent = self._parent.uri
+        opts = {"run_id": run_id if run_id is not None else (self.run_id or ""), "description": description,
+                "actor": actor}
+        if parent:
+            opts["parent"] = _registry._parse_ref(parent)
+        if lineage:
+            opts["lineage"] = lineage
+        reg, close = _registry.open_for(registry)
+        try:
+            v = _registry.ModelVersion._from(reg._json("Register", name, self._package, json.dumps(opts)))
+        finally:
+            if close:
+                reg.close()
+        self.registered = v
+        return v
 
     def _adopt(self, new: "Model", package: str):
         """Takes over new's native model and manifest, which it loaded from

@@ -25,6 +25,15 @@ def _progress(total, verbose):
     return tqdm(total=total, unit="epoch", desc="kiln fit")
 
 
+class History(dict):
+    """What a job returns (fit's per-epoch history, an optimization
+    record, a leaderboard), a dict, with ``run_id``: the registry run that
+    recorded the job (also under the key "run_id"; None when not
+    recorded)."""
+
+    run_id = None
+
+
 def _run_job(h, bar, on_event, context=KilnError):
     """Polls a Go job (the GIL is free between polls) until it is done,
     passing each progress event to on_event(event, bar); Ctrl-C cancels the
@@ -161,10 +170,13 @@ def _split_callbacks(callbacks, early_stopping):
 
 @contextlib.contextmanager
 def fit(spec, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss, seed, early_stopping,
-        verbose, callbacks, workers=1, device=None, amp=None, metrics=None, sync_batchnorm=False):
+        verbose, callbacks, workers=1, device=None, amp=None, metrics=None, sync_batchnorm=False,
+        record=""):
     """Trains the network spec on (x, y) in the Go core, writing a model
     package (with the caller's class labels) to a new temporary directory.
-    Yields (directory, History); the directory is removed again if the job
+    record: how to record the job as a registry run (JSON from
+    _registry.record_spec; "" for not at all). Yields (directory,
+    History, with run_id); the directory is removed again if the job
     or the with block fails."""
     from .callbacks import Callback, History
 
@@ -214,7 +226,7 @@ def fit(spec, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss
         job["train"]["sync_batchnorm"] = True
     with _scratch_dir("kiln-model-") as out:
         try:
-            h = _b.StartTraining(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out)
+            h = _b.StartTraining(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out, record)
         except RuntimeError as e:
             raise translate(e, InferenceError) from None
         history = History()
@@ -242,6 +254,7 @@ def fit(spec, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss
         for cb in py_callbacks:
             if isinstance(cb, Callback):
                 cb.on_train_end(dict(history.report.get("val") or {}))
+        history.run_id = h.RunID() or None
         if labels is not None:
             # Go saw class codes 0..k-1; the package records the caller's labels.
             _record_labels(out, labels)
@@ -334,13 +347,14 @@ def _calibration_array(data):
 
 
 @contextlib.contextmanager
-def optimize(package, classes, x, y, options, calibration=None):
+def optimize(package, classes, x, y, options, calibration=None, record=""):
     """Prunes and/or quantizes the model package at package (whose class
     labels are classes, None for a regressor) as options say, measuring it
     on the splits of (x, y), the data it was fitted on; writes the result,
-    with the class labels, to a new temporary directory. Yields (directory,
-    record); the directory is removed again if the job or the with block
-    fails."""
+    with the class labels, to a new temporary directory. record: how to
+    record the job as a registry run (see fit). Yields (directory, the
+    optimization record as a History); the directory is removed again if
+    the job or the with block fails."""
     if package is None:
         raise KilnError("only a model trained by fit (or loaded from a package) can be optimized")
     x, y = _encode_like_fit(classes, x, y)
@@ -353,23 +367,25 @@ def optimize(package, classes, x, y, options, calibration=None):
         # Ctrl-C cancels it.
         try:
             h = _b.StartOptimize(package, json.dumps(options), x.ctypes.data, x.shape[0], x.shape[1],
-                                 y.ctypes.data, cal_addr, cal_rows, cal_cols, out)
+                                 y.ctypes.data, cal_addr, cal_rows, cal_cols, out, record)
         except RuntimeError as e:
             # Bad calibration data or sparsity are INVALID_ARGUMENT: an
             # InvalidArgumentError, which is a ValueError.
             raise translate(e, KilnError) from None
-        record = _run_job(h, None, lambda e, bar: None)
+        rec = History(_run_job(h, None, lambda e, bar: None))
+        rec.run_id = rec["run_id"] = h.RunID() or None
         if classes is not None:
             _record_labels(out, classes)
-        yield out, record
+        yield out, rec
 
 
 @contextlib.contextmanager
 def select(specs, x, y, *, epochs, batch_size, validation_split, optimizer, lr, seed, budget_seconds,
-           concurrency, metric, verbose):
+           concurrency, metric, verbose, record=""):
     """Trains each network spec on the same split of (x, y) and ranks them
     (see core/train.Select), writing the winner's model package (with the
-    caller's class labels) to a new temporary directory. Yields (directory,
+    caller's class labels) to a new temporary directory. record: how to
+    record the job as a registry run (see fit). Yields (directory,
     leaderboard); the directory is removed again if the job or the with
     block fails."""
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
@@ -393,10 +409,11 @@ def select(specs, x, y, *, epochs, batch_size, validation_split, optimizer, lr, 
         job["rank"] = {"metric": metric}
     with _scratch_dir("kiln-selected-") as out:
         try:
-            h = _b.StartSelection(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out)
+            h = _b.StartSelection(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out, record)
         except RuntimeError as e:
             raise translate(e, KilnError) from None
-        board = _run_job(h, _progress(len(specs), verbose), lambda e, bar: bar is not None and bar.update(1))
+        board = History(_run_job(h, _progress(len(specs), verbose), lambda e, bar: bar is not None and bar.update(1)))
+        board.run_id = board["run_id"] = h.RunID() or None
         if labels is not None:
             _record_labels(out, labels)
         yield out, board

@@ -106,13 +106,24 @@ class History(Callback):
         for k, v in (logs or {}).items():
             self.history.setdefault(k, []).append(v)
 
+    #: The registry run that recorded fit (None when not recorded).
+    run_id = None
+    #: The ModelVersion fit(register="NAME") made (None otherwise).
+    registered = None
+
     def __getitem__(self, key):
-        if key == "report":
-            return self.report
+        if key in ("report", "run_id", "registered"):
+            return getattr(self, key)
         return self.history[key]
 
+    def __setitem__(self, key, value):
+        if key in ("report", "run_id", "registered"):
+            setattr(self, key, value)
+        else:
+            self.history[key] = value
+
     def __contains__(self, key) -> bool:
-        return key == "report" or key in self.history
+        return key in ("report", "run_id", "registered") or key in self.history
 
     def keys(self):
         return self.history.keys()

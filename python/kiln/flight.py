@@ -75,13 +75,20 @@ class FlightClient:
         [res] = self._client.do_action(fl.Action(kind, json.dumps(body).encode()), options=self._opts)
         return json.loads(res.body.to_pybytes())
 
-    def train(self, dataset: str, *, target: str, spec, model: Optional[str] = None, **hyper) -> str:
+    def train(self, dataset: str, *, target: str, spec, model: Optional[str] = None,
+              register: Optional[str] = None, **hyper) -> str:
         """Starts training on a stored dataset (spec: a `kiln train` spec,
         dict or YAML text; hyper: epochs, batch_size, lr, seed, ...); the
-        package becomes the model's next version. Returns the job id."""
+        package becomes the model's next version. On a server with a
+        registry (``kiln serve --registry``) the job is recorded as a run
+        (its id in the job status' "run_id") and ``register="NAME"``
+        registers the result (the result's "registered"). Returns the job
+        id."""
         body = {"dataset": dataset, "target": target, "spec": spec, **hyper}
         if model:
             body["model"] = model
+        if register:
+            body["register"] = register
         return self._action("train", body)["job_id"]
 
     def job_status(self, job_id: str) -> dict:

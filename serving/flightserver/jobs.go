@@ -66,6 +66,9 @@ type Progress struct {
 	Message string `json:"message,omitempty"`
 	// Metrics holds the latest metrics (loss, accuracy, ...).
 	Metrics map[string]float64 `json:"metrics,omitempty"`
+	// RunID is the registry run recording the job, when the trainer
+	// records one; the job status keeps the last one reported.
+	RunID string `json:"run_id,omitempty"`
 }
 
 // Fraction returns Step/Total, or 0 when Total is unknown.
@@ -100,6 +103,9 @@ type JobStatus struct {
 	Progress Progress `json:"progress"`
 	// Fraction is Progress.Fraction(), 1 once the job succeeded.
 	Fraction float64 `json:"fraction"`
+	// RunID is the registry run that records the job (Kiln's trainer on a
+	// server with a registry), as the trainer reported it.
+	RunID string `json:"run_id,omitempty"`
 	// Error says why a FAILED job failed.
 	Error string `json:"error,omitempty"`
 	// Result is what a SUCCEEDED job's trainer returned.
@@ -205,6 +211,9 @@ func (js *Jobs) StartFunc(ctx context.Context, dataset, runID string, f func(ctx
 			j.mu.Lock()
 			j.st.Progress = p
 			j.st.Fraction = p.Fraction()
+			if p.RunID != "" {
+				j.st.RunID = p.RunID
+			}
 			j.mu.Unlock()
 		}
 		res, err := runFunc(jctx, f, report)

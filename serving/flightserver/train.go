@@ -14,6 +14,8 @@ import (
 	"github.com/kilnml/kiln/arrowio"
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/train"
+	"github.com/kilnml/kiln/registry"
+	"github.com/kilnml/kiln/registry/runlog"
 	"github.com/kilnml/kiln/serving/repository"
 )
 
@@ -63,6 +65,10 @@ type TrainRequest struct {
 	// MaxBatchSize is the max_batch_size of the config.yaml written for a
 	// model the repository does not have yet (default 64).
 	MaxBatchSize int `json:"max_batch_size,omitempty"`
+	// Register, when set, registers the trained package as a new version
+	// of this registered model in the server's registry (`kiln serve
+	// --registry`; without one the action fails with FAILED_PRECONDITION).
+	Register string `json:"register,omitempty"`
 }
 
 // TrainResult is the JSON result of a job that ModelTrainer ran.
@@ -82,6 +88,13 @@ type TrainResult struct {
 	// Task and Labels are what the model predicts.
 	Task   string   `json:"task"`
 	Labels []string `json:"labels,omitempty"`
+	// RunID is the registry run that recorded the job (with a server
+	// registry).
+	RunID string `json:"run_id,omitempty"`
+	// Registered is the registry version made with TrainRequest.Register,
+	// RegisteredDigest its artifact's SHA-256.
+	Registered       *registry.Ref `json:"registered,omitempty"`
+	RegisteredDigest string        `json:"registered_digest,omitempty"`
 	// Val and Test are the final network's metrics on those splits.
 	Val  train.Metrics `json:"val,omitempty"`
 	Test train.Metrics `json:"test,omitempty"`
@@ -104,6 +117,13 @@ type ModelTrainerOptions struct {
 	// serves it at once (otherwise a polling server finds it, or a client
 	// loads it explicitly).
 	Load func(model string) error
+	// Registry, when set, records every job as a run (kind "train":
+	// parameters, per-epoch metrics, final metrics, status, duration,
+	// error) and lets requests register their result.
+	Registry *registry.Registry
+	// Actor is who the registry records as running the jobs (default
+	// "flight").
+	Actor string
 }
 
 // ModelTrainer is Kiln's Trainer: it reads the stored dataset into a
@@ -215,6 +235,11 @@ func ParseTrainRequest(body []byte) (TrainRequest, train.Job, error) {
 	if req.MaxBatchSize < 0 {
 		return req, job, errors.New("train request: max_batch_size must not be negative")
 	}
+	if req.Register != "" {
+		if err := registry.ValidModelName(req.Register); err != nil {
+			return req, job, fmt.Errorf("train request: register: %w", err)
+		}
+	}
 	return req, job, nil
 }
 
@@ -235,9 +260,12 @@ func validModelName(name string) error {
 // in the dataset's schema with types training reads (arrowio.ReadTable's
 // rules: numbers, booleans, strings, dictionaries of strings or integers).
 func (t *ModelTrainer) CheckTrain(body json.RawMessage, dataset DatasetInfo) error {
-	_, job, err := ParseTrainRequest(body)
+	req, job, err := ParseTrainRequest(body)
 	if err != nil {
 		return core.Errorf(core.InvalidArgument, "%v", err)
+	}
+	if req.Register != "" && t.opts.Registry == nil {
+		return core.Errorf(core.FailedPrecondition, "train request: register %q: the server has no registry (start it with kiln serve --registry)", req.Register)
 	}
 	// The network's layers and the hyper-parameters, as far as they can be
 	// checked without the data's width.
@@ -277,13 +305,37 @@ func (t *ModelTrainer) CheckTrain(body json.RawMessage, dataset DatasetInfo) err
 	return nil
 }
 
-// Train implements Trainer.
-func (t *ModelTrainer) Train(ctx context.Context, body json.RawMessage, dataset string, progress func(Progress)) (json.RawMessage, error) {
+// Train implements Trainer. With a registry (ModelTrainerOptions.Registry)
+// the job is recorded as a run whose id the first progress report carries
+// (Progress.RunID, so the job status shows it while it runs), and
+// TrainRequest.Register registers the installed package.
+func (t *ModelTrainer) Train(ctx context.Context, body json.RawMessage, dataset string, progress func(Progress)) (_ json.RawMessage, err error) {
 	req, job, err := ParseTrainRequest(body)
 	if err != nil {
 		return nil, err
 	}
-	progress(Progress{Total: int64(max(job.Train.Epochs, 0)), Message: "reading dataset " + req.Dataset})
+	if req.Register != "" && t.opts.Registry == nil {
+		return nil, core.Errorf(core.FailedPrecondition, "train request: register %q: the server has no registry (start it with kiln serve --registry)", req.Register)
+	}
+	var tr *runlog.Tracker
+	if t.opts.Registry != nil {
+		actor := t.opts.Actor
+		if actor == "" {
+			actor = "flight"
+		}
+		params := runlog.TrainParams(job, map[string]string{"dataset": req.Dataset, "model_repository_model": req.Model})
+		if tr, err = runlog.Start(ctx, t.opts.Registry, runlog.KindTrain, params, runlog.Options{Model: req.Register, Actor: actor}); err != nil {
+			return nil, fmt.Errorf("train: recording the run: %w", err)
+		}
+	}
+	var final map[string]float64
+	defer func() {
+		if ferr := tr.Finish(err, final); ferr != nil && err == nil {
+			err = fmt.Errorf("train: recording the run's end: %w", ferr)
+		}
+	}()
+	runID := tr.ID()
+	progress(Progress{Total: int64(max(job.Train.Epochs, 0)), Message: "reading dataset " + req.Dataset, RunID: runID})
 	cols := []string(nil)
 	if len(job.Data.Features) > 0 {
 		cols = append(slices.Clone(job.Data.Features), job.Data.Target)
@@ -301,7 +353,7 @@ func (t *ModelTrainer) Train(ctx context.Context, body json.RawMessage, dataset 
 	}
 	defer os.RemoveAll(tmp) // gone after the rename; cleans up on failure
 	onEvent := func(e train.Event) {
-		p := Progress{Step: int64(e.Epoch - 1), Total: int64(e.Epochs)}
+		p := Progress{Step: int64(e.Epoch - 1), Total: int64(e.Epochs), RunID: runID}
 		m := map[string]float64{"loss": e.Loss, "lr": e.LR, "samples_per_sec": e.SamplesPerSec}
 		switch e.Kind {
 		case "step":
@@ -319,6 +371,7 @@ func (t *ModelTrainer) Train(ctx context.Context, body json.RawMessage, dataset 
 		m["epoch"] = float64(e.Epoch)
 		p.Metrics = m
 		progress(p)
+		tr.Epoch(e.Epoch, runlog.TrainEpoch(e))
 	}
 	rep, err := train.Run(ctx, job, tb, "flight dataset "+req.Dataset, tmp, onEvent)
 	if err != nil {
@@ -327,16 +380,25 @@ func (t *ModelTrainer) Train(ctx context.Context, body json.RawMessage, dataset 
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	final = runlog.TrainFinal(rep)
 	inst, err := repository.Install(t.opts.Repository, req.Model, tmp,
 		repository.InstallOptions{MaxBatchSize: req.MaxBatchSize, Move: true})
 	if err != nil {
 		return nil, err
 	}
 	res := TrainResult{
-		Model: req.Model, Version: inst.Version, Dir: inst.Dir, ConfigCreated: inst.ConfigCreated,
+		Model: req.Model, Version: inst.Version, Dir: inst.Dir, ConfigCreated: inst.ConfigCreated, RunID: runID,
 		Task: string(inst.Manifest.Task), Labels: inst.Manifest.Labels, Val: rep.Val, Test: rep.Test,
 		Epochs: len(rep.Result.History), BestEpoch: rep.Result.BestEpoch, StopReason: rep.Result.StopReason,
 		Seconds: rep.Result.Seconds, SamplesPerSec: rep.Result.SamplesPerSec,
+	}
+	if req.Register != "" {
+		v, err := tr.Register(ctx, req.Register, inst.Dir, nil)
+		if err != nil {
+			return nil, fmt.Errorf("train: %s version %d is installed, but registering it failed: %w", req.Model, inst.Version, err)
+		}
+		ref := v.Ref()
+		res.Registered, res.RegisteredDigest = &ref, v.Digest
 	}
 	if t.opts.Load != nil {
 		if err := t.opts.Load(req.Model); err != nil {
@@ -345,7 +407,11 @@ func (t *ModelTrainer) Train(ctx context.Context, body json.RawMessage, dataset 
 			res.Loaded = true
 		}
 	}
-	progress(Progress{Step: int64(res.Epochs), Total: int64(res.Epochs), Message: fmt.Sprintf("wrote %s version %d", req.Model, res.Version), Metrics: flatMetrics(rep)})
+	msg := fmt.Sprintf("wrote %s version %d", req.Model, res.Version)
+	if res.Registered != nil {
+		msg += ", registered " + res.Registered.String()
+	}
+	progress(Progress{Step: int64(res.Epochs), Total: int64(res.Epochs), Message: msg, Metrics: flatMetrics(rep), RunID: runID})
 	return json.Marshal(res)
 }
 
