@@ -94,8 +94,9 @@ type JobStatus struct {
 	ID string `json:"id"`
 	// Dataset is the dataset the job trains on.
 	Dataset string `json:"dataset"`
-	// RunID is a pipeline job's registry run (see the pipeline_run
-	// action).
+	// RunID is the registry run that records the job: a pipeline job's
+	// (see the pipeline_run action), or a training job's on a server with
+	// a registry, as the trainer reported it.
 	RunID string `json:"run_id,omitempty"`
 	// State is RUNNING, SUCCEEDED, FAILED or CANCELLED.
 	State string `json:"state"`
@@ -103,9 +104,6 @@ type JobStatus struct {
 	Progress Progress `json:"progress"`
 	// Fraction is Progress.Fraction(), 1 once the job succeeded.
 	Fraction float64 `json:"fraction"`
-	// RunID is the registry run that records the job (Kiln's trainer on a
-	// server with a registry), as the trainer reported it.
-	RunID string `json:"run_id,omitempty"`
 	// Error says why a FAILED job failed.
 	Error string `json:"error,omitempty"`
 	// Result is what a SUCCEEDED job's trainer returned.
