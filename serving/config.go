@@ -13,6 +13,7 @@ import (
 	"github.com/kilnml/kiln/serving/auth"
 	"github.com/kilnml/kiln/serving/flightserver"
 	"github.com/kilnml/kiln/serving/limits"
+	"github.com/kilnml/kiln/serving/repository/s3repo"
 )
 
 // Model control modes.
@@ -59,8 +60,19 @@ const DefaultDataDir = "kiln-data"
 // arguments map onto it one to one; start from DefaultConfig, which holds
 // their defaults, and set what differs.
 type Config struct {
-	// ModelRepository is the model repository directory (required).
+	// ModelRepository is the model repository (required): a directory, or
+	// s3://bucket/prefix for one in S3-compatible object storage (see
+	// package serving/repository/s3repo), mirrored into RepositoryCache.
 	ModelRepository string `json:"model_repository"`
+	// RepositoryCache is, for an s3:// ModelRepository, the local
+	// directory its models are downloaded into, reused across restarts
+	// (one server at a time: it is locked); "" means a new temporary
+	// directory, removed on shutdown.
+	RepositoryCache string `json:"repository_cache"`
+	// S3PathStyle turns path-style addressing of an s3:// repository on
+	// or off (nil: on with a custom endpoint; ApplyEnv sets it from
+	// KILN_S3_PATH_STYLE).
+	S3PathStyle *bool `json:"-"`
 	// Host is the address every listener binds ("" or "0.0.0.0": every
 	// IPv4 interface, "::": every interface; an IPv6 literal may be
 	// written with or without brackets, e.g. "::1" or "[::1]").
@@ -72,6 +84,13 @@ type Config struct {
 	HTTPPort    int `json:"http_port"`
 	MetricsPort int `json:"metrics_port"`
 	FlightPort  int `json:"flight_port"`
+	// SinglePort serves gRPC on the HTTP port too, beside REST: HTTP/1.1,
+	// cleartext HTTP/2 with prior knowledge (h2c) and, with TLS, HTTP/2
+	// by ALPN, on one listener; each HTTP/2 request with content-type
+	// application/grpc goes to the gRPC service (KServe's serverless mode
+	// exposes one port). GRPCPort may then be PortOff; when open it keeps
+	// serving gRPC on grpc-go's own transport.
+	SinglePort bool `json:"single_port"`
 
 	// ModelControl is ControlNone, ControlPoll or ControlExplicit.
 	ModelControl string `json:"model_control"`
@@ -188,6 +207,9 @@ func (c *Config) ApplyEnv(v kilnenv.Vars) {
 	if c.IntraOpThreads == 0 {
 		c.IntraOpThreads = v.NumThreads
 	}
+	if c.S3PathStyle == nil {
+		c.S3PathStyle = v.S3PathStyle
+	}
 }
 
 // Validate reports the first option that cannot work, naming it.
@@ -195,8 +217,18 @@ func (c *Config) Validate() error {
 	if c.ModelRepository == "" {
 		return errors.New("no model repository")
 	}
-	if c.GRPCPort == PortOff {
-		return errors.New("grpc port -1: the gRPC service cannot be turned off")
+	if s3repo.IsURL(c.ModelRepository) {
+		if _, err := s3repo.ParseURL(c.ModelRepository); err != nil {
+			return fmt.Errorf("model repository: %w", err)
+		}
+	} else if c.RepositoryCache != "" {
+		return errors.New("a repository cache needs an s3:// model repository")
+	}
+	if c.GRPCPort == PortOff && !c.SinglePort {
+		return errors.New("grpc port -1: the gRPC service cannot be turned off (unless single port serves it on the HTTP port)")
+	}
+	if c.SinglePort && c.HTTPPort == PortOff {
+		return errors.New("single port serves gRPC on the HTTP port, which is off")
 	}
 	for _, p := range []struct {
 		name string

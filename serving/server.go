@@ -25,6 +25,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"runtime"
 	"sync"
 	"time"
@@ -41,6 +42,7 @@ import (
 	"github.com/kilnml/kiln/serving/manager"
 	"github.com/kilnml/kiln/serving/metrics"
 	"github.com/kilnml/kiln/serving/repository"
+	"github.com/kilnml/kiln/serving/repository/s3repo"
 	kstatus "github.com/kilnml/kiln/serving/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -66,6 +68,9 @@ type Server struct {
 	stopReq    chan context.Context // Stop's request to Run
 	stopOnce   sync.Once
 	pollDone   chan struct{}      // closed when the poller returns
+	repoDir    string             // the repository's local directory (the S3 mirror's, for s3://)
+	mirror     *s3repo.Mirror     // nil unless the repository is s3://
+	mirrorTemp string             // the mirror's temporary cache directory, removed on shutdown ("" when given)
 	registry   *registry.Registry // nil without Config.Registry
 	follower   *follower.Follower // nil without Config.Registry
 	followDone chan struct{}      // closed when the follower returns
@@ -85,7 +90,7 @@ type listenAddrs struct{ grpc, http, metrics, flight string }
 
 // New validates cfg, opens the repository and builds every service; nothing
 // listens and no model loads yet.
-func New(cfg Config) (*Server, error) {
+func New(cfg Config) (_ *Server, retErr error) {
 	if cfg.Name == "" {
 		cfg.Name = "kiln"
 	}
@@ -102,15 +107,39 @@ func New(cfg Config) (*Server, error) {
 	}{{&addrs.grpc, cfg.GRPCPort}, {&addrs.http, cfg.HTTPPort}, {&addrs.metrics, cfg.MetricsPort}, {&addrs.flight, cfg.FlightPort}} {
 		*a.dst, _ = cfg.listenAddr(a.port) // Validate checked the host
 	}
-	repo, err := repository.Open(cfg.ModelRepository)
+	repoDir := cfg.ModelRepository
+	var mirror *s3repo.Mirror
+	var mirrorTemp string // the cache directory New made, removed on shutdown
+	if s3repo.IsURL(cfg.ModelRepository) {
+		var err error
+		if mirror, mirrorTemp, err = openMirror(cfg); err != nil {
+			return nil, fmt.Errorf("serving: %w", err)
+		}
+		repoDir = mirror.Dir()
+		built := false
+		defer func() {
+			if !built {
+				mirror.Close()
+				if mirrorTemp != "" {
+					os.RemoveAll(mirrorTemp)
+				}
+			}
+		}()
+		defer func() { built = retErr == nil }()
+	}
+	repo, err := repository.Open(repoDir)
 	if err != nil {
 		return nil, fmt.Errorf("serving: %w", err)
+	}
+	if mirror != nil {
+		repo.SetRemote(mirror)
 	}
 	policy, err := auth.New(cfg.Auth)
 	if err != nil {
 		return nil, fmt.Errorf("serving: %w", err)
 	}
-	s := &Server{cfg: cfg, addrs: addrs, log: cfg.Logger, stop: make(chan struct{}), stopReq: make(chan context.Context, 1)}
+	s := &Server{cfg: cfg, addrs: addrs, log: cfg.Logger, stop: make(chan struct{}), stopReq: make(chan context.Context, 1),
+		repoDir: repoDir, mirror: mirror, mirrorTemp: mirrorTemp}
 	if cfg.TLSCertFile != "" {
 		cert, err := tls.LoadX509KeyPair(cfg.TLSCertFile, cfg.TLSKeyFile)
 		if err != nil {
@@ -156,10 +185,17 @@ func New(cfg Config) (*Server, error) {
 			hopts.RegistryStatus = func() any { return s.follower.Status() }
 		}
 		h := httpserver.New(svc, hopts)
+		var handler http.Handler = h
+		if cfg.SinglePort {
+			handler = grpcOrREST(s.grpc, h)
+		}
 		s.http = &http.Server{
-			Handler: h, TLSConfig: s.tls, ReadHeaderTimeout: lim.ReadHeaderTimeout, ReadTimeout: lim.ReadTimeout,
+			Handler: handler, TLSConfig: s.tls, ReadHeaderTimeout: lim.ReadHeaderTimeout, ReadTimeout: lim.ReadTimeout,
 			IdleTimeout: 5 * time.Minute, MaxHeaderBytes: 1 << 20,
 			ErrorLog: slog.NewLogLogger(cfg.Logger.Handler(), slog.LevelWarn),
+		}
+		if cfg.SinglePort {
+			singlePort(s.http, lim.MaxConcurrentStreams)
 		}
 	}
 	if addrs.metrics != "" {
@@ -186,7 +222,7 @@ func (s *Server) newFlight(policy *auth.Policy) (*flightserver.Server, error) {
 	trainer := s.cfg.FlightTrainer
 	if trainer == nil && !s.cfg.DisableFlightTraining {
 		mt, err := flightserver.NewModelTrainer(flightserver.ModelTrainerOptions{
-			Repository: s.cfg.ModelRepository, Load: s.mgr.Load,
+			Repository: s.repoDir, Load: s.mgr.Load,
 		})
 		if err != nil {
 			return nil, err
@@ -290,6 +326,19 @@ func (s *Server) Start(ctx context.Context) error {
 		return err
 	}
 	s.serveAll()
+	if s.mirror != nil {
+		// The first sync must list the bucket: a wrong endpoint, wrong
+		// credentials or a missing bucket stop the server here, clearly.
+		if err := s.mirror.Sync(ctx); err != nil {
+			s.closeListeners()
+			s.mgr.Close()
+			if s.registry != nil {
+				s.registry.Close()
+			}
+			s.removeMirrorTemp()
+			return fmt.Errorf("serving: %w", err)
+		}
+	}
 	if err := s.loadModels(); err != nil {
 		s.closeListeners()
 		s.mgr.Close()
@@ -371,16 +420,20 @@ func (s *Server) listen(ctx context.Context) error {
 // serveAll serves gRPC, HTTP and metrics on their listeners in the
 // background (Flight serves from its own Start).
 func (s *Server) serveAll() {
-	go func() {
-		if err := s.grpc.Serve(s.lis); err != nil {
-			s.serveErr <- fmt.Errorf("gRPC server: %w", err)
-		}
-	}()
+	grpcAddr := "off (single port)"
+	if s.lis != nil {
+		go func() {
+			if err := s.grpc.Serve(s.lis); err != nil {
+				s.serveErr <- fmt.Errorf("gRPC server: %w", err)
+			}
+		}()
+		grpcAddr = s.lis.Addr().String()
+	}
 	scheme := "http"
 	if s.tls != nil {
 		scheme = "https"
 	}
-	s.log.Info("gRPC inference service listening", "addr", s.lis.Addr().String(), "tls", s.tls != nil, "repository", s.cfg.ModelRepository,
+	s.log.Info("gRPC inference service listening", "addr", grpcAddr, "tls", s.tls != nil, "repository", s.cfg.ModelRepository,
 		"max_message_bytes", s.cfg.MaxMessageBytes, "intra_op_threads", core.NumThreads(), "cpus", runtime.NumCPU(),
 		"model_control", s.cfg.ModelControl, "auth", s.cfg.Auth.Token != "" || s.cfg.Auth.TokenFile != "" || len(s.cfg.Auth.Users) > 0,
 		"auth_inference", s.cfg.Auth.Inference)
@@ -396,7 +449,7 @@ func (s *Server) serveAll() {
 				s.serveErr <- fmt.Errorf("HTTP server: %w", err)
 			}
 		}()
-		s.log.Info("HTTP/REST inference service listening", "url", scheme+"://"+s.httpLis.Addr().String()+"/v2")
+		s.log.Info("HTTP/REST inference service listening", "url", scheme+"://"+s.httpLis.Addr().String()+"/v2", "grpc_too", s.cfg.SinglePort)
 	}
 	if s.metLis != nil {
 		go func() {
@@ -472,7 +525,7 @@ func (s *Server) openRegistry() error {
 	if err != nil {
 		return err
 	}
-	f, err := follower.New(follower.Options{Registry: reg, Manager: s.mgr, Repository: s.cfg.ModelRepository,
+	f, err := follower.New(follower.Options{Registry: reg, Manager: s.mgr, Repository: s.repoDir,
 		Alias: s.cfg.ServeAlias, Interval: s.cfg.RegistryPollInterval, Grace: s.cfg.RollbackGrace, Logger: s.log})
 	if err != nil {
 		reg.Close()
@@ -496,6 +549,21 @@ func (s *Server) poll() {
 			return
 		case <-t.C:
 		}
+		if s.mirror != nil {
+			// A failure is logged and reported in the models' status
+			// (Manager.Poll sees it in the fingerprint); what was in
+			// place keeps serving.
+			ctx, cancel := context.WithCancel(context.Background())
+			go func() {
+				select {
+				case <-s.stop:
+					cancel()
+				case <-ctx.Done():
+				}
+			}()
+			s.mirror.Sync(ctx)
+			cancel()
+		}
 		if err := s.mgr.Poll(); err != nil {
 			s.log.Warn("repository poll: some models failed to load", "err", err)
 		}
@@ -503,7 +571,8 @@ func (s *Server) poll() {
 }
 
 // GRPCAddr returns the address the gRPC service listens on, or nil before
-// Start.
+// Start or when its own port is off (Config.SinglePort: gRPC is then on
+// HTTPAddr).
 func (s *Server) GRPCAddr() net.Addr { return s.addr(&s.lis) }
 
 // HTTPAddr returns the address the HTTP service listens on, or nil before
@@ -603,6 +672,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	if s.registry != nil {
 		s.registry.Close()
 	}
+	s.removeMirrorTemp()
 	s.log.Info("server stopped")
 	return err
 }

@@ -16,6 +16,10 @@
 //	                       as 64 hex digits or base64); never logged
 //	KILN_REGISTRY_KEY_FILE a file holding that key (raw 32 bytes, hex or
 //	                       base64)
+//	KILN_S3_PATH_STYLE     "true" or "false": path-style addressing of
+//	                       S3 (default: on with a custom endpoint,
+//	                       AWS_ENDPOINT_URL(_S3), off for AWS); the AWS
+//	                       SDK reads the AWS_* variables itself
 //
 // Tests and benchmarks also read KILN_PYTHON (the interpreter that makes
 // fixtures) through their own helpers; it never changes what Kiln does.
@@ -38,6 +42,8 @@ const (
 	RegistryKey   = "KILN_REGISTRY_KEY"
 	// RegistryKeyFile names a file holding the registry's key.
 	RegistryKeyFile = "KILN_REGISTRY_KEY_FILE"
+	// S3PathStyle turns S3 path-style addressing on or off.
+	S3PathStyle = "KILN_S3_PATH_STYLE"
 )
 
 // Vars are the values of Kiln's environment variables; a zero field means
@@ -57,6 +63,8 @@ type Vars struct {
 	RegistryKey string
 	// RegistryKeyFile is KILN_REGISTRY_KEY_FILE.
 	RegistryKeyFile string
+	// S3PathStyle is KILN_S3_PATH_STYLE (nil: unset).
+	S3PathStyle *bool
 }
 
 // Load reads the variables through getenv (os.Getenv in a process; a map
@@ -71,6 +79,13 @@ func Load(getenv func(string) string) (Vars, error) {
 			return Vars{}, fmt.Errorf("%s=%q: want a positive integer", NumThreads, s)
 		}
 		v.NumThreads = n
+	}
+	if s := getenv(S3PathStyle); s != "" {
+		b, err := strconv.ParseBool(s)
+		if err != nil {
+			return Vars{}, fmt.Errorf("%s=%q: want true or false", S3PathStyle, s)
+		}
+		v.S3PathStyle = &b
 	}
 	return v, nil
 }

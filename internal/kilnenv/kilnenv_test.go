@@ -40,3 +40,25 @@ func TestLoad(t *testing.T) {
 		}
 	}
 }
+
+func TestLoadS3PathStyle(t *testing.T) {
+	for val, want := range map[string]bool{"true": true, "1": true, "false": false} {
+		v, err := Load(func(k string) string {
+			if k == S3PathStyle {
+				return val
+			}
+			return ""
+		})
+		if err != nil || v.S3PathStyle == nil || *v.S3PathStyle != want {
+			t.Fatalf("%s=%q: %+v, %v", S3PathStyle, val, v.S3PathStyle, err)
+		}
+	}
+	if _, err := Load(func(k string) string {
+		if k == S3PathStyle {
+			return "sometimes"
+		}
+		return ""
+	}); err == nil {
+		t.Fatalf("%s=sometimes accepted", S3PathStyle)
+	}
+}

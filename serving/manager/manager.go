@@ -132,6 +132,7 @@ type entry struct {
 	versions map[int64]*Version
 	failed   map[int64]string // versions that failed their last load
 	reason   string           // why the last load failed as a whole
+	remote   string           // the remote repository's problem with the model (see repository.RemoteStatus)
 	unloaded bool
 	fp       string // the repository's fingerprint of the model at its last load
 	route    *Route // set by SetRoute: the versions to load, overriding the policy
@@ -253,8 +254,15 @@ func (m *Manager) load(name string, e *entry) error {
 	e.mu.Lock()
 	e.fp = fp
 	e.mu.Unlock()
+	remoteWide, remoteVersions := m.repo.Problem(name)
+	e.mu.Lock()
+	e.remote = remoteWide
+	e.mu.Unlock()
 	rm, err := m.repo.Model(name)
 	if err != nil {
+		if remoteWide != "" {
+			err = fmt.Errorf("%w; repository: %s", err, remoteWide)
+		}
 		e.mu.Lock()
 		e.reason = err.Error()
 		e.mu.Unlock()
@@ -316,9 +324,19 @@ func (m *Manager) load(name string, e *entry) error {
 	} else if e.route == nil || next[e.def] == nil {
 		e.def = 0
 	}
+	for v, why := range remoteVersions {
+		if _, ok := next[v]; !ok {
+			if _, ok := failed[v]; !ok {
+				failed[v] = "repository: " + why
+			}
+		}
+	}
 	e.reason = ""
 	if len(errs) > 0 {
 		e.reason = errors.Join(errs...).Error()
+	}
+	if remoteWide != "" {
+		e.reason = strings.TrimPrefix(e.reason+"; repository: "+remoteWide, "; ")
 	}
 	e.mu.Unlock()
 	for v, o := range old {
@@ -777,7 +795,9 @@ func (m *Manager) Index(readyOnly bool) ([]IndexEntry, error) {
 		e.mu.RLock()
 		var rows []IndexEntry
 		for v := range e.versions {
-			rows = append(rows, IndexEntry{Name: n, Version: strconv.FormatInt(v, 10), State: StateReady})
+			// A remote repository's problem (S3 unreachable, ...) shows on
+			// the versions that keep serving meanwhile.
+			rows = append(rows, IndexEntry{Name: n, Version: strconv.FormatInt(v, 10), State: StateReady, Reason: e.remote})
 		}
 		if !readyOnly {
 			for v, why := range e.failed {

@@ -45,6 +45,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -192,7 +193,30 @@ func (m *Model) ModelPath(v int64) string {
 
 // Repository is a model repository directory.
 type Repository struct {
-	root string
+	root   string
+	remote RemoteStatus // nil for a plain directory
+}
+
+// RemoteStatus reports what a remote source that keeps the repository's
+// directory (s3repo.Mirror) could not bring into it: a problem of the
+// whole model (or repository), and by version why that version is not in
+// place. Both are empty when everything arrived.
+type RemoteStatus interface {
+	Problem(model string) (wide string, versions map[int64]string)
+}
+
+// SetRemote makes the repository report s's problems (Problem) and count
+// them in Fingerprint, so that polling notices when one appears or goes.
+// Call it before the repository is used.
+func (r *Repository) SetRemote(s RemoteStatus) { r.remote = s }
+
+// Problem returns the remote source's problems with model name (see
+// RemoteStatus); none for a plain directory.
+func (r *Repository) Problem(name string) (string, map[int64]string) {
+	if r.remote == nil {
+		return "", nil
+	}
+	return r.remote.Problem(name)
 }
 
 // Open opens the repository at root, which must be a directory.
@@ -326,6 +350,12 @@ func (r *Repository) Fingerprint(name string) (string, error) {
 			return "", fmt.Errorf("model %q: %w", name, ErrNotFound)
 		}
 		return "", fmt.Errorf("model %q: %w", name, err)
+	}
+	if wide, versions := r.Problem(name); wide != "" || len(versions) > 0 {
+		fmt.Fprintf(h, "remote\x00%s\n", wide)
+		for _, v := range slices.Sorted(maps.Keys(versions)) {
+			fmt.Fprintf(h, "%d\x00%s\n", v, versions[v])
+		}
 	}
 	return hex.EncodeToString(h.Sum(nil)), nil
 }
