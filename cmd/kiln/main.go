@@ -23,7 +23,7 @@ func main() {
 			msg = "kiln: " + msg
 		}
 		fmt.Fprintln(os.Stderr, msg)
-		os.Exit(1)
+		os.Exit(exitCode(err))
 	}
 }
 
@@ -46,7 +46,7 @@ func newRoot() *cobra.Command {
 	}
 	root.PersistentFlags().IntVar(&threads, "threads", 0, "libtorch intra-op threads (default $KILN_NUM_THREADS, else the number of CPUs)")
 	root.PersistentFlags().BoolVarP(&verbose, "verbose", "v", false, "debug logging")
-	root.AddCommand(newVersionCmd(), newInfoCmd(), newPredictCmd(), newTrainCmd(), newSelectCmd(), newServeCmd(), newOptimizeCmd(), newEvaluateCmd(), newRegistryCmd())
+	root.AddCommand(newVersionCmd(), newInfoCmd(), newPredictCmd(), newTrainCmd(), newSelectCmd(), newServeCmd(), newOptimizeCmd(), newEvaluateCmd(), newRegistryCmd(), newFetchCmd(), newRepositoryCmd())
 	return root
 }
 

@@ -38,6 +38,15 @@ func newServeCmd() *cobra.Command {
 <repo>/<model>/<version>/model.pt) with the KServe v2 / Triton protocols:
 gRPC on --grpc-port, HTTP/REST on --http-port, Prometheus /metrics on
 --metrics-port (a port of -1 turns that listener off, 0 picks a free one).
+--single-port serves gRPC on the HTTP port too (HTTP/1.1, h2c and, with
+TLS, ALPN h2 on one listener; --grpc-port -1 then closes gRPC's own port).
+
+The repository may be s3://bucket/prefix, in S3-compatible storage
+(AWS_ENDPOINT_URL_S3, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_PROFILE, KILN_S3_PATH_STYLE): it is mirrored into --repository-cache,
+a version appearing once its .kiln-complete marker exists (see kiln
+repository push); with poll mode it is synced every --repository-poll-secs,
+and the last good versions keep serving whatever fails.
 Requests to a model are batched dynamically as its config.yaml says.
 
 The server is live at once and ready once every model has loaded and
@@ -88,9 +97,11 @@ CPUs / instance_count) and --host accept IPv6 ("::1" or "[::1]").`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&cfg.ModelRepository, "model-repository", "", "model repository directory (default ./models, else build/repository, which make run builds)")
+	f.StringVar(&cfg.ModelRepository, "model-repository", "", "model repository: a directory (default ./models, else build/repository, which make run builds) or s3://bucket/prefix")
+	f.StringVar(&cfg.RepositoryCache, "repository-cache", "", "with an s3:// repository: local directory its models are downloaded into, reused across restarts (default: a temporary directory)")
 	f.StringVar(&cfg.Host, "host", cfg.Host, "address to listen on (default all interfaces; IPv6 as ::1 or [::1])")
-	f.IntVar(&cfg.GRPCPort, "grpc-port", cfg.GRPCPort, "gRPC port (0: any free port)")
+	f.IntVar(&cfg.GRPCPort, "grpc-port", cfg.GRPCPort, "gRPC port (0: any free port; -1: off, with --single-port)")
+	f.BoolVar(&cfg.SinglePort, "single-port", false, "serve gRPC on the HTTP port too (HTTP/1.1, h2c and TLS ALPN h2 on one listener; for KServe serverless)")
 	f.IntVar(&cfg.HTTPPort, "http-port", cfg.HTTPPort, "HTTP/REST port (-1: off, 0: any free port)")
 	f.IntVar(&cfg.MetricsPort, "metrics-port", cfg.MetricsPort, "Prometheus /metrics port (-1: off, 0: any free port)")
 	f.IntVar(&cfg.FlightPort, "flight-port", cfg.FlightPort, "Arrow Flight port: datasets, batch inference, training jobs (-1: off, 0: any free port)")
@@ -182,9 +193,14 @@ func printStarted(stdout io.Writer, s *serving.Server) {
 	}
 	cfg := s.Config()
 	fmt.Fprintf(stdout, "kiln serve: repository %s\n", cfg.ModelRepository)
-	fmt.Fprintf(stdout, "kiln serve: gRPC     %s\n", s.GRPCAddr())
+	if a := s.GRPCAddr(); a != nil {
+		fmt.Fprintf(stdout, "kiln serve: gRPC     %s\n", a)
+	}
 	if a := s.HTTPAddr(); a != nil {
 		fmt.Fprintf(stdout, "kiln serve: HTTP     %s://%s/v2\n", scheme, a)
+		if cfg.SinglePort {
+			fmt.Fprintf(stdout, "kiln serve: gRPC     %s (single port, with HTTP)\n", a)
+		}
 	}
 	if a := s.MetricsAddr(); a != nil {
 		fmt.Fprintf(stdout, "kiln serve: metrics  http://%s/metrics\n", a)

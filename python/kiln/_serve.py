@@ -43,7 +43,7 @@ class Server:
         return f"kiln.Server(grpc={self.grpc!r}, http={self.http!r}, flight={self.flight!r}, {state})"
 
 
-def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int = 8000,
+def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int = 8000, single_port: bool = False,
           metrics_port: int = 8002, flight_port: int = 8815, data_dir: Optional[str] = None,
           model_control: str = "none", repository_poll_secs: Optional[float] = None,
           load_models: Optional[Sequence[str]] = None, strict_model_config: bool = False,
@@ -56,7 +56,8 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
           max_streams: int = 64, shutdown_timeout: Optional[float] = None, registry: Optional[str] = None,
           registry_artifacts: Optional[str] = None, registry_key_file: Optional[str] = None,
           serve_alias: str = "production", registry_poll_interval: Optional[float] = None,
-          rollback_grace: Optional[float] = None, threads: int = 0) -> Server:
+          rollback_grace: Optional[float] = None, repository_cache: Optional[str] = None,
+          threads: int = 0) -> Server:
     """Serves a model repository from this process in the background and
     returns a handle with ``.stop()``: the same server as `kiln serve`
     (Go's serving.Run), with the same options under the flags' names and
@@ -64,7 +65,9 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
 
     host: "" listens on every interface; IPv6 as "::1" or "[::1]".
     grpc_port, http_port, metrics_port, flight_port: 0 picks a free port,
-    -1 turns that listener off (not gRPC). data_dir: Flight's datasets
+    -1 turns that listener off (not gRPC, unless single_port).
+    single_port: serve gRPC on http_port too (HTTP/1.1, h2c and TLS ALPN
+    h2 on one listener). data_dir: Flight's datasets
     (default "kiln-data"). model_control: "none", "poll" (every
     repository_poll_secs, default 15) or "explicit" (load_models at
     start). auth_token / auth_token_file (at least 16 characters; default
@@ -94,15 +97,21 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
     loaded for rollback_grace seconds (default 300).
     registry_poll_interval: seconds between polls of the registry (default
     2).
+    repository may also be "s3://bucket/prefix", a repository in
+    S3-compatible storage (endpoint and credentials from the AWS_*
+    environment variables), downloaded into repository_cache (default: a
+    temporary directory) and, with model_control "poll", synced every
+    repository_poll_secs.
 
     Raises KilnError (a subclass by the error's code) when an option is
     invalid or a listener cannot open."""
     repository = os.fspath(repository)
-    if not os.path.isdir(repository):
+    if not repository.startswith("s3://") and not os.path.isdir(repository):
         raise KilnError(f"kiln: no model repository at {repository}")
     opts = {
         "model_repository": repository, "host": host, "grpc_port": grpc_port, "http_port": http_port,
         "metrics_port": metrics_port, "flight_port": flight_port, "model_control": model_control,
+        "single_port": single_port,
         "strict_model_config": strict_model_config, "auth_token": auth_token,
         "auth_inference": auth_inference, "threads": threads,
         "max_decompressed_bytes": max_decompressed_bytes, "max_inputs": max_inputs,
@@ -125,6 +134,7 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
         "registry_key_file": registry_key_file and os.fspath(registry_key_file),
         "registry_poll_interval": None if registry_poll_interval is None else int(registry_poll_interval * 1e9),
         "rollback_grace": None if rollback_grace is None else int(rollback_grace * 1e9),
+        "repository_cache": repository_cache and os.fspath(repository_cache),
     }
     opts.update({k: v for k, v in optional.items() if v is not None})
     try:

@@ -141,6 +141,18 @@ func Fetch(ctx context.Context, client *s3.Client, loc Location, dst string, pro
 		}
 		manifests[dir] = files
 	}
+	// versionDir returns the nearest directory above rel that has a
+	// manifest.
+	versionDir := func(rel string) (string, bool) {
+		for dir := path.Dir(rel); ; dir = path.Dir(dir) {
+			if _, ok := manifests[dir]; ok {
+				return dir, true
+			}
+			if dir == "." || dir == "/" {
+				return "", false
+			}
+		}
+	}
 	incomplete := func(rel string) (string, bool) {
 		if len(manifests) == 0 {
 			return "", false
@@ -170,7 +182,7 @@ func Fetch(ctx context.Context, client *s3.Client, loc Location, dst string, pro
 		}
 		o := objs[rel]
 		sha := ""
-		if dir := path.Dir(rel); manifests[dir] != nil && path.Base(rel) != MarkerName {
+		if dir, ok := versionDir(rel); ok && path.Base(rel) != MarkerName {
 			f, listed := manifests[dir][rel]
 			if !listed {
 				continue // not part of the version

@@ -334,3 +334,31 @@ func FuzzParseURL(f *testing.F) {
 		}
 	})
 }
+
+func TestFetch(t *testing.T) {
+	srv := testkit.S3(t)
+	srv.CreateBucket(t, "models")
+	c := srv.Client()
+	ctx := context.Background()
+	loc := Location{Bucket: "models", Prefix: "repo/mlp"}
+	_, err := Push(ctx, c, writeModel(t, "one", "two"), loc, PushOptions{})
+	require.NoError(t, err)
+	dst := t.TempDir()
+	res, err := Fetch(ctx, c, loc, dst, nil)
+	require.NoError(t, err)
+	assert.Equal(t, 4, res.Verified, "model.pt and sub/extra.bin of both versions")
+	assert.Equal(t, "extra two", readFile(t, filepath.Join(dst, "2", "sub", "extra.bin")))
+
+	// A nested file whose bytes changed after the marker was written.
+	put(t, c, "models", "repo/mlp/2/sub/extra.bin", "extra TWO")
+	bad := t.TempDir()
+	_, err = Fetch(ctx, c, loc, bad, nil)
+	require.ErrorIs(t, err, ErrIntegrity)
+	assert.Contains(t, err.Error(), "repo/mlp/2/sub/extra.bin")
+	ents, err := os.ReadDir(bad)
+	require.NoError(t, err)
+	assert.Empty(t, ents)
+
+	_, err = Fetch(ctx, c, Location{Bucket: "models", Prefix: "nothing"}, t.TempDir(), nil)
+	require.ErrorIs(t, err, ErrNotFound)
+}
