@@ -18,7 +18,7 @@ ENV := eval "$$(scripts/env.sh --print)" &&
 PY := .venv/bin/python
 DEMO := build/demo
 
-.PHONY: deps build python run demo test test-go test-python test-fuzz fuzz soak vet bench bench-serve clean
+.PHONY: deps build python run demo test test-go test-python test-fuzz test-deploy fuzz soak vet bench bench-serve bench-cluster clean
 
 deps:
 	scripts/install-deps
@@ -79,7 +79,13 @@ test-fuzz: deps
 fuzz: deps
 	$(ENV) scripts/fuzz $(FUZZTIME)
 
-test: vet test-go test-python test-fuzz
+# The deployment manifests (Helm chart, KServe, Kubeflow), offline:
+# helm template, kubectl-validate, CRD schemas, kube-score (deploy/validate,
+# a module of its own; the tools are pinned in deploy/tools/*/go.mod).
+test-deploy: deps
+	$(ENV) cd deploy/validate && go vet ./... && go test -count=1 ./...
+
+test: vet test-go test-python test-fuzz test-deploy
 
 # The soak (serving/soak_test.go): 256 clients of mixed valid and invalid
 # gRPC, HTTP and Flight traffic for SOAK_SECONDS, then RSS, goroutines,
@@ -98,6 +104,11 @@ bench: build
 
 bench-serve: build
 	$(ENV) go run ./bench/serve
+
+# Throughput of 1 and 3 replicas behind nginx, each in its own network
+# namespace (needs root and iproute2).
+bench-cluster: build
+	$(ENV) go run ./bench/cluster -kiln bin/kiln
 
 clean:
 	rm -rf bin build python/kiln/_native/*.so

@@ -2,6 +2,7 @@ package testkit
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -23,6 +24,8 @@ type NetNS struct {
 	// Host and Peer are the IPv4 addresses of the test's and the
 	// namespace's ends of the veth pair.
 	Host, Peer netip.Addr
+
+	close func() error
 }
 
 var netnsSeq atomic.Uint32
@@ -33,19 +36,40 @@ var netnsSeq atomic.Uint32
 // environment), where it fails, so that CI cannot pass by skipping it.
 func NewNetNS(t testing.TB) *NetNS {
 	t.Helper()
-	unavailable := func(why string) {
-		t.Helper()
-		if os.Getenv("CI") != "" {
-			t.Fatalf("network namespace test under CI: %s", why)
+	ns, err := CreateNetNS()
+	if err != nil {
+		var u errUnavailable
+		if !errors.As(err, &u) {
+			t.Fatal(err)
 		}
-		t.Skipf("network namespaces unavailable: %s", why)
+		if os.Getenv("CI") != "" {
+			t.Fatalf("network namespace test under CI: %s", u.why)
+		}
+		t.Skipf("network namespaces unavailable: %s", u.why)
 	}
+	t.Cleanup(func() {
+		if err := ns.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	return ns
+}
+
+// errUnavailable is CreateNetNS's error when this machine cannot make a
+// namespace at all (not root, no ip command, no netns support).
+type errUnavailable struct{ why string }
+
+func (e errUnavailable) Error() string { return "network namespaces unavailable: " + e.why }
+
+// CreateNetNS is NewNetNS outside a test (the benchmarks): it creates the
+// namespace and its veth pair; Close removes them.
+func CreateNetNS() (*NetNS, error) {
 	if os.Geteuid() != 0 {
-		unavailable("not root")
+		return nil, errUnavailable{"not root"}
 	}
 	ipCmd, err := exec.LookPath("ip")
 	if err != nil {
-		unavailable("no ip command (iproute2)")
+		return nil, errUnavailable{"no ip command (iproute2)"}
 	}
 	// Names are at most 15 bytes (IFNAMSIZ-1) and unique per process and
 	// test; the /30 is 10.250.x.y/30, x.y from the same counter.
@@ -64,16 +88,17 @@ func NewNetNS(t testing.TB) *NetNS {
 		return nil
 	}
 	if err := run("netns", "add", ns.Name); err != nil {
-		unavailable(err.Error())
+		return nil, errUnavailable{err.Error()}
 	}
-	t.Cleanup(func() {
+	ns.close = func() error {
 		// Deleting the namespace removes its end of the pair, and with it
 		// the test's end.
 		if err := run("netns", "delete", ns.Name); err != nil {
-			t.Errorf("removing %s: %v", ns.Name, err)
+			return fmt.Errorf("removing %s: %w", ns.Name, err)
 		}
 		_ = run("link", "delete", hostIf)
-	})
+		return nil
+	}
 	steps := [][]string{
 		{"link", "add", hostIf, "type", "veth", "peer", "name", peerIf},
 		{"link", "set", peerIf, "netns", ns.Name},
@@ -85,10 +110,21 @@ func NewNetNS(t testing.TB) *NetNS {
 	}
 	for _, s := range steps {
 		if err := run(s...); err != nil {
-			t.Fatal(err)
+			return nil, errors.Join(err, ns.Close())
 		}
 	}
-	return ns
+	return ns, nil
+}
+
+// Close removes the namespace and its veth pair (NewNetNS's t.Cleanup
+// does it for a test).
+func (ns *NetNS) Close() error {
+	if ns.close == nil {
+		return nil
+	}
+	c := ns.close
+	ns.close = nil
+	return c()
 }
 
 // Command returns a command that runs name with args inside the namespace
