@@ -83,6 +83,9 @@ func numpyCalibration(src *optimize.Source, addr uint64, rows, cols int) (*data.
 	if rows == 0 {
 		return nil, core.Errorf(core.InvalidArgument, "kiln: optimize: the calibration data is empty (no rows)")
 	}
+	if src.Manifest.Preprocessing == nil {
+		return nil, core.Errorf(core.InvalidArgument, "kiln: optimize: the package records no preprocessing (a fine-tuned TorchScript model), so its calibration columns cannot be checked; optimize a package Kiln trained from a table")
+	}
 	if want := src.Manifest.Preprocessing.NumInputs(); cols != want {
 		return nil, core.Errorf(core.InvalidArgument, "kiln: optimize: the calibration data has %d columns per row, the model takes %d input columns", cols, want)
 	}
