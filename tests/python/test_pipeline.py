@@ -60,10 +60,15 @@ def digits_rows(path, n):
     return np.array([[float(v) for v in r[:64]] for r in rows], dtype=np.float32)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "seen 2026-11-30 on the pipeline branch: every check passes (no failed request, the promoted int8 version "
-    "served), then kiln serve does not stop on SIGTERM: a batcher instance is stuck in kiln_module_forward "
-    "(libtorch) for minutes; not yet diagnosed (int8 dynamic-quantized models under concurrent load?)"))
+# A defect seen on 2026-11-30 and not yet diagnosed: after every check of
+# the lifecycle test passes, kiln serve sometimes does not stop on SIGTERM
+# (a batcher instance stuck in kiln_module_forward, with int8 dynamic-
+# quantized versions loaded). Only that ending is marked xfail; any check
+# of the lifecycle failing fails the test.
+KNOWN_SHUTDOWN_HANG = ("kiln serve did not stop on SIGTERM after the lifecycle checks passed "
+                       "(known, not yet diagnosed: a forward stuck in libtorch)")
+
+
 def test_lifecycle_under_load(kiln_bin, tmp_path):
     make_fixture("datasets", tmp_path)
     data = tmp_path / "digits.csv"
@@ -76,6 +81,7 @@ def test_lifecycle_under_load(kiln_bin, tmp_path):
     repo.mkdir()
     proc, addrs = start_serve(kiln_bin, repo, tmp_path / "serve.log", "--registry", reg,
                               "--registry-poll-interval", "100ms", "--rollback-grace", "1h")
+    checked = False
     try:
         client = httpclient.InferenceServerClient(url=host_port(addrs["HTTP"]))
         x = digits_rows(data, 8)
@@ -122,8 +128,9 @@ def test_lifecycle_under_load(kiln_bin, tmp_path):
         assert better["run_id"] in history
         status = kiln(kiln_bin, "pipeline", "status", better["run_id"], "--runs-dir", str(tmp_path / "runs")).stdout
         assert "FINISHED" in status and "7/7 promote" in status
+        checked = True
     finally:
-        stop_serve(proc, tmp_path / "serve.log")
+        stop_serve(proc, tmp_path / "serve.log", known_hang=checked)
 
 
 def test_bad_pipeline_file(kiln_bin, tmp_path):
@@ -135,7 +142,7 @@ def test_bad_pipeline_file(kiln_bin, tmp_path):
     assert 'line 4: unknown stage "deploy"' in run.stderr
 
 
-def stop_serve(proc, log):
+def stop_serve(proc, log, known_hang=False):
     """SIGTERM, as a user's Ctrl-C; a server that does not stop dumps its
     goroutines (SIGQUIT) into its log, which the failure shows."""
     proc.terminate()
@@ -144,7 +151,10 @@ def stop_serve(proc, log):
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGQUIT)
         proc.wait(timeout=30)
-        pytest.fail("kiln serve did not stop on SIGTERM:\n" + log.read_text()[-20000:])
+        dump = log.read_text()[-20000:]
+        if known_hang:
+            pytest.xfail(KNOWN_SHUTDOWN_HANG + ":\n" + dump[-4000:])
+        pytest.fail("kiln serve did not stop on SIGTERM:\n" + dump)
 
 
 def put_digits(client, data, name="digits"):
