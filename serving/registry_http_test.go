@@ -64,7 +64,7 @@ func TestRegistryOverHTTP(t *testing.T) {
 	authz := map[string]string{"Authorization": "Bearer " + testToken}
 	infer := func() string {
 		r := do(t, nil, "POST", base+"/v2/models/m/infer",
-			[]byte(`{"inputs":[{"name":"x","datatype":"FP32","shape":[1,3],"data":[1,2,0]}]}`), nil)
+			[]byte(`{"inputs":[{"name":"a","datatype":"FP32","shape":[1,1],"data":[1]},{"name":"b","datatype":"FP32","shape":[1,1],"data":[2]},{"name":"colour","datatype":"BYTES","shape":[1,1],"data":["blue"]}]}`), nil)
 		require.Equal(t, 200, r.code, string(r.body))
 		return r.json(t)["model_version"].(string)
 	}
