@@ -30,7 +30,17 @@ type Module struct {
 	params  int64
 	pbytes  int64
 	cleanup runtime.Cleanup
+	// qnnpack: the module was loaded for the qnnpack engine; its int8
+	// forwards run one at a time in the process (see qnnpackMu).
+	qnnpack bool
 }
+
+// qnnpackMu serializes the forwards of qnnpack int8 modules. qnnpack runs
+// its kernels on one process-wide pthreadpool (caffe2::pthreadpool), and
+// concurrent int8 forwards from several instances were seen to hang in
+// pthreadpool_parallelize (gdb: one caller waiting on a futex for a worker
+// that waits for work), so they do not overlap.
+var qnnpackMu sync.Mutex
 
 func newModule(h native.Module, name string) (*Module, error) {
 	m := &Module{h: h, name: name}
@@ -87,7 +97,11 @@ func LoadQuantizedModule(path, engine string) (*Module, error) {
 	} else if h, err = native.LoadModule(path); err != nil {
 		return nil, fmt.Errorf("kiln: load module %s: %w", path, err)
 	}
-	return newModule(h, path)
+	m, err := newModule(h, path)
+	if err == nil && engine == "qnnpack" {
+		m.qnnpack = true
+	}
+	return m, err
 }
 
 // LoadModuleBytes loads a TorchScript archive held in memory.
@@ -151,6 +165,10 @@ func (m *Module) Forward(inputs ...*Tensor) ([]*Tensor, error) {
 		hs[i] = t.h
 	}
 	var outs []native.Tensor
+	if m.qnnpack {
+		qnnpackMu.Lock()
+		defer qnnpackMu.Unlock()
+	}
 	err := m.use(func(h native.Module) (err error) {
 		outs, err = h.Forward(hs)
 		return err
