@@ -201,7 +201,8 @@ func (n *Nginx) ErrorLog() string {
 }
 
 // Stop ends nginx: SIGQUIT (graceful: the requests in flight finish), then
-// SIGKILL after 10 s. It is safe to call twice.
+// SIGTERM (fast) after 10 s, then SIGKILL after 5 s more (an error). It is
+// safe to call twice.
 func (n *Nginx) Stop() error {
 	select {
 	case err := <-n.done: // stopped already
@@ -215,10 +216,20 @@ func (n *Nginx) Stop() error {
 		n.done <- err
 		return nil
 	case <-time.After(10 * time.Second):
+	}
+	// A graceful stop waits for client connections that are still open
+	// (a test's gRPC clients keep theirs until their own cleanup); a fast
+	// stop (SIGTERM) closes them.
+	_ = n.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-n.done:
+		n.done <- err
+		return nil
+	case <-time.After(5 * time.Second):
 		_ = n.cmd.Process.Kill()
 		err := <-n.done
 		n.done <- err
-		return fmt.Errorf("nginx did not stop on SIGQUIT within 10 s")
+		return fmt.Errorf("nginx did not stop on SIGQUIT (10 s) nor SIGTERM (5 s)")
 	}
 }
 
