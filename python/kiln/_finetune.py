@@ -64,7 +64,7 @@ def fit(path, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss
     }
     with _train._scratch_dir("kiln-finetuned-") as out:
         try:
-            h = _b.StartTraining(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out)
+            h = _b.StartTraining(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out, "")
         except RuntimeError as e:
             raise translate(e, InferenceError) from None
         history = {"loss": []}
