@@ -22,7 +22,22 @@ func TestCheckDevice(t *testing.T) {
 		require.Contains(t, err.Error(), "want cpu, cuda or cuda:N")
 	}
 	if core.CUDACompiled() {
-		t.Skip("this libtorch has CUDA: the no-CUDA errors below do not apply")
+		n := core.CUDADeviceCount()
+		// A libtorch with CUDA: a GPU index past those present is
+		// UNAVAILABLE, naming how many there are.
+		err := core.CheckDevice("cuda:7")
+		if n > 7 {
+			require.NoError(t, err)
+			return
+		}
+		require.Error(t, err)
+		require.Equal(t, core.Unavailable, core.CodeOf(err), "%v", err)
+		if n == 0 {
+			require.Contains(t, err.Error(), "device cuda:7: no CUDA GPU present")
+		} else {
+			require.Contains(t, err.Error(), "device cuda:7: no GPU 7 (")
+		}
+		return
 	}
 	require.Equal(t, 0, core.CUDADeviceCount())
 	for _, d := range []string{"cuda", "cuda:0", "cuda:3"} {
