@@ -188,24 +188,8 @@ func (b *Batcher) Submit(ctx context.Context, inputs []Tensor) ([]Tensor, error)
 	if err := b.prepare(r); err != nil {
 		return nil, err
 	}
-	if err := ctx.Err(); err != nil {
+	if err := b.enqueue(ctx, r); err != nil {
 		return nil, err
-	}
-	b.mu.Lock()
-	switch {
-	case b.closed:
-		b.mu.Unlock()
-		return nil, ErrClosed
-	case b.opts.MaxQueueSize > 0 && len(b.queue) >= b.opts.MaxQueueSize:
-		b.mu.Unlock()
-		return nil, ErrQueueFull
-	}
-	r.enqueued = time.Now()
-	b.queue = append(b.queue, r)
-	b.mu.Unlock()
-	select {
-	case b.notify <- struct{}{}:
-	default:
 	}
 	select {
 	case res := <-r.done:
@@ -242,24 +226,8 @@ func (b *Batcher) ForwardTensors(ctx context.Context, inputs []*core.Tensor) ([]
 		rows = int(inputs[0].Shape()[0])
 	}
 	r := &request{ctx: ctx, direct: inputs, rows: rows, key: directKey, done: make(chan result, 1)}
-	if err := ctx.Err(); err != nil {
+	if err := b.enqueue(ctx, r); err != nil {
 		return nil, err
-	}
-	b.mu.Lock()
-	switch {
-	case b.closed:
-		b.mu.Unlock()
-		return nil, ErrClosed
-	case b.opts.MaxQueueSize > 0 && len(b.queue) >= b.opts.MaxQueueSize:
-		b.mu.Unlock()
-		return nil, ErrQueueFull
-	}
-	r.enqueued = time.Now()
-	b.queue = append(b.queue, r)
-	b.mu.Unlock()
-	select {
-	case b.notify <- struct{}{}:
-	default:
 	}
 	select {
 	case res := <-r.done:
@@ -274,6 +242,32 @@ func (b *Batcher) ForwardTensors(ctx context.Context, inputs []*core.Tensor) ([]
 		core.CloseAll(res.tensors)
 		return nil, ctx.Err()
 	}
+}
+
+// enqueue appends r to the queue and wakes the dispatcher, unless ctx is
+// done (its error), the batcher is closed (ErrClosed) or the queue is full
+// (ErrQueueFull). Submit and ForwardTensors share it.
+func (b *Batcher) enqueue(ctx context.Context, r *request) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	b.mu.Lock()
+	switch {
+	case b.closed:
+		b.mu.Unlock()
+		return ErrClosed
+	case b.opts.MaxQueueSize > 0 && len(b.queue) >= b.opts.MaxQueueSize:
+		b.mu.Unlock()
+		return ErrQueueFull
+	}
+	r.enqueued = time.Now()
+	b.queue = append(b.queue, r)
+	b.mu.Unlock()
+	select {
+	case b.notify <- struct{}{}:
+	default:
+	}
+	return nil
 }
 
 // prepare checks the request's tensors and computes its rows and key.

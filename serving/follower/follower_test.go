@@ -93,7 +93,9 @@ func infer(mgr *manager.Manager) error {
 	// The packages were trained on a table with a category column, so
 	// they serve raw records: one float32 [batch, 1] input per column (a,
 	// b, and colour's code, as the decoders hand them to the manager).
-	col := func() batcher.Tensor { return batcher.Tensor{DType: core.Float32, Shape: []int64{1, 1}, Data: make([]byte, 4)} }
+	col := func() batcher.Tensor {
+		return batcher.Tensor{DType: core.Float32, Shape: []int64{1, 1}, Data: make([]byte, 4)}
+	}
 	_, err = v.Infer(context.Background(), []batcher.Tensor{col(), col(), col()})
 	return err
 }
