@@ -51,8 +51,9 @@ type Split struct {
 	// (see AcquireFor). Empty: requests are drawn at random.
 	KeyParameter string `json:"key_parameter,omitempty"`
 	KeyHeader    string `json:"key_header,omitempty"`
-	// Sink receives the shadow comparisons (nil: they are only counted in
-	// the candidate's statistics).
+	// Sink receives the shadow comparisons (nil: they are only counted,
+	// see Manager.ShadowCounts). Shadow requests are not recorded in the
+	// candidate's request statistics (its executions are).
 	Sink ShadowSink `json:"-"`
 }
 
@@ -272,7 +273,8 @@ func (v *Version) maybeShadow(inputs, outs []batcher.Tensor) {
 		start := time.Now()
 		got, err := cand.Infer(ctx, ins)
 		res.Latency = time.Since(start)
-		cand.Stats().RecordRequest(err == nil, res.Latency)
+		// Not recorded as the candidate's requests: shadow requests run
+		// beside the load, and their latency is not a client's.
 		e.shadowed.Add(1)
 		if err != nil {
 			res.Err = err

@@ -148,7 +148,8 @@ type rollout struct {
 	// Window baselines: the versions' statistics when the window began.
 	prodBase, candBase batcher.StatsSnapshot
 	// lastProdP99 is production's p99 in the latest window that had
-	// production traffic (the reference when the candidate takes all).
+	// enough production traffic (the reference when the candidate takes
+	// all).
 	lastProdP99 time.Duration
 	shadow      shadowAcc
 	resumed     bool // the split is in force in this process
@@ -182,18 +183,38 @@ func (a *shadowAcc) RecordShadow(r manager.ShadowResult) {
 	}
 }
 
-func (a *shadowAcc) take() (rows, agree int, maxDiff float64, mismatch string) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	rows, agree, maxDiff, mismatch = a.rows, a.agree, a.maxDiff, a.mismatch
-	a.n, a.errs, a.rows, a.agree, a.maxDiff, a.mismatch = 0, 0, 0, 0, 0, ""
-	return
+// shadowWindow is a window's shadow comparisons.
+type shadowWindow struct {
+	n, errs, rows, agree int
+	maxDiff              float64
+	mismatch             string
 }
 
-func (a *shadowAcc) peek() (rows, agree int, total uint64) {
+func (a *shadowAcc) take() shadowWindow {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return a.rows, a.agree, a.totalShadowed
+	w := shadowWindow{n: a.n, errs: a.errs, rows: a.rows, agree: a.agree, maxDiff: a.maxDiff, mismatch: a.mismatch}
+	a.n, a.errs, a.rows, a.agree, a.maxDiff, a.mismatch = 0, 0, 0, 0, 0, ""
+	return w
+}
+
+func (a *shadowAcc) peek() (shadowWindow, uint64) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return shadowWindow{n: a.n, errs: a.errs, rows: a.rows, agree: a.agree, maxDiff: a.maxDiff}, a.totalShadowed
+}
+
+// withShadow adds a window's shadow requests to the candidate's figures:
+// they count for its error rate (not its latency, measured beside the
+// load).
+func (w Window) withShadow(s shadowWindow) Window {
+	w.Requests += uint64(s.n)
+	w.Errors += uint64(s.errs)
+	w.ErrorRate = 0
+	if w.Requests > 0 {
+		w.ErrorRate = float64(w.Errors) / float64(w.Requests)
+	}
+	return w
 }
 
 // New returns a controller; call Resume, then Run.
@@ -441,10 +462,10 @@ func (c *Controller) status(r *rollout) Status {
 	if st.State == Running && r.resumed {
 		prod, _ := window(st.Production, c.snapshot(st.Model, st.Production), r.prodBase)
 		cand, _ := window(st.Candidate, c.snapshot(st.Model, st.Candidate), r.candBase)
-		rows, agree, total := r.shadow.peek()
-		live := &Live{Production: prod, Candidate: cand, Shadowed: total}
-		if rows > 0 {
-			a := float64(agree) / float64(rows)
+		sw, total := r.shadow.peek()
+		live := &Live{Production: prod, Candidate: cand.withShadow(sw), Shadowed: total}
+		if sw.rows > 0 {
+			a := float64(sw.agree) / float64(sw.rows)
 			live.Agreement = &a
 		}
 		st.Live = live
@@ -501,21 +522,28 @@ func (c *Controller) judge(ctx context.Context, name string, r *rollout, now tim
 	pol := r.st.Policy
 	prodNow, candNow := c.snapshot(name, r.st.Production), c.snapshot(name, r.st.Candidate)
 	prod, prodP99 := window(r.st.Production, prodNow, r.prodBase)
-	cand, candP99 := window(r.st.Candidate, candNow, r.candBase)
+	canary, candP99 := window(r.st.Candidate, candNow, r.candBase)
+	sw, _ := r.shadow.peek()
+	cand := canary.withShadow(sw)
 	if cand.Requests < uint64(pol.MinRequests) {
 		if r.st.Reason == "" || strings.HasPrefix(r.st.Reason, "waiting") {
 			r.st.Reason = fmt.Sprintf("waiting for traffic: %d of %d candidate requests in this window", cand.Requests, pol.MinRequests)
 		}
 		return // extend the window
 	}
-	rows, agree, maxDiff, mismatch := r.shadow.take()
+	sw = r.shadow.take()
+	cand = canary.withShadow(sw)
+	rows, mismatch := sw.rows, sw.mismatch
 	v := Verdict{At: now, Step: r.st.Step, Weight: r.st.Weight, Verdict: "pass", Production: prod, Candidate: cand,
-		Compared: rows, MaxAbsDiff: maxDiff}
+		Compared: rows, MaxAbsDiff: sw.maxDiff}
 	if rows > 0 {
-		a := float64(agree) / float64(rows)
+		a := float64(sw.agree) / float64(rows)
 		v.Agreement = &a
 	}
-	if prod.Requests > 0 && prodP99 > 0 {
+	if prod.Requests >= uint64(max(10, pol.MinRequests/2)) && prodP99 > 0 {
+		// Enough of production's requests for a p99 to compare with; at
+		// the last steps the candidate takes (nearly) all, and the
+		// latest such p99 stays the reference.
 		r.lastProdP99 = prodP99
 	}
 	var fails []string
@@ -523,7 +551,7 @@ func (c *Controller) judge(ctx context.Context, name string, r *rollout, now tim
 		fails = append(fails, fmt.Sprintf("error rate %.2f%% > production's %.2f%% + %.2f points",
 			100*cand.ErrorRate, 100*prod.ErrorRate, 100**pol.MaxErrorRateIncrease))
 	}
-	if ref := r.lastProdP99; ref > 0 && float64(candP99) > pol.MaxP99Ratio*float64(ref) {
+	if ref := r.lastProdP99; ref > 0 && canary.Requests > 0 && float64(candP99) > pol.MaxP99Ratio*float64(ref) {
 		fails = append(fails, fmt.Sprintf("p99 latency %.3f ms > %.1f × production's %.3f ms",
 			float64(candP99)/1e6, pol.MaxP99Ratio, float64(ref)/1e6))
 	}

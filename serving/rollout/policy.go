@@ -12,10 +12,12 @@
 // largest absolute difference). At the end of each analysis window the
 // candidate is compared with production over that window:
 //
-//   - error rate: candidate − production ≤ Policy.MaxErrorRateIncrease;
+//   - error rate: candidate − production ≤ Policy.MaxErrorRateIncrease
+//     (the candidate's canary and shadow requests together);
 //   - p99 latency: candidate ≤ Policy.MaxP99Ratio × production (the
 //     latest production p99 measured, when the candidate takes all the
-//     traffic);
+//     traffic), from canary requests only: shadow requests run beside the
+//     load, their latency is no client's;
 //   - agreement (classifiers, from shadow traffic): ≥ Policy.MinAgreement.
 //
 // A window with fewer than Policy.MinRequests candidate requests decides
@@ -46,7 +48,7 @@ var (
 	DefaultWindow               = 30 * time.Second
 	DefaultMinRequests          = 50
 	DefaultMaxErrorRateIncrease = 0.01
-	DefaultMaxP99Ratio          = 1.5
+	DefaultMaxP99Ratio          = 2.0
 	DefaultMinAgreement         = 0.95
 )
 
@@ -77,8 +79,9 @@ type Policy struct {
 	Steps []float64 `json:"steps,omitempty" yaml:"steps,omitempty"`
 	// Window is how long each step is held and analysed.
 	Window Duration `json:"window,omitempty" yaml:"window,omitempty"`
-	// MinRequests is the number of candidate requests a window needs
-	// before it can decide (fewer: the window is extended).
+	// MinRequests is the number of candidate requests (canary and
+	// shadow) a window needs before it can decide (fewer: the window is
+	// extended).
 	MinRequests int `json:"min_requests,omitempty" yaml:"min_requests,omitempty"`
 	// MaxErrorRateIncrease is how much higher than production's the
 	// candidate's error rate (failed / all requests) may be, as a
