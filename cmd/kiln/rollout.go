@@ -53,7 +53,7 @@ Policy (the server's --rollout-policy file, the model's defaults, or flags of
     window: 30s                    # how long each step is held and judged
     min_requests: 50               # candidate requests a window needs to decide
     max_error_rate_increase: 0.01  # fraction (one percentage point)
-    max_p99_ratio: 1.5
+    max_p99_ratio: 2
     min_agreement: 0.95            # classifiers, from shadow traffic
     shadow: 0.1                    # share of production requests shadowed
     sticky_header: x-user-id       # or sticky_parameter: a request parameter
@@ -112,7 +112,7 @@ Policy (the server's --rollout-policy file, the model's defaults, or flags of
 	sf.DurationVar(&window, "window", 0, "how long each step is held and judged (default 30s)")
 	sf.IntVar(&req.MinRequests, "min-requests", 0, "candidate requests a window needs to decide (default 50)")
 	sf.Float64Var(&maxErr, "max-error-rate-increase", 0, "how much higher the candidate's error rate may be, a fraction (default 0.01)")
-	sf.Float64Var(&req.MaxP99Ratio, "max-p99-ratio", 0, "how many times production's p99 latency the candidate's may be (default 1.5)")
+	sf.Float64Var(&req.MaxP99Ratio, "max-p99-ratio", 0, "how many times production's p99 latency the candidate's may be (default 2)")
 	sf.Float64Var(&minAgree, "min-agreement", 0, "smallest share of shadow rows on which the candidate predicts production's class (default 0.95)")
 	sf.Float64Var(&req.Shadow, "shadow", 0, "share of production's requests also run on the candidate (0 to 1)")
 	sf.StringVar(&req.StickyHeader, "sticky-header", "", "header (gRPC metadata key) whose value keeps a client on one version")
