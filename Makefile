@@ -18,7 +18,7 @@ ENV := eval "$$(scripts/env.sh --print)" &&
 PY := .venv/bin/python
 DEMO := build/demo
 
-.PHONY: deps build python run demo test test-go test-python test-fuzz test-deploy fuzz soak vet bench bench-serve bench-cluster clean
+.PHONY: deps build python run demo test test-go test-python test-fuzz test-deploy fuzz soak vet bench bench-serve bench-cluster bench-rollout clean
 
 deps:
 	scripts/install-deps
@@ -109,6 +109,10 @@ bench-serve: build
 # namespace (needs root and iproute2).
 bench-cluster: build
 	$(ENV) go run ./bench/cluster -kiln bin/kiln
+
+# What shadow traffic costs production's clients (issue 14).
+bench-rollout: build
+	$(ENV) go run ./bench/rollout -kiln bin/kiln
 
 clean:
 	rm -rf bin build python/kiln/_native/*.so

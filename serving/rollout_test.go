@@ -84,7 +84,7 @@ func clfRequest(r *rand.Rand, version string) (*pb.ModelInferRequest, float32) {
 		vals[i] = r.Float32()
 	}
 	return &pb.ModelInferRequest{ModelName: "clf", ModelVersion: version,
-		Inputs:            []*pb.ModelInferRequest_InferInputTensor{{Name: "x", Datatype: "FP32", Shape: []int64{1, 16}}},
+		Inputs:           []*pb.ModelInferRequest_InferInputTensor{{Name: "x", Datatype: "FP32", Shape: []int64{1, 16}}},
 		RawInputContents: [][]byte{rawF32(vals...)}}, vals[0]
 }
 

@@ -33,9 +33,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
-	"slices"
 	"strconv"
-	"sync"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -43,6 +41,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/kilnml/kiln/internal/loadgen"
 	"github.com/kilnml/kiln/internal/testkit"
 	pb "github.com/kilnml/kiln/serving/inferencepb"
 )
@@ -115,70 +114,6 @@ func (r *replica) stop() {
 	}
 }
 
-type result struct {
-	requests, errors int
-	firstErr         error
-	latencies        []time.Duration
-	elapsed          time.Duration
-}
-
-func (r result) rps() float64 { return float64(r.requests) / r.elapsed.Seconds() }
-
-func (r result) pct(p float64) time.Duration {
-	if len(r.latencies) == 0 {
-		return 0
-	}
-	return r.latencies[min(len(r.latencies)-1, int(p*float64(len(r.latencies))))]
-}
-
-// load runs c workers calling do for warm (discarded), then for dur.
-func load(c int, warm, dur time.Duration, do func(worker int) error) result {
-	var mu sync.Mutex
-	var res result
-	var wg sync.WaitGroup
-	start := time.Now()
-	measureFrom, end := start.Add(warm), start.Add(warm+dur)
-	for w := range c {
-		wg.Go(func() {
-			var lat []time.Duration
-			var n, errs int
-			var first error
-			for {
-				t0 := time.Now()
-				if !t0.Before(end) {
-					break
-				}
-				err := do(w)
-				t1 := time.Now()
-				if t0.Before(measureFrom) || t1.After(end) {
-					continue
-				}
-				if err != nil {
-					errs++
-					if first == nil {
-						first = err
-					}
-					continue
-				}
-				n++
-				lat = append(lat, t1.Sub(t0))
-			}
-			mu.Lock()
-			res.requests += n
-			res.errors += errs
-			if res.firstErr == nil {
-				res.firstErr = first
-			}
-			res.latencies = append(res.latencies, lat...)
-			mu.Unlock()
-		})
-	}
-	wg.Wait()
-	res.elapsed = dur
-	slices.Sort(res.latencies)
-	return res
-}
-
 func row() []byte {
 	b := make([]byte, 4*rowElems)
 	for i := 0; i < rowElems; i++ {
@@ -188,17 +123,17 @@ func row() []byte {
 }
 
 // grpcLoad runs the load over gRPC against addr (host:port).
-func grpcLoad(addr string, clients int, warm, dur time.Duration) (result, error) {
+func grpcLoad(addr string, clients int, warm, dur time.Duration) (loadgen.Result, error) {
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
-		return result{}, err
+		return loadgen.Result{}, err
 	}
 	defer conn.Close()
 	c := pb.NewGRPCInferenceServiceClient(conn)
 	req := &pb.ModelInferRequest{ModelName: "mlp",
 		Inputs:           []*pb.ModelInferRequest_InferInputTensor{{Name: "x", Datatype: "FP32", Shape: []int64{1, rowElems}}},
 		RawInputContents: [][]byte{row()}}
-	return load(clients, warm, dur, func(int) error {
+	return loadgen.Run(clients, warm, dur, func(int) error {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		resp, err := c.ModelInfer(ctx, req)
@@ -211,13 +146,13 @@ func grpcLoad(addr string, clients int, warm, dur time.Duration) (result, error)
 
 // restLoad runs the load over REST (KServe's binary tensor extension)
 // against addr (host:port).
-func restLoad(addr string, clients int, warm, dur time.Duration) result {
+func restLoad(addr string, clients int, warm, dur time.Duration) loadgen.Result {
 	header := fmt.Appendf(nil, `{"inputs":[{"name":"x","datatype":"FP32","shape":[1,%d],"parameters":{"binary_data_size":%d}}],"outputs":[{"name":"y","parameters":{"binary_data":true}}]}`,
 		rowElems, 4*rowElems)
 	body := append(append([]byte(nil), header...), row()...)
 	hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: clients}}
 	url := "http://" + addr + "/v2/models/mlp/infer"
-	return load(clients, warm, dur, func(int) error {
+	return loadgen.Run(clients, warm, dur, func(int) error {
 		req, err := http.NewRequest(http.MethodPost, url, bytes.NewReader(body))
 		if err != nil {
 			return err
@@ -300,7 +235,7 @@ func run(kiln string, clients, threads int, warm, dur time.Duration) error {
 	type row struct {
 		setup, proto string
 		replicas     int
-		res          result
+		res          loadgen.Result
 	}
 	var rows []row
 	measure := func(setup string, n int, httpAddr, grpcAddr string) error {
@@ -308,7 +243,7 @@ func run(kiln string, clients, threads int, warm, dur time.Duration) error {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
-			var res result
+			var res loadgen.Result
 			if proto == "gRPC" {
 				if res, err = grpcLoad(grpcAddr, clients, warm, dur); err != nil {
 					return err
@@ -317,7 +252,7 @@ func run(kiln string, clients, threads int, warm, dur time.Duration) error {
 				res = restLoad(httpAddr, clients, warm, dur)
 			}
 			rows = append(rows, row{setup, proto, n, res})
-			fmt.Fprintf(os.Stderr, "  %-22s %-4s %8.0f req/s  errors %d\n", setup, proto, res.rps(), res.errors)
+			fmt.Fprintf(os.Stderr, "  %-22s %-4s %8.0f req/s  errors %d\n", setup, proto, res.RPS(), res.Errors)
 		}
 		return nil
 	}
@@ -347,18 +282,18 @@ func run(kiln string, clients, threads int, warm, dur time.Duration) error {
 	base := map[string]float64{}
 	for _, r := range rows {
 		if r.setup == "nginx" && r.replicas == 1 {
-			base[r.proto] = r.res.rps()
+			base[r.proto] = r.res.RPS()
 		}
 	}
 	for _, r := range rows {
 		rel := "-"
 		if r.setup == "nginx" && base[r.proto] > 0 {
-			rel = fmt.Sprintf("%.2fx", r.res.rps()/base[r.proto])
+			rel = fmt.Sprintf("%.2fx", r.res.RPS()/base[r.proto])
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%.0f\t%s\t%.2f\t%.2f\t%d\t\n", r.setup, r.proto, r.replicas, r.res.rps(), rel,
-			float64(r.res.pct(0.5).Microseconds())/1000, float64(r.res.pct(0.99).Microseconds())/1000, r.res.errors)
-		if r.res.firstErr != nil {
-			log.Printf("%s %s x%d: first error: %v", r.setup, r.proto, r.replicas, r.res.firstErr)
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%.0f\t%s\t%.2f\t%.2f\t%d\t\n", r.setup, r.proto, r.replicas, r.res.RPS(), rel,
+			float64(r.res.Pct(0.5).Microseconds())/1000, float64(r.res.Pct(0.99).Microseconds())/1000, r.res.Errors)
+		if r.res.FirstErr != nil {
+			log.Printf("%s %s x%d: first error: %v", r.setup, r.proto, r.replicas, r.res.FirstErr)
 		}
 	}
 	return tw.Flush()

@@ -37,11 +37,11 @@ import (
 	"time"
 
 	"github.com/kilnml/kiln/registry"
-	"github.com/kilnml/kiln/serving/rollout"
 	"github.com/kilnml/kiln/serving/auth"
 	"github.com/kilnml/kiln/serving/grpcserver"
 	pb "github.com/kilnml/kiln/serving/inferencepb"
 	"github.com/kilnml/kiln/serving/limits"
+	"github.com/kilnml/kiln/serving/rollout"
 	kstatus "github.com/kilnml/kiln/serving/status"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
