@@ -103,7 +103,7 @@ function badge(text, cls) {
 
 function table(headers, rows, attrs) {
   return el("table", attrs || {},
-    el("thead", {}, el("tr", {}, headers.map((h) => el("th", { class: /^(#|size|rows|bytes|requests|errors|value|p50|p99|batches|version)/i.test(h) ? "num" : "" }, h)))),
+    el("thead", {}, el("tr", {}, headers.map((h) => el("th", { class: /^(#|size|rows|bytes|requests|errors|value|p50 ms|p99 ms|batches|version|difference|candidate|production \(baseline\))$/i.test(h) ? "num" : "" }, h)))),
     el("tbody", {}, rows.map((r) => el("tr", {}, r.map((c) => (c instanceof Node && c.tagName === "TD") ? c : el("td", {}, c))))));
 }
 
