@@ -13,7 +13,6 @@ import (
 	"os"
 	"runtime"
 	"runtime/debug"
-	"slices"
 	"unsafe"
 
 	"github.com/kilnml/kiln/arrowio"
@@ -355,9 +354,6 @@ const (
 	PredictAliased = 2
 )
 
-// maxDims bounds the rank PredictInto accepts in a descriptor.
-const maxDims = 16
-
 // PredictInto is the fast path of Predict for small outputs whose dtypes
 // and shapes the caller already knows (from an earlier Predict with the
 // same input shapes): one call, integer arguments only, no Go objects or
@@ -388,81 +384,27 @@ func (m *Model) PredictInto(desc, in0, out0 uint64) (_ int, err error) {
 		return 0, core.Errorf(core.InvalidArgument, "kiln: predict: bad descriptor (%d inputs, %d outputs)", nin, nout)
 	}
 	// The descriptor's length is known only while reading it: view it with
-	// the largest length it can have and read forward.
-	d = unsafe.Slice(&d[0], 2+(nin+nout)*(2+maxDims))
-	var addrs []uint64
+	// the largest length it can have; the native call reads forward and
+	// checks each entry.
+	d = unsafe.Slice(&d[0], 2+(nin+nout)*(2+core.ForwardIntoMaxDims))
+	var stack [2]uintptr
+	var ptrs []uintptr
 	if nin == 1 && nout == 1 {
-		addrs = []uint64{in0, out0}
+		stack[0], stack[1] = uintptr(in0), uintptr(out0)
+		ptrs = stack[:]
 	} else {
-		addrs = unsafe.Slice((*uint64)(native.AddrPointer(uintptr(in0))), nin+nout)
+		ptrs = unsafe.Slice((*uintptr)(native.AddrPointer(uintptr(in0))), nin+nout)
 	}
-	type ref struct {
-		dt    core.DType
-		shape []int64
-	}
-	pos := 2
-	next := func(what string, i int) (ref, error) {
-		dt, nd := core.DType(d[pos]), int(d[pos+1])
-		if !dt.Valid() || nd < 0 || nd > maxDims {
-			return ref{}, core.Errorf(core.InvalidArgument, "kiln: predict: bad descriptor for %s %d (dtype code %d, %d dims)", what, i, dt, nd)
-		}
-		r := ref{dt, d[pos+2 : pos+2+nd]}
-		pos += 2 + nd
-		return r, nil
-	}
-	ins := make([]*core.Tensor, 0, nin)
-	defer func() { core.CloseAll(ins) }()
-	type span struct{ lo, hi uintptr }
-	inSpans := make([]span, 0, nin)
-	for i := range nin {
-		r, err := next("input", i)
-		if err != nil {
-			return 0, err
-		}
-		t, err := core.FromBlob(native.AddrPointer(uintptr(addrs[i])), r.dt, r.shape, nil, nil)
-		if err != nil {
-			return 0, fmt.Errorf("kiln: predict: input %d: %w", i, err)
-		}
-		ins = append(ins, t)
-		inSpans = append(inSpans, span{uintptr(addrs[i]), uintptr(addrs[i]) + uintptr(t.NumBytes())})
-	}
-	outs, err := m.m.Forward(ins...)
+	status, err := m.m.ForwardInto(d[2:], ptrs[:nin], ptrs[nin:])
 	if err != nil {
-		return 0, err
+		return 0, fmt.Errorf("kiln: predict: %w", err)
 	}
-	defer core.CloseAll(outs)
-	if len(outs) != nout {
+	switch status {
+	case core.ForwardIntoDone:
+		return PredictDone, nil
+	case core.ForwardIntoAliased:
+		return PredictAliased, nil
+	default:
 		return PredictMismatch, nil
 	}
-	src := make([][]byte, nout)
-	for i, o := range outs {
-		r, err := next("output", i)
-		if err != nil {
-			return 0, err
-		}
-		if o.DType() != r.dt || !slices.Equal(o.Shape(), r.shape) || !o.IsContiguous() {
-			return PredictMismatch, nil
-		}
-		n := o.NumBytes()
-		if n == 0 {
-			continue
-		}
-		p, err := o.DataPtr()
-		if err != nil {
-			return 0, err
-		}
-		lo := uintptr(p)
-		for _, s := range inSpans {
-			if lo < s.hi && s.lo < lo+uintptr(n) {
-				return PredictAliased, nil
-			}
-		}
-		src[i] = unsafe.Slice((*byte)(p), n)
-	}
-	for i, b := range src {
-		if len(b) > 0 {
-			copy(unsafe.Slice((*byte)(native.AddrPointer(uintptr(addrs[nin+i]))), len(b)), b)
-		}
-	}
-	return PredictDone, nil
 }

@@ -191,6 +191,51 @@ func (m *Module) Forward(inputs ...*Tensor) ([]*Tensor, error) {
 	return res, nil
 }
 
+// Results of ForwardInto.
+const (
+	// ForwardIntoDone: the outputs were written into the caller's buffers.
+	ForwardIntoDone = native.ForwardIntoDone
+	// ForwardIntoMismatch: the model returned another number of outputs,
+	// or an output whose dtype or shape differs from the descriptor's (or
+	// that is not contiguous); nothing was written.
+	ForwardIntoMismatch = native.ForwardIntoMismatch
+	// ForwardIntoAliased: an output shares memory with an input; nothing
+	// was written.
+	ForwardIntoAliased = native.ForwardIntoAliased
+)
+
+// ForwardIntoMaxDims bounds the rank of each tensor in ForwardInto's
+// descriptor.
+const ForwardIntoMaxDims = native.ForwardIntoMaxDims
+
+// ForwardInto is Forward for small calls whose output dtypes and shapes
+// the caller already knows, in one native call that makes no tensor
+// handle: the inputs borrow the memory at the addresses in (C-contiguous,
+// alive and unchanged during the call; C memory, or Go memory the caller
+// keeps alive and pinned), and each output is copied into the buffer at
+// the address out[i] (C-contiguous,
+// writable, as large as described). desc describes every tensor, inputs
+// first, then outputs, as int64s: DType code, number of dimensions (at
+// most ForwardIntoMaxDims), the dimensions. It returns ForwardIntoDone, or
+// ForwardIntoMismatch / ForwardIntoAliased when the caller must use
+// Forward instead (nothing written), or an error (INVALID_ARGUMENT for a
+// bad descriptor or inputs the model rejects).
+func (m *Module) ForwardInto(desc []int64, in, out []uintptr) (int, error) {
+	if m.qnnpack {
+		qnnpackMu.Lock()
+		defer qnnpackMu.Unlock()
+	}
+	var status int
+	err := m.use(func(h native.Module) (err error) {
+		status, err = h.ForwardInto(desc, in, out)
+		return err
+	})
+	if err != nil {
+		return 0, fmt.Errorf("kiln: forward %s: %w", m.name, err)
+	}
+	return status, nil
+}
+
 func describe(ts []*Tensor) string {
 	s := "["
 	for i, t := range ts {

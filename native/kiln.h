@@ -174,6 +174,28 @@ kiln_error kiln_module_forward(kiln_module* m, kiln_tensor* const* inputs,
                                int n, kiln_tensor*** outs, int* nouts);
 void kiln_tensor_array_free(kiln_tensor** arr);
 
+/* kiln_module_forward for small calls whose output dtypes and shapes the
+ * caller already knows, in one crossing: the n_in inputs borrow the
+ * caller's C-contiguous memory at the addresses in_data (no copy, no
+ * handle), forward runs under
+ * inference mode, and each of the n_out outputs is copied into the
+ * caller's buffer at address out_data[i] when its dtype and shape equal the expected
+ * ones. desc describes every tensor, inputs first, then outputs:
+ * dtype code, ndim (0..KILN_FORWARD_INTO_MAX_DIMS), dims... *status is
+ * KILN_FORWARD_INTO_DONE (outputs written), _MISMATCH (the output count,
+ * an output's dtype or shape differs, or it is not contiguous) or
+ * _ALIASED (an output shares memory with an input); nothing is written
+ * unless DONE. Errors: INVALID_ARGUMENT for a bad descriptor or inputs the
+ * model rejects. desc_len is desc's length in int64s. */
+#define KILN_FORWARD_INTO_MAX_DIMS 16
+#define KILN_FORWARD_INTO_DONE 0
+#define KILN_FORWARD_INTO_MISMATCH 1
+#define KILN_FORWARD_INTO_ALIASED 2
+kiln_error kiln_module_forward_into(kiln_module* m, const int64_t* desc,
+                                    int desc_len, int n_in,
+                                    const uintptr_t* in_data, int n_out,
+                                    const uintptr_t* out_data, int* status);
+
 /* The forward method's schema, e.g.
  * "forward(__torch__.Net self, Tensor x) -> Tensor", and its arguments
  * (self excluded). Returned strings are malloc'd; free with kiln_string_free. */

@@ -4,7 +4,9 @@
 
 #include <sys/stat.h>
 
+#include <c10/util/accumulate.h>
 #include <cerrno>
+#include <cstring>
 #include <sstream>
 #include <vector>
 
@@ -146,6 +148,115 @@ kiln_error kiln_module_forward(kiln_module* m, kiln_tensor* const* inputs, int n
   }
   *outs = arr;
   *nouts = static_cast<int>(count);
+  KILN_GUARD_END
+}
+
+namespace {
+
+// One tensor of kiln_module_forward_into's descriptor.
+struct blob_desc {
+  at::ScalarType type;
+  std::vector<int64_t> dims;
+};
+
+// Reads tensor i's description at desc[*pos], advancing *pos; false (with
+// *why) when it is malformed.
+bool read_blob_desc(const int64_t* desc, int desc_len, int* pos, blob_desc* out, std::string* why) {
+  if (*pos + 2 > desc_len) {
+    *why = "descriptor too short";
+    return false;
+  }
+  int64_t code = desc[*pos], nd = desc[*pos + 1];
+  if (code < 0 || code > 1000 || !kiln::to_scalar_type(static_cast<kiln_dtype>(code), &out->type)) {
+    *why = "unknown dtype code " + std::to_string(code);
+    return false;
+  }
+  if (nd < 0 || nd > KILN_FORWARD_INTO_MAX_DIMS || *pos + 2 + nd > desc_len) {
+    *why = "bad dimension count " + std::to_string(nd);
+    return false;
+  }
+  out->dims.assign(desc + *pos + 2, desc + *pos + 2 + nd);
+  for (int64_t d : out->dims) {
+    if (d < 0) {
+      *why = "negative dimension";
+      return false;
+    }
+  }
+  *pos += 2 + static_cast<int>(nd);
+  return true;
+}
+
+}  // namespace
+
+kiln_error kiln_module_forward_into(kiln_module* m, const int64_t* desc, int desc_len, int n_in,
+                                    const uintptr_t* in_data, int n_out, const uintptr_t* out_data,
+                                    int* status) {
+  KILN_CHECK_ARG(m != nullptr && desc != nullptr && status != nullptr, "NULL argument");
+  KILN_CHECK_ARG(n_in >= 0 && n_out >= 0 && n_in <= 64 && n_out <= 64, "bad tensor counts");
+  KILN_CHECK_ARG((n_in == 0 || in_data != nullptr) && (n_out == 0 || out_data != nullptr),
+                 "bad data arrays");
+  KILN_GUARD_BEGIN
+  int pos = 0;
+  std::string why;
+  std::vector<blob_desc> ins(n_in), outs(n_out);
+  for (int i = 0; i < n_in; i++) {
+    if (!read_blob_desc(desc, desc_len, &pos, &ins[i], &why)) {
+      return kiln::make_error(KILN_ERROR_INVALID_ARGUMENT, "input " + std::to_string(i) + ": " + why);
+    }
+    if (in_data[i] == 0 && c10::multiply_integers(ins[i].dims) != 0) {
+      return kiln::make_error(KILN_ERROR_INVALID_ARGUMENT, "input " + std::to_string(i) + " is NULL");
+    }
+  }
+  for (int i = 0; i < n_out; i++) {
+    if (!read_blob_desc(desc, desc_len, &pos, &outs[i], &why)) {
+      return kiln::make_error(KILN_ERROR_INVALID_ARGUMENT, "output " + std::to_string(i) + ": " + why);
+    }
+  }
+  kiln::sync_threads();
+  std::vector<at::Tensor> in;
+  in.reserve(n_in);
+  // The inputs' byte ranges, to refuse outputs that alias them.
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+  for (int i = 0; i < n_in; i++) {
+    at::Tensor t = torch::from_blob(reinterpret_cast<void*>(in_data[i]), ins[i].dims, at::TensorOptions().dtype(ins[i].type));
+    uintptr_t lo = in_data[i];
+    spans.emplace_back(lo, lo + t.nbytes());
+    in.push_back(std::move(t));
+  }
+  std::vector<at::Tensor> results;
+  try {
+    if (m->device.is_cuda()) {
+      results = kiln::forward_on_device(m, in);
+    } else {
+      c10::InferenceMode guard;
+      std::vector<c10::IValue> args(in.begin(), in.end());
+      c10::IValue r = m->m.forward(std::move(args));
+      kiln::flatten(r, &results);
+    }
+  } catch (...) {
+    return kiln::current_error(KILN_ERROR_INVALID_ARGUMENT, concise);
+  }
+  *status = KILN_FORWARD_INTO_MISMATCH;
+  if (static_cast<int>(results.size()) != n_out) return nullptr;
+  for (int i = 0; i < n_out; i++) {
+    const at::Tensor& r = results[i];
+    if (r.scalar_type() != outs[i].type || r.sizes() != c10::IntArrayRef(outs[i].dims) ||
+        !r.is_contiguous() || !r.device().is_cpu()) {
+      return nullptr;
+    }
+    if (r.nbytes() == 0) continue;
+    uintptr_t lo = reinterpret_cast<uintptr_t>(r.data_ptr()), hi = lo + r.nbytes();
+    for (const auto& s : spans) {
+      if (lo < s.second && s.first < hi) {
+        *status = KILN_FORWARD_INTO_ALIASED;
+        return nullptr;
+      }
+    }
+  }
+  for (int i = 0; i < n_out; i++) {
+    if (results[i].nbytes() > 0) std::memcpy(reinterpret_cast<void*>(out_data[i]), results[i].data_ptr(), results[i].nbytes());
+  }
+  *status = KILN_FORWARD_INTO_DONE;
   KILN_GUARD_END
 }
 

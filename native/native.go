@@ -304,6 +304,40 @@ func (m Module) Forward(inputs []Tensor) ([]Tensor, error) {
 	return res, nil
 }
 
+// Results of ForwardInto (kiln.h's KILN_FORWARD_INTO_*).
+const (
+	ForwardIntoDone     = int(C.KILN_FORWARD_INTO_DONE)
+	ForwardIntoMismatch = int(C.KILN_FORWARD_INTO_MISMATCH)
+	ForwardIntoAliased  = int(C.KILN_FORWARD_INTO_ALIASED)
+)
+
+// ForwardIntoMaxDims bounds the rank of a tensor in ForwardInto's
+// descriptor.
+const ForwardIntoMaxDims = int(C.KILN_FORWARD_INTO_MAX_DIMS)
+
+// ForwardInto runs kiln_module_forward_into: forward on inputs that borrow
+// the memory at the addresses in (C memory, or Go memory the caller keeps
+// alive and pinned), each output copied to the address in out when desc's
+// expectations hold. It returns ForwardIntoDone, ForwardIntoMismatch or
+// ForwardIntoAliased.
+func (m Module) ForwardInto(desc []int64, in, out []uintptr) (int, error) {
+	var inPtr, outPtr *C.uintptr_t
+	if len(in) > 0 {
+		inPtr = (*C.uintptr_t)(unsafe.Pointer(&in[0]))
+	}
+	if len(out) > 0 {
+		outPtr = (*C.uintptr_t)(unsafe.Pointer(&out[0]))
+	}
+	var descPtr *C.int64_t
+	if len(desc) > 0 {
+		descPtr = (*C.int64_t)(unsafe.Pointer(&desc[0]))
+	}
+	var status C.int
+	err := takeErr(C.kiln_module_forward_into(m.p, descPtr, C.int(len(desc)), C.int(len(in)), inPtr,
+		C.int(len(out)), outPtr, &status))
+	return int(status), err
+}
+
 // Schema returns the forward method's TorchScript schema.
 func (m Module) Schema() (string, error) {
 	var s *C.char

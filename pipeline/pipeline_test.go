@@ -412,3 +412,31 @@ func TestResumeAfterRegisterAndPromote(t *testing.T) {
 	assert.Len(t, evs, 1)
 	assert.Contains(t, e.logs.String(), "already at version")
 }
+
+// TestPromoteAliasHandsOverToARollout: with evaluate.promote_alias, a
+// PROMOTE moves that alias (the server's rollout takes it from there) and
+// leaves production; the first model of a name still becomes production.
+func TestPromoteAliasHandsOverToARollout(t *testing.T) {
+	e := newEnv(t, "")
+	ctx := context.Background()
+	withCandidate := func(s string) string {
+		return strings.Replace(s, "evaluate: {min_margin: 0.01, bootstrap: 200}", "evaluate: {min_margin: 0.01, bootstrap: 200, promote_alias: candidate}", 1)
+	}
+	first := e.run(t, withCandidate(spec("digits.csv", 1, 1e-3, map[string]int{"tiny": 4}, "")))
+	require.Equal(t, "PROMOTE", first.Verdict)
+	prod, err := e.reg.Alias(ctx, "digits", "production")
+	require.NoError(t, err)
+	assert.Equal(t, first.Candidate.Version, prod, "the first model becomes production")
+	_, err = e.reg.Alias(ctx, "digits", "candidate")
+	assert.Error(t, err, "no candidate alias for the first model")
+
+	better := e.run(t, withCandidate(spec("digits.csv", 6, 0.01, map[string]int{"wide": 64}, "")))
+	require.Equal(t, "PROMOTE", better.Verdict, better.Reason)
+	cand, err := e.reg.Alias(ctx, "digits", "candidate")
+	require.NoError(t, err)
+	assert.Equal(t, better.Candidate.Version, cand)
+	prod, err = e.reg.Alias(ctx, "digits", "production")
+	require.NoError(t, err)
+	assert.Equal(t, first.Candidate.Version, prod, "production stays until the rollout promotes")
+	assert.Equal(t, first.Candidate.Version, better.Serving)
+}

@@ -79,6 +79,7 @@ const DefaultAlias = "production"
 //	  variants: [{quantize: int8}, {prune: 0.5, structured: true, finetune_epochs: 3}]
 //	  max_accuracy_drop: 0.01          # (r2 for regression) vs the trained model
 //	evaluate: {alias: production, min_margin: 0.0, alpha: 0.05, promote: true}
+//	                                   # promote_alias: candidate → kiln serve rolls it out
 //	register: {description: "..."}
 //
 // The train, select, preprocess and optimize variant sections are the
@@ -141,10 +142,16 @@ type OptimizeSpec struct {
 // EvaluateSpec is the evaluate and promote stages: the candidate against
 // the version Alias names (core/evaluate's gate; the first model of a
 // name, with no such version yet, is promoted without a comparison), and
-// whether a PROMOTE moves Alias.
+// whether a PROMOTE moves Alias (or PromoteAlias).
 type EvaluateSpec struct {
-	Alias           string  `json:"alias,omitempty" yaml:"alias"`
-	Promote         *bool   `json:"promote,omitempty" yaml:"promote"`
+	Alias   string `json:"alias,omitempty" yaml:"alias"`
+	Promote *bool  `json:"promote,omitempty" yaml:"promote"`
+	// PromoteAlias, when set, is the alias a PROMOTE moves instead of
+	// Alias: "candidate" hands the version to `kiln serve`'s rollouts
+	// (canary steps judged on live traffic, automatic rollback, the
+	// promotion of Alias when every step passes). The first model of a
+	// name, with no version at Alias, still moves Alias.
+	PromoteAlias    string  `json:"promote_alias,omitempty" yaml:"promote_alias"`
 	Metric          string  `json:"metric,omitempty" yaml:"metric"`
 	MinMargin       float64 `json:"min_margin,omitempty" yaml:"min_margin"`
 	Alpha           float64 `json:"alpha,omitempty" yaml:"alpha"`
@@ -367,7 +374,7 @@ func decodeOwn(n *yaml.Node, field string, v any) error {
 	var allowed []string
 	switch v.(type) {
 	case *EvaluateSpec:
-		allowed = []string{"alias", "promote", "metric", "min_margin", "alpha", "bootstrap", "seed", "max_latency_ratio", "max_size_ratio"}
+		allowed = []string{"alias", "promote", "promote_alias", "metric", "min_margin", "alpha", "bootstrap", "seed", "max_latency_ratio", "max_size_ratio"}
 	case *RegisterSpec:
 		allowed = []string{"description"}
 	}
@@ -618,6 +625,9 @@ func (s *Spec) validate(root *yaml.Node, sections map[string]*yaml.Node) error {
 	}
 	if !aliasRE.MatchString(e.Alias) || e.Alias == "latest" {
 		return specErr(sections["evaluate"], "evaluate.alias", "%q: want a lower-case letter, then lower-case letters, digits, '_' or '-' (not \"latest\")", e.Alias)
+	}
+	if e.PromoteAlias != "" && (!aliasRE.MatchString(e.PromoteAlias) || e.PromoteAlias == "latest" || e.PromoteAlias == e.Alias) {
+		return specErr(sections["evaluate"], "evaluate.promote_alias", "%q: want an alias other than evaluate.alias (e.g. candidate), lower-case letters, digits, '_' or '-'", e.PromoteAlias)
 	}
 	if e.MinMargin < 0 || (e.Alpha != 0 && !(e.Alpha > 0 && e.Alpha < 1)) || e.Bootstrap < 0 || e.MaxLatencyRatio < 0 || e.MaxSizeRatio < 0 {
 		return specErr(sections["evaluate"], "evaluate", "min_margin, bootstrap and the ratios must be ≥ 0 and alpha in (0, 1)")

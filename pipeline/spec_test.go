@@ -76,6 +76,7 @@ func TestParseErrors(t *testing.T) {
 		{"optimize bad quantize", strings.Replace(goodSpec, "{quantize: int8}", "{quantize: int4}", 1), `optimize.variants[0].quantize: "int4"`},
 		{"unknown evaluate key", strings.Replace(goodSpec, "min_margin: 0.01", "min_margin: 0.01, margin: 1", 1), `line 16: evaluate: unknown key "margin"`},
 		{"bad alpha", strings.Replace(goodSpec, "min_margin: 0.01", "alpha: 2", 1), "evaluate: min_margin"},
+		{"promote_alias is alias", strings.Replace(goodSpec, "min_margin: 0.01", "min_margin: 0.01, promote_alias: production", 1), "evaluate.promote_alias: \"production\""},
 		{"two documents", goodSpec + "---\nname: x\n", "a second YAML document"},
 		{"duplicate key", goodSpec + "name: again\n", "line 17: name: given twice"},
 	} {

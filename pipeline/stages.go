@@ -102,8 +102,11 @@ type registerOut struct {
 // promoteOut is the promote stage's checkpoint.
 type promoteOut struct {
 	Promoted bool `json:"promoted"`
-	From     int  `json:"from,omitempty"`
-	Serving  int  `json:"serving,omitempty"`
+	// Alias is the alias moved: evaluate.alias, or evaluate.promote_alias
+	// (then Serving stays production's version until a rollout passes).
+	Alias   string `json:"alias,omitempty"`
+	From    int    `json:"from,omitempty"`
+	Serving int    `json:"serving,omitempty"`
 }
 
 type tables struct {
@@ -596,17 +599,30 @@ func (e *engine) stagePromote(ctx context.Context, _ *stageRun) (any, string, er
 		}
 		return out, fmt.Sprintf("%s: %s@%s stays at version %d", why, name, alias, now), nil
 	}
+	expected := e.eval.Baseline
+	if pa := e.spec.Evaluate.PromoteAlias; pa != "" && e.eval.Baseline != 0 {
+		// Hand the version to the server's rollout: move PromoteAlias
+		// from wherever it is; Alias moves when the rollout passes.
+		cur, err := e.reg.Alias(ctx, name, pa)
+		if err != nil && !core.HasCode(err, core.NotFound) {
+			return nil, "", err
+		}
+		alias, now, expected = pa, cur, cur
+	}
 	if now == cand.Version {
 		out.Promoted, out.Serving = true, now
 		e.promote = out
 		return out, fmt.Sprintf("%s@%s already at version %d (moved before the run was interrupted)", name, alias, now), nil
 	}
 	reason := fmt.Sprintf("kiln pipeline run %s: %s", e.state.RunID, e.eval.Reason)
-	if _, err := e.reg.CompareAndSwap(ctx, registry.Move{Model: name, Alias: alias, Expected: e.eval.Baseline, To: cand.Version,
+	if _, err := e.reg.CompareAndSwap(ctx, registry.Move{Model: name, Alias: alias, Expected: expected, To: cand.Version,
 		Actor: e.opts.Actor, Reason: reason, Verdict: e.eval.Verdict, EvaluationID: e.register.EvaluationID}); err != nil {
 		return nil, "", err
 	}
-	out.Promoted, out.Serving = true, cand.Version
+	out.Promoted, out.Serving, out.Alias = true, cand.Version, alias
+	if alias != e.spec.Evaluate.Alias {
+		out.Serving = e.eval.Baseline // production serves until the rollout promotes
+	}
 	e.promote = out
-	return out, fmt.Sprintf("%s@%s: version %d -> %d", name, alias, e.eval.Baseline, cand.Version), nil
+	return out, fmt.Sprintf("%s@%s: version %d -> %d", name, alias, expected, cand.Version), nil
 }

@@ -183,6 +183,19 @@ type Config struct {
 	// from ApplyEnv).
 	pipelineRuns string
 
+	// RolloutPolicy is a rollout policy file (package rollout:
+	// ParsePolicies): the default policy and per-model ones of the
+	// server's rollouts (canary steps, analysis window, thresholds, shadow
+	// share, sticky key). Empty: the defaults.
+	RolloutPolicy string `json:"rollout_policy"`
+	// RolloutState is the directory that keeps rollouts across restarts
+	// (default $KILN_HOME/rollouts).
+	RolloutState string `json:"rollout_state"`
+	// RolloutManual, with Registry, turns off automatic rollouts: by
+	// default a registry model whose "candidate" alias names a version
+	// other than production's is rolled out by the server itself.
+	RolloutManual bool `json:"rollout_manual"`
+
 	// ShutdownTimeout bounds how long Run waits for requests in flight
 	// when its context ends (0: no limit).
 	ShutdownTimeout time.Duration `json:"shutdown_timeout"`
@@ -230,6 +243,11 @@ func (c *Config) ApplyEnv(v kilnenv.Vars) {
 	}
 	if c.S3PathStyle == nil {
 		c.S3PathStyle = v.S3PathStyle
+	}
+	if c.RolloutState == "" {
+		if home, err := v.DataDir(); err == nil {
+			c.RolloutState = filepath.Join(home, "rollouts")
+		}
 	}
 }
 

@@ -37,6 +37,7 @@ import (
 	"github.com/kilnml/kiln/serving/console"
 	"github.com/kilnml/kiln/serving/flightserver"
 	"github.com/kilnml/kiln/serving/follower"
+	"github.com/kilnml/kiln/serving/rollout"
 	"github.com/kilnml/kiln/serving/grpcserver"
 	"github.com/kilnml/kiln/serving/httpserver"
 	"github.com/kilnml/kiln/serving/internal/grpccodec"
@@ -77,6 +78,8 @@ type Server struct {
 	pipes      *pipelines         // nil without Config.Registry
 	follower   *follower.Follower // nil without Config.Registry
 	followDone chan struct{}      // closed when the follower returns
+	rollouts   *rollout.Controller
+	rollDone   chan struct{} // closed when the rollout controller returns
 
 	mu       sync.Mutex
 	lis      net.Listener
@@ -162,6 +165,13 @@ func New(cfg Config) (_ *Server, retErr error) {
 			return nil, fmt.Errorf("serving: %w", err)
 		}
 	}
+	if s.rollouts, err = s.newRollouts(); err != nil {
+		s.mgr.Close()
+		if s.registry != nil {
+			s.registry.Close()
+		}
+		return nil, fmt.Errorf("serving: %w", err)
+	}
 	lim := cfg.Limits.WithDefaults()
 	gate := limits.NewGate(lim.MaxInflightBytes)
 	s.gate, s.streams = gate, limits.NewStreams(lim.MaxStreams)
@@ -195,6 +205,7 @@ func New(cfg Config) (_ *Server, retErr error) {
 		if addrs.flight != "" {
 			hopts.Datasets = flightDatasets{s}
 		}
+		hopts.Rollouts = s.rollouts
 		h := httpserver.New(svc, hopts)
 		var handler http.Handler = withConsole(h, console.New(console.Options{Logger: cfg.Logger}))
 		if cfg.SinglePort {
@@ -382,6 +393,20 @@ func (s *Server) Start(ctx context.Context) error {
 			s.follower.Run(fctx)
 		}()
 	}
+	// Rollouts after the follower's first pass: a rollout resumed after a
+	// restart finds its models loaded and the registry's aliases served.
+	if err := s.rollouts.Resume(ctx); err != nil {
+		s.log.Error("rollouts: state not read", "err", err)
+	}
+	s.rollouts.RestoreRoutes()
+	s.rollouts.Analyse(ctx)
+	s.rollDone = make(chan struct{})
+	go func() {
+		defer close(s.rollDone)
+		rctx, cancel := context.WithCancel(context.Background())
+		go func() { <-s.stop; cancel() }()
+		s.rollouts.Run(rctx)
+	}()
 	s.mu.Lock()
 	s.ready = true
 	s.mu.Unlock()
@@ -552,6 +577,29 @@ func (s *Server) openRegistry() error {
 	return nil
 }
 
+// newRollouts makes the rollout controller (package rollout) of the
+// server's models: policies from Config.RolloutPolicy, state kept in
+// Config.RolloutState, the registry and its follower when set.
+func (s *Server) newRollouts() (*rollout.Controller, error) {
+	o := rollout.Options{Manager: s.mgr, StateDir: s.cfg.RolloutState, Logger: s.log}
+	if s.cfg.RolloutPolicy != "" {
+		b, err := os.ReadFile(s.cfg.RolloutPolicy)
+		if err != nil {
+			return nil, core.Errorf(core.InvalidArgument, "rollout policy: %v", err)
+		}
+		if o.Policies, err = rollout.ParsePolicies(b); err != nil {
+			return nil, fmt.Errorf("%s: %w", s.cfg.RolloutPolicy, err)
+		}
+	}
+	if s.registry != nil {
+		o.Registry, o.Installer, o.Auto = s.registry, s.follower, !s.cfg.RolloutManual
+	}
+	return rollout.New(o)
+}
+
+// Rollouts returns the server's rollout controller.
+func (s *Server) Rollouts() *rollout.Controller { return s.rollouts }
+
 // Follower returns the registry follower, or nil without Config.Registry.
 func (s *Server) Follower() *follower.Follower { return s.follower }
 
@@ -653,6 +701,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	if s.followDone != nil {
 		<-s.followDone
+	}
+	if s.rollDone != nil {
+		<-s.rollDone
 	}
 	var wg sync.WaitGroup
 	var httpErr, flightErr error

@@ -10,10 +10,17 @@
 //   - TorchServe (PyPI torchserve, build/torchserve-venv) serving the same
 //     TorchScript files with its batching on (batchSize 64, maxBatchDelay
 //     1 ms, 2 workers of 1 thread, like Kiln's 2 instances).
+//   - MLServer (PyPI mlserver, build/mlserver-venv from
+//     bench/serve/requirements-mlserver.txt), the second KServe V2 peer:
+//     the same TorchScript files in a custom runtime
+//     (bench/serve/mlserver_runtime.py), adaptive batching
+//     (max_batch_size 64, max_batch_time 1 ms), 2 parallel workers of 1
+//     thread, loaded over unary gRPC with the same ModelInfer messages as
+//     Kiln's gRPC rows.
 //
 // The load generator runs in this process; Kiln's server runs in a child
 // process (this program again, with -serve-child: serving.New on loopback
-// gRPC/HTTP), TorchServe as child processes too, so that each server's CPU
+// gRPC/HTTP), TorchServe and MLServer as child processes too, so that each server's CPU
 // time is counted alone, from /proc/PID/stat (utime+stime of every thread,
 // over the measured window), apart from the load generator's (getrusage of
 // this process). The load generator reuses one request message (or body)
@@ -25,7 +32,7 @@
 // ceiling row's figure). One run, one table.
 //
 //	go run ./bench/serve [-duration 5s] [-concurrency 1,8,64] [-models mlp,cnn]
-//	    [-servers grpc,stream,http,single,torchserve] [-conns 1] [-torchserve DIR] [-cpuprofile FILE]
+//	    [-servers grpc,stream,http,single,torchserve,mlserver] [-conns 1] [-torchserve DIR] [-mlserver DIR] [-cpuprofile FILE]
 //
 // "single" is ModelInfer over the HTTP port with serving.Config.SinglePort
 // (gRPC through net/http's HTTP/2 server and grpc-go's ServeHTTP) next to
@@ -382,9 +389,11 @@ func main() {
 	out := flag.String("out", "build/bench-serve", "work directory (models, TorchServe store and logs)")
 	tsDir := flag.String("torchserve", "build/torchserve-venv", "virtualenv with torchserve and torch-model-archiver")
 	install := flag.Bool("install-torchserve", true, "create the -torchserve virtualenv (Debian python3 with its torch, pip torchserve "+torchServeVersion+") when missing")
+	mlsDir := flag.String("mlserver", "build/mlserver-venv", "virtualenv with mlserver")
+	installMLS := flag.Bool("install-mlserver", true, "create the -mlserver virtualenv (Debian python3 with its torch, pip -r bench/serve/requirements-mlserver.txt) when missing")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the Kiln runs to this file")
 	modelFlag := flag.String("models", "mlp,cnn", "comma-separated models to run (mlp, cnn)")
-	serverFlag := flag.String("servers", "grpc,stream,http,torchserve", "comma-separated servers to run: grpc (Kiln ModelInfer), stream (Kiln ModelStreamInfer), http (Kiln REST), single (ModelInfer on the single port), torchserve")
+	serverFlag := flag.String("servers", "grpc,stream,http,torchserve,mlserver", "comma-separated servers to run: grpc (Kiln ModelInfer), stream (Kiln ModelStreamInfer), http (Kiln REST), single (ModelInfer on the single port), torchserve, mlserver")
 	nconns := flag.Int("conns", 1, "gRPC client connections the workers share (worker i uses connection i mod conns)")
 	child := flag.Bool("serve-child", false, "internal: run only Kiln's server over -out/repo (see serveChild)")
 	flag.Parse()
@@ -396,6 +405,9 @@ func main() {
 	servers := strings.Split(*serverFlag, ",")
 	if abs, err := filepath.Abs(*tsDir); err == nil {
 		*tsDir = abs
+	}
+	if abs, err := filepath.Abs(*mlsDir); err == nil {
+		*mlsDir = abs
 	}
 	var concs []int
 	for _, s := range strings.Split(*concFlag, ",") {
@@ -480,37 +492,13 @@ func main() {
 				var cleanup func()
 				switch s {
 				case "grpc", "stream", "single":
-					// One request message per worker, built once and
-					// reused: the client's cost is the call, not building
-					// requests.
-					reqs := make([]*pb.ModelInferRequest, c)
-					for w := range c {
-						reqs[w] = &pb.ModelInferRequest{ModelName: m.name,
-							Inputs:           []*pb.ModelInferRequest_InferInputTensor{{Name: "x", Datatype: "FP32", Shape: append([]int64{1}, m.row...)}},
-							RawInputContents: [][]byte{randomRow(m, uint64(w))}}
-					}
-					check := func(resp *pb.ModelInferResponse) error {
-						if len(resp.RawOutputContents) != 1 || len(resp.RawOutputContents[0]) != 40 {
-							return errors.New("wrong output size")
-						}
-						return nil
-					}
+					reqs := inferRequests(m, c)
 					if s == "grpc" || s == "single" {
 						cs := conns
 						if s == "single" {
 							cs = singleConns
 						}
-						clients := make([]pb.GRPCInferenceServiceClient, len(cs))
-						for i, cc := range cs {
-							clients[i] = pb.NewGRPCInferenceServiceClient(cc)
-						}
-						do = func(w int) error {
-							resp, err := clients[w%len(clients)].ModelInfer(context.Background(), reqs[w])
-							if err != nil {
-								return err
-							}
-							return check(resp)
-						}
+						do = unaryDo(cs, reqs)
 						break
 					}
 					// A ModelStreamInfer stream per worker, one request in
@@ -533,7 +521,7 @@ func main() {
 						if resp.ErrorMessage != "" {
 							return errors.New(resp.ErrorMessage)
 						}
-						return check(resp.InferResponse)
+						return checkResponse(resp.InferResponse)
 					}
 				case "http":
 					bodies := make([][]byte, c)
@@ -594,6 +582,27 @@ func main() {
 		})
 	}
 
+	// MLServer.
+	mlsNote := ""
+	if !slices.Contains(servers, "mlserver") {
+		mlsNote = "not run (-servers)"
+	} else {
+		if _, err := os.Stat(filepath.Join(*mlsDir, "bin", "mlserver")); err != nil && *installMLS {
+			if err := installMLServer(*mlsDir); err != nil {
+				mlsNote = "not measured: installing it failed: " + err.Error()
+			}
+		}
+		if _, err := os.Stat(filepath.Join(*mlsDir, "bin", "mlserver")); err != nil && mlsNote == "" {
+			mlsNote = fmt.Sprintf("not measured: no %s/bin/mlserver (run without -install-mlserver=false to install it)", *mlsDir)
+		}
+		if mlsNote == "" {
+			mlsNote = runMLServer(*mlsDir, *out, concs, warm, *dur, *nconns, func(m model, c int, r result) {
+				results[key{m.name, "MLServer", c}] = r
+				fmt.Fprintf(os.Stderr, "%s c=%d MLServer: %.0f req/s, server %.0f µs CPU/req, %d errors\n", m.name, c, r.rps(), r.serverPerReq(), r.errors)
+			})
+		}
+	}
+
 	// The table: per model and concurrency, each server, then the ceiling.
 	// server / client CPU µs/req: the CPU time of the server's processes
 	// (Kiln's child; TorchServe's JVM and Python workers) and of this
@@ -602,43 +611,50 @@ func main() {
 	// Kiln formed (the ceiling's server figure, which no server on these
 	// CPUs can go under).
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "model\tconc\tserver\treq/s\tp50 ms\tp99 ms\tmean batch\tserver CPU µs/req\toverhead µs/req\tclient CPU µs/req\t% of ceiling\t× TorchServe\terrors\t")
+	fmt.Fprintln(tw, "model\tconc\tserver\treq/s\tp50 ms\tp99 ms\tmean batch\tserver CPU µs/req\toverhead µs/req\tclient CPU µs/req\t% of ceiling\t× TorchServe\t× MLServer\terrors\t")
 	for _, m := range models {
 		for _, c := range concs {
 			ceil, haveCeil := ceilings[key{m.name, "", c}]
 			ts, haveTS := results[key{m.name, "TorchServe", c}]
-			for _, server := range []string{"kiln gRPC", "kiln gRPC single port", "kiln gRPC stream", "kiln HTTP", "TorchServe"} {
+			mls, haveMLS := results[key{m.name, "MLServer", c}]
+			for _, server := range []string{"kiln gRPC", "kiln gRPC single port", "kiln gRPC stream", "kiln HTTP", "TorchServe", "MLServer"} {
 				r, ok := results[key{m.name, server, c}]
 				if !ok {
 					continue
 				}
-				batch, ofCeil, vsTS, over := "-", "-", "-", "-"
+				batch, ofCeil, vsTS, vsMLS, over := "-", "-", "-", "-", "-"
 				if r.meanBatch > 0 {
 					batch = fmt.Sprintf("%.1f", r.meanBatch)
 				}
 				if haveCeil && ceil.rows > 0 {
 					ofCeil = fmt.Sprintf("%.0f%%", 100*r.rps()/ceil.rows)
-					if server != "TorchServe" {
+					if !isPeer(server) {
 						over = fmt.Sprintf("%.0f", r.serverPerReq()-ceil.cpuPerRow)
 					}
 				}
-				if haveTS && ts.rps() > 0 && server != "TorchServe" {
+				if haveTS && ts.rps() > 0 && !isPeer(server) {
 					vsTS = fmt.Sprintf("%.1f×", r.rps()/ts.rps())
+				}
+				if haveMLS && mls.rps() > 0 && !isPeer(server) {
+					vsMLS = fmt.Sprintf("%.1f×", r.rps()/mls.rps())
 				}
 				errs := strconv.Itoa(r.errors)
 				if r.firstErr != nil {
 					errs += " (" + firstLine(r.firstErr.Error()) + ")"
 				}
-				fmt.Fprintf(tw, "%s\t%d\t%s\t%.0f\t%.2f\t%.2f\t%s\t%.0f\t%s\t%.0f\t%s\t%s\t%s\t\n", m.name, c, server, r.rps(),
-					ms(r.pct(0.50)), ms(r.pct(0.99)), batch, r.serverPerReq(), over, r.cpuPerReq(), ofCeil, vsTS, errs)
+				fmt.Fprintf(tw, "%s\t%d\t%s\t%.0f\t%.2f\t%.2f\t%s\t%.0f\t%s\t%.0f\t%s\t%s\t%s\t%s\t\n", m.name, c, server, r.rps(),
+					ms(r.pct(0.50)), ms(r.pct(0.99)), batch, r.serverPerReq(), over, r.cpuPerReq(), ofCeil, vsTS, vsMLS, errs)
 			}
 			if haveCeil {
-				vsTS := "-"
+				vsTS, vsMLS := "-", "-"
 				if haveTS && ts.rps() > 0 {
 					vsTS = fmt.Sprintf("%.1f×", ceil.rows/ts.rps())
 				}
-				fmt.Fprintf(tw, "%s\t%d\t%s\t%.0f\t-\t-\t%d\t%.1f\t0\t-\t100%%\t%s\t-\t\n", m.name, c, "ceiling", ceil.rows,
-					ceil.batch, ceil.cpuPerRow, vsTS)
+				if haveMLS && mls.rps() > 0 {
+					vsMLS = fmt.Sprintf("%.1f×", ceil.rows/mls.rps())
+				}
+				fmt.Fprintf(tw, "%s\t%d\t%s\t%.0f\t-\t-\t%d\t%.1f\t0\t-\t100%%\t%s\t%s\t-\t\n", m.name, c, "ceiling", ceil.rows,
+					ceil.batch, ceil.cpuPerRow, vsTS, vsMLS)
 			}
 		}
 	}
@@ -649,10 +665,14 @@ func main() {
 		core.TorchVersion(), instances, threads)
 	fmt.Printf("ceiling: raw core.Module.Forward, no server and no load generator, with the server's resources (%d goroutines × %d intra-op threads), at the batch size Kiln's first run of that cell formed (rounded), right after it; req/s = rows/s; server CPU µs/req = the process's CPU time per row forwarded.\n",
 		instances, threads)
-	fmt.Printf("server CPU µs/req: the server processes' CPU time (user+system) per answered request (Kiln: its child process; TorchServe: its JVM and Python workers); overhead = server CPU less the ceiling's forward CPU per row; client CPU µs/req: the load generator's (this process).\n")
+	fmt.Printf("server CPU µs/req: the server processes' CPU time (user+system) per answered request (Kiln: its child process; TorchServe: its JVM and Python workers; MLServer: its main process and parallel workers); overhead = server CPU less the ceiling's forward CPU per row; client CPU µs/req: the load generator's (this process).\n")
 	fmt.Printf("mlp: 784-512-256-10 MLP; cnn: 3x32x32 conv16-pool-conv32-pool-fc128-fc10.\n")
 	fmt.Println("TorchServe:", tsNote)
+	fmt.Println("MLServer:", mlsNote)
 }
+
+// isPeer tells a peer's row (TorchServe, MLServer) from Kiln's.
+func isPeer(server string) bool { return server == "TorchServe" || server == "MLServer" }
 
 // torchServeVersion is the PyPI release of torchserve and
 // torch-model-archiver the benchmark installs.
@@ -860,4 +880,154 @@ func javaVersion() string {
 		return "unknown"
 	}
 	return firstLine(string(out))
+}
+
+// inferRequests returns one one-row ModelInferRequest of model m per
+// worker, built once and reused: the client's cost is the call, not
+// building requests.
+func inferRequests(m model, c int) []*pb.ModelInferRequest {
+	reqs := make([]*pb.ModelInferRequest, c)
+	for w := range c {
+		reqs[w] = &pb.ModelInferRequest{ModelName: m.name,
+			Inputs:           []*pb.ModelInferRequest_InferInputTensor{{Name: "x", Datatype: "FP32", Shape: append([]int64{1}, m.row...)}},
+			RawInputContents: [][]byte{randomRow(m, uint64(w))}}
+	}
+	return reqs
+}
+
+// checkResponse checks that an answer holds the one raw 10-float output.
+func checkResponse(resp *pb.ModelInferResponse) error {
+	if len(resp.RawOutputContents) != 1 || len(resp.RawOutputContents[0]) != 40 {
+		return errors.New("wrong output size")
+	}
+	return nil
+}
+
+// unaryDo returns a load worker's call: ModelInfer of worker w's request
+// over connection w mod len(conns).
+func unaryDo(conns []*grpc.ClientConn, reqs []*pb.ModelInferRequest) func(int) error {
+	clients := make([]pb.GRPCInferenceServiceClient, len(conns))
+	for i, cc := range conns {
+		clients[i] = pb.NewGRPCInferenceServiceClient(cc)
+	}
+	return func(w int) error {
+		resp, err := clients[w%len(clients)].ModelInfer(context.Background(), reqs[w])
+		if err != nil {
+			return err
+		}
+		return checkResponse(resp)
+	}
+}
+
+// mlserverVersion is the PyPI release of MLServer the benchmark installs
+// (bench/serve/requirements-mlserver.txt pins it and its closure).
+const mlserverVersion = "1.7.1"
+
+// installMLServer creates venv over /usr/bin/python3 (whose system
+// packages hold the torch that matches Kiln's libtorch) and pip-installs
+// bench/serve/requirements-mlserver.txt into it.
+func installMLServer(venv string) error {
+	fmt.Fprintf(os.Stderr, "bench/serve: installing mlserver %s into %s\n", mlserverVersion, venv)
+	reqs := filepath.Join(testkit.Root(), "bench", "serve", "requirements-mlserver.txt")
+	steps := [][]string{
+		{"/usr/bin/python3", "-m", "venv", "--system-site-packages", venv},
+		{filepath.Join(venv, "bin", "pip"), "install", "-q", "-r", reqs},
+		{filepath.Join(venv, "bin", "python"), "-c", "import torch, mlserver"},
+	}
+	for _, st := range steps {
+		out, err := exec.Command(st[0], st[1:]...).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("%s: %v: %s", strings.Join(st, " "), err, firstLine(strings.TrimSpace(string(out))))
+		}
+	}
+	return nil
+}
+
+// runMLServer starts MLServer (venv's mlserver start) on the TorchScript
+// files of out/repo with bench/serve/mlserver_runtime.py, adaptive batching
+// and 2 parallel workers of 1 thread, loads it over unary gRPC ModelInfer
+// with the same V2 messages as Kiln's gRPC rows (nconns connections shared
+// by the workers), records each cell and returns the table's footnote (its
+// settings, or why it could not be measured).
+func runMLServer(venv, out string, concs []int, warm, dur time.Duration, nconns int, record func(model, int, result)) string {
+	dir, err := filepath.Abs(filepath.Join(out, "mlserver"))
+	must(err)
+	must(os.RemoveAll(dir))
+	must(os.MkdirAll(dir, 0o755))
+	runtimeSrc, err := os.ReadFile(filepath.Join(testkit.Root(), "bench", "serve", "mlserver_runtime.py"))
+	must(err)
+	must(os.WriteFile(filepath.Join(dir, "mlserver_runtime.py"), runtimeSrc, 0o644))
+	httpPort, grpcPort := freePort(), freePort()
+	const maxBatchSize, maxBatchTime, workers = 64, 0.001, 2
+	writeJSON := func(path string, v any) {
+		b, err := json.MarshalIndent(v, "", "  ")
+		must(err)
+		must(os.MkdirAll(filepath.Dir(path), 0o755))
+		must(os.WriteFile(path, b, 0o644))
+	}
+	writeJSON(filepath.Join(dir, "settings.json"), map[string]any{
+		"debug": false, "host": "127.0.0.1", "http_port": httpPort, "grpc_port": grpcPort,
+		"metrics_endpoint": nil, "parallel_workers": workers, "model_repository_root": dir,
+		"load_models_at_startup": true})
+	for _, m := range models {
+		model, err := filepath.Abs(filepath.Join(out, "repo", m.name, "1", "model.pt"))
+		must(err)
+		writeJSON(filepath.Join(dir, "models", m.name, "model-settings.json"), map[string]any{
+			"name": m.name, "implementation": "mlserver_runtime.TorchScriptModel",
+			"max_batch_size": maxBatchSize, "max_batch_time": maxBatchTime,
+			"parameters": map[string]any{"uri": model}})
+	}
+	logPath := filepath.Join(dir, "mlserver.log")
+	logf, err := os.Create(logPath)
+	must(err)
+	defer logf.Close()
+	cmd := exec.Command(filepath.Join(venv, "bin", "mlserver"), "start", dir)
+	cmd.Dir = dir
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// One intra-op (and OpenBLAS/OpenMP) thread per worker process, like
+	// Kiln's instances and TorchServe's workers.
+	cmd.Env = append(os.Environ(), "PYTHONPATH="+dir, "OMP_NUM_THREADS=1", "OPENBLAS_NUM_THREADS=1", "MKL_NUM_THREADS=1")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		return fmt.Sprintf("not measured: starting %s: %v", cmd.Path, err)
+	}
+	defer func() {
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM) // mlserver and its worker processes
+		done := make(chan struct{})
+		go func() { cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+			<-done
+		}
+	}()
+	addr := fmt.Sprintf("127.0.0.1:%d", grpcPort)
+	conns := make([]*grpc.ClientConn, nconns)
+	for i := range conns {
+		conns[i], err = grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		must(err)
+		defer conns[i].Close()
+	}
+	deadline := time.Now().Add(3 * time.Minute)
+	for _, m := range models {
+		do := unaryDo(conns, inferRequests(m, 1))
+		for {
+			err := do(0)
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				return fmt.Sprintf("not measured: model %s never answered (last error: %v); see %s", m.name, firstLine(err.Error()), logPath)
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+	}
+	for _, m := range models {
+		for _, c := range concs {
+			record(m, c, load(c, warm, dur, func() time.Duration { return groupCPU(cmd.Process.Pid) }, unaryDo(conns, inferRequests(m, c))))
+		}
+	}
+	return fmt.Sprintf("mlserver %s (PyPI) over unary gRPC ModelInfer (the same V2 messages as kiln gRPC), same TorchScript files, runtime bench/serve/mlserver_runtime.py, %d parallel workers × 1 thread (OMP/OPENBLAS_NUM_THREADS=1), adaptive batching max_batch_size %d, max_batch_time %g s; log %s.",
+		mlserverVersion, workers, maxBatchSize, maxBatchTime, logPath)
 }

@@ -47,7 +47,7 @@ func newRoot() *cobra.Command {
 	}
 	root.PersistentFlags().IntVar(&threads, "threads", 0, "libtorch intra-op threads (default $KILN_NUM_THREADS, else $OMP_NUM_THREADS, else the number of CPUs)")
 	root.PersistentFlags().BoolVarP(&verbose, "verbose", "v", false, "debug logging")
-	root.AddCommand(newVersionCmd(), newInfoCmd(), newPredictCmd(), newTrainCmd(), newSelectCmd(), newServeCmd(), newOptimizeCmd(), newEvaluateCmd(), newRegistryCmd(), newPipelineCmd(), newFetchCmd(), newRepositoryCmd())
+	root.AddCommand(newVersionCmd(), newInfoCmd(), newPredictCmd(), newTrainCmd(), newSelectCmd(), newServeCmd(), newOptimizeCmd(), newEvaluateCmd(), newRegistryCmd(), newPipelineCmd(), newFetchCmd(), newRepositoryCmd(), newRolloutCmd())
 	return root
 }
 

@@ -135,6 +135,9 @@ CPUs / instance_count) and --host accept IPv6 ("::1" or "[::1]").`,
 	f.StringVar(&cfg.Pipeline, "pipeline", "", "with --registry: continuous training: run this pipeline file (kiln pipeline run) on each commit of --watch-dataset")
 	f.StringVar(&cfg.WatchDataset, "watch-dataset", "", "with --pipeline: the Flight dataset whose commits (DoPut) start a run (default: the pipeline's data.dataset)")
 	f.DurationVar(&cfg.PipelineDebounce, "pipeline-debounce", serving.DefaultPipelineDebounce, "with --pipeline: start a run this long after the last commit; commits during a run queue one more run")
+	f.StringVar(&cfg.RolloutPolicy, "rollout-policy", "", "rollout policy file (YAML/JSON: default and per-model steps, window, thresholds, shadow, sticky key; see kiln rollout --help)")
+	f.StringVar(&cfg.RolloutState, "rollout-state", "", "directory keeping rollouts across restarts (default $KILN_HOME/rollouts)")
+	f.BoolVar(&cfg.RolloutManual, "rollout-manual", false, "with --registry: do not start a rollout by itself when a model's candidate alias moves (kiln rollout start does)")
 	return cmd
 }
 

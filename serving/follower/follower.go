@@ -295,6 +295,21 @@ func (f *Follower) follow(ctx context.Context, name string, want int) error {
 	return nil
 }
 
+// Install puts version v of model name into the served repository (its
+// artifact fetched from the registry and verified, as for the alias's
+// versions) without serving it, so that the manager can load it: a
+// rollout's candidate. A version installed before is verified again.
+func (f *Follower) Install(ctx context.Context, name string, v int) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	st := f.models[name]
+	if st == nil {
+		st = &state{failed: map[int]failure{}, checked: map[int]bool{}}
+		f.models[name] = st
+	}
+	return f.install(ctx, name, v, st)
+}
+
 func (f *Follower) fail(st *state, name string, version int, err error) error {
 	err = fmt.Errorf("registry follower: model %q version %d (alias %q): %w", name, version, f.o.Alias, err)
 	st.failed[version] = failure{at: f.o.Now(), err: err.Error()}

@@ -203,7 +203,7 @@ func (s *Service) ModelInfer(ctx context.Context, req *pb.ModelInferRequest) (*p
 
 func (s *Service) infer(ctx context.Context, req *pb.ModelInferRequest) (*pb.ModelInferResponse, error) {
 	start := time.Now()
-	v, err := s.mgr.Acquire(req.GetModelName(), req.GetModelVersion())
+	v, err := s.mgr.AcquireFor(req.GetModelName(), req.GetModelVersion(), routingKey(ctx, req))
 	if err != nil {
 		return nil, err
 	}

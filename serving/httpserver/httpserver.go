@@ -39,6 +39,7 @@ import (
 	"time"
 
 	"github.com/kilnml/kiln/registry"
+	"github.com/kilnml/kiln/serving/rollout"
 	"github.com/kilnml/kiln/serving/auth"
 	"github.com/kilnml/kiln/serving/grpcserver"
 	pb "github.com/kilnml/kiln/serving/inferencepb"
@@ -81,6 +82,9 @@ type Options struct {
 	RegistryStatus func() any
 	// Datasets, when set, is listed by GET /v2/datasets (routeDatasets).
 	Datasets Datasets
+	// Rollouts, when set, is served under /v2/rollouts (see
+	// routeRollouts).
+	Rollouts *rollout.Controller
 	// Logger receives the handler's logs; nil means slog.Default().
 	Logger *slog.Logger
 }
@@ -123,6 +127,7 @@ func New(svc *grpcserver.Service, opts Options) *Handler {
 	h.route(post, "/v2/repository/models/{model}/unload", control, h.unload)
 	h.routeRegistry()
 	h.routeDatasets()
+	h.routeRollouts()
 	h.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no endpoint %s %s", r.Method, r.URL.Path))
 	})
@@ -494,7 +499,7 @@ func (h *Handler) infer(w http.ResponseWriter, r *http.Request) {
 		writeStatus(w, err)
 		return
 	}
-	ctx := r.Context()
+	ctx := grpcserver.WithHeaders(r.Context(), r.Header)
 	if req.timeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, req.timeout)

@@ -91,6 +91,7 @@ func decodeInferRequest(model, version string, body []byte, headerLen string) (*
 	if req.timeout, err = requestTimeout(jr.Parameters); err != nil {
 		return nil, nil, err
 	}
+	req.pb.Parameters = scalarParameters(jr.Parameters)
 	if len(jr.Inputs) == 0 {
 		return nil, nil, invalid("model %q: the request has no inputs", model)
 	}
@@ -542,4 +543,32 @@ func jsonValues(name string, dt repository.DataType, raw []byte) ([]byte, error)
 		buf = strconv.AppendFloat(buf, f, 'g', -1, bits)
 	}
 	return append(buf, ']'), nil
+}
+
+// scalarParameters converts a request's string, integer and boolean
+// parameters to the gRPC request's, as a rollout's sticky parameter reads
+// them (others are left out: the server reads those from the JSON itself).
+func scalarParameters(ps map[string]json.RawMessage) map[string]*pb.InferParameter {
+	var out map[string]*pb.InferParameter
+	for k, raw := range ps {
+		var p *pb.InferParameter
+		var str string
+		var i int64
+		var b bool
+		switch {
+		case json.Unmarshal(raw, &str) == nil:
+			p = &pb.InferParameter{ParameterChoice: &pb.InferParameter_StringParam{StringParam: str}}
+		case json.Unmarshal(raw, &i) == nil:
+			p = &pb.InferParameter{ParameterChoice: &pb.InferParameter_Int64Param{Int64Param: i}}
+		case json.Unmarshal(raw, &b) == nil:
+			p = &pb.InferParameter{ParameterChoice: &pb.InferParameter_BoolParam{BoolParam: b}}
+		default:
+			continue
+		}
+		if out == nil {
+			out = make(map[string]*pb.InferParameter, len(ps))
+		}
+		out[k] = p
+	}
+	return out
 }

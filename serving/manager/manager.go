@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/kilnml/kiln/core"
@@ -52,6 +53,10 @@ type Version struct {
 	// ident identifies what the version was loaded from (configuration,
 	// labels, model file); a reload with the same ident keeps the instance.
 	ident string
+
+	// ent is the model's entry in the manager that loaded the version
+	// (nil during warmup): its split decides shadowing and roles.
+	ent *entry
 
 	mu       sync.Mutex
 	refs     int
@@ -86,6 +91,7 @@ func (v *Version) QueueLen() int { return v.batcher.QueueLen() }
 // decoder); they are assembled into the model's one float32 [batch,
 // columns] input before the batcher, so requests still batch together.
 func (v *Version) Infer(ctx context.Context, inputs []batcher.Tensor) ([]batcher.Tensor, error) {
+	orig := inputs
 	if v.model.Config.Columns {
 		x, err := AssembleColumns(inputs)
 		if err != nil {
@@ -100,6 +106,7 @@ func (v *Version) Infer(ctx context.Context, inputs []batcher.Tensor) ([]batcher
 	if err := postprocess(v.model.Config, outs); err != nil {
 		return nil, &batcher.ExecError{Err: err}
 	}
+	v.maybeShadow(orig, outs)
 	return outs, nil
 }
 
@@ -204,6 +211,14 @@ type entry struct {
 	fp       string // the repository's fingerprint of the model at its last load
 	route    *Route // set by SetRoute: the versions to load, overriding the policy
 	def      int64  // the version that answers unversioned requests (0: the highest)
+	pending  int64  // a split's candidate being loaded (SetSplit), 0 otherwise
+
+	// split divides unversioned requests with a candidate (SetSplit).
+	split atomic.Pointer[Split]
+	// shadowSem bounds the shadow requests in flight; shadowed and
+	// shadowDropped count those sent and those skipped for it.
+	shadowSem               chan struct{}
+	shadowed, shadowDropped atomic.Uint64
 }
 
 // Route overrides, for one model, the versions its config's version policy
@@ -262,7 +277,7 @@ func (m *Manager) entry(name string, create bool) *entry {
 	defer m.mu.Unlock()
 	e := m.models[name]
 	if e == nil && create && !m.closed {
-		e = &entry{versions: map[int64]*Version{}, failed: map[int64]string{}}
+		e = &entry{versions: map[int64]*Version{}, failed: map[int64]string{}, shadowSem: make(chan struct{}, maxShadowInFlight)}
 		m.models[name] = e
 	}
 	return e
@@ -362,6 +377,9 @@ func (m *Manager) load(name string, e *entry) error {
 			continue
 		}
 		ver, err := m.loadVersion(rm, v, ident)
+		if ver != nil {
+			ver.ent = e
+		}
 		if err != nil {
 			failed[v] = err.Error()
 			errs = append(errs, fmt.Errorf("version %d: %w", v, err))
@@ -425,18 +443,36 @@ func (m *Manager) load(name string, e *entry) error {
 // config's version policy's.
 func (m *Manager) selected(rm *repository.Model, e *entry) ([]int64, error) {
 	e.mu.RLock()
-	route := e.route
+	route, pending := e.route, e.pending
 	e.mu.RUnlock()
+	var vs []int64
 	if route == nil {
-		return rm.Selected(), nil
+		vs = rm.Selected()
+	} else {
+		vs = route.Versions()
 	}
-	vs := route.Versions()
+	for _, c := range []int64{pending, splitCandidate(e)} {
+		if c != 0 && !slices.Contains(vs, c) {
+			vs = append(vs, c)
+		}
+	}
+	slices.Sort(vs)
+	if route == nil && pending == 0 && splitCandidate(e) == 0 {
+		return vs, nil
+	}
 	for _, v := range vs {
 		if !slices.Contains(rm.Versions, v) {
 			return nil, fmt.Errorf("%w: model %q has no version %d in the repository", ErrNotFound, rm.Name, v)
 		}
 	}
 	return vs, nil
+}
+
+func splitCandidate(e *entry) int64 {
+	if s := e.split.Load(); s != nil {
+		return s.Candidate
+	}
+	return 0
 }
 
 // SetRoute loads model name with exactly the versions of r (versions that
@@ -836,9 +872,20 @@ func (m *Manager) Poll() error {
 }
 
 // Acquire returns a serving version of model name: version "" is the
-// route's default (SetRoute) when one is set, else the highest loaded one.
-// The caller must call Release when done.
+// route's default (SetRoute) when one is set, else the highest loaded one;
+// with a split (SetSplit), "" is production or the candidate, drawn at
+// random by the split's weight. The caller must call Release when done.
 func (m *Manager) Acquire(name, version string) (*Version, error) {
+	return m.AcquireFor(name, version, nil)
+}
+
+// AcquireFor is Acquire with the request's routing key: under a split
+// that names a key (Split.KeyParameter, Split.KeyHeader), key is called
+// for it and an unversioned request with a key goes to the version its key
+// hashes to (see Split.Weight), so that requests with the same key are
+// answered by the same version while the weight holds. key may be nil. A
+// request naming a version is never split.
+func (m *Manager) AcquireFor(name, version string, key KeyFunc) (*Version, error) {
 	e := m.entry(name, false)
 	if e == nil {
 		return nil, fmt.Errorf("%w: unknown model %q", ErrNotFound, name)
@@ -856,6 +903,11 @@ func (m *Manager) Acquire(name, version string) (*Version, error) {
 		var v *Version
 		if want != 0 {
 			v = e.versions[want]
+		} else if s := e.split.Load(); s != nil && e.versions[s.Production] != nil {
+			v = e.versions[s.Production]
+			if c := e.versions[s.Candidate]; c != nil && toCandidate(s, key) {
+				v = c
+			}
 		} else if e.def != 0 && e.versions[e.def] != nil {
 			v = e.versions[e.def]
 		} else if len(e.versions) > 0 {

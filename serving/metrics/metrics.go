@@ -14,6 +14,19 @@
 //	nv_inference_pending_request_count      gauge    requests queued now
 //	kiln_inference_batch_size               histogram executions by batch size
 //
+// and, labelled by model, version and role (production: the version that
+// answers unversioned requests; candidate: a rollout's candidate; other),
+// so that Prometheus, Argo Rollouts or Flagger can analyse a rollout:
+//
+//	kiln_inference_requests_total            counter  requests by outcome (success, failure)
+//	kiln_inference_request_duration_seconds  histogram successful requests' end-to-end time
+//
+// and per model under a rollout's split:
+//
+//	kiln_rollout_candidate_weight            gauge    the candidate's share of unversioned requests (label version: the candidate)
+//	kiln_shadow_requests_total               counter  requests also run on the candidate as shadow traffic
+//	kiln_shadow_dropped_total                counter  requests drawn for shadowing but not sent (too many in flight)
+//
 // plus the server's admission control (AdmissionCollector: bytes in
 // flight, open streams, refusals).
 //
@@ -38,6 +51,7 @@ import (
 	"strconv"
 
 	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/serving/batcher"
 	"github.com/kilnml/kiln/serving/manager"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -48,6 +62,8 @@ import (
 var BatchSizeBuckets = []float64{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024}
 
 var labels = []string{"model", "version"}
+
+var roleLabels = []string{"model", "version", "role"}
 
 func desc(name, help string) *prometheus.Desc {
 	return prometheus.NewDesc(name, help, labels, nil)
@@ -65,6 +81,17 @@ var (
 	descOutput    = desc("nv_inference_compute_output_duration_us", "Cumulative compute output duration in microseconds")
 	descPending   = desc("nv_inference_pending_request_count", "Instantaneous number of requests waiting in the queue")
 	descBatchSize = desc("kiln_inference_batch_size", "Model executions by batch size (rows along dimension 0)")
+
+	descRequests = prometheus.NewDesc("kiln_inference_requests_total", "Inference requests by outcome (success, failure), labelled by the version's role",
+		append(slices.Clone(roleLabels), "outcome"), nil)
+	descDuration = prometheus.NewDesc("kiln_inference_request_duration_seconds", "End-to-end time of successful inference requests in seconds, labelled by the version's role",
+		roleLabels, nil)
+	descWeight = prometheus.NewDesc("kiln_rollout_candidate_weight", "Share of the model's unversioned requests its rollout candidate answers (version: the candidate)",
+		labels, nil)
+	descShadow = prometheus.NewDesc("kiln_shadow_requests_total", "Requests answered by production and also run on the rollout candidate (shadow traffic)",
+		[]string{"model"}, nil)
+	descShadowDropped = prometheus.NewDesc("kiln_shadow_dropped_total", "Requests drawn for shadow traffic but not sent because too many shadow requests were in flight",
+		[]string{"model"}, nil)
 )
 
 // Collector is a prometheus.Collector over a manager's loaded versions.
@@ -78,7 +105,8 @@ func NewCollector(mgr *manager.Manager) *Collector { return &Collector{mgr: mgr}
 // Describe sends the descriptors of every metric the collector exports.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descSuccess, descFailure, descCount, descExec, descRequest,
-		descQueue, descInput, descInfer, descOutput, descPending, descBatchSize} {
+		descQueue, descInput, descInfer, descOutput, descPending, descBatchSize,
+		descRequests, descDuration, descWeight, descShadow, descShadowDropped} {
 		ch <- d
 	}
 }
@@ -87,9 +115,23 @@ func us(ns uint64) float64 { return float64(ns) / 1e3 }
 
 // Collect sends the current value of every metric of every loaded version.
 func (c *Collector) Collect(ch chan<- prometheus.Metric) {
+	splits := map[string]bool{}
 	for _, v := range c.mgr.Loaded() {
 		st := v.Stats().Snapshot()
 		lv := []string{v.Name(), strconv.FormatInt(v.Number(), 10)}
+		role := append(slices.Clone(lv), c.mgr.Role(v))
+		ch <- prometheus.MustNewConstMetric(descRequests, prometheus.CounterValue, float64(st.Success.Count), append(slices.Clone(role), "success")...)
+		ch <- prometheus.MustNewConstMetric(descRequests, prometheus.CounterValue, float64(st.Fail.Count), append(slices.Clone(role), "failure")...)
+		ch <- prometheus.MustNewConstHistogram(descDuration, st.Latency.Total(), st.Latency.Sum, latencyBuckets(st.Latency), role...)
+		if !splits[v.Name()] {
+			splits[v.Name()] = true
+			if sp, ok := c.mgr.SplitOf(v.Name()); ok {
+				ch <- prometheus.MustNewConstMetric(descWeight, prometheus.GaugeValue, sp.Weight, v.Name(), strconv.FormatInt(sp.Candidate, 10))
+			}
+			shadowed, dropped := c.mgr.ShadowCounts(v.Name())
+			ch <- prometheus.MustNewConstMetric(descShadow, prometheus.CounterValue, float64(shadowed), v.Name())
+			ch <- prometheus.MustNewConstMetric(descShadowDropped, prometheus.CounterValue, float64(dropped), v.Name())
+		}
 		counter := func(d *prometheus.Desc, val float64) {
 			ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, val, lv...)
 		}
@@ -123,6 +165,25 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstHistogram(descBatchSize, count, sum, buckets, lv...)
 	}
+}
+
+// latencyBuckets converts a latency histogram to Prometheus's cumulative
+// buckets (upper bounds in seconds; +Inf is implied by the count): every
+// fourth of batcher.LatencyBounds (about 2× apart, 50 µs to 60 s), 22
+// buckets rather than 83, as Prometheus advises.
+func latencyBuckets(h batcher.Histogram) map[float64]uint64 {
+	out := make(map[float64]uint64, len(batcher.LatencyBounds)/4+1)
+	var cum uint64
+	last := len(batcher.LatencyBounds) - 1
+	for i, ub := range batcher.LatencyBounds {
+		if i < len(h.Counts) {
+			cum += h.Counts[i]
+		}
+		if i%4 == 0 || i == last {
+			out[ub] = cum
+		}
+	}
+	return out
 }
 
 // LiveTensorsName is the name of the gauge of native tensor handles alive.
