@@ -18,13 +18,18 @@ ENV := eval "$$(scripts/env.sh --print)" &&
 PY := .venv/bin/python
 DEMO := build/demo
 
-.PHONY: deps build python run demo test test-go test-python test-fuzz test-deploy fuzz soak vet bench bench-serve bench-cluster bench-rollout clean
+.PHONY: deps console-assets build python run demo test test-go test-python test-fuzz test-deploy fuzz soak vet bench bench-serve bench-cluster bench-rollout clean
 
 deps:
 	scripts/install-deps
 
 build: deps
 	$(ENV) go build -o bin/kiln ./cmd/kiln
+
+# The console's chart library (npm ci over serving/console/web's lockfile,
+# copied into serving/console/dist for go:embed); install-deps runs it too.
+console-assets:
+	scripts/console-assets
 
 # Kiln's main job, the whole life of its demo models on embedded defaults:
 # scikit-learn's iris and digits as CSV (first run only), then Kiln's own

@@ -27,12 +27,14 @@ import (
 	"net/http"
 	"os"
 	"runtime"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/registry"
 	"github.com/kilnml/kiln/serving/auth"
+	"github.com/kilnml/kiln/serving/console"
 	"github.com/kilnml/kiln/serving/flightserver"
 	"github.com/kilnml/kiln/serving/follower"
 	"github.com/kilnml/kiln/serving/grpcserver"
@@ -200,11 +202,14 @@ func New(cfg Config) (_ *Server, retErr error) {
 			hopts.Registry = s.registry
 			hopts.RegistryStatus = func() any { return s.follower.Status() }
 		}
+		if addrs.flight != "" {
+			hopts.Datasets = flightDatasets{s}
+		}
 		hopts.Rollouts = s.rollouts
 		h := httpserver.New(svc, hopts)
-		var handler http.Handler = h
+		var handler http.Handler = withConsole(h, console.New(console.Options{Logger: cfg.Logger}))
 		if cfg.SinglePort {
-			handler = grpcOrREST(s.grpc, h)
+			handler = grpcOrREST(s.grpc, handler)
 		}
 		s.http = &http.Server{
 			Handler: handler, TLSConfig: s.tls, ReadHeaderTimeout: lim.ReadHeaderTimeout, ReadTimeout: lim.ReadTimeout,
@@ -786,4 +791,47 @@ func Run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("serving: shutdown: %w", err)
 	}
 	return nil
+}
+
+// withConsole serves the console (serving/console) on the HTTP port beside
+// the v2 REST API: /v2 and everything under it stay the API's (its own 404
+// for unknown paths), the console answers its pages and assets, and every
+// other path is the API's JSON 404.
+func withConsole(api, c http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p := r.URL.Path
+		if p == "/v2" || strings.HasPrefix(p, "/v2/") || !(console.IsPage(p) || strings.HasPrefix(p, "/console/")) {
+			api.ServeHTTP(w, r)
+			return
+		}
+		c.ServeHTTP(w, r)
+	})
+}
+
+// flightDatasets lists the Flight service's stored datasets for GET
+// /v2/datasets (httpserver.Datasets).
+type flightDatasets struct{ s *Server }
+
+func (d flightDatasets) Datasets() ([]httpserver.Dataset, error) {
+	if d.s.flight == nil {
+		return nil, nil
+	}
+	infos, err := d.s.flight.Datasets()
+	if err != nil {
+		return nil, core.Errorf(core.Internal, "datasets: %v", err)
+	}
+	out := make([]httpserver.Dataset, 0, len(infos))
+	for _, in := range infos {
+		ds := httpserver.Dataset{Name: in.Name, Rows: in.Rows, Batches: in.Batches, Bytes: in.Bytes}
+		if st, err := os.Stat(in.Path); err == nil {
+			ds.Modified = st.ModTime().UTC()
+		}
+		if in.Schema != nil {
+			for _, f := range in.Schema.Fields() {
+				ds.Schema = append(ds.Schema, httpserver.DatasetField{Name: f.Name, Type: f.Type.String(), Nullable: f.Nullable})
+			}
+		}
+		out = append(out, ds)
+	}
+	return out, nil
 }

@@ -11,6 +11,8 @@
 //	POST /v2/models/{m}[/versions/{v}]/infer          inference
 //	POST /v2/repository/index                         repository index
 //	POST /v2/repository/models/{m}/load|unload        model control
+//	GET  /v2/datasets                                 stored datasets (Options.Datasets)
+//	GET  /v2/registry/...                             the model registry (registry.go)
 //
 // Inference takes JSON tensors ("data") and the binary data extension: a
 // body whose first Inference-Header-Content-Length bytes are the JSON
@@ -78,6 +80,8 @@ type Options struct {
 	// registry follower serves).
 	Registry       *registry.Registry
 	RegistryStatus func() any
+	// Datasets, when set, is listed by GET /v2/datasets (routeDatasets).
+	Datasets Datasets
 	// Rollouts, when set, is served under /v2/rollouts (see
 	// routeRollouts).
 	Rollouts *rollout.Controller
@@ -122,6 +126,7 @@ func New(svc *grpcserver.Service, opts Options) *Handler {
 	h.route(post, "/v2/repository/models/{model}/load", control, h.load)
 	h.route(post, "/v2/repository/models/{model}/unload", control, h.unload)
 	h.routeRegistry()
+	h.routeDatasets()
 	h.routeRollouts()
 	h.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no endpoint %s %s", r.Method, r.URL.Path))

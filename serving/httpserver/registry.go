@@ -26,6 +26,7 @@ import (
 //	GET  /v2/registry/models/{model}/aliases/{alias}/history  the alias's moves
 //	POST /v2/registry/models/{model}/aliases/{alias}       move the alias: AliasMove
 //	GET  /v2/registry/runs[?model=NAME&limit=N]            runs, newest first
+//	GET  /v2/registry/runs/{run}                           a run and its metrics per step
 //	GET  /v2/registry/serving                              what the server serves (Options.RegistryStatus)
 func (h *Handler) routeRegistry() {
 	if h.opts.Registry == nil {
@@ -38,6 +39,7 @@ func (h *Handler) routeRegistry() {
 	h.route(get, "/v2/registry/models/{model}/aliases/{alias}/history", control, h.registryHistory)
 	h.route(post, "/v2/registry/models/{model}/aliases/{alias}", control, h.registryMoveAlias)
 	h.route(get, "/v2/registry/runs", control, h.registryRuns)
+	h.route(get, "/v2/registry/runs/{run}", control, h.registryRun)
 	if h.opts.RegistryStatus != nil {
 		h.route(get, "/v2/registry/serving", control, func(w http.ResponseWriter, r *http.Request) {
 			writeJSON(w, map[string]any{"models": h.opts.RegistryStatus()})
@@ -114,6 +116,24 @@ func (h *Handler) registryRuns(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, map[string]any{"runs": nonNil(runs)})
+}
+
+// registryRun answers {"run": Run, "metrics": [Metric...]}: the run with
+// its parameters and final metrics, and every metric it logged by step
+// (a training's loss, lr and val_* per epoch), by key then step.
+func (h *Handler) registryRun(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("run")
+	run, err := h.opts.Registry.Run(r.Context(), id)
+	if err != nil {
+		writeRegistryError(w, err)
+		return
+	}
+	ms, err := h.opts.Registry.RunMetrics(r.Context(), id)
+	if err != nil {
+		writeRegistryError(w, err)
+		return
+	}
+	writeJSON(w, map[string]any{"run": run, "metrics": nonNil(ms)})
 }
 
 // AliasMove is the body of POST /v2/registry/models/{model}/aliases/{alias}:
