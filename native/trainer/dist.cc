@@ -14,6 +14,8 @@
 #endif
 #include <ATen/Context.h>
 #include <gloo/allreduce.h>
+#include <gloo/allreduce_halving_doubling.h>
+#include <gloo/allreduce_ring.h>
 #include <gloo/math.h>
 #include <gloo/rendezvous/context.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -23,6 +25,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -48,6 +51,14 @@ struct kiln_pg {
   // never wait behind the gradient buckets queued on the process group.
   std::shared_ptr<::gloo::Context> direct;
   uint32_t direct_tag = 0;
+  // A third Gloo context (own connections, Gloo backend, world > 1) whose
+  // pairs are in Gloo's synchronous mode: the calling thread writes and
+  // reads the sockets itself, without the hand-offs of the asynchronous
+  // path (the process group's worker thread, Gloo's event-loop thread and
+  // the rendezvous messages of unbound buffers). The last gradient bucket
+  // of each step is all-reduced over it (see Buckets); for small networks
+  // that all-reduce's latency is most of a step.
+  std::shared_ptr<::gloo::Context> grads;
 
   // All-reduces (sums) the contiguous float32/float64 tensor t in place,
   // blocking, over `direct` (else through the process group). Throws.
@@ -139,6 +150,15 @@ kiln_error check_arrivals(kiln_pg* p, int world) {
 // gradient contribute zeros (as in DDP), the remaining buckets start, and
 // each is waited for, divided by the world size (Gloo has no AVG) and its
 // slices become the parameters' gradients.
+//
+// The last bucket (the first layers' gradients, the last that backward
+// completes) is waited for right after backward in any case, so it does
+// not go through the process group's worker thread: with the Gloo backend
+// it is all-reduced on the calling thread over kiln_pg::grads, Gloo's
+// synchronous-mode connections (gloo::AllreduceRing for two ranks, which
+// leaves both with the same sums, gloo::AllreduceHalvingDoubling for
+// more), built at the first step. For a network whose gradients fit one
+// bucket that is the only all-reduce of a step.
 struct Buckets {
   struct Bucket {
     std::vector<size_t> idx;
@@ -146,6 +166,8 @@ struct Buckets {
     at::Tensor flat;
     size_t pending = 0;
     c10::intrusive_ptr<c10d::Work> work;
+    bool direct = false;  // the last bucket, all-reduced over kiln_pg::grads
+    std::unique_ptr<::gloo::Algorithm> algo;  // its all-reduce, built at the first step
   };
   std::vector<Bucket> b;
   std::vector<std::pair<size_t, size_t>> where;  // parameter -> (bucket, slot)
@@ -181,6 +203,35 @@ struct Buckets {
       bytes += p.numel() * static_cast<int64_t>(p.element_size());
     }
     close();
+    if (pg->grads && !b.empty()) {
+      const at::Tensor& f = b.back().flat;
+      b.back().direct = (f.scalar_type() == at::kFloat || f.scalar_type() == at::kDouble) &&
+                        f.numel() <= std::numeric_limits<int>::max();
+    }
+  }
+
+  // All-reduces (sums) bucket bk over kiln_pg::grads on this thread. Throws.
+  void allreduce_direct(Bucket& bk) {
+    if (!bk.algo) {
+      const auto& ctx = pg->grads;
+      const int n = static_cast<int>(bk.flat.numel());
+      if (bk.flat.scalar_type() == at::kFloat) {
+        std::vector<float*> ptrs{bk.flat.data_ptr<float>()};
+        if (pg->world == 2) {
+          bk.algo = std::make_unique<::gloo::AllreduceRing<float>>(ctx, ptrs, n);
+        } else {
+          bk.algo = std::make_unique<::gloo::AllreduceHalvingDoubling<float>>(ctx, ptrs, n);
+        }
+      } else {
+        std::vector<double*> ptrs{bk.flat.data_ptr<double>()};
+        if (pg->world == 2) {
+          bk.algo = std::make_unique<::gloo::AllreduceRing<double>>(ctx, ptrs, n);
+        } else {
+          bk.algo = std::make_unique<::gloo::AllreduceHalvingDoubling<double>>(ctx, ptrs, n);
+        }
+      }
+    }
+    bk.algo->run();
   }
 
   ~Buckets() {
@@ -192,9 +243,10 @@ struct Buckets {
     }
   }
 
-  // Starts every ready bucket from next on, in order.
+  // Starts every ready bucket from next on, in order, up to the direct one
+  // (finish runs that).
   void launch_ready() {
-    while (next < b.size() && b[next].pending == 0) {
+    while (next < b.size() && b[next].pending == 0 && !b[next].direct) {
       Bucket& bk = b[next++];
       if (!error.empty()) continue;
       try {
@@ -251,6 +303,22 @@ struct Buckets {
       bk.pending--;
     }
     launch_ready();
+    if (next < b.size() && b[next].direct) {
+      // Every earlier bucket has started (on the process group's thread).
+      if (error.empty()) {
+        try {
+          allreduce_direct(b[next]);
+        } catch (const std::exception& e) {
+          error = e.what();
+          // Gloo's socket timeout ("Read timeout"), worded as the process
+          // group words its own (a peer hung: DEADLINE_EXCEEDED upstream).
+          if (error.find("timeout") != std::string::npos) {
+            error = "timed out after " + std::to_string(pg->timeout.count()) + " ms: " + error;
+          }
+        }
+      }
+      next++;
+    }
     const double inv = 1.0 / pg->world;
     for (auto& bk : b) {
       if (error.empty() && bk.work) {
@@ -518,6 +586,16 @@ kiln_error kiln_pg_new(const kiln_pg_options* o, kiln_pg** out) {
     c10d::ProcessGroupGloo::GlooStore gs(c10::make_intrusive<c10d::PrefixStore>("direct", p->store));
     ctx->connectFullMesh(gs, opts->devices[0]);
     p->direct = std::move(ctx);
+    if (p->world > 1) {
+      auto gctx = std::make_shared<::gloo::rendezvous::Context>(p->rank, p->world);
+      gctx->setTimeout(p->timeout);  // also each socket's send/receive timeout
+      c10d::ProcessGroupGloo::GlooStore gg(c10::make_intrusive<c10d::PrefixStore>("grads", p->store));
+      gctx->connectFullMesh(gg, opts->devices[0]);
+      for (int r = 0; r < p->world; r++) {
+        if (r != p->rank) gctx->getPair(r)->setSync(/*sync=*/true, /*busyPoll=*/false);
+      }
+      p->grads = std::move(gctx);
+    }
   } catch (...) {
     return collective_error(("creating the Gloo process group (rendezvous " + p->where + ")").c_str());
   }
