@@ -233,6 +233,8 @@ func run(kiln string, clients, threads int, warm, dur time.Duration, sharesFlag 
 		}
 		rows = append(rows, row{shadow: sh, res: res, shadowed: shadowed})
 	}
+	fmt.Fprintf(os.Stderr, "baseline again (rollouts aborted) ...\n")
+	rows = append(rows, row{shadow: -1, res: measure()})
 
 	fmt.Printf("\nShadow traffic's cost to production (clf, %d closed-loop gRPC clients, one row per request, %s measured per row, server threads %d, %d CPUs)\n\n",
 		clients, dur, threads, runtimeCPUs())
@@ -242,11 +244,14 @@ func run(kiln string, clients, threads int, warm, dur time.Duration, sharesFlag 
 	var errs []error
 	for _, r := range rows {
 		name := "none (baseline)"
+		if r.shadow < 0 {
+			name = "none (after the rollouts)"
+		}
 		if r.shadow > 0 {
 			name = fmt.Sprintf("%.0f%%", 100*r.shadow)
 		}
 		rel := "-"
-		if r.shadow > 0 && base > 0 {
+		if r.shadow != 0 && base > 0 {
 			rel = fmt.Sprintf("%+.1f%%", 100*(float64(r.res.Pct(0.5))/float64(base)-1))
 		}
 		fmt.Fprintf(tw, "%s\t%.0f\t%.3f\t%.3f\t%s\t%d\t%d\t\n", name, r.res.RPS(), float64(r.res.Pct(0.5).Microseconds())/1000,
