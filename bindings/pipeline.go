@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/user"
 	"path/filepath"
-	"strings"
 	"sync"
 	"time"
 
@@ -33,18 +32,21 @@ type PipelineJob struct {
 
 // pipelineOptions are StartPipeline's options (JSON, from kiln.pipeline_run).
 type pipelineOptions struct {
-	Registry string `json:"registry"`
-	RunsDir  string `json:"runs_dir"`
-	Resume   string `json:"resume"`
-	Actor    string `json:"actor"`
+	Registry  string `json:"registry"`
+	Artifacts string `json:"registry_artifacts"`
+	RunsDir   string `json:"runs_dir"`
+	Resume    string `json:"resume"`
+	Actor     string `json:"actor"`
 }
 
 // StartPipeline checks the pipeline file at path (errors come back before
 // any work, as from `kiln pipeline run`), records its run (or reopens the
 // interrupted run optionsJSON's "resume" names) and runs it in the
 // background. optionsJSON: {"registry": DSN (default $KILN_REGISTRY, else
-// $KILN_HOME/registry.db), "runs_dir": DIR (default $KILN_HOME/pipelines),
-// "resume": RUN_ID, "actor": NAME}.
+// $KILN_HOME/registry.db), "registry_artifacts": a directory or
+// s3://bucket/prefix (default $KILN_REGISTRY_ARTIFACTS, else beside a
+// SQLite file, $KILN_HOME/artifacts for PostgreSQL), "runs_dir": DIR
+// (default $KILN_HOME/pipelines), "resume": RUN_ID, "actor": NAME}.
 func StartPipeline(path, optionsJSON string) (_ *PipelineJob, err error) {
 	defer guard(&err)
 	var o pipelineOptions
@@ -64,14 +66,9 @@ func StartPipeline(path, optionsJSON string) (_ *PipelineJob, err error) {
 	if o.RunsDir == "" {
 		o.RunsDir = filepath.Join(home, "pipelines")
 	}
-	dsn, artifacts := o.Registry, ""
-	if dsn == "" {
-		dsn = vars.Registry
-	}
-	if dsn == "" {
-		dsn = filepath.Join(home, "registry.db")
-	} else if strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://") {
-		artifacts = filepath.Join(home, "artifacts")
+	dsn, artifacts, err := vars.RegistryLocation(o.Registry, o.Artifacts)
+	if err != nil {
+		return nil, err
 	}
 	key, err := registry.LoadKey(vars.RegistryKey, vars.RegistryKeyFile)
 	if err != nil {
@@ -88,7 +85,7 @@ func StartPipeline(path, optionsJSON string) (_ *PipelineJob, err error) {
 		return nil, core.Errorf(core.NotFound, "kiln: pipeline_run: %v", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	reg, err := registry.Open(ctx, dsn, registry.Options{ArtifactDir: artifacts, Key: key})
+	reg, err := registry.Open(ctx, dsn, registry.Options{ArtifactDir: artifacts, Key: key, S3PathStyle: vars.S3PathStyle})
 	if err != nil {
 		cancel()
 		return nil, err

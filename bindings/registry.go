@@ -21,15 +21,16 @@ type Registry struct {
 }
 
 // openRegistry opens the registry dsn names, or, for "", $KILN_REGISTRY or
-// registry.db in $KILN_HOME (default ~/.kiln), with the key from
-// $KILN_REGISTRY_KEY or $KILN_REGISTRY_KEY_FILE: what the kiln command
-// opens (kilnenv.Vars.RegistryLocation).
-func openRegistry(ctx context.Context, dsn string) (*registry.Registry, error) {
+// registry.db in $KILN_HOME (default ~/.kiln), with its artifacts at
+// artifacts, else $KILN_REGISTRY_ARTIFACTS, else the default, and the key
+// from $KILN_REGISTRY_KEY or $KILN_REGISTRY_KEY_FILE: what the kiln
+// command opens (kilnenv.Vars.RegistryLocation).
+func openRegistry(ctx context.Context, dsn, artifacts string) (*registry.Registry, error) {
 	vars, err := kilnenv.Load(os.Getenv)
 	if err != nil {
 		return nil, core.Errorf(core.InvalidArgument, "kiln: %v", err)
 	}
-	dsn, artifacts, err := vars.RegistryLocation(dsn)
+	dsn, artifacts, err = vars.RegistryLocation(dsn, artifacts)
 	if err != nil {
 		return nil, core.Errorf(core.FailedPrecondition, "kiln: registry: %v", err)
 	}
@@ -37,15 +38,17 @@ func openRegistry(ctx context.Context, dsn string) (*registry.Registry, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kiln: %w", err)
 	}
-	return registry.Open(ctx, dsn, registry.Options{ArtifactDir: artifacts, Key: key})
+	return registry.Open(ctx, dsn, registry.Options{ArtifactDir: artifacts, Key: key, S3PathStyle: vars.S3PathStyle})
 }
 
 // OpenRegistry opens a registry: dsn is a SQLite file path, sqlite://PATH
 // or postgres://...; "" is the default ($KILN_REGISTRY, else
-// $KILN_HOME/registry.db).
-func OpenRegistry(dsn string) (_ *Registry, err error) {
+// $KILN_HOME/registry.db). artifacts is its artifact root, a directory or
+// s3://bucket/prefix; "" is the default ($KILN_REGISTRY_ARTIFACTS, else
+// beside a SQLite file, $KILN_HOME/artifacts for PostgreSQL).
+func OpenRegistry(dsn, artifacts string) (_ *Registry, err error) {
 	defer guard(&err)
-	r, err := openRegistry(context.Background(), dsn)
+	r, err := openRegistry(context.Background(), dsn, artifacts)
 	if err != nil {
 		return nil, err
 	}
@@ -239,11 +242,13 @@ func (g *Registry) Register(name, pkgDir, optionsJSON string) (_ string, err err
 }
 
 // recordSpec is how a Python job is recorded, as JSON: the registry's DSN
-// ("" for the default), the registered model the run is for, the actor.
+// and artifact root ("" for the defaults), the registered model the run
+// is for, the actor.
 type recordSpec struct {
-	Registry string `json:"registry"`
-	Model    string `json:"model"`
-	Actor    string `json:"actor"`
+	Registry  string `json:"registry"`
+	Artifacts string `json:"artifacts"`
+	Model     string `json:"model"`
+	Actor     string `json:"actor"`
 }
 
 // startTracking starts a run of kind with params as recordJSON says; ""
@@ -258,7 +263,7 @@ func startTracking(recordJSON, kind string, params map[string]string) (*runlog.T
 		return nil, core.Errorf(core.InvalidArgument, "kiln: record: %v", err)
 	}
 	ctx := context.Background()
-	r, err := openRegistry(ctx, spec.Registry)
+	r, err := openRegistry(ctx, spec.Registry, spec.Artifacts)
 	if err != nil {
 		return nil, err
 	}

@@ -3,15 +3,14 @@ package registry
 import (
 	"archive/tar"
 	"bytes"
+	"context"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -102,84 +101,60 @@ func unpack(archive []byte) (map[string][]byte, error) {
 
 var hexDigest = regexp.MustCompile(`^[0-9a-f]{64}$`)
 
-// blobPath is where the artifact with digest (64 hex digits) lives.
-func (r *Registry) blobPath(digest string) string {
-	return filepath.Join(r.artifacts, "sha256", digest)
-}
+// sealOverhead is what sealing adds to an archive: the header and GCM's tag.
+const sealOverhead = encHeader + 16
 
-// storeBlob writes archive under its digest unless a file is there already
-// (content-addressed: the same bytes are stored once), sealed with the
-// registry's key when it has one. It returns the digest.
-func (r *Registry) storeBlob(archive []byte) (string, error) {
+// storeBlob stores archive under its digest unless the store holds it
+// already (content-addressed: the same bytes are stored once), sealed with
+// the registry's key when it has one. It returns the digest. A blob
+// counts as stored when it exists with the archive's size or the sealed
+// size (one written with or without a key); an object of another size (a
+// truncated upload) is replaced.
+func (r *Registry) storeBlob(ctx context.Context, archive []byte) (string, error) {
 	sum := sha256.Sum256(archive)
 	digest := hex.EncodeToString(sum[:])
-	path := r.blobPath(digest)
-	if _, err := os.Stat(path); err == nil {
+	plain := int64(len(archive))
+	stored := func(size int64) bool { return size == plain || size == plain+int64(sealOverhead) }
+	has, err := r.store.has(ctx, digest, stored)
+	if err != nil {
+		return "", fmt.Errorf("registry: artifact store %s: sha256:%s: %w", r.store, digest, err)
+	}
+	if has {
 		return digest, nil
 	}
 	body := archive
 	if r.key != nil {
-		var err error
 		if body, err = seal(r.key, archive); err != nil {
 			return "", err
 		}
 	}
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return "", fmt.Errorf("registry: artifact store: %w", err)
+	if err := r.store.put(ctx, digest, body); err != nil {
+		return "", fmt.Errorf("registry: artifact store %s: sha256:%s: %w", r.store, digest, err)
 	}
-	f, err := os.CreateTemp(dir, ".tmp-"+digest[:16]+"-")
-	if err != nil {
-		return "", fmt.Errorf("registry: artifact store: %w", err)
-	}
-	tmp := f.Name()
-	_, err = f.Write(body)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Chmod(tmp, 0o444)
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return "", fmt.Errorf("registry: artifact store: sha256:%s: %w", digest, err)
-	}
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
-	}
-	r.log.Debug("registry: artifact stored", "digest", "sha256:"+digest, "bytes", len(archive), "encrypted", r.key != nil)
+	r.log.Debug("registry: artifact stored", "digest", "sha256:"+digest, "bytes", len(archive), "encrypted", r.key != nil, "store", r.store.String())
 	return digest, nil
 }
 
 // ReadArtifact returns the archive stored under digest (64 hex digits),
 // decrypted when it is sealed and verified: content whose SHA-256 is not
-// digest is refused with ErrDigestMismatch naming both digests.
-func (r *Registry) ReadArtifact(digest string) ([]byte, error) {
+// digest (a changed, corrupt or truncated file or object) is refused with
+// ErrDigestMismatch naming both digests; a missing one is NotFound.
+func (r *Registry) ReadArtifact(ctx context.Context, digest string) ([]byte, error) {
 	if !hexDigest.MatchString(digest) {
 		return nil, core.Errorf(core.InvalidArgument, "registry: artifact digest %q: want 64 lower-case hex digits", digest)
 	}
-	body, err := os.ReadFile(r.blobPath(digest))
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, core.Errorf(core.NotFound, "registry: artifact sha256:%s is missing from %s", digest, r.artifacts)
-	}
+	body, err := r.store.get(ctx, digest)
 	if err != nil {
 		return nil, fmt.Errorf("registry: artifact sha256:%s: %w", digest, err)
 	}
 	archive, err := open(r.key, body)
 	if err != nil {
-		return nil, fmt.Errorf("registry: artifact sha256:%s: %w", digest, err)
+		return nil, fmt.Errorf("registry: artifact sha256:%s (%s): %w", digest, r.store.where(digest), err)
 	}
 	sum := sha256.Sum256(archive)
 	if got := hex.EncodeToString(sum[:]); got != digest {
 		return nil, fmt.Errorf("%w: artifact sha256:%s has content with sha256:%s (%s was changed or is corrupt); refusing to load it",
-			ErrDigestMismatch, digest, got, r.blobPath(digest))
+			ErrDigestMismatch, digest, got, r.store.where(digest))
 	}
 	return archive, nil
 }
@@ -209,7 +184,7 @@ func open(key *Key, body []byte) ([]byte, error) {
 		return body, nil
 	}
 	if len(body) < encHeader+16 {
-		return nil, core.Errorf(core.InvalidArgument, "encrypted artifact of %d bytes is shorter than its header and tag (%d)", len(body), encHeader+16)
+		return nil, fmt.Errorf("%w: encrypted artifact of %d bytes is shorter than its header and tag (%d): truncated or corrupt", ErrDigestMismatch, len(body), sealOverhead)
 	}
 	id := hex.EncodeToString(body[len(encMagic) : len(encMagic)+8])
 	if key == nil {

@@ -245,7 +245,7 @@ func (r *Registry) RegisterVersion(ctx context.Context, name, pkgDir string, o R
 	if err != nil {
 		return Version{}, fmt.Errorf("registry: register %s: %w", name, err)
 	}
-	digest, err := r.storeBlob(archive)
+	digest, err := r.storeBlob(ctx, archive)
 	if err != nil {
 		return Version{}, err
 	}
@@ -484,7 +484,7 @@ func (r *Registry) Fetch(ctx context.Context, ref Ref, dir string) (Version, err
 	if err != nil {
 		return Version{}, err
 	}
-	archive, err := r.ReadArtifact(v.Digest)
+	archive, err := r.ReadArtifact(ctx, v.Digest)
 	if err != nil {
 		return Version{}, fmt.Errorf("%s: %w", ref, err)
 	}

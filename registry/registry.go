@@ -14,10 +14,15 @@
 // (migrations/sqlite, migrations/postgres) when the registry is opened.
 //
 // Artifacts (a version's model package: model.pt and manifest.json as one
-// tar archive) are files named by their SHA-256 under the artifact root,
-// <root>/sha256/<hex>; every read verifies the digest and refuses a
-// mismatch (ErrDigestMismatch), and with a Key they are sealed with
-// AES-256-GCM.
+// tar archive) are named by their SHA-256 under the artifact root,
+// <root>/sha256/<hex>: files in a local directory (the default), or
+// objects in S3-compatible object storage when the root is
+// s3://bucket/prefix (servers sharing a PostgreSQL registry share the
+// bucket; the client is configured from the standard AWS environment, see
+// internal/s3util). A blob is written once, before the version's row, so
+// a failed upload registers nothing; every read verifies the digest and
+// refuses a mismatch (ErrDigestMismatch: a changed, corrupt or truncated
+// file or object), and with a Key they are sealed with AES-256-GCM.
 //
 // Concurrency: an alias moves only when it is still at the version the
 // caller expected (CompareAndSwap); of two processes moving one alias at
@@ -85,10 +90,16 @@ const (
 // Options configure Open.
 type Options struct {
 	// ArtifactDir is the artifact root (artifacts live in
-	// ArtifactDir/sha256/<hex>). Default for SQLite: "artifacts" beside
-	// the database file. PostgreSQL needs it: servers that share the
-	// database must share this directory too.
+	// ArtifactDir/sha256/<hex>): a local directory, or s3://bucket/prefix
+	// for objects in S3-compatible storage. Default for SQLite:
+	// "artifacts" beside the database file. PostgreSQL needs it: servers
+	// that share the database must share this root too (an s3:// one, or
+	// a shared file system).
 	ArtifactDir string
+	// S3PathStyle, for an s3:// ArtifactDir, turns path-style addressing
+	// on or off (the caller's KILN_S3_PATH_STYLE); nil: on with a custom
+	// endpoint (AWS_ENDPOINT_URL_S3), off for AWS.
+	S3PathStyle *bool
 	// Key, when set, encrypts the artifacts written from now on and
 	// decrypts encrypted ones. It is never logged.
 	Key *Key
@@ -102,6 +113,7 @@ type Registry struct {
 	db        *sql.DB
 	backend   Backend
 	artifacts string
+	store     artifactStore
 	key       *Key
 	log       *slog.Logger
 	// beforeCommit, when set (tests only), runs inside CompareAndSwap's
@@ -126,7 +138,7 @@ func Open(ctx context.Context, dsn string, o Options) (*Registry, error) {
 	case strings.HasPrefix(dsn, "postgres://"), strings.HasPrefix(dsn, "postgresql://"):
 		r.backend = Postgres
 		if r.artifacts == "" {
-			return nil, core.Errorf(core.InvalidArgument, "registry: a PostgreSQL registry needs an artifact directory (shared by every server that uses it)")
+			return nil, core.Errorf(core.InvalidArgument, "registry: a PostgreSQL registry needs an artifact root (a directory or s3://bucket/prefix shared by every server that uses it)")
 		}
 		err = r.openPostgres(ctx, dsn)
 	case dsn == "":
@@ -145,6 +157,10 @@ func Open(ctx context.Context, dsn string, o Options) (*Registry, error) {
 	if err != nil {
 		return nil, err
 	}
+	if r.store, err = openStore(ctx, r.artifacts, o); err != nil {
+		r.db.Close()
+		return nil, err
+	}
 	return r, nil
 }
 
@@ -154,7 +170,7 @@ func (r *Registry) Close() error { return r.db.Close() }
 // Backend says which database the registry lives in.
 func (r *Registry) Backend() Backend { return r.backend }
 
-// ArtifactDir is the artifact root.
+// ArtifactDir is the artifact root: a directory or an s3:// URI.
 func (r *Registry) ArtifactDir() string { return r.artifacts }
 
 func sqliteDSN(path string) string {

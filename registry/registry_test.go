@@ -355,7 +355,7 @@ func TestArtifacts(t *testing.T) {
 		require.NoError(t, os.Remove(blob))
 		_, err = r.Fetch(ctx, Ref{"iris", 1}, filepath.Join(t.TempDir(), "x"))
 		code(t, err, core.NotFound)
-		_, err = r.ReadArtifact("../../etc/passwd")
+		_, err = r.ReadArtifact(ctx, "../../etc/passwd")
 		code(t, err, core.InvalidArgument)
 
 		// Encrypted: the blob holds no plaintext; it round-trips.

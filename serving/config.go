@@ -147,8 +147,11 @@ type Config struct {
 	// before it switches, and the previous one stays loaded for
 	// RollbackGrace.
 	Registry string `json:"registry"`
-	// RegistryArtifacts is the registry's artifact directory (required for
-	// PostgreSQL; for SQLite, default "artifacts" beside the file).
+	// RegistryArtifacts is the registry's artifact root: a directory or
+	// s3://bucket/prefix (objects in S3-compatible storage, configured
+	// like an s3:// model repository); required for PostgreSQL (default
+	// $KILN_REGISTRY_ARTIFACTS), for SQLite default "artifacts" beside
+	// the file.
 	RegistryArtifacts string `json:"registry_artifacts"`
 	// RegistryKeyFile holds the key that decrypts encrypted artifacts
 	// (default $KILN_REGISTRY_KEY_FILE; $KILN_REGISTRY_KEY gives the key
@@ -224,8 +227,10 @@ func DefaultConfig() Config {
 
 // ApplyEnv fills what the environment sets and the config leaves unset:
 // the auth token (KILN_AUTH_TOKEN, KILN_AUTH_TOKEN_FILE), the intra-op
-// threads (KILN_NUM_THREADS) and the registry's key (KILN_REGISTRY_KEY,
-// KILN_REGISTRY_KEY_FILE). See package internal/kilnenv.
+// threads (KILN_NUM_THREADS), the registry's key (KILN_REGISTRY_KEY,
+// KILN_REGISTRY_KEY_FILE), S3 path-style addressing (KILN_S3_PATH_STYLE)
+// and, with a registry, its artifact root (KILN_REGISTRY_ARTIFACTS). See
+// package internal/kilnenv.
 func (c *Config) ApplyEnv(v kilnenv.Vars) {
 	if c.RegistryKeyFile == "" && c.registryKey == "" {
 		c.registryKey, c.RegistryKeyFile = v.RegistryKey, v.RegistryKeyFile
@@ -248,6 +253,9 @@ func (c *Config) ApplyEnv(v kilnenv.Vars) {
 		if home, err := v.DataDir(); err == nil {
 			c.RolloutState = filepath.Join(home, "rollouts")
 		}
+	}
+	if c.Registry != "" && c.RegistryArtifacts == "" {
+		c.RegistryArtifacts = v.RegistryArtifacts
 	}
 }
 
@@ -311,6 +319,11 @@ func (c *Config) Validate() error {
 	}
 	if c.Registry == "" && c.RegistryArtifacts != "" {
 		return errors.New("registry artifacts need a registry")
+	}
+	if s3repo.IsURL(c.RegistryArtifacts) {
+		if _, err := s3repo.ParseURL(c.RegistryArtifacts); err != nil {
+			return fmt.Errorf("registry artifacts: %w", err)
+		}
 	}
 	if c.Pipeline != "" && c.Registry == "" {
 		return errors.New("--pipeline needs --registry (the pipeline registers and promotes there)")

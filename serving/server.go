@@ -563,7 +563,7 @@ func (s *Server) openRegistry() error {
 		return err
 	}
 	reg, err := registry.Open(context.Background(), s.cfg.Registry, registry.Options{
-		ArtifactDir: s.cfg.RegistryArtifacts, Key: key, Logger: s.log})
+		ArtifactDir: s.cfg.RegistryArtifacts, S3PathStyle: s.cfg.S3PathStyle, Key: key, Logger: s.log})
 	if err != nil {
 		return err
 	}

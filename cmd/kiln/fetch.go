@@ -60,7 +60,9 @@ func newFetchCmd() *cobra.Command {
                           from the AWS environment (AWS_ENDPOINT_URL_S3,
                           AWS_REGION, AWS_ACCESS_KEY_ID, ..., KILN_S3_PATH_STYLE).
   models:/NAME/VERSION    a registry version's package (its artifact's SHA-256
-  models:/NAME@ALIAS      verified), from --registry / $KILN_REGISTRY.
+  models:/NAME@ALIAS      verified), from --registry / $KILN_REGISTRY, its
+                          artifacts in --registry-artifacts /
+                          $KILN_REGISTRY_ARTIFACTS (a directory or s3://).
   PATH or file://PATH     a local file or directory, copied.
 
 Files are written to temporary names and renamed, so DST never holds a
@@ -147,7 +149,9 @@ func fetchExit(err error) int {
 func fetchRegistry(ctx context.Context, w io.Writer, src, dst string, rf registryFlags) error {
 	r, err := rf.open(ctx)
 	if err != nil {
-		return fmt.Errorf("fetch: %w", err)
+		// A missing bucket, refused credentials, an unreachable artifact
+		// store or database have their exit status too.
+		return &exitError{fetchExit(err), fmt.Errorf("fetch: %w", err)}
 	}
 	defer r.Close()
 	v, err := r.Resolve(ctx, src)

@@ -23,12 +23,14 @@ import (
 
 // registryFlags are the flags that reach the model registry.
 type registryFlags struct {
-	dsn   string // --registry
-	actor string // --actor
+	dsn       string // --registry
+	artifacts string // --registry-artifacts
+	actor     string // --actor
 }
 
 func (f *registryFlags) addTo(fs *pflag.FlagSet) {
 	fs.StringVar(&f.dsn, "registry", "", "model registry: a SQLite file, sqlite://PATH or postgres://... (default $KILN_REGISTRY, else $KILN_HOME/registry.db, KILN_HOME defaulting to ~/.kiln)")
+	fs.StringVar(&f.artifacts, "registry-artifacts", "", "the registry's artifact root: a directory or s3://bucket/prefix (default $KILN_REGISTRY_ARTIFACTS, else artifacts/ beside a SQLite file, $KILN_HOME/artifacts for PostgreSQL)")
 	fs.StringVar(&f.actor, "actor", "", "who acts, recorded with runs, versions and alias moves (default: the OS user)")
 }
 
@@ -52,16 +54,18 @@ func (f registryFlags) configured() (bool, error) {
 }
 
 // open opens the registry: --registry, else $KILN_REGISTRY, else
-// registry.db in the data directory. A PostgreSQL registry keeps its
-// artifacts in the data directory's artifacts/ (a directory the servers
-// sharing the registry must share); the key comes from
-// $KILN_REGISTRY_KEY or $KILN_REGISTRY_KEY_FILE.
+// registry.db in the data directory, with its artifacts at
+// --registry-artifacts, else $KILN_REGISTRY_ARTIFACTS (a directory or
+// s3://bucket/prefix), else beside a SQLite file and in the data
+// directory's artifacts/ for PostgreSQL (a root the servers sharing the
+// registry must share); the key comes from $KILN_REGISTRY_KEY or
+// $KILN_REGISTRY_KEY_FILE.
 func (f registryFlags) open(ctx context.Context) (*registry.Registry, error) {
 	vars, err := kilnenv.Load(os.Getenv)
 	if err != nil {
 		return nil, err
 	}
-	dsn, artifacts, err := vars.RegistryLocation(f.dsn)
+	dsn, artifacts, err := vars.RegistryLocation(f.dsn, f.artifacts)
 	if err != nil {
 		return nil, fmt.Errorf("kiln: registry: %w", err)
 	}
@@ -69,7 +73,7 @@ func (f registryFlags) open(ctx context.Context) (*registry.Registry, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kiln: %w", err)
 	}
-	return registry.Open(ctx, dsn, registry.Options{ArtifactDir: artifacts, Key: key})
+	return registry.Open(ctx, dsn, registry.Options{ArtifactDir: artifacts, Key: key, S3PathStyle: vars.S3PathStyle})
 }
 
 func newRegistryCmd() *cobra.Command {
@@ -87,7 +91,10 @@ The registry is --registry, else $KILN_REGISTRY, else registry.db in the data
 directory ($KILN_HOME, default ~/.kiln), a SQLite file whose artifacts live in
 artifacts/ beside it. postgres://... names a PostgreSQL registry shared by
 several servers; its artifacts then live in $KILN_HOME/artifacts, which those
-servers must share. Artifacts are encrypted with $KILN_REGISTRY_KEY or the key
+servers must share, or, with --registry-artifacts s3://bucket/prefix (or
+$KILN_REGISTRY_ARTIFACTS), in S3-compatible object storage configured by the
+AWS environment (AWS_ENDPOINT_URL_S3, AWS_REGION, AWS_ACCESS_KEY_ID, ...,
+KILN_S3_PATH_STYLE). Artifacts are encrypted with $KILN_REGISTRY_KEY or the key
 in $KILN_REGISTRY_KEY_FILE (32 bytes: raw, hex or base64) when one is set.`,
 	}
 	rf.addTo(cmd.PersistentFlags())

@@ -127,7 +127,7 @@ CPUs / instance_count) and --host accept IPv6 ("::1" or "[::1]").`,
 	f.StringVar(&cfg.DataDir, "data-dir", cfg.DataDir, "directory of the datasets uploaded over Flight")
 	f.DurationVar(&cfg.ShutdownTimeout, "shutdown-timeout", 0, "longest wait for requests in flight on shutdown (0: no limit)")
 	f.StringVar(&cfg.Registry, "registry", "", "serve the versions a model registry's alias names (a SQLite file, sqlite://PATH or postgres://...; see --serve-alias)")
-	f.StringVar(&cfg.RegistryArtifacts, "registry-artifacts", "", "the registry's artifact directory (PostgreSQL; SQLite: artifacts/ beside the file)")
+	f.StringVar(&cfg.RegistryArtifacts, "registry-artifacts", "", "the registry's artifact root: a directory or s3://bucket/prefix (PostgreSQL: required, default $KILN_REGISTRY_ARTIFACTS; SQLite: artifacts/ beside the file)")
 	f.StringVar(&cfg.RegistryKeyFile, "registry-key-file", "", "file holding the key of encrypted registry artifacts (default $KILN_REGISTRY_KEY_FILE)")
 	f.StringVar(&cfg.ServeAlias, "serve-alias", follower.DefaultAlias, "with --registry: the alias whose versions are served")
 	f.DurationVar(&cfg.RegistryPollInterval, "registry-poll-interval", follower.DefaultInterval, "with --registry: time between two polls of the registry")

@@ -12,6 +12,9 @@
 //	                       default registry (registry.db) and its artifacts
 //	KILN_REGISTRY          the model registry's DSN (a SQLite path or
 //	                       sqlite://PATH, or postgres://...)
+//	KILN_REGISTRY_ARTIFACTS the registry's artifact root: a directory or
+//	                       s3://bucket/prefix (default: artifacts/ beside a
+//	                       SQLite file; $KILN_HOME/artifacts for PostgreSQL)
 //	KILN_REGISTRY_KEY      the registry's artifact encryption key (32 bytes
 //	                       as 64 hex digits or base64); never logged
 //	KILN_REGISTRY_KEY_FILE a file holding that key (raw 32 bytes, hex or
@@ -40,7 +43,9 @@ const (
 	AuthTokenFile = "KILN_AUTH_TOKEN_FILE"
 	Home          = "KILN_HOME"
 	Registry      = "KILN_REGISTRY"
-	RegistryKey   = "KILN_REGISTRY_KEY"
+	// RegistryArtifacts names the registry's artifact root.
+	RegistryArtifacts = "KILN_REGISTRY_ARTIFACTS"
+	RegistryKey       = "KILN_REGISTRY_KEY"
 	// RegistryKeyFile names a file holding the registry's key.
 	RegistryKeyFile = "KILN_REGISTRY_KEY_FILE"
 	// S3PathStyle turns S3 path-style addressing on or off.
@@ -60,6 +65,8 @@ type Vars struct {
 	Home string
 	// Registry is KILN_REGISTRY.
 	Registry string
+	// RegistryArtifacts is KILN_REGISTRY_ARTIFACTS.
+	RegistryArtifacts string
 	// RegistryKey is KILN_REGISTRY_KEY: secret, print it nowhere.
 	RegistryKey string
 	// RegistryKeyFile is KILN_REGISTRY_KEY_FILE.
@@ -72,7 +79,7 @@ type Vars struct {
 // lookup in a test). A malformed value is an error naming the variable.
 func Load(getenv func(string) string) (Vars, error) {
 	v := Vars{AuthToken: getenv(AuthToken), AuthTokenFile: getenv(AuthTokenFile),
-		Home: getenv(Home), Registry: getenv(Registry),
+		Home: getenv(Home), Registry: getenv(Registry), RegistryArtifacts: getenv(RegistryArtifacts),
 		RegistryKey: getenv(RegistryKey), RegistryKeyFile: getenv(RegistryKeyFile)}
 	if s := getenv(NumThreads); s != "" {
 		n, err := strconv.Atoi(s)
@@ -110,26 +117,30 @@ func (v Vars) DataDir() (string, error) {
 // jobs record runs by default only then.
 func (v Vars) RegistryConfigured(dsn string) bool { return dsn != "" || v.Registry != "" }
 
-// RegistryLocation returns the registry to open and its artifact
-// directory: dsn when it is not "", else KILN_REGISTRY, else the SQLite
-// file registry.db in the data directory (its artifacts beside it:
-// artifacts is ""). A PostgreSQL DSN keeps its artifacts in the data
-// directory's artifacts/ (a directory every server sharing the registry
-// must share).
-func (v Vars) RegistryLocation(dsn string) (string, string, error) {
+// RegistryLocation returns the registry to open and its artifact root:
+// dsn when it is not "", else KILN_REGISTRY, else the SQLite file
+// registry.db in the data directory; artifacts when it is not "" (a
+// --registry-artifacts flag), else KILN_REGISTRY_ARTIFACTS, else for
+// SQLite "" (artifacts/ beside the file) and for a PostgreSQL DSN the data
+// directory's artifacts/ (a root every server sharing the registry must
+// share: an s3://bucket/prefix or a shared file system).
+func (v Vars) RegistryLocation(dsn, artifacts string) (string, string, error) {
 	if dsn == "" {
 		dsn = v.Registry
 	}
+	if artifacts == "" {
+		artifacts = v.RegistryArtifacts
+	}
 	pg := strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://")
-	if dsn != "" && !pg {
-		return dsn, "", nil
+	if dsn != "" && (!pg || artifacts != "") {
+		return dsn, artifacts, nil
 	}
 	home, err := v.DataDir()
 	if err != nil {
 		return "", "", err
 	}
 	if dsn == "" {
-		return filepath.Join(home, "registry.db"), "", nil
+		return filepath.Join(home, "registry.db"), artifacts, nil
 	}
 	return dsn, filepath.Join(home, "artifacts"), nil
 }

@@ -65,18 +65,36 @@ func TestLoadS3PathStyle(t *testing.T) {
 
 func TestRegistryLocation(t *testing.T) {
 	v := Vars{Home: "/srv/kiln"}
-	dsn, art, err := v.RegistryLocation("")
+	dsn, art, err := v.RegistryLocation("", "")
 	if err != nil || dsn != "/srv/kiln/registry.db" || art != "" || v.RegistryConfigured("") {
 		t.Fatalf("default: %q %q %v", dsn, art, err)
 	}
 	v.Registry = "postgres://u@/db?host=/run/pg"
-	dsn, art, err = v.RegistryLocation("")
+	dsn, art, err = v.RegistryLocation("", "")
 	if err != nil || dsn != v.Registry || art != "/srv/kiln/artifacts" || !v.RegistryConfigured("") {
 		t.Fatalf("env postgres: %q %q %v", dsn, art, err)
 	}
-	dsn, art, err = v.RegistryLocation("/tmp/r.db")
+	dsn, art, err = v.RegistryLocation("/tmp/r.db", "")
 	if err != nil || dsn != "/tmp/r.db" || art != "" {
 		t.Fatalf("explicit sqlite: %q %q %v", dsn, art, err)
+	}
+	// --registry-artifacts, else KILN_REGISTRY_ARTIFACTS, for either database.
+	_, art, err = v.RegistryLocation("", "s3://kiln/flag")
+	if err != nil || art != "s3://kiln/flag" {
+		t.Fatalf("flag artifacts: %q %v", art, err)
+	}
+	v.RegistryArtifacts = "s3://kiln/env"
+	_, art, err = v.RegistryLocation("", "")
+	if err != nil || art != "s3://kiln/env" {
+		t.Fatalf("env artifacts, postgres: %q %v", art, err)
+	}
+	_, art, err = v.RegistryLocation("/tmp/r.db", "")
+	if err != nil || art != "s3://kiln/env" {
+		t.Fatalf("env artifacts, sqlite: %q %v", art, err)
+	}
+	got, err := Load(func(k string) string { return map[string]string{RegistryArtifacts: "s3://b/p"}[k] })
+	if err != nil || got.RegistryArtifacts != "s3://b/p" {
+		t.Fatalf("Load: %+v %v", got, err)
 	}
 	if !(Vars{}).RegistryConfigured("x.db") {
 		t.Fatal("an explicit DSN is a configured registry")

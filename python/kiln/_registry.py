@@ -166,8 +166,17 @@ class Registry:
 
     uri: a SQLite file path, ``sqlite://PATH`` or ``postgres://...``; None
     opens what ``kiln`` opens: ``$KILN_REGISTRY``, else
-    ``$KILN_HOME/registry.db`` (KILN_HOME defaulting to ~/.kiln). A
-    PostgreSQL registry keeps its artifacts in ``$KILN_HOME/artifacts``.
+    ``$KILN_HOME/registry.db`` (KILN_HOME defaulting to ~/.kiln).
+
+    artifacts: the artifact root, a directory or ``s3://bucket/prefix``
+    (objects in S3-compatible storage; endpoint, region and credentials
+    from the AWS environment: ``AWS_ENDPOINT_URL_S3``, ``AWS_REGION``,
+    ``AWS_ACCESS_KEY_ID``, ..., ``KILN_S3_PATH_STYLE``); None:
+    ``$KILN_REGISTRY_ARTIFACTS``, else ``artifacts/`` beside a SQLite file
+    and ``$KILN_HOME/artifacts`` for PostgreSQL. Servers sharing a
+    PostgreSQL registry share this root. A missing bucket or refused
+    credentials raise ``FailedPreconditionError``, an unreachable endpoint
+    ``UnavailableError``.
     Artifacts are encrypted (AES-256-GCM) with the key in
     ``$KILN_REGISTRY_KEY`` or ``$KILN_REGISTRY_KEY_FILE`` when one is set.
 
@@ -184,9 +193,11 @@ class Registry:
     ...     prod = reg.load("models:/iris@production")
     """
 
-    def __init__(self, uri: Optional[Union[str, os.PathLike]] = None):
+    def __init__(self, uri: Optional[Union[str, os.PathLike]] = None, *,
+                 artifacts: Optional[Union[str, os.PathLike]] = None):
         self.uri = os.fspath(uri) if uri is not None else None
-        self._h = self._call(_b.OpenRegistry, self.uri or "", handle=False)
+        self.artifacts = os.fspath(artifacts) if artifacts is not None else None
+        self._h = self._call(_b.OpenRegistry, self.uri or "", self.artifacts or "", handle=False)
         info = json.loads(self._h.InfoJSON())
         self.backend: str = info["backend"]
         self.artifact_dir: str = info["artifacts"]
@@ -383,7 +394,9 @@ def record_spec(record: Optional[bool], register: Optional[str], registry) -> st
         except RuntimeError as e:
             raise translate(e, KilnError) from None
     uri = registry.uri if isinstance(registry, Registry) else registry
-    return json.dumps({"registry": os.fspath(uri) if uri else "", "model": register or ""})
+    artifacts = registry.artifacts if isinstance(registry, Registry) else None
+    return json.dumps({"registry": os.fspath(uri) if uri else "", "artifacts": artifacts or "",
+                       "model": register or ""})
 
 
 def open_for(registry):

@@ -93,7 +93,8 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
     intra-op threads (0: $KILN_NUM_THREADS, else CPUs / instance_count).
     registry: serve the versions a model registry's alias (serve_alias,
     "production") names: a SQLite file or postgres://... DSN
-    (registry_artifacts: its artifact directory; registry_key_file, default
+    (registry_artifacts: its artifact root, a directory or
+    s3://bucket/prefix, default $KILN_REGISTRY_ARTIFACTS; registry_key_file, default
     $KILN_REGISTRY_KEY_FILE: the key of encrypted artifacts). A move of the
     alias loads the new version before it switches; the previous one stays
     loaded for rollback_grace seconds (default 300).

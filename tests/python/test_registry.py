@@ -364,3 +364,95 @@ def test_closed_registry_and_bad_uri(tmp_path):
         kiln.Registry("mysql://x/y")
     with pytest.raises(kiln.KilnError, match="registered"):
         kiln.Sequential(LAYERS).register("x", registry=str(tmp_path / "r.db"))
+
+
+@pytest.fixture
+def s3_server(tmp_path):
+    """A versitygw S3 server (build/tools/versitygw, which
+    scripts/install-deps builds, as internal/testkit runs it for Go) on a
+    free loopback port with the bucket "kiln"; yields the AWS environment
+    pointing at it."""
+    import socket
+
+    binary = os.environ.get("KILN_VERSITYGW") or str(ROOT / "build" / "tools" / "versitygw")
+    if not os.path.exists(binary):
+        pytest.fail(f"the S3 server versitygw is not installed ({binary}): run scripts/install-deps")
+    data_dir = tmp_path / "s3"
+    (data_dir / "kiln").mkdir(parents=True)  # a bucket of the POSIX backend is a directory
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        addr = "127.0.0.1:%d" % s.getsockname()[1]
+    access, secret = "KILNPYACCESSKEY", "kiln-py-secret-key-0123456789"
+    log = open(tmp_path / "versitygw.log", "w")
+    proc = subprocess.Popen([binary, "--access", access, "--secret", secret, "--region", "us-east-1",
+                             "--port", addr, "--quiet", "posix", str(data_dir)], stdout=log, stderr=log,
+                            env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)})
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(tuple([addr.split(":")[0], int(addr.split(":")[1])]), timeout=0.2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("versitygw did not start: " + (tmp_path / "versitygw.log").read_text())
+            time.sleep(0.05)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KILN_REGISTRY"))}
+    env.update({"AWS_ENDPOINT_URL_S3": "http://" + addr, "AWS_ACCESS_KEY_ID": access,
+                "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1",
+                "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+                "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+                "AWS_EC2_METADATA_DISABLED": "true", "KILN_HOME": str(tmp_path / "home")})
+    yield env, data_dir
+    proc.terminate()
+    proc.wait(timeout=10)
+    log.close()
+
+
+def test_shared_registry_artifacts_on_s3(postgres, s3_server):
+    """kiln.Registry(dsn, artifacts="s3://...") as two servers sharing a
+    PostgreSQL registry use it: one registers, the other (a second process,
+    the root from $KILN_REGISTRY_ARTIFACTS) loads; errors are Kiln's."""
+    env, data_dir = s3_server
+    dsn = postgres.new_database()
+    p = child(f"""
+        import numpy as np, kiln
+        x = np.random.default_rng(0).normal(size=(30, 2)).astype(np.float32); y = np.arange(30) % 2
+        m = kiln.Sequential([{{"type": "linear"}}]); m.fit(x, y, epochs=1, verbose=0, record=False)
+        np.save("{data_dir}/../x.npy", x); np.save("{data_dir}/../p.npy", m.predict(x))
+        with kiln.Registry({dsn!r}, artifacts="s3://kiln/reg") as reg:
+            assert reg.artifact_dir == "s3://kiln/reg", reg.artifact_dir
+            v = m.register("iris", registry=reg)
+            reg.set_alias("iris", "production", v.version)
+            print(v.digest)
+    """, env)
+    digest = p.stdout.strip().splitlines()[-1]
+    blob = data_dir / "kiln" / "reg" / "sha256" / digest
+    assert blob.exists(), "the artifact is the object reg/sha256/<hex>"
+    p = child(f"""
+        import numpy as np, kiln
+        x = np.load("{data_dir}/../x.npy")
+        with kiln.Registry({dsn!r}) as reg:
+            np.testing.assert_allclose(reg.load("models:/iris@production").predict(x), np.load("{data_dir}/../p.npy"), rtol=1e-6)
+        try:
+            kiln.Registry({dsn!r}, artifacts="s3://absent/x")
+        except kiln.FailedPreconditionError as e:
+            assert 'bucket "absent" does not exist' in str(e), e
+            print("ok")
+    """, {**env, "KILN_REGISTRY_ARTIFACTS": "s3://kiln/reg"})
+    assert p.stdout.strip().endswith("ok")
+
+    # A corrupt object is refused, never loaded.
+    blob.write_bytes(b"not the archive")
+    p = child(f"""
+        import kiln
+        with kiln.Registry({dsn!r}, artifacts="s3://kiln/reg") as reg:
+            try:
+                reg.load("models:/iris@production")
+            except kiln.InternalError as e:
+                assert "{digest}" in str(e) and "digest" in str(e), e
+                print("ok")
+    """, env)
+    assert p.stdout.strip().endswith("ok")
+    with pytest.raises(kiln.InvalidArgumentError):
+        kiln.Registry(dsn, artifacts="s3://Not_A_Bucket/x")

@@ -57,7 +57,7 @@ func Fetch(ctx context.Context, client *s3.Client, loc Location, dst string, pro
 	}
 	defer os.RemoveAll(tmp)
 	objs := map[string]object{}
-	prefix := loc.listPrefix()
+	prefix := loc.ListPrefix()
 	p := s3.NewListObjectsV2Paginator(client, &s3.ListObjectsV2Input{Bucket: aws.String(loc.Bucket), Prefix: aws.String(prefix)})
 	for p.HasMorePages() {
 		page, err := p.NextPage(ctx)

@@ -218,7 +218,7 @@ func (m *Mirror) Sync(ctx context.Context) error {
 // list reads every object under the prefix, grouped by model.
 func (m *Mirror) list(ctx context.Context) (map[string]*remoteModel, error) {
 	out := map[string]*remoteModel{}
-	prefix := m.loc.listPrefix()
+	prefix := m.loc.ListPrefix()
 	p := s3.NewListObjectsV2Paginator(m.client, &s3.ListObjectsV2Input{Bucket: aws.String(m.loc.Bucket), Prefix: aws.String(prefix)})
 	n := 0
 	for p.HasMorePages() {

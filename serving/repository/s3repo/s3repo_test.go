@@ -237,40 +237,6 @@ func TestMirrorBadEndpoints(t *testing.T) {
 	})
 }
 
-func TestNewClientFromEnvironment(t *testing.T) {
-	srv := testkit.S3(t)
-	srv.Setenv(t)
-	srv.CreateBucket(t, "models")
-	c, err := NewClient(context.Background(), ClientOptions{})
-	require.NoError(t, err)
-	assert.True(t, c.Options().UsePathStyle, "a custom endpoint turns path-style on")
-	out, err := c.ListBuckets(context.Background(), &s3.ListBucketsInput{})
-	require.NoError(t, err)
-	require.Len(t, out.Buckets, 1)
-	off := false
-	c, err = NewClient(context.Background(), ClientOptions{PathStyle: &off})
-	require.NoError(t, err)
-	assert.False(t, c.Options().UsePathStyle)
-}
-
-func TestParseURL(t *testing.T) {
-	for in, want := range map[string]Location{
-		"s3://models":            {Bucket: "models"},
-		"s3://models/":           {Bucket: "models"},
-		"s3://models/a/b/":       {Bucket: "models", Prefix: "a/b"},
-		"s3://my.bucket-1/x.y_z": {Bucket: "my.bucket-1", Prefix: "x.y_z"},
-	} {
-		got, err := ParseURL(in)
-		require.NoError(t, err, in)
-		assert.Equal(t, want, got, in)
-	}
-	for _, in := range []string{"models", "s3://", "s3://ab", "s3://Models", "s3://-ab/x", "s3://models//x", "s3://models/a/../b", "s3://models/a?x=1", "file:///x"} {
-		_, err := ParseURL(in)
-		assert.Error(t, err, in)
-	}
-	assert.Equal(t, "s3://models/a/b", Location{Bucket: "models", Prefix: "a"}.Child("b").String())
-}
-
 func TestParseManifest(t *testing.T) {
 	good := manifestOf(map[string]string{"model.pt": "x", "sub/a.bin": "y"})
 	m, err := ParseManifest([]byte(good))
@@ -315,22 +281,6 @@ func FuzzParseManifest(f *testing.F) {
 			if strings.Contains(filepath.Clean(filepath.Join("/root", f.Path)), "..") || !strings.HasPrefix(filepath.Join("/root", f.Path), "/root/") {
 				t.Fatalf("path %q escapes the version directory", f.Path)
 			}
-		}
-	})
-}
-
-func FuzzParseURL(f *testing.F) {
-	for _, s := range []string{"s3://models/a/b", "s3://x", "s3://models//", "s3://a.b-c/../x"} {
-		f.Add(s)
-	}
-	f.Fuzz(func(t *testing.T, s string) {
-		loc, err := ParseURL(s)
-		if err != nil {
-			return
-		}
-		again, err := ParseURL(loc.String())
-		if err != nil || again != loc {
-			t.Fatalf("%q → %+v → %q → %+v, %v", s, loc, loc.String(), again, err)
 		}
 	})
 }
