@@ -163,6 +163,9 @@ func TestRolloutSplitStickyAndExplicitVersions(t *testing.T) {
 	assert.Equal(t, rollout.Running, st.State)
 	assert.Equal(t, int64(1), st.Production)
 	assert.InDelta(t, 0.10, st.Weight, 1e-9)
+	assert.Equal(t, 25, st.Policy.MinRequests, "from the model config's rollout block")
+	assert.InDelta(t, 2.5, st.Policy.MaxP99Ratio, 1e-9, "from the model config's rollout block")
+	assert.Equal(t, []float64{10, 100}, st.Steps, "the start request's")
 
 	_, code = rs.rest(t, http.MethodPost, "/v2/rollouts/clf/start", map[string]any{"candidate": 3})
 	assert.Equal(t, http.StatusConflict, code, "a second rollout while one runs")
@@ -260,7 +263,7 @@ func TestRolloutRollsBackAFlakyCandidate(t *testing.T) {
 func TestRolloutRollsBackASlowCandidate(t *testing.T) {
 	rs := startRolloutServer(t)
 	_, err := rs.srv.Rollouts().Start(context.Background(), "clf", rollout.StartRequest{Candidate: 4,
-		Policy: rollout.Policy{Steps: []float64{50, 100}, Window: rollout.Duration(1500 * time.Millisecond), MinRequests: 100}})
+		Policy: rollout.Policy{Steps: []float64{50, 100}, Window: rollout.Duration(1500 * time.Millisecond), MinRequests: 100, MaxP99Ratio: 2}})
 	require.NoError(t, err)
 	out, st := rs.untilEnded(t, 1, 60*time.Second)
 	t.Logf("%+v; answered by %v", st.History, out.byVersion)

@@ -71,6 +71,28 @@ type configFile struct {
 	DefaultModelFilename string `json:"default_model_filename" yaml:"default_model_filename"`
 	Warmup               *bool  `json:"warmup" yaml:"warmup"`
 	Columns              bool   `json:"columns" yaml:"columns"`
+	// Rollout is Kiln's rollout policy of the model (see Config.Rollout).
+	Rollout rawBlock `json:"rollout" yaml:"rollout"`
+}
+
+// rawBlock keeps a block of a configuration as written (YAML text, or
+// JSON, which is YAML) for the package that reads it.
+type rawBlock []byte
+
+// UnmarshalYAML keeps the block re-encoded as YAML text.
+func (r *rawBlock) UnmarshalYAML(n *yaml.Node) error {
+	b, err := yaml.Marshal(n)
+	if err != nil {
+		return err
+	}
+	*r = b
+	return nil
+}
+
+// UnmarshalJSON keeps the block's JSON.
+func (r *rawBlock) UnmarshalJSON(b []byte) error {
+	*r = append(rawBlock(nil), b...)
+	return nil
 }
 
 // tensorFile is one input or output as written.
@@ -280,7 +302,8 @@ func oneOf[T comparable](kilnKey string, kiln T, tritonKey string, triton T) (T,
 
 // config merges the two spellings into a Config (not yet validated).
 func (f *configFile) config() (*Config, error) {
-	c := &Config{Name: f.Name, MaxBatchSize: f.MaxBatchSize, InstanceCount: f.InstanceCount, Warmup: f.Warmup, Device: f.Device, Columns: f.Columns}
+	c := &Config{Name: f.Name, MaxBatchSize: f.MaxBatchSize, InstanceCount: f.InstanceCount, Warmup: f.Warmup, Device: f.Device, Columns: f.Columns,
+		Rollout: []byte(f.Rollout)}
 	var err error
 	if c.Platform, err = platformOf(f.Platform, f.Backend); err != nil {
 		return nil, err

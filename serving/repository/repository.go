@@ -166,6 +166,12 @@ type Config struct {
 	// Warmup, when true (the default), runs one forward pass on zeros before
 	// a version takes traffic, and checks its outputs against Outputs.
 	Warmup *bool `json:"warmup,omitempty" yaml:"warmup,omitempty"`
+	// Rollout is the model's rollout policy as written in its config's
+	// "rollout" block (YAML or JSON text; package serving/rollout reads it:
+	// steps, window, thresholds, shadow share, sticky key), nil when the
+	// config has none. Its fields override the server's default policy
+	// and are overridden by a rollout's start request.
+	Rollout []byte `json:"rollout,omitempty" yaml:"-"`
 }
 
 // DeviceName returns the device the model runs on: Device, or "cpu".

@@ -269,7 +269,11 @@ func (c *Controller) Start(ctx context.Context, name string, req StartRequest) (
 	if r := c.rollouts[name]; r != nil && r.st.State == Running {
 		return Status{}, core.Errorf(core.AlreadyExists, "model %q: a rollout of version %d is running (abort or promote it first)", name, r.st.Candidate)
 	}
-	pol := c.o.Policies.For(name).Merge(req.Policy).WithDefaults()
+	pol, err := c.policy(name)
+	if err != nil {
+		return Status{}, err
+	}
+	pol = pol.Merge(req.Policy).WithDefaults()
 	if err := pol.Validate(); err != nil {
 		return Status{}, err
 	}
@@ -318,6 +322,24 @@ func (c *Controller) Start(ctx context.Context, name string, req StartRequest) (
 	c.o.Logger.Info("rollout started", "model", name, "production", prod, "candidate", cand,
 		"steps", pol.Steps, "window", time.Duration(pol.Window), "shadow", pol.Shadow, "run_id", r.st.RunID)
 	return c.status(r), nil
+}
+
+// policy returns model name's policy before a start request's: the
+// server's default, then the model config's rollout block, then the
+// server's policy file's entry for the model.
+func (c *Controller) policy(name string) (Policy, error) {
+	pol := c.o.Policies.Default
+	if rm, err := c.o.Manager.Repository().Model(name); err == nil && len(rm.Config.Rollout) > 0 {
+		var own Policy
+		if err := decodeStrict(rm.Config.Rollout, &own); err != nil {
+			return Policy{}, core.Errorf(core.InvalidArgument, "model %q: the config's rollout block: %v", name, err)
+		}
+		pol = pol.Merge(own)
+	}
+	if own, ok := c.o.Policies.Models[name]; ok {
+		pol = pol.Merge(own)
+	}
+	return pol, nil
 }
 
 // production returns the version that answers model name's unversioned

@@ -70,8 +70,9 @@ func (d *Duration) UnmarshalText(b []byte) error {
 }
 
 // Policy says how a rollout proceeds. Zero fields take the defaults
-// (Policy.WithDefaults); the model's config, the server's --rollout-policy
-// file and a start request may each set some.
+// (Policy.WithDefaults); the server's --rollout-policy file (its default,
+// then its entry for the model), the model config's rollout block (between
+// those two) and a start request (last) may each set some.
 type Policy struct {
 	// Steps are the candidate's traffic shares, in percent, strictly
 	// ascending, each in (0, 100]; passing the last one promotes. With
