@@ -265,16 +265,6 @@ func TestConsoleInBrowser(t *testing.T) {
 	runID := trainOverFlight(t, srv.FlightAddr().String())
 	base := "http://" + srv.HTTPAddr().String()
 
-	// The rollout API (issue 14) is merged separately: until it is, the
-	// rollouts page says so and its checks below are skipped.
-	resp, err := http.Get(base + "/v2/rollouts")
-	require.NoError(t, err)
-	resp.Body.Close()
-	hasRollouts := resp.StatusCode == http.StatusOK
-	if !hasRollouts {
-		t.Log("this build has no /v2/rollouts: the rollout checks are skipped")
-	}
-
 	b := newBrowser(t)
 	pages := []struct{ path, page string }{
 		{"/", "models"}, {"/runs", "runs"}, {"/runs/" + runID, "runs"}, {"/evaluations", "evaluations"},
@@ -290,11 +280,7 @@ func TestConsoleInBrowser(t *testing.T) {
 			name = "models"
 		}
 		b.shot(t, name)
-		errs := b.takeErrors()
-		if p.page == "rollouts" && !hasRollouts && len(errs) == 1 && strings.Contains(errs[0], "404") && strings.Contains(errs[0], "/v2/rollouts") {
-			errs = nil // the page's one probe of the missing API
-		}
-		assert.Empty(t, errs, "console errors on %s", p.path)
+		assert.Empty(t, b.takeErrors(), "console errors on %s", p.path)
 	}
 
 	// The training run: one point per epoch on each curve.
@@ -358,9 +344,7 @@ func TestConsoleInBrowser(t *testing.T) {
 		require.NoError(t, json.Unmarshal(out, &r))
 		return r.ModelVersion
 	}
-	if hasRollouts {
-		checkRolloutAbort(t, b, base, post, infer)
-	}
+	checkRolloutAbort(t, b, base, post, infer)
 
 	// Auth on: the pages ask for the token, then load with it.
 	acfg := testConfig(t.TempDir(), Config{Auth: auth.Config{Token: testToken}})
