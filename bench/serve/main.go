@@ -67,6 +67,7 @@ import (
 	"time"
 
 	"github.com/kilnml/kiln/core"
+	"github.com/kilnml/kiln/internal/loadgen"
 	"github.com/kilnml/kiln/internal/testkit"
 	"github.com/kilnml/kiln/serving"
 	pb "github.com/kilnml/kiln/serving/inferencepb"
@@ -93,30 +94,26 @@ func (m model) rowElems() int {
 
 // result is one load run.
 type result struct {
-	requests  int
-	errors    int
-	firstErr  error
-	elapsed   time.Duration
-	latencies []time.Duration // sorted
-	meanBatch float64         // Kiln only: rows per execution
-	cpu       time.Duration   // this process's (the client's) CPU time (user+system) in the measured window
-	serverCPU time.Duration   // the server processes' CPU time in the measured window
+	loadgen.Result
+	meanBatch float64       // Kiln only: rows per execution
+	cpu       time.Duration // this process's (the client's) CPU time (user+system) in the measured window
+	serverCPU time.Duration // the server processes' CPU time in the measured window
 }
 
 // cpuPerReq is the client's CPU time per answered request, in µs.
 func (r result) cpuPerReq() float64 {
-	if r.requests == 0 {
+	if r.Requests == 0 {
 		return 0
 	}
-	return float64(r.cpu.Microseconds()) / float64(r.requests)
+	return float64(r.cpu.Microseconds()) / float64(r.Requests)
 }
 
 // serverPerReq is the server's CPU time per answered request, in µs.
 func (r result) serverPerReq() float64 {
-	if r.requests == 0 {
+	if r.Requests == 0 {
 		return 0
 	}
-	return float64(r.serverCPU.Microseconds()) / float64(r.requests)
+	return float64(r.serverCPU.Microseconds()) / float64(r.Requests)
 }
 
 // pidCPU is the CPU time (user+system, all threads) of process pid so far,
@@ -182,73 +179,21 @@ func processCPU() time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
-func (r result) rps() float64 { return float64(r.requests) / r.elapsed.Seconds() }
-
-func (r result) pct(p float64) time.Duration {
-	if len(r.latencies) == 0 {
-		return 0
-	}
-	return r.latencies[min(len(r.latencies)-1, int(p*float64(len(r.latencies))))]
-}
-
-// load runs c workers calling do for warm (discarded), then for dur.
+// load runs c workers calling do for warm (discarded), then for dur
+// (loadgen.RunMarked).
 //
 // The result's cpu is this process's CPU time in the measured window, its
 // serverCPU serverCPU's (the server's processes).
 func load(c int, warm, dur time.Duration, serverCPU func() time.Duration, do func(worker int) error) result {
-	var mu sync.Mutex
-	var res result
-	var wg sync.WaitGroup
-	start := time.Now()
-	measureFrom, end := start.Add(warm), start.Add(warm+dur)
-	cpuDone := make(chan [2]time.Duration, 1)
-	go func() {
-		time.Sleep(time.Until(measureFrom))
-		c0, s0 := processCPU(), serverCPU()
-		time.Sleep(time.Until(end))
-		cpuDone <- [2]time.Duration{processCPU() - c0, serverCPU() - s0}
-	}()
-	for w := range c {
-		wg.Go(func() {
-			var lat []time.Duration
-			var n, errs int
-			var first error
-			for {
-				t0 := time.Now()
-				if !t0.Before(end) {
-					break
-				}
-				err := do(w)
-				t1 := time.Now()
-				if t0.Before(measureFrom) || t1.After(end) {
-					continue
-				}
-				if err != nil {
-					errs++
-					if first == nil {
-						first = err
-					}
-					continue
-				}
-				n++
-				lat = append(lat, t1.Sub(t0))
-			}
-			mu.Lock()
-			res.requests += n
-			res.errors += errs
-			if res.firstErr == nil {
-				res.firstErr = first
-			}
-			res.latencies = append(res.latencies, lat...)
-			mu.Unlock()
-		})
-	}
-	wg.Wait()
-	res.elapsed = dur
-	cpu := <-cpuDone
-	res.cpu, res.serverCPU = cpu[0], cpu[1]
-	slices.Sort(res.latencies)
-	return res
+	var c0, s0, cpu, scpu time.Duration
+	res := loadgen.RunMarked(c, warm, dur, func(begin bool) {
+		if begin {
+			c0, s0 = processCPU(), serverCPU()
+			return
+		}
+		cpu, scpu = processCPU()-c0, serverCPU()-s0
+	}, do)
+	return result{Result: res, cpu: cpu, serverCPU: scpu}
 }
 
 func randomRow(m model, seed uint64) []byte {
@@ -550,7 +495,7 @@ func main() {
 					r.meanBatch = float64(inf1-inf0) / float64(ex)
 				}
 				results[key{m.name, proto, c}] = r
-				fmt.Fprintf(os.Stderr, "%s c=%d %s: %.0f req/s, mean batch %.1f, server %.0f µs CPU/req, client %.0f, %d errors\n", m.name, c, proto, r.rps(), r.meanBatch, r.serverPerReq(), r.cpuPerReq(), r.errors)
+				fmt.Fprintf(os.Stderr, "%s c=%d %s: %.0f req/s, mean batch %.1f, server %.0f µs CPU/req, client %.0f, %d errors\n", m.name, c, proto, r.RPS(), r.meanBatch, r.serverPerReq(), r.cpuPerReq(), r.Errors)
 				if _, done := ceilings[key{m.name, "", c}]; !done {
 					// The ceiling right after the first Kiln run of this
 					// cell, at the batch size the server formed, the server
@@ -578,7 +523,7 @@ func main() {
 	} else if tsNote == "" {
 		tsNote = runTorchServe(*tsDir, *out, concs, warm, *dur, func(m model, c int, r result) {
 			results[key{m.name, "TorchServe", c}] = r
-			fmt.Fprintf(os.Stderr, "%s c=%d TorchServe: %.0f req/s, %d errors\n", m.name, c, r.rps(), r.errors)
+			fmt.Fprintf(os.Stderr, "%s c=%d TorchServe: %.0f req/s, %d errors\n", m.name, c, r.RPS(), r.Errors)
 		})
 	}
 
@@ -598,7 +543,7 @@ func main() {
 		if mlsNote == "" {
 			mlsNote = runMLServer(*mlsDir, *out, concs, warm, *dur, *nconns, func(m model, c int, r result) {
 				results[key{m.name, "MLServer", c}] = r
-				fmt.Fprintf(os.Stderr, "%s c=%d MLServer: %.0f req/s, server %.0f µs CPU/req, %d errors\n", m.name, c, r.rps(), r.serverPerReq(), r.errors)
+				fmt.Fprintf(os.Stderr, "%s c=%d MLServer: %.0f req/s, server %.0f µs CPU/req, %d errors\n", m.name, c, r.RPS(), r.serverPerReq(), r.Errors)
 			})
 		}
 	}
@@ -627,31 +572,31 @@ func main() {
 					batch = fmt.Sprintf("%.1f", r.meanBatch)
 				}
 				if haveCeil && ceil.rows > 0 {
-					ofCeil = fmt.Sprintf("%.0f%%", 100*r.rps()/ceil.rows)
+					ofCeil = fmt.Sprintf("%.0f%%", 100*r.RPS()/ceil.rows)
 					if !isPeer(server) {
 						over = fmt.Sprintf("%.0f", r.serverPerReq()-ceil.cpuPerRow)
 					}
 				}
-				if haveTS && ts.rps() > 0 && !isPeer(server) {
-					vsTS = fmt.Sprintf("%.1f×", r.rps()/ts.rps())
+				if haveTS && ts.RPS() > 0 && !isPeer(server) {
+					vsTS = fmt.Sprintf("%.1f×", r.RPS()/ts.RPS())
 				}
-				if haveMLS && mls.rps() > 0 && !isPeer(server) {
-					vsMLS = fmt.Sprintf("%.1f×", r.rps()/mls.rps())
+				if haveMLS && mls.RPS() > 0 && !isPeer(server) {
+					vsMLS = fmt.Sprintf("%.1f×", r.RPS()/mls.RPS())
 				}
-				errs := strconv.Itoa(r.errors)
-				if r.firstErr != nil {
-					errs += " (" + firstLine(r.firstErr.Error()) + ")"
+				errs := strconv.Itoa(r.Errors)
+				if r.FirstErr != nil {
+					errs += " (" + firstLine(r.FirstErr.Error()) + ")"
 				}
-				fmt.Fprintf(tw, "%s\t%d\t%s\t%.0f\t%.2f\t%.2f\t%s\t%.0f\t%s\t%.0f\t%s\t%s\t%s\t%s\t\n", m.name, c, server, r.rps(),
-					ms(r.pct(0.50)), ms(r.pct(0.99)), batch, r.serverPerReq(), over, r.cpuPerReq(), ofCeil, vsTS, vsMLS, errs)
+				fmt.Fprintf(tw, "%s\t%d\t%s\t%.0f\t%.2f\t%.2f\t%s\t%.0f\t%s\t%.0f\t%s\t%s\t%s\t%s\t\n", m.name, c, server, r.RPS(),
+					ms(r.Pct(0.50)), ms(r.Pct(0.99)), batch, r.serverPerReq(), over, r.cpuPerReq(), ofCeil, vsTS, vsMLS, errs)
 			}
 			if haveCeil {
 				vsTS, vsMLS := "-", "-"
-				if haveTS && ts.rps() > 0 {
-					vsTS = fmt.Sprintf("%.1f×", ceil.rows/ts.rps())
+				if haveTS && ts.RPS() > 0 {
+					vsTS = fmt.Sprintf("%.1f×", ceil.rows/ts.RPS())
 				}
-				if haveMLS && mls.rps() > 0 {
-					vsMLS = fmt.Sprintf("%.1f×", ceil.rows/mls.rps())
+				if haveMLS && mls.RPS() > 0 {
+					vsMLS = fmt.Sprintf("%.1f×", ceil.rows/mls.RPS())
 				}
 				fmt.Fprintf(tw, "%s\t%d\t%s\t%.0f\t-\t-\t%d\t%.1f\t0\t-\t100%%\t%s\t%s\t-\t\n", m.name, c, "ceiling", ceil.rows,
 					ceil.batch, ceil.cpuPerRow, vsTS, vsMLS)

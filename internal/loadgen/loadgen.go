@@ -35,11 +35,27 @@ func (r Result) Pct(p float64) time.Duration {
 // Run runs c workers calling do for warm (discarded), then for dur; a call
 // counts when it started and ended inside the measured span.
 func Run(c int, warm, dur time.Duration, do func(worker int) error) Result {
+	return RunMarked(c, warm, dur, nil, do)
+}
+
+// RunMarked is Run that also calls mark(true) when the measured span
+// begins and mark(false) when it ends (from a goroutine of its own; Run
+// returns after both), so that a benchmark can read counters, such as CPU
+// time, over exactly that span. mark may be nil.
+func RunMarked(c int, warm, dur time.Duration, mark func(begin bool), do func(worker int) error) Result {
 	var mu sync.Mutex
 	var res Result
 	var wg sync.WaitGroup
 	start := time.Now()
 	measureFrom, end := start.Add(warm), start.Add(warm+dur)
+	if mark != nil {
+		wg.Go(func() {
+			time.Sleep(time.Until(measureFrom))
+			mark(true)
+			time.Sleep(time.Until(end))
+			mark(false)
+		})
+	}
 	for w := range c {
 		wg.Go(func() {
 			var lat []time.Duration

@@ -29,3 +29,21 @@ func TestRunCountsMeasuredCalls(t *testing.T) {
 	assert.InDelta(t, float64(res.Requests)/0.1, res.RPS(), 1e-6)
 	assert.Equal(t, time.Duration(0), Result{}.Pct(0.5))
 }
+
+func TestRunMarkedMarksTheMeasuredSpan(t *testing.T) {
+	var marks []bool
+	var begin, end time.Time
+	start := time.Now()
+	res := RunMarked(2, 30*time.Millisecond, 60*time.Millisecond, func(b bool) {
+		marks = append(marks, b)
+		if b {
+			begin = time.Now()
+		} else {
+			end = time.Now()
+		}
+	}, func(int) error { time.Sleep(time.Millisecond); return nil })
+	assert.Greater(t, res.Requests, 0)
+	assert.Equal(t, []bool{true, false}, marks, "begin, then end, before RunMarked returns")
+	assert.GreaterOrEqual(t, begin.Sub(start), 30*time.Millisecond, "not before the warm-up ends")
+	assert.True(t, end.After(begin))
+}
