@@ -36,8 +36,8 @@ candidate version (steps, e.g. 5% → 25% → 50% → 100%, each held for a
 window), optionally also runs a share of production's requests on the
 candidate as shadow traffic and compares the outputs, and judges every
 window: the candidate's error rate may exceed production's by at most
-max_error_rate_increase, its p99 latency be at most max_p99_ratio times
-production's, and (from shadow traffic, classifiers) it must predict
+max_error_rate_increase, its p99 and p50 latency be at most max_p99_ratio
+and max_p50_ratio times production's, and (from shadow traffic, classifiers) it must predict
 production's class on at least min_agreement of the rows. A failed window
 rolls back at once (all traffic to production, the verdict and evidence in
 the registry); passing the last step promotes the candidate (the registry's
@@ -54,6 +54,7 @@ Policy (the server's --rollout-policy file, the model's defaults, or flags of
     min_requests: 50               # candidate requests a window needs to decide
     max_error_rate_increase: 0.01  # fraction (one percentage point)
     max_p99_ratio: 2
+    max_p50_ratio: 2
     min_agreement: 0.95            # classifiers, from shadow traffic
     shadow: 0.1                    # share of production requests shadowed
     sticky_header: x-user-id       # or sticky_parameter: a request parameter
@@ -113,6 +114,7 @@ Policy (the server's --rollout-policy file, the model's defaults, or flags of
 	sf.IntVar(&req.MinRequests, "min-requests", 0, "candidate requests a window needs to decide (default 50)")
 	sf.Float64Var(&maxErr, "max-error-rate-increase", 0, "how much higher the candidate's error rate may be, a fraction (default 0.01)")
 	sf.Float64Var(&req.MaxP99Ratio, "max-p99-ratio", 0, "how many times production's p99 latency the candidate's may be (default 2)")
+	sf.Float64Var(&req.MaxP50Ratio, "max-p50-ratio", 0, "how many times production's median latency the candidate's may be (default 2)")
 	sf.Float64Var(&minAgree, "min-agreement", 0, "smallest share of shadow rows on which the candidate predicts production's class (default 0.95)")
 	sf.Float64Var(&req.Shadow, "shadow", 0, "share of production's requests also run on the candidate (0 to 1)")
 	sf.StringVar(&req.StickyHeader, "sticky-header", "", "header (gRPC metadata key) whose value keeps a client on one version")

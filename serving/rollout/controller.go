@@ -147,12 +147,12 @@ type rollout struct {
 	st Status
 	// Window baselines: the versions' statistics when the window began.
 	prodBase, candBase batcher.StatsSnapshot
-	// lastProdP99 is production's p99 in the latest window that had
-	// enough production traffic (the reference when the candidate takes
-	// all).
-	lastProdP99 time.Duration
-	shadow      shadowAcc
-	resumed     bool // the split is in force in this process
+	// lastProdP99 and lastProdP50 are production's p99 and p50 in the
+	// latest window that had enough production traffic (the references
+	// when the candidate takes all).
+	lastProdP99, lastProdP50 time.Duration
+	shadow                   shadowAcc
+	resumed                  bool // the split is in force in this process
 }
 
 // shadowAcc accumulates a window's shadow comparisons; it is the split's
@@ -407,8 +407,8 @@ func (c *Controller) snapshot(name string, v int64) batcher.StatsSnapshot {
 	return ver.Stats().Snapshot()
 }
 
-// window returns a version's figures since base.
-func window(v int64, now, base batcher.StatsSnapshot) (Window, time.Duration) {
+// window returns a version's figures since base, with its p99 and p50.
+func window(v int64, now, base batcher.StatsSnapshot) (Window, time.Duration, time.Duration) {
 	ok := now.Success.Count - min(now.Success.Count, base.Success.Count)
 	bad := now.Fail.Count - min(now.Fail.Count, base.Fail.Count)
 	h := now.Latency.Sub(base.Latency)
@@ -416,10 +416,10 @@ func window(v int64, now, base batcher.StatsSnapshot) (Window, time.Duration) {
 	if w.Requests > 0 {
 		w.ErrorRate = float64(bad) / float64(w.Requests)
 	}
-	p99 := h.Quantile(0.99)
-	w.P50Ms = float64(h.Quantile(0.5)) / 1e6
+	p99, p50 := h.Quantile(0.99), h.Quantile(0.5)
+	w.P50Ms = float64(p50) / 1e6
 	w.P99Ms = float64(p99) / 1e6
-	return w, p99
+	return w, p99, p50
 }
 
 // Abort ends model name's running rollout: all traffic back to production,
@@ -482,8 +482,8 @@ func (c *Controller) status(r *rollout) Status {
 	st.Steps = slices.Clone(st.Steps)
 	st.History = slices.Clone(st.History)
 	if st.State == Running && r.resumed {
-		prod, _ := window(st.Production, c.snapshot(st.Model, st.Production), r.prodBase)
-		cand, _ := window(st.Candidate, c.snapshot(st.Model, st.Candidate), r.candBase)
+		prod, _, _ := window(st.Production, c.snapshot(st.Model, st.Production), r.prodBase)
+		cand, _, _ := window(st.Candidate, c.snapshot(st.Model, st.Candidate), r.candBase)
 		sw, total := r.shadow.peek()
 		live := &Live{Production: prod, Candidate: cand.withShadow(sw), Shadowed: total}
 		if sw.rows > 0 {
@@ -543,8 +543,8 @@ func (c *Controller) Analyse(ctx context.Context) {
 func (c *Controller) judge(ctx context.Context, name string, r *rollout, now time.Time) {
 	pol := r.st.Policy
 	prodNow, candNow := c.snapshot(name, r.st.Production), c.snapshot(name, r.st.Candidate)
-	prod, prodP99 := window(r.st.Production, prodNow, r.prodBase)
-	canary, candP99 := window(r.st.Candidate, candNow, r.candBase)
+	prod, prodP99, prodP50 := window(r.st.Production, prodNow, r.prodBase)
+	canary, candP99, candP50 := window(r.st.Candidate, candNow, r.candBase)
 	sw, _ := r.shadow.peek()
 	cand := canary.withShadow(sw)
 	if cand.Requests < uint64(pol.MinRequests) {
@@ -566,7 +566,7 @@ func (c *Controller) judge(ctx context.Context, name string, r *rollout, now tim
 		// Enough of production's requests for a p99 to compare with; at
 		// the last steps the candidate takes (nearly) all, and the
 		// latest such p99 stays the reference.
-		r.lastProdP99 = prodP99
+		r.lastProdP99, r.lastProdP50 = prodP99, prodP50
 	}
 	var fails []string
 	if cand.ErrorRate > prod.ErrorRate+*pol.MaxErrorRateIncrease {
@@ -576,6 +576,10 @@ func (c *Controller) judge(ctx context.Context, name string, r *rollout, now tim
 	if ref := r.lastProdP99; ref > 0 && canary.Requests > 0 && float64(candP99) > pol.MaxP99Ratio*float64(ref) {
 		fails = append(fails, fmt.Sprintf("p99 latency %.3f ms > %.1f × production's %.3f ms",
 			float64(candP99)/1e6, pol.MaxP99Ratio, float64(ref)/1e6))
+	}
+	if ref := r.lastProdP50; ref > 0 && canary.Requests > 0 && float64(candP50) > pol.MaxP50Ratio*float64(ref) {
+		fails = append(fails, fmt.Sprintf("p50 latency %.3f ms > %.1f × production's %.3f ms",
+			float64(candP50)/1e6, pol.MaxP50Ratio, float64(ref)/1e6))
 	}
 	if v.Agreement != nil && rows >= pol.MinRequests && *v.Agreement < *pol.MinAgreement {
 		fails = append(fails, fmt.Sprintf("agreement with production %.1f%% < %.1f%% over %d rows",

@@ -16,8 +16,10 @@
 //     (the candidate's canary and shadow requests together);
 //   - p99 latency: candidate ≤ Policy.MaxP99Ratio × production (the
 //     latest production p99 measured, when the candidate takes all the
-//     traffic), from canary requests only: shadow requests run beside the
-//     load, their latency is no client's;
+//     traffic), and p50 likewise ≤ Policy.MaxP50Ratio × production's (the
+//     median is steady where a loaded machine makes p99 jump), from
+//     canary requests only: shadow requests run beside the load, their
+//     latency is no client's;
 //   - agreement (classifiers, from shadow traffic): ≥ Policy.MinAgreement.
 //
 // A window with fewer than Policy.MinRequests candidate requests decides
@@ -49,6 +51,7 @@ var (
 	DefaultMinRequests          = 50
 	DefaultMaxErrorRateIncrease = 0.01
 	DefaultMaxP99Ratio          = 2.0
+	DefaultMaxP50Ratio          = 2.0
 	DefaultMinAgreement         = 0.95
 )
 
@@ -91,6 +94,9 @@ type Policy struct {
 	// MaxP99Ratio is how many times production's p99 latency the
 	// candidate's may be.
 	MaxP99Ratio float64 `json:"max_p99_ratio,omitempty" yaml:"max_p99_ratio,omitempty"`
+	// MaxP50Ratio is how many times production's median latency the
+	// candidate's may be.
+	MaxP50Ratio float64 `json:"max_p50_ratio,omitempty" yaml:"max_p50_ratio,omitempty"`
 	// MinAgreement is the smallest share of compared rows (shadow
 	// traffic, classifiers only) on which the candidate must predict
 	// production's class.
@@ -123,6 +129,9 @@ func (p Policy) Merge(o Policy) Policy {
 	}
 	if o.MaxP99Ratio != 0 {
 		p.MaxP99Ratio = o.MaxP99Ratio
+	}
+	if o.MaxP50Ratio != 0 {
+		p.MaxP50Ratio = o.MaxP50Ratio
 	}
 	if o.MinAgreement != nil {
 		p.MinAgreement = o.MinAgreement
@@ -157,6 +166,9 @@ func (p Policy) WithDefaults() Policy {
 	if p.MaxP99Ratio == 0 {
 		p.MaxP99Ratio = DefaultMaxP99Ratio
 	}
+	if p.MaxP50Ratio == 0 {
+		p.MaxP50Ratio = DefaultMaxP50Ratio
+	}
 	if p.MinAgreement == nil {
 		v := DefaultMinAgreement
 		p.MinAgreement = &v
@@ -190,6 +202,8 @@ func (p Policy) Validate() error {
 		return bad("max_error_rate_increase %v: a fraction in [0, 1]", *p.MaxErrorRateIncrease)
 	case !(p.MaxP99Ratio >= 1 && p.MaxP99Ratio <= 1000):
 		return bad("max_p99_ratio %v: at least 1", p.MaxP99Ratio)
+	case !(p.MaxP50Ratio >= 1 && p.MaxP50Ratio <= 1000):
+		return bad("max_p50_ratio %v: at least 1", p.MaxP50Ratio)
 	case !(*p.MinAgreement >= 0 && *p.MinAgreement <= 1):
 		return bad("min_agreement %v: a fraction in [0, 1]", *p.MinAgreement)
 	case !(p.Shadow >= 0 && p.Shadow <= 1):
