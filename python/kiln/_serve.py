@@ -58,7 +58,8 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
           serve_alias: str = "production", registry_poll_interval: Optional[float] = None,
           rollback_grace: Optional[float] = None, pipeline: Optional[str] = None,
           watch_dataset: Optional[str] = None, pipeline_debounce: Optional[float] = None,
-          repository_cache: Optional[str] = None,
+          repository_cache: Optional[str] = None, rollout_policy: str = "",
+          rollout_state: str = "", rollout_manual: bool = False,
           threads: int = 0) -> Server:
     """Serves a model repository from this process in the background and
     returns a handle with ``.stop()``: the same server as `kiln serve`
@@ -104,6 +105,13 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
     (as `kiln pipeline run`) on the Flight dataset watch_dataset (default:
     the file's data.dataset) pipeline_debounce seconds (default 30) after
     each commit, one run at a time.
+    rollout_policy: a rollout policy file (YAML/JSON, as `kiln serve
+    --rollout-policy`: default and per-model canary steps, analysis window,
+    thresholds, shadow share, sticky key; empty: the defaults).
+    rollout_state: the directory keeping rollouts across restarts (default
+    $KILN_HOME/rollouts). rollout_manual: with registry, do not start a
+    rollout when a model's "candidate" alias moves (start one over REST
+    /v2/rollouts or `kiln rollout start`).
     repository may also be "s3://bucket/prefix", a repository in
     S3-compatible storage (endpoint and credentials from the AWS_*
     environment variables), downloaded into repository_cache (default: a
@@ -124,7 +132,7 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
         "max_decompressed_bytes": max_decompressed_bytes, "max_inputs": max_inputs,
         "max_tensor_elements": max_tensor_elements, "max_inflight_bytes": max_inflight_bytes,
         "max_concurrent_streams": max_concurrent_streams, "max_streams": max_streams,
-        "serve_alias": serve_alias,
+        "serve_alias": serve_alias, "rollout_manual": rollout_manual,
     }
     optional = {
         "data_dir": data_dir and os.fspath(data_dir), "repository_poll_secs": repository_poll_secs,
@@ -144,6 +152,8 @@ def serve(repository, *, host: str = "", grpc_port: int = 8001, http_port: int =
         "pipeline": pipeline and os.fspath(pipeline), "watch_dataset": watch_dataset,
         "pipeline_debounce": None if pipeline_debounce is None else int(pipeline_debounce * 1e9),
         "repository_cache": repository_cache and os.fspath(repository_cache),
+        "rollout_policy": rollout_policy and os.fspath(rollout_policy),
+        "rollout_state": rollout_state and os.fspath(rollout_state),
     }
     opts.update({k: v for k, v in optional.items() if v is not None})
     try:

@@ -85,3 +85,42 @@ def test_tls_and_auth_in_process(tmp_path, kiln_bin):
         assert e.value.status() == "401"
         out = c.infer("toy", [inp], headers={"Authorization": "Bearer " + token}).as_numpy("y")
         np.testing.assert_allclose(out, m.predict(x[:2]).reshape(out.shape), atol=1e-5)
+
+
+def test_rollout_options_in_process(tmp_path):
+    """rollout_policy, rollout_state: a canary started over REST follows the
+    policy file's steps, and its state is kept in rollout_state; a bad
+    policy file is a KilnError naming the file."""
+    import json
+    import urllib.request
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((64, 3)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.float32)
+    models = []
+    for _ in range(2):
+        m = kiln.Sequential([kiln.layers.Linear(4), kiln.layers.ReLU(), kiln.layers.Linear()])
+        m.fit(x, y, epochs=1, verbose=0)
+        models.append(m)
+    assert models[0].deploy(tmp_path / "repo", "toy") == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("default: {steps: [50, 20]}\n")
+    with pytest.raises(kiln.KilnError, match="bad.yaml"):
+        kiln.serve(tmp_path / "repo", host="127.0.0.1", grpc_port=0, http_port=0, metrics_port=-1,
+                   flight_port=-1, rollout_policy=bad)
+    policy = tmp_path / "rollout.yaml"
+    policy.write_text("default: {steps: [25, 100], window: 1h, min_requests: 1000}\n")
+    state = tmp_path / "rollouts"
+    with kiln.serve(tmp_path / "repo", host="127.0.0.1", grpc_port=0, http_port=0, metrics_port=-1,
+                    flight_port=-1, rollout_policy=policy, rollout_state=state) as s:
+        assert models[1].deploy(tmp_path / "repo", "toy") == 2  # the candidate, next to the served v1
+        url = f"http://{s.http}/v2/rollouts/toy"
+        req = urllib.request.Request(url + "/start", data=json.dumps({"candidate": 2}).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 200
+        with urllib.request.urlopen(url, timeout=30) as r:
+            st = json.load(r)
+        assert st["state"] == "running" and (st["production"], st["candidate"]) == (1, 2), st
+        assert st["steps"] == [25, 100], st  # from the policy file, not the defaults
+        assert (state / "toy.json").is_file()
