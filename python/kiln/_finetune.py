@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from ._errors import InferenceError, translate
+from ._errors import InferenceError
 from ._native import bindings as _b
 from . import _train
 
@@ -63,10 +63,6 @@ def fit(path, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss
         "train": train,
     }
     with _train._scratch_dir("kiln-finetuned-") as out:
-        try:
-            h = _b.StartTraining(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out, "")
-        except RuntimeError as e:
-            raise translate(e, InferenceError) from None
         history = {"loss": []}
 
         def on_event(e, bar):
@@ -81,7 +77,9 @@ def fit(path, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss
             for cb in callbacks:
                 cb(e)
 
-        history["report"] = _train._run_job(h, _train._progress(epochs, verbose), on_event)
+        history["report"], _ = _train._run_job(
+            lambda: _b.StartTraining(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out, ""),
+            _train._progress(epochs, verbose), on_event, start_context=InferenceError)
         if labels is not None:
             _train._record_labels(out, labels)
         yield out, history

@@ -4,7 +4,6 @@ import json
 import os
 from typing import Callable, Optional
 
-from ._errors import KilnError
 from ._native import bindings as _b
 from ._train import _run_job
 
@@ -41,14 +40,10 @@ def pipeline_run(path, *, registry: Optional[str] = None, registry_artifacts: Op
             "registry_artifacts": registry_artifacts and os.fspath(registry_artifacts),
             "runs_dir": runs_dir and os.fspath(runs_dir),
             "resume": resume, "actor": actor}
-    try:
-        h = _b.StartPipeline(os.fspath(path), json.dumps({k: v for k, v in opts.items() if v}))
-    except RuntimeError as e:
-        from ._errors import translate
-        raise translate(e, KilnError) from None
-
     def on_event(e, _bar):
         if progress is not None:
             progress(e)
 
-    return _run_job(h, None, on_event)
+    report, _ = _run_job(lambda: _b.StartPipeline(os.fspath(path), json.dumps({k: v for k, v in opts.items() if v})),
+                         None, on_event)
+    return report

@@ -5,7 +5,9 @@ this module knows nothing of kiln.Model beyond what evaluate calls."""
 import contextlib
 import json
 import shutil
+import signal
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -34,12 +36,27 @@ class History(dict):
     run_id = None
 
 
-def _run_job(h, bar, on_event, context=KilnError):
-    """Polls a Go job (the GIL is free between polls) until it is done,
-    passing each progress event to on_event(event, bar); Ctrl-C cancels the
-    job. Returns the job's report, or raises its error (as the Kiln
-    exception class for its code, in context: see _errors.error_class)."""
+def _run_job(start, bar, on_event, context=KilnError, start_context=KilnError):
+    """Starts a Go job with start() and polls it (the GIL is free between
+    polls) until it is done, passing each progress event to
+    on_event(event, bar); Ctrl-C cancels the job. Returns (report, handle),
+    or raises the job's error (as the Kiln exception class for its code, in
+    context: see _errors.error_class; a start error in start_context).
+
+    A Ctrl-C that arrives while start() runs is held until the handle is
+    ours, then cancels the job: otherwise it would surface between the
+    start and the polling, and the job would go on unowned."""
+    held, h = [], None
+    restore = _hold_interrupts(held)
     try:
+        try:
+            h = start()
+        except RuntimeError as e:
+            raise translate(e, start_context) from None
+        finally:
+            restore()
+        if held:
+            raise KeyboardInterrupt
         while True:
             st = json.loads(h.Poll(200))
             for e in st["events"]:
@@ -47,20 +64,34 @@ def _run_job(h, bar, on_event, context=KilnError):
             if st["done"]:
                 break
     except KeyboardInterrupt:
-        h.Cancel()
-        # Let the job stop before the caller cleans up what it was writing
-        # (it stops at its next epoch or stage); a second Ctrl-C stops waiting.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not json.loads(h.Poll(200))["done"]:
-            pass
+        if h is not None:
+            h.Cancel()
+            # Let the job stop before the caller cleans up what it was writing
+            # (it stops at its next epoch or stage); a second Ctrl-C stops waiting.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not json.loads(h.Poll(200))["done"]:
+                pass
         raise
     finally:
         if bar is not None:
             bar.close()
     try:
-        return json.loads(h.Report())
+        return json.loads(h.Report()), h
     except RuntimeError as e:
         raise translate(e, context) from None
+
+
+def _hold_interrupts(held):
+    """Makes SIGINT append to held instead of raising KeyboardInterrupt,
+    in the main thread (the only one a KeyboardInterrupt reaches); returns
+    the function that puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    except ValueError:  # not the main interpreter
+        return lambda: None
+    return lambda: signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
@@ -225,10 +256,6 @@ def fit(spec, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss
     if sync_batchnorm:
         job["train"]["sync_batchnorm"] = True
     with _scratch_dir("kiln-model-") as out:
-        try:
-            h = _b.StartTraining(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out, record)
-        except RuntimeError as e:
-            raise translate(e, InferenceError) from None
         history = History()
         history.params = {"epochs": epochs, "batch_size": batch_size, "verbose": verbose, "steps": None}
 
@@ -250,7 +277,9 @@ def fit(spec, x, y, *, epochs, batch_size, validation_split, optimizer, lr, loss
                 else:
                     cb(e)
 
-        history.report = _run_job(h, _progress(epochs, verbose), on_event)
+        history.report, h = _run_job(
+            lambda: _b.StartTraining(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out, record),
+            _progress(epochs, verbose), on_event, start_context=InferenceError)
         for cb in py_callbacks:
             if isinstance(cb, Callback):
                 cb.on_train_end(dict(history.report.get("val") or {}))
@@ -365,14 +394,13 @@ def optimize(package, classes, x, y, options, calibration=None, record=""):
     with _scratch_dir("kiln-optimized-") as out:
         # Runs in a Go goroutine that this thread polls: the GIL stays free and
         # Ctrl-C cancels it.
-        try:
-            h = _b.StartOptimize(package, json.dumps(options), x.ctypes.data, x.shape[0], x.shape[1],
-                                 y.ctypes.data, cal_addr, cal_rows, cal_cols, out, record)
-        except RuntimeError as e:
-            # Bad calibration data or sparsity are INVALID_ARGUMENT: an
-            # InvalidArgumentError, which is a ValueError.
-            raise translate(e, KilnError) from None
-        rec = History(_run_job(h, None, lambda e, bar: None))
+        # Bad calibration data or sparsity are INVALID_ARGUMENT: an
+        # InvalidArgumentError, which is a ValueError.
+        report, h = _run_job(
+            lambda: _b.StartOptimize(package, json.dumps(options), x.ctypes.data, x.shape[0], x.shape[1],
+                                     y.ctypes.data, cal_addr, cal_rows, cal_cols, out, record),
+            None, lambda e, bar: None)
+        rec = History(report)
         rec.run_id = rec["run_id"] = h.RunID() or None
         if classes is not None:
             _record_labels(out, classes)
@@ -408,11 +436,10 @@ def select(specs, x, y, *, epochs, batch_size, validation_split, optimizer, lr, 
     if metric:
         job["rank"] = {"metric": metric}
     with _scratch_dir("kiln-selected-") as out:
-        try:
-            h = _b.StartSelection(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out, record)
-        except RuntimeError as e:
-            raise translate(e, KilnError) from None
-        board = History(_run_job(h, _progress(len(specs), verbose), lambda e, bar: bar is not None and bar.update(1)))
+        report, h = _run_job(
+            lambda: _b.StartSelection(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, out, record),
+            _progress(len(specs), verbose), lambda e, bar: bar is not None and bar.update(1))
+        board = History(report)
         board.run_id = board["run_id"] = h.RunID() or None
         if labels is not None:
             _record_labels(out, labels)

@@ -91,3 +91,31 @@ def test_ctrl_c_cancels_prune_and_keeps_the_model(digits, tmp_path, monkeypatch)
     assert m.num_parameters == params
     np.testing.assert_array_equal(m.predict(x[:5]), before)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("kiln-optimized-")]
+
+
+def test_ctrl_c_while_the_job_starts_still_cancels_it(digits, tmp_path, monkeypatch):
+    """A Ctrl-C that lands during the start call is held until Python owns
+    the job's handle, then cancels the job: it never runs on unowned."""
+    import _thread
+    import json
+    import tempfile
+
+    from kiln._native import bindings
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    x, y = digits
+    m = kiln.Sequential([L.Linear(32), L.ReLU(), L.Linear()])
+    m.fit(x, y, epochs=2, seed=1, verbose=0)
+    started, real = [], bindings.StartOptimize
+
+    def start_then_interrupt(*args):
+        _thread.interrupt_main()  # pending while the start runs
+        started.append(real(*args))
+        return started[-1]
+
+    monkeypatch.setattr(bindings, "StartOptimize", start_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        m.prune(0.5, x, y, structured=True, finetune_epochs=100_000)
+    assert len(started) == 1
+    assert json.loads(started[0].Poll(0))["done"], "the job must be cancelled, not left running"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("kiln-optimized-")]
