@@ -200,10 +200,13 @@ def test_cancelled(tmp_path):
         "split": {"val": 0, "test": 0},
         "train": {"epochs": 100000, "batch_size": 8, "seed": 1},
     }
-    h = _b.StartTraining(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, str(tmp_path), "")
-    h.Cancel()
+    def start():
+        h = _b.StartTraining(json.dumps(job), x.ctypes.data, x.shape[0], x.shape[1], y.ctypes.data, str(tmp_path), "")
+        h.Cancel()
+        return h
+
     with pytest.raises(kiln.CancelledError) as e:
-        _run_job(h, None, lambda e, bar: None)
+        _run_job(start, None, lambda e, bar: None)
     assert e.value.code == "CANCELLED"
     assert "canceled" in str(e.value)
 
