@@ -14,6 +14,8 @@ import (
 	"runtime/debug"
 	"time"
 
+	"github.com/kilnml/kiln/internal/atomicfile"
+
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/data"
 	"github.com/kilnml/kiln/registry"
@@ -182,7 +184,7 @@ func Start(ctx context.Context, raw []byte, source string, o Options) (*Run, err
 	if e.lock, err = lockRun(e.dir); err != nil {
 		return nil, err
 	}
-	if err := writeFileAtomic(filepath.Join(e.dir, "pipeline.yaml"), raw); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(e.dir, "pipeline.yaml"), raw, 0o644); err != nil {
 		e.lock.release()
 		return nil, err
 	}

@@ -9,6 +9,8 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/kilnml/kiln/internal/atomicfile"
+
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/data"
 	"github.com/kilnml/kiln/core/evaluate"
@@ -211,7 +213,7 @@ func (e *engine) stagePreprocess(ctx context.Context, _ *stageRun) (any, string,
 	}
 	sp := splitFile{Train: trainRows, Holdout: holdout}
 	b, _ := json.Marshal(sp)
-	if err := writeFileAtomic(e.path("split.json"), b); err != nil {
+	if err := atomicfile.WriteFile(e.path("split.json"), b, 0o644); err != nil {
 		return nil, "", err
 	}
 	trainT, holdT := e.subsets(t, sp)
@@ -451,7 +453,7 @@ func (e *engine) stageEvaluate(ctx context.Context, _ *stageRun) (any, string, e
 		ev := map[string]any{"verdict": string(evaluate.Promote), "reason": reason, "first": true, "alias": alias,
 			"candidate": map[string]any{"dir": e.candidateDir(), "metrics": cand.Manifest.Metrics}}
 		b, _ := json.MarshalIndent(ev, "", "  ")
-		if err := writeFileAtomic(e.path(evFile), b); err != nil {
+		if err := atomicfile.WriteFile(e.path(evFile), b, 0o644); err != nil {
 			return nil, "", err
 		}
 		out := &evaluateOut{Verdict: string(evaluate.Promote), Reason: reason, First: true, Evidence: evFile}
@@ -495,7 +497,7 @@ func (e *engine) stageEvaluate(ctx context.Context, _ *stageRun) (any, string, e
 	if err != nil {
 		return nil, "", err
 	}
-	if err := writeFileAtomic(e.path(evFile), b); err != nil {
+	if err := atomicfile.WriteFile(e.path(evFile), b, 0o644); err != nil {
 		return nil, "", err
 	}
 	out := &evaluateOut{Verdict: string(ev.Verdict), Reason: ev.Reason, Baseline: base.Version, Evidence: evFile}

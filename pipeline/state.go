@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/kilnml/kiln/internal/atomicfile"
+
 	"github.com/kilnml/kiln/core"
 )
 
@@ -122,34 +124,7 @@ func writeState(dir string, s *State) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(filepath.Join(dir, stateFile), b)
-}
-
-func writeFileAtomic(path string, b []byte) error {
-	tmp := path + ".tmp"
-	f, err := os.Create(tmp)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	if d, err := os.Open(filepath.Dir(path)); err == nil {
-		d.Sync()
-		d.Close()
-	}
-	return nil
+	return atomicfile.WriteFile(filepath.Join(dir, stateFile), b, 0o644)
 }
 
 // runLock is an exclusive flock on RUN_DIR/lock held while a process runs

@@ -30,6 +30,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/kilnml/kiln/internal/atomicfile"
+
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/core/data"
 	"github.com/kilnml/kiln/core/nn"
@@ -255,7 +257,7 @@ func Write(dir string, mod *core.Module, m Manifest) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("kiln: write model package: %w", err)
 	}
-	err = writeAtomic(filepath.Join(dir, ModelFile), func(tmp string) error { return mod.Save(tmp) })
+	err = atomicfile.Write(filepath.Join(dir, ModelFile), 0o644, func(tmp string) error { return mod.Save(tmp) })
 	if err == nil {
 		err = writeFile(filepath.Join(dir, ManifestFile), b)
 	}
@@ -398,49 +400,9 @@ func Copy(src, dst string) (Manifest, error) {
 	return m, nil
 }
 
-// writeFile replaces path with b atomically (see writeAtomic).
+// writeFile replaces path with b atomically (package internal/atomicfile).
 func writeFile(path string, b []byte) error {
-	return writeAtomic(path, func(tmp string) error { return os.WriteFile(tmp, b, 0o644) })
-}
-
-// writeAtomic replaces path with what write writes to a temporary file
-// next to it: the file is synced, made readable by all (0644) and renamed
-// over path; on error it is removed.
-func writeAtomic(path string, write func(tmp string) error) error {
-	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-"+filepath.Base(path)+"-")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	err = f.Close()
-	if err == nil {
-		err = write(tmp)
-	}
-	if err == nil {
-		err = syncFile(tmp)
-	}
-	if err == nil {
-		err = os.Chmod(tmp, 0o644)
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-	}
-	return err
-}
-
-func syncFile(path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	err = f.Sync()
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
+	return atomicfile.WriteFile(path, b, 0o644)
 }
 
 // syncDir syncs a directory so that renames into it are durable; file

@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/kilnml/kiln/internal/atomicfile"
+
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/native"
 	"github.com/kilnml/kiln/native/trainer"
@@ -112,7 +114,7 @@ func (r *run) checkpoint(epoch int) (err error) {
 	if err := os.Rename(tmp, final); err != nil {
 		return fmt.Errorf("kiln: checkpoint: %w", err)
 	}
-	if err := writeAtomic(filepath.Join(dir, latestFile), []byte(name+"\n")); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(dir, latestFile), []byte(name+"\n"), 0o644); err != nil {
 		return fmt.Errorf("kiln: checkpoint: %w", err)
 	}
 	// Older checkpoints are no longer needed.
@@ -123,29 +125,6 @@ func (r *run) checkpoint(epoch int) (err error) {
 		}
 	}
 	return nil
-}
-
-// writeAtomic replaces path with b via a temporary file and a rename.
-func writeAtomic(path string, b []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-"+filepath.Base(path)+"-")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-	}
-	return err
 }
 
 // LatestCheckpoint returns the directory of the newest complete checkpoint

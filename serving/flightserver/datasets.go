@@ -15,6 +15,8 @@ import (
 	"sync"
 	"syscall"
 
+	"github.com/kilnml/kiln/internal/atomicfile"
+
 	"github.com/kilnml/kiln/core"
 
 	"github.com/apache/arrow-go/v18/arrow"
@@ -91,7 +93,7 @@ func newStore(dir string, mem memory.Allocator) (*store, error) {
 	// never visible; remove them.
 	if ents, err := os.ReadDir(abs); err == nil {
 		for _, e := range ents {
-			if strings.HasPrefix(e.Name(), tmpPrefix) {
+			if strings.HasPrefix(e.Name(), tmpPrefix) || strings.HasPrefix(e.Name(), atomicfile.TempPrefix) {
 				_ = os.Remove(filepath.Join(abs, e.Name()))
 			}
 		}
@@ -515,29 +517,13 @@ func (sy *syncer) stop() error {
 	return sy.failed()
 }
 
-// writeFileSync writes v as JSON to path through a synced temporary file.
+// writeFileSync writes v as JSON to path, atomically and synced.
 func writeFileSync(path string, v any) error {
 	raw, err := json.Marshal(v)
 	if err != nil {
 		return err
 	}
-	f, err := os.CreateTemp(filepath.Dir(path), tmpPrefix+"*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name())
-	if _, err := f.Write(raw); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(f.Name(), path)
+	return atomicfile.WriteFile(path, raw, 0o644)
 }
 
 func syncDir(dir string) error {

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"syscall"
 
+	"github.com/kilnml/kiln/internal/atomicfile"
+
 	yaml "go.yaml.in/yaml/v3"
 
 	"github.com/kilnml/kiln/core"
@@ -191,7 +193,7 @@ func ensureConfig(modelDir string, cfg *Config, labels []string) (bool, error) {
 		return false, sameLabels(modelDir, existing, labels)
 	}
 	if labels != nil {
-		if err := writeFileAtomic(filepath.Join(modelDir, "labels.txt"), []byte(strings.Join(labels, "\n")+"\n")); err != nil {
+		if err := atomicfile.WriteFile(filepath.Join(modelDir, "labels.txt"), []byte(strings.Join(labels, "\n")+"\n"), 0o644); err != nil {
 			return false, err
 		}
 	}
@@ -199,7 +201,7 @@ func ensureConfig(modelDir string, cfg *Config, labels []string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	return true, writeFileAtomic(filepath.Join(modelDir, "config.yaml"), b)
+	return true, atomicfile.WriteFile(filepath.Join(modelDir, "config.yaml"), b, 0o644)
 }
 
 // renameToVersion renames the directory staged to version v of modelDir,
@@ -386,29 +388,4 @@ func nextVersion(dir string) (int64, error) {
 		}
 	}
 	return top + 1, nil
-}
-
-// writeFileAtomic writes b to path through a synced temporary file.
-func writeFileAtomic(path string, b []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-"+filepath.Base(path)+"-")
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Chmod(f.Name(), 0o644)
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), path)
-	}
-	if err != nil {
-		os.Remove(f.Name())
-	}
-	return err
 }

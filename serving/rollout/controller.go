@@ -16,6 +16,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/kilnml/kiln/internal/atomicfile"
+
 	"github.com/kilnml/kiln/core"
 	"github.com/kilnml/kiln/registry"
 	"github.com/kilnml/kiln/serving/batcher"
@@ -883,31 +885,11 @@ func (c *Controller) save(r *rollout) {
 	st.Live = nil
 	b, err := json.MarshalIndent(st, "", "  ")
 	if err == nil {
-		err = writeAtomic(filepath.Join(c.o.StateDir, r.st.Model+".json"), b)
+		err = atomicfile.WriteFile(filepath.Join(c.o.StateDir, r.st.Model+".json"), b, 0o644)
 	}
 	if err != nil {
 		c.o.Logger.Error("rollout: state not saved", "model", r.st.Model, "err", err)
 	}
-}
-
-func writeAtomic(path string, b []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), ".rollout-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name())
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(f.Name(), path)
 }
 
 // decodeStrict reads YAML (or JSON) into v, refusing unknown fields.

@@ -18,6 +18,8 @@ import (
 	"sync"
 	"syscall"
 
+	"github.com/kilnml/kiln/internal/atomicfile"
+
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 )
@@ -552,19 +554,7 @@ func (m *Mirror) saveState() error {
 	if err != nil {
 		return err
 	}
-	f, err := os.CreateTemp(filepath.Join(m.dir, "tmp"), "state-")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name())
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(f.Name(), filepath.Join(m.dir, "state.json"))
+	return atomicfile.WriteFile(filepath.Join(m.dir, "state.json"), b, 0o644)
 }
 
 // collectBlobs removes cached blobs that no version in place lists.
