@@ -1,5 +1,7 @@
 """kiln.select_model, Model.prune and Model.quantize from Python over the
 Go core (core/train.Select, core/optimize)."""
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -59,7 +61,14 @@ def test_prune_and_quantize_report_and_keep_accuracy(digits, tmp_path):
         m.quantize("fp16", x[:2], np.array([3, 11]))
 
 
-def test_ctrl_c_cancels_prune_and_keeps_the_model(digits, tmp_path, monkeypatch):
+@pytest.fixture
+def sigint_restored():
+    previous = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_cancels_prune_and_keeps_the_model(digits, tmp_path, monkeypatch, sigint_restored):
     """prune/quantize run in a Go job that Python polls: the GIL is free
     meanwhile, and Ctrl-C (KeyboardInterrupt) cancels the job, leaves the
     model as it was and no half-written package behind."""
@@ -69,6 +78,10 @@ def test_ctrl_c_cancels_prune_and_keeps_the_model(digits, tmp_path, monkeypatch)
     import time
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    # Ctrl-C is Python's SIGINT handler; a process started in the background
+    # by a non-interactive shell inherits SIGINT ignored, and then Python
+    # installs none (and interrupt_main does nothing): install it here.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     x, y = digits
     m = kiln.Sequential([L.Linear(32), L.ReLU(), L.Linear()])
     m.fit(x, y, epochs=2, seed=1, verbose=0)
