@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/kilnml/kiln/core"
@@ -183,6 +184,10 @@ func startDDPPeer(tab string, rows, threads int, digits string) (*ddpPeer, error
 		filepath.Join(testkit.Root(), "bench", "train", "ddp_peer.py"), tab, strconv.Itoa(rows), strconv.Itoa(threads),
 		digits, strconv.Itoa(l.Addr().(*net.TCPAddr).Port))
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	// Its own process group: torchrun's ranks are its children, and a rank
+	// that outlives a killed torchrun would spin on its Gloo connections
+	// (and hold this process's stderr) after the bench has ended.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("torchrun ddp_peer.py: %w", err)
 	}
@@ -200,7 +205,7 @@ func startDDPPeer(tab string, rows, threads int, digits string) (*ddpPeer, error
 	case <-time.After(2 * time.Minute):
 	}
 	if p.conn == nil {
-		cmd.Process.Kill()
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 		cmd.Wait()
 		return nil, fmt.Errorf("torchrun ddp_peer.py: rank 0 did not connect")
 	}
@@ -258,9 +263,11 @@ func (p *ddpPeer) close() {
 	select {
 	case <-done:
 	case <-time.After(30 * time.Second):
-		p.cmd.Process.Kill()
+		syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
 		<-done
 	}
+	// torchrun has ended; its ranks, whatever became of them, end too.
+	syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
 }
 
 // distRates are the distributed rows' figures: global samples per second

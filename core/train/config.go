@@ -145,6 +145,16 @@ type Config struct {
 	// torch.autocast; parameters, gradients and the optimizer stay
 	// float32.
 	AMP string `json:"amp,omitempty"`
+	// MemoryFormat is the layout of a convolutional network's tensors in
+	// CPU training, with torch.memory_format's names: "" or
+	// "channels_last" (the default: the 4-D weights, and 4-D batches, are
+	// channels-last during each epoch, as model.to(memory_format=
+	// torch.channels_last) does, so that oneDNN's convolutions and the
+	// pooling kernels run without layout conversions; the values, and the
+	// saved model's contiguous layout, are unchanged) or
+	// "contiguous_format" (PyTorch's default layout throughout). Networks
+	// without 4-D weights, CUDA and AMP training are not affected.
+	MemoryFormat string `json:"memory_format,omitempty"`
 	// Freeze, ParamGroups and FreezeBN fine-tune part of a network (any
 	// TorchScript module: Job.Init, or one built from a spec): parameters
 	// whose names start with a Freeze prefix stay fixed, ParamGroups give
@@ -198,6 +208,7 @@ func (c Config) validate() error {
 		c.validateWorkers,
 		c.validateDevice,
 		c.validateAMP,
+		c.validateMemoryFormat,
 		c.validateFineTune,
 	} {
 		if err := stage(); err != nil {
@@ -255,6 +266,14 @@ func (c Config) validateAMP() error {
 		return core.Errorf(core.InvalidArgument, "kiln: train: amp fp16 needs a CUDA device (device %q); use bf16 on the CPU", cmp.Or(c.Device, core.CPU))
 	}
 	return nil
+}
+
+func (c Config) validateMemoryFormat() error {
+	switch c.MemoryFormat {
+	case "", "channels_last", "contiguous_format":
+		return nil
+	}
+	return core.Errorf(core.InvalidArgument, "kiln: train: memory_format %q: use channels_last or contiguous_format", c.MemoryFormat)
 }
 
 func (c Config) validateEpochs() error {

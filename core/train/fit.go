@@ -99,7 +99,7 @@ func options(cfg Config) (trainer.Options, *core.Tensor, error) {
 		Loss: lk, HuberDelta: cfg.Loss.HuberDelta, LabelSmoothing: cfg.Loss.LabelSmoothing,
 		Optimizer: ok, LR: o.LR, Momentum: o.Momentum, Nesterov: o.Nesterov,
 		WeightDecay: o.WeightDecay, Beta1: o.Beta1, Beta2: o.Beta2, Eps: o.Eps, Alpha: o.Alpha,
-		ClipGradNorm: cfg.ClipGradNorm,
+		ClipGradNorm: cfg.ClipGradNorm, ContiguousFormat: cfg.MemoryFormat == "contiguous_format",
 	}
 	if opts.AMP, err = cfg.amp(); err != nil {
 		return trainer.Options{}, nil, err

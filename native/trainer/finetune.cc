@@ -126,6 +126,7 @@ kiln_error kiln_trainer_new_finetune(kiln_module* m, const kiln_train_options* o
   t->label_smoothing = o->label_smoothing;
   if (o->class_weights != nullptr) t->class_weights = o->class_weights->t.detach().clone();
   t->clip = o->clip_grad_norm;
+  t->channels_last = o->contiguous_format == 0;
   t->device = m->device;
   if (kiln_error e = kiln::set_amp(t.get(), o->amp)) return e;
   t->opt = kiln::make_optimizer(*o, used, used_lrs);

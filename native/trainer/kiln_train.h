@@ -133,6 +133,10 @@ typedef struct {
   int nesterov;
   double clip_grad_norm; /* <= 0: no clipping */
   kiln_amp amp;
+  /* 0: a CPU epoch of a network with 4-D (convolution) weights runs in
+   * channels-last memory (same values, faster oneDNN convolutions and
+   * pooling); 1: tensors keep PyTorch's default contiguous layout. */
+  int contiguous_format;
 } kiln_train_options;
 
 typedef struct kiln_trainer kiln_trainer;

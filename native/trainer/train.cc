@@ -289,6 +289,49 @@ void set_lr(kiln_trainer* t, double lr) {
   }
 }
 
+// Channels-last (NHWC) memory for a CPU epoch of a network with 4-D
+// (convolution) weights and image batches: oneDNN's convolutions then read
+// and write the tensors as they are, with no reorder to and from its own
+// layout at every call, and pooling, batch norm and ReLU run their
+// vectorized channels-last kernels. The values are the same (only the
+// order in memory changes); the parameters go back to the standard
+// contiguous layout when the epoch ends, so that evaluation, checkpoints
+// and the saved model never see the difference. kiln_train_options'
+// contiguous_format turns it off.
+class ChannelsLastScope {
+ public:
+  ChannelsLastScope(kiln_trainer* t, at::Tensor* x) {
+    if (!t->channels_last || !t->device.is_cpu() || t->amp != at::ScalarType::Undefined) return;
+    for (at::Tensor& p : t->params) {
+      if (p.dim() == 4) params_.push_back(p);
+    }
+    if (params_.empty()) return;
+    at::NoGradGuard ng;
+    for (at::Tensor& p : params_) p.set_data(p.contiguous(at::MemoryFormat::ChannelsLast));
+    // A network that takes images as they are gets its batches in the
+    // same layout (one that reshapes flat rows gets channels-last tensors
+    // from its first convolution on).
+    if (x->dim() == 4) *x = x->contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  ~ChannelsLastScope() {
+    try {
+      at::NoGradGuard ng;
+      for (at::Tensor& p : params_) {
+        p.set_data(p.contiguous());
+        if (p.grad().defined()) p.mutable_grad() = p.grad().contiguous();
+      }
+    } catch (...) {
+      // Out of memory: the parameters keep the channels-last layout, which
+      // holds the same values; nothing may escape a destructor.
+    }
+  }
+  ChannelsLastScope(const ChannelsLastScope&) = delete;
+  ChannelsLastScope& operator=(const ChannelsLastScope&) = delete;
+
+ private:
+  std::vector<at::Tensor> params_;
+};
+
 // Batch boundaries: starts[i]..starts[i+1].
 std::vector<int64_t> batch_starts(int64_t n, int64_t batch) {
   std::vector<int64_t> s;
@@ -600,6 +643,7 @@ kiln_error kiln_trainer_new(kiln_module* m, const kiln_train_options* o,
   t->label_smoothing = o->label_smoothing;
   if (o->class_weights != nullptr) t->class_weights = o->class_weights->t.detach().clone();
   t->clip = o->clip_grad_norm;
+  t->channels_last = o->contiguous_format == 0;
   t->device = m->device;
   if (kiln_error e = kiln::set_amp(t.get(), o->amp)) return e;
   t->opt = kiln::make_optimizer(*o, {t->params}, {o->lr});
@@ -695,6 +739,7 @@ kiln_error kiln_trainer_epoch(kiln_trainer* t, const kiln_tensor* x,
     // contiguous slice (a view): no per-step copy or gather.
     // On a GPU the gathered epoch is copied there once.
     at::Tensor Xp = on_device(t, X.index_select(0, idx_all));
+    ChannelsLastScope cl(t, &Xp);
     at::Tensor Yp = on_device(t, Y.index_select(0, idx_all));
     // Class targets become int64 once per epoch, and are range-checked
     // once, at the first step.

@@ -201,6 +201,9 @@ type Options struct {
 	Nesterov       bool
 	ClipGradNorm   float64
 	AMP            AMP
+	// ContiguousFormat keeps PyTorch's default layout in CPU epochs of
+	// convolutional networks instead of channels-last memory.
+	ContiguousFormat bool
 }
 
 // AMP mirrors kiln_amp: autocast of forward and loss.
@@ -255,6 +258,8 @@ func (o Options) c() C.kiln_train_options {
 		nesterov:        cbool(o.Nesterov),
 		clip_grad_norm:  C.double(o.ClipGradNorm),
 		amp:             C.kiln_amp(o.AMP),
+
+		contiguous_format: cbool(o.ContiguousFormat),
 	}
 }
 

@@ -50,6 +50,9 @@ struct kiln_trainer {
   c10::Device device{c10::kCPU};
   // Autocast dtype of forward and loss; Undefined: none (kiln_amp).
   at::ScalarType amp = at::ScalarType::Undefined;
+  // Epochs on the CPU run convolution weights and image batches in
+  // channels-last memory (train.cc: ChannelsLastScope).
+  bool channels_last = true;
   // SGD runs Kiln's own step (sgd_step) over the optimizer's state; keys
   // are the optimizer's state keys of params, computed once.
   bool sgd = false;
