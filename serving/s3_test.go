@@ -10,8 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/aws/aws-sdk-go-v2/aws"
-	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
@@ -120,16 +118,14 @@ func TestServeFromS3(t *testing.T) {
 	waitFor("version 3 serves", func() bool { _, ok := seen.Load("3"); return ok })
 
 	// A half-uploaded version 4: invisible, reported.
-	_, err = client.PutObject(ctx, &s3.PutObjectInput{Bucket: aws.String("models"), Key: aws.String("repo/affine/4/model.pt"), Body: strings.NewReader("partial")})
-	require.NoError(t, err)
+	s3srv.PutObject(t, "models", "repo/affine/4/model.pt", "partial")
 	waitFor("version 4 reported incomplete", func() bool {
 		r, ok := indexRow(t, srv, "4")
 		return ok && r.State == manager.StateUnavailable && strings.Contains(r.Reason, "incomplete")
 	})
 	// Then its marker, with a digest the object does not have.
 	marker := fmt.Sprintf(`{"format": %q, "files": [{"path": "model.pt", "size": 7, "sha256": %q}]}`, s3repo.ManifestFormat, strings.Repeat("0", 64))
-	_, err = client.PutObject(ctx, &s3.PutObjectInput{Bucket: aws.String("models"), Key: aws.String("repo/affine/4/" + s3repo.MarkerName), Body: strings.NewReader(marker)})
-	require.NoError(t, err)
+	s3srv.PutObject(t, "models", "repo/affine/4/"+s3repo.MarkerName, marker)
 	waitFor("version 4 reported corrupt", func() bool {
 		r, ok := indexRow(t, srv, "4")
 		return ok && strings.Contains(r.Reason, "corrupt object")

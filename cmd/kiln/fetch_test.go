@@ -5,11 +5,8 @@ import (
 	"context"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 
-	"github.com/aws/aws-sdk-go-v2/aws"
-	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -78,10 +75,7 @@ func TestRepositoryPushAndFetch(t *testing.T) {
 	assert.Equal(t, "weights", string(b))
 
 	// A half-uploaded version 3 is skipped.
-	c := srv.Client()
-	ctx := context.Background()
-	_, err = c.PutObject(ctx, &s3.PutObjectInput{Bucket: aws.String("models"), Key: aws.String("repo/mlp/3/model.pt"), Body: strings.NewReader("partial")})
-	require.NoError(t, err)
+	srv.PutObject(t, "models", "repo/mlp/3/model.pt", "partial")
 	skip := t.TempDir()
 	out, err = runKiln(t, "fetch", "s3://models/repo/mlp", skip)
 	require.NoError(t, err, out)
@@ -89,8 +83,7 @@ func TestRepositoryPushAndFetch(t *testing.T) {
 	assert.NoDirExists(t, filepath.Join(skip, "3"))
 
 	// A corrupt object: exit status 4, nothing of it in DST.
-	_, err = c.PutObject(ctx, &s3.PutObjectInput{Bucket: aws.String("models"), Key: aws.String("repo/mlp/2/model.pt"), Body: strings.NewReader("TWO")})
-	require.NoError(t, err)
+	srv.PutObject(t, "models", "repo/mlp/2/model.pt", "TWO")
 	bad := t.TempDir()
 	_, err = runKiln(t, "fetch", "s3://models/repo/mlp", bad)
 	require.Error(t, err)

@@ -4,11 +4,8 @@ import (
 	"context"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 
-	"github.com/aws/aws-sdk-go-v2/aws"
-	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -67,9 +64,7 @@ func TestRegistryArtifactsOnS3(t *testing.T) {
 	assert.Contains(t, out, "sha256:"+v.Digest)
 
 	// A corrupt object: exit 4, nothing fetched.
-	_, err = srv.Client().PutObject(ctx, &s3.PutObjectInput{Bucket: aws.String("kiln"), Key: aws.String("shared/sha256/" + v.Digest),
-		Body: strings.NewReader("not the archive")})
-	require.NoError(t, err)
+	srv.PutObject(t, "kiln", "shared/sha256/"+v.Digest, "not the archive")
 	bad := filepath.Join(t.TempDir(), "bad")
 	out, err = runKiln(t, "fetch", "models:/iris@production", bad)
 	require.Error(t, err, out)

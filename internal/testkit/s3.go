@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -183,5 +184,16 @@ func (s *S3Server) CreateBucket(t testing.TB, name string) {
 	t.Helper()
 	if _, err := s.Client().CreateBucket(context.Background(), &s3.CreateBucketInput{Bucket: aws.String(name)}); err != nil {
 		t.Fatalf("testkit: create bucket %s: %v", name, err)
+	}
+}
+
+// PutObject writes body as the object key of bucket (a test's upload, or
+// a corrupt or half-written object planted on purpose), failing the test
+// on error.
+func (s *S3Server) PutObject(t testing.TB, bucket, key, body string) {
+	t.Helper()
+	in := &s3.PutObjectInput{Bucket: aws.String(bucket), Key: aws.String(key), Body: strings.NewReader(body)}
+	if _, err := s.Client().PutObject(context.Background(), in); err != nil {
+		t.Fatalf("testkit: put s3://%s/%s: %v", bucket, key, err)
 	}
 }

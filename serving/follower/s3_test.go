@@ -7,8 +7,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/aws/aws-sdk-go-v2/aws"
-	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -51,9 +49,7 @@ func TestFollowRegistryOnS3(t *testing.T) {
 	assert.Equal(t, int64(1), x.serving(t))
 	require.NoError(t, infer(x.mgr))
 
-	_, err = srv.Client().PutObject(ctx, &s3.PutObjectInput{Bucket: aws.String("kiln"), Key: aws.String("artifacts/sha256/" + digests[1]),
-		Body: strings.NewReader("KILNENC1 but not what was sealed")})
-	require.NoError(t, err)
+	srv.PutObject(t, "kiln", "artifacts/sha256/"+digests[1], "KILNENC1 but not what was sealed")
 	x.move(t, 1, 2)
 	err = x.f.Sync(ctx)
 	require.Error(t, err)
