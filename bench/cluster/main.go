@@ -53,11 +53,11 @@ const (
 )
 
 // replica is one `kiln serve` in its own network namespace.
+// replica is a `kiln serve` child process in a network namespace of its
+// own.
 type replica struct {
-	ns   *testkit.NetNS
-	cmd  *exec.Cmd
-	log  *bytes.Buffer
-	done chan error
+	*testkit.Process
+	ns *testkit.NetNS
 }
 
 func (r *replica) addr(port int) string {
@@ -69,46 +69,19 @@ func startReplica(kiln, repo string, threads int) (*replica, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &replica{ns: ns, log: new(bytes.Buffer), done: make(chan error, 1)}
-	r.cmd = ns.Command(context.Background(), kiln, "serve", "--model-repository", repo, "--host", "0.0.0.0",
+	r := &replica{ns: ns}
+	cmd := ns.Command(context.Background(), kiln, "serve", "--model-repository", repo, "--host", "0.0.0.0",
 		"--http-port", strconv.Itoa(httpPort), "--grpc-port", strconv.Itoa(grpcPort),
 		"--metrics-port", "-1", "--flight-port", "-1")
-	r.cmd.Env = append(os.Environ(), "KILN_NUM_THREADS="+strconv.Itoa(threads))
-	r.cmd.Stdout, r.cmd.Stderr = io.Discard, r.log
-	r.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := r.cmd.Start(); err != nil {
-		return nil, errors.Join(err, ns.Close())
+	cmd.Env = append(os.Environ(), "KILN_NUM_THREADS="+strconv.Itoa(threads))
+	if r.Process, err = testkit.StartProcess(cmd, "http://"+r.addr(httpPort)+"/v2/health/ready"); err != nil {
+		return nil, errors.Join(fmt.Errorf("replica: %w", err), ns.Close())
 	}
-	go func() { r.done <- r.cmd.Wait() }()
-	deadline := time.Now().Add(2 * time.Minute)
-	for {
-		resp, err := http.Get("http://" + r.addr(httpPort) + "/v2/health/ready")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return r, nil
-			}
-		}
-		select {
-		case err := <-r.done:
-			return nil, errors.Join(fmt.Errorf("replica exited (%v): %s", err, r.log), ns.Close())
-		case <-time.After(100 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			r.stop()
-			return nil, fmt.Errorf("replica not ready after 2 minutes: %s", r.log)
-		}
-	}
+	return r, nil
 }
 
 func (r *replica) stop() {
-	_ = r.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-r.done:
-	case <-time.After(30 * time.Second):
-		_ = r.cmd.Process.Kill()
-		<-r.done
-	}
+	r.Stop()
 	if err := r.ns.Close(); err != nil {
 		log.Print(err)
 	}

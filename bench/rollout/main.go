@@ -36,7 +36,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -71,11 +70,10 @@ func freePort() (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
+// server is a `kiln serve` child process on loopback.
 type server struct {
-	cmd        *exec.Cmd
+	*testkit.Process
 	grpc, http string
-	log        *bytes.Buffer
-	done       chan error
 }
 
 func startServer(kiln, repo, state string, threads int) (*server, error) {
@@ -87,43 +85,15 @@ func startServer(kiln, repo, state string, threads int) (*server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &server{grpc: fmt.Sprintf("127.0.0.1:%d", gp), http: fmt.Sprintf("http://127.0.0.1:%d", hp), log: new(bytes.Buffer), done: make(chan error, 1)}
-	s.cmd = exec.Command(kiln, "serve", "--model-repository", repo, "--host", "127.0.0.1",
+	s := &server{grpc: fmt.Sprintf("127.0.0.1:%d", gp), http: fmt.Sprintf("http://127.0.0.1:%d", hp)}
+	cmd := exec.Command(kiln, "serve", "--model-repository", repo, "--host", "127.0.0.1",
 		"--grpc-port", strconv.Itoa(gp), "--http-port", strconv.Itoa(hp), "--metrics-port", "-1", "--flight-port", "-1",
 		"--rollout-state", state)
-	s.cmd.Env = append(os.Environ(), "KILN_NUM_THREADS="+strconv.Itoa(threads))
-	s.cmd.Stdout, s.cmd.Stderr = io.Discard, s.log
-	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := s.cmd.Start(); err != nil {
+	cmd.Env = append(os.Environ(), "KILN_NUM_THREADS="+strconv.Itoa(threads))
+	if s.Process, err = testkit.StartProcess(cmd, s.http+"/v2/health/ready"); err != nil {
 		return nil, err
 	}
-	go func() { s.done <- s.cmd.Wait() }()
-	deadline := time.Now().Add(2 * time.Minute)
-	for time.Now().Before(deadline) {
-		if resp, err := http.Get(s.http + "/v2/health/ready"); err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return s, nil
-			}
-		}
-		select {
-		case err := <-s.done:
-			return nil, fmt.Errorf("kiln serve exited (%v): %s", err, s.log)
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
-	s.stop()
-	return nil, fmt.Errorf("kiln serve not ready after 2 minutes: %s", s.log)
-}
-
-func (s *server) stop() {
-	_ = s.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-s.done:
-	case <-time.After(30 * time.Second):
-		_ = s.cmd.Process.Kill()
-		<-s.done
-	}
+	return s, nil
 }
 
 // call posts to the rollout API and decodes the status.
@@ -186,7 +156,7 @@ func run(kiln string, clients, threads int, warm, dur time.Duration, sharesFlag 
 	if err != nil {
 		return err
 	}
-	defer srv.stop()
+	defer srv.Stop()
 	conn, err := grpc.NewClient(srv.grpc, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		return err
