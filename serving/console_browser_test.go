@@ -249,19 +249,11 @@ func TestConsoleInBrowser(t *testing.T) {
 	}
 	chromiumPath(t)
 	db := consoleRegistry(t)
-	ctx := context.Background()
 
 	cfg := testConfig(t.TempDir(), Config{})
 	cfg.HTTPPort, cfg.FlightPort, cfg.DataDir = 0, 0, t.TempDir()
 	cfg.Registry, cfg.RegistryPollInterval = db, 50*time.Millisecond
-	srv, err := New(cfg)
-	require.NoError(t, err)
-	require.NoError(t, srv.Start(ctx))
-	t.Cleanup(func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		assert.NoError(t, srv.Shutdown(sctx))
-	})
+	srv := serve(t, cfg)
 	runID := trainOverFlight(t, srv.FlightAddr().String())
 	base := "http://" + srv.HTTPAddr().String()
 
@@ -349,14 +341,7 @@ func TestConsoleInBrowser(t *testing.T) {
 	// Auth on: the pages ask for the token, then load with it.
 	acfg := testConfig(t.TempDir(), Config{Auth: auth.Config{Token: testToken}})
 	acfg.HTTPPort, acfg.Registry, acfg.RegistryPollInterval = 0, db, 50*time.Millisecond
-	asrv, err := New(acfg)
-	require.NoError(t, err)
-	require.NoError(t, asrv.Start(ctx))
-	t.Cleanup(func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		assert.NoError(t, asrv.Shutdown(sctx))
-	})
+	asrv := serve(t, acfg)
 	abase := "http://" + asrv.HTTPAddr().String()
 	b.open(t, abase+"/models", "token")
 	b.shot(t, "token")

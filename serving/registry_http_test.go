@@ -52,14 +52,7 @@ func TestRegistryOverHTTP(t *testing.T) {
 	root := t.TempDir()
 	cfg := testConfig(root, Config{Auth: auth.Config{Token: testToken}})
 	cfg.HTTPPort, cfg.Registry, cfg.RegistryPollInterval = 0, db, 20*time.Millisecond
-	srv, err := New(cfg)
-	require.NoError(t, err)
-	require.NoError(t, srv.Start(ctx))
-	t.Cleanup(func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		assert.NoError(t, srv.Shutdown(sctx))
-	})
+	srv := serve(t, cfg)
 	base := "http://" + srv.HTTPAddr().String()
 	authz := map[string]string{"Authorization": "Bearer " + testToken}
 	infer := func() string {

@@ -19,8 +19,6 @@ import (
 	"github.com/kilnml/kiln/serving/rollout"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 )
 
@@ -39,17 +37,8 @@ func startRolloutServer(t *testing.T) *rolloutServer {
 	cfg.HTTPPort, cfg.MetricsPort = 0, 0
 	cfg.RolloutState = t.TempDir()
 	cfg.IntraOpThreads = 1
-	srv, err := New(cfg)
-	require.NoError(t, err)
-	require.NoError(t, srv.Start(context.Background()))
-	conn, err := grpc.NewClient(srv.GRPCAddr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	require.NoError(t, err)
-	t.Cleanup(func() {
-		conn.Close()
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		assert.NoError(t, srv.Shutdown(ctx))
-	})
+	srv := serve(t, cfg)
+	conn := dial(t, srv)
 	return &rolloutServer{srv: srv, grpc: pb.NewGRPCInferenceServiceClient(conn), http: "http://" + srv.HTTPAddr().String()}
 }
 

@@ -12,8 +12,6 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/kilnml/kiln/internal/testkit"
 	pb "github.com/kilnml/kiln/serving/inferencepb"
@@ -35,17 +33,8 @@ func startS3(t *testing.T) (*testkit.S3Server, *Server, pb.GRPCInferenceServiceC
 	require.NoError(t, err)
 	cfg := testConfig("s3://models/repo", Config{ModelControl: ControlPoll, PollInterval: 200 * time.Millisecond})
 	cfg.RepositoryCache = t.TempDir()
-	srv, err := New(cfg)
-	require.NoError(t, err)
-	require.NoError(t, srv.Start(context.Background()))
-	conn, err := grpc.NewClient(srv.GRPCAddr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	require.NoError(t, err)
-	t.Cleanup(func() {
-		conn.Close()
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		assert.NoError(t, srv.Shutdown(ctx))
-	})
+	srv := serve(t, cfg)
+	conn := dial(t, srv)
 	return s3srv, srv, pb.NewGRPCInferenceServiceClient(conn)
 }
 

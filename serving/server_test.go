@@ -58,19 +58,34 @@ func testConfig(root string, opts Config) Config {
 
 func start(t *testing.T, opts Config) (*Server, pb.GRPCInferenceServiceClient, *grpc.ClientConn) {
 	t.Helper()
-	root := testkit.CopyFixture(t, "serving-repo")
-	srv, err := New(testConfig(root, opts))
+	srv := serve(t, testConfig(testkit.CopyFixture(t, "serving-repo"), opts))
+	conn := dial(t, srv)
+	return srv, pb.NewGRPCInferenceServiceClient(conn), conn
+}
+
+// serve starts a server with cfg; the test's cleanup shuts it down
+// (failing the test when that takes more than 30 s).
+func serve(t *testing.T, cfg Config) *Server {
+	t.Helper()
+	srv, err := New(cfg)
 	require.NoError(t, err)
 	require.NoError(t, srv.Start(context.Background()))
-	conn, err := grpc.NewClient(srv.GRPCAddr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	require.NoError(t, err)
 	t.Cleanup(func() {
-		conn.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		assert.NoError(t, srv.Shutdown(ctx))
 	})
-	return srv, pb.NewGRPCInferenceServiceClient(conn), conn
+	return srv
+}
+
+// dial connects to srv's gRPC port; the connection closes at cleanup,
+// before the server shuts down.
+func dial(t *testing.T, srv *Server) *grpc.ClientConn {
+	t.Helper()
+	conn, err := grpc.NewClient(srv.GRPCAddr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	require.NoError(t, err)
+	t.Cleanup(func() { conn.Close() })
+	return conn
 }
 
 func rawF32(vals ...float32) []byte {
