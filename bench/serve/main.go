@@ -283,11 +283,17 @@ type kilnChild struct {
 }
 
 func startKiln(repo, cpuProfile string, single bool) (*kilnChild, error) {
+	return startChild("-serve-child", "-out", filepath.Dir(repo), "-cpuprofile", cpuProfile, "-servers", map[bool]string{true: "single", false: "grpc"}[single])
+}
+
+// startChild starts this program again with args and reads the line the
+// child prints once it serves.
+func startChild(args ...string) (*kilnChild, error) {
 	exe, err := os.Executable()
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(exe, "-serve-child", "-out", filepath.Dir(repo), "-cpuprofile", cpuProfile, "-servers", map[bool]string{true: "single", false: "grpc"}[single])
+	cmd := exec.Command(exe, args...)
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -304,7 +310,7 @@ func startKiln(repo, cpuProfile string, single bool) (*kilnChild, error) {
 	if _, err := fmt.Fscan(stdout, &k.grpcAddr, &k.httpAddr, &k.threads, &k.instances); err != nil {
 		cmd.Process.Kill()
 		cmd.Wait()
-		return nil, fmt.Errorf("the Kiln server child did not start: %w", err)
+		return nil, fmt.Errorf("the server child %v did not start: %w", args, err)
 	}
 	return k, nil
 }
@@ -338,11 +344,15 @@ func main() {
 	installMLS := flag.Bool("install-mlserver", true, "create the -mlserver virtualenv (Debian python3 with its torch, pip -r bench/serve/requirements-mlserver.txt) when missing")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the Kiln runs to this file")
 	modelFlag := flag.String("models", "mlp,cnn", "comma-separated models to run (mlp, cnn)")
-	serverFlag := flag.String("servers", "grpc,stream,http,torchserve,mlserver", "comma-separated servers to run: grpc (Kiln ModelInfer), stream (Kiln ModelStreamInfer), http (Kiln REST), single (ModelInfer on the single port), torchserve, mlserver")
+	serverFlag := flag.String("servers", "grpc,stream,http,floor,torchserve,mlserver", "comma-separated servers to run: grpc (Kiln ModelInfer), stream (Kiln ModelStreamInfer), http (Kiln REST), single (ModelInfer on the single port), floor (ModelInfer and ModelStreamInfer on a grpc-go server that answers without a model), torchserve, mlserver")
 	nconns := flag.Int("conns", 1, "gRPC client connections the workers share (worker i uses connection i mod conns)")
 	child := flag.Bool("serve-child", false, "internal: run only Kiln's server over -out/repo (see serveChild)")
 	flag.Parse()
 	if *child {
+		if *serverFlag == "floor" {
+			serveFloor()
+			return
+		}
 		serveChild(filepath.Join(*out, "repo"), *cpuProfile, strings.Contains(*serverFlag, "single"))
 		return
 	}
@@ -404,6 +414,18 @@ func main() {
 	kiln, err := startKiln(filepath.Join(outAbs, "repo"), *cpuProfile, single)
 	must(err)
 	threads, instances := kiln.threads, kiln.instances
+	var floor *kilnChild
+	var floorConns []*grpc.ClientConn
+	if slices.Contains(servers, "floor") {
+		floor, err = startChild("-serve-child", "-servers", "floor")
+		must(err)
+		floorConns = make([]*grpc.ClientConn, *nconns)
+		for i := range floorConns {
+			floorConns[i], err = grpc.NewClient(floor.grpcAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+			must(err)
+		}
+		servers = append(servers, "floor-stream")
+	}
 	must(core.SetNumThreads(threads)) // the ceiling's forward, like the server's
 	conns := make([]*grpc.ClientConn, *nconns)
 	for i := range conns {
@@ -421,7 +443,8 @@ func main() {
 	httpc := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256, MaxConnsPerHost: 256}}
 	httpURL := "http://" + kiln.httpAddr
 	var modules []*core.Module
-	protos := map[string]string{"grpc": "kiln gRPC", "stream": "kiln gRPC stream", "http": "kiln HTTP", "single": "kiln gRPC single port"}
+	protos := map[string]string{"grpc": "kiln gRPC", "stream": "kiln gRPC stream", "http": "kiln HTTP", "single": "kiln gRPC single port",
+		"floor": "grpc-go floor", "floor-stream": "grpc-go floor stream"}
 	for _, m := range models {
 		mod, err := core.LoadModule(filepath.Join(*out, "repo", m.name, "1", "model.pt"))
 		must(err)
@@ -432,17 +455,25 @@ func main() {
 				if !ok {
 					continue
 				}
-				inf0, ex0 := statistics(statsClient, m.name)
+				isFloor := strings.HasPrefix(s, "floor")
+				var inf0, ex0 uint64
+				if !isFloor {
+					inf0, ex0 = statistics(statsClient, m.name)
+				}
 				var do func(int) error
 				var cleanup func()
+				serverCPU := kiln.cpu
 				switch s {
-				case "grpc", "stream", "single":
+				case "grpc", "stream", "single", "floor", "floor-stream":
 					reqs := inferRequests(m, c)
-					if s == "grpc" || s == "single" {
-						cs := conns
-						if s == "single" {
-							cs = singleConns
-						}
+					cs := conns
+					switch {
+					case s == "single":
+						cs = singleConns
+					case isFloor:
+						cs, serverCPU = floorConns, floor.cpu
+					}
+					if s == "grpc" || s == "single" || s == "floor" {
 						do = unaryDo(cs, reqs)
 						break
 					}
@@ -452,7 +483,7 @@ func main() {
 					cleanup = cancel
 					streams := make([]pb.GRPCInferenceService_ModelStreamInferClient, c)
 					for w := range c {
-						streams[w], err = pb.NewGRPCInferenceServiceClient(conns[w%len(conns)]).ModelStreamInfer(ctx)
+						streams[w], err = pb.NewGRPCInferenceServiceClient(cs[w%len(cs)]).ModelStreamInfer(ctx)
 						must(err)
 					}
 					do = func(w int) error {
@@ -486,17 +517,19 @@ func main() {
 						return httpDo(httpc, req)
 					}
 				}
-				r := load(c, warm, *dur, kiln.cpu, do)
+				r := load(c, warm, *dur, serverCPU, do)
 				if cleanup != nil {
 					cleanup()
 				}
-				inf1, ex1 := statistics(statsClient, m.name)
-				if ex := ex1 - ex0; ex > 0 {
-					r.meanBatch = float64(inf1-inf0) / float64(ex)
+				if !isFloor {
+					inf1, ex1 := statistics(statsClient, m.name)
+					if ex := ex1 - ex0; ex > 0 {
+						r.meanBatch = float64(inf1-inf0) / float64(ex)
+					}
 				}
 				results[key{m.name, proto, c}] = r
 				fmt.Fprintf(os.Stderr, "%s c=%d %s: %.0f req/s, mean batch %.1f, server %.0f µs CPU/req, client %.0f, %d errors\n", m.name, c, proto, r.RPS(), r.meanBatch, r.serverPerReq(), r.cpuPerReq(), r.Errors)
-				if _, done := ceilings[key{m.name, "", c}]; !done {
+				if _, done := ceilings[key{m.name, "", c}]; !done && !isFloor {
 					// The ceiling right after the first Kiln run of this
 					// cell, at the batch size the server formed, the server
 					// idle.
@@ -507,10 +540,13 @@ func main() {
 			}
 		}
 	}
-	for _, c := range append(conns, singleConns...) {
+	for _, c := range slices.Concat(conns, singleConns, floorConns) {
 		if c != nil {
 			c.Close()
 		}
+	}
+	if floor != nil {
+		must(floor.stop())
 	}
 	for _, m := range modules {
 		m.Close()
@@ -562,7 +598,7 @@ func main() {
 			ceil, haveCeil := ceilings[key{m.name, "", c}]
 			ts, haveTS := results[key{m.name, "TorchServe", c}]
 			mls, haveMLS := results[key{m.name, "MLServer", c}]
-			for _, server := range []string{"kiln gRPC", "kiln gRPC single port", "kiln gRPC stream", "kiln HTTP", "TorchServe", "MLServer"} {
+			for _, server := range []string{"kiln gRPC", "kiln gRPC single port", "kiln gRPC stream", "kiln HTTP", "grpc-go floor", "grpc-go floor stream", "TorchServe", "MLServer"} {
 				r, ok := results[key{m.name, server, c}]
 				if !ok {
 					continue
@@ -573,14 +609,14 @@ func main() {
 				}
 				if haveCeil && ceil.rows > 0 {
 					ofCeil = fmt.Sprintf("%.0f%%", 100*r.RPS()/ceil.rows)
-					if !isPeer(server) {
+					if !isPeer(server) && !strings.HasPrefix(server, "grpc-go") {
 						over = fmt.Sprintf("%.0f", r.serverPerReq()-ceil.cpuPerRow)
 					}
 				}
-				if haveTS && ts.RPS() > 0 && !isPeer(server) {
+				if haveTS && ts.RPS() > 0 && !isPeer(server) && !strings.HasPrefix(server, "grpc-go") {
 					vsTS = fmt.Sprintf("%.1f×", r.RPS()/ts.RPS())
 				}
-				if haveMLS && mls.RPS() > 0 && !isPeer(server) {
+				if haveMLS && mls.RPS() > 0 && !isPeer(server) && !strings.HasPrefix(server, "grpc-go") {
 					vsMLS = fmt.Sprintf("%.1f×", r.RPS()/mls.RPS())
 				}
 				errs := strconv.Itoa(r.Errors)
@@ -611,6 +647,7 @@ func main() {
 	fmt.Printf("ceiling: raw core.Module.Forward, no server and no load generator, with the server's resources (%d goroutines × %d intra-op threads), at the batch size Kiln's first run of that cell formed (rounded), right after it; req/s = rows/s; server CPU µs/req = the process's CPU time per row forwarded.\n",
 		instances, threads)
 	fmt.Printf("server CPU µs/req: the server processes' CPU time (user+system) per answered request (Kiln: its child process; TorchServe: its JVM and Python workers; MLServer: its main process and parallel workers); overhead = server CPU less the ceiling's forward CPU per row; client CPU µs/req: the load generator's (this process).\n")
+	fmt.Printf("grpc-go floor: a plain grpc.NewServer (default options, no interceptors) in its own child process whose ModelInfer and ModelStreamInfer answer every request with a prebuilt 10-float response and run no model: what grpc-go and protobuf alone cost per request, the part of Kiln's overhead that no serving code on top of grpc-go can remove.\n")
 	fmt.Printf("mlp: 784-512-256-10 MLP; cnn: 3x32x32 conv16-pool-conv32-pool-fc128-fc10.\n")
 	fmt.Println("TorchServe:", tsNote)
 	fmt.Println("MLServer:", mlsNote)
