@@ -262,6 +262,21 @@ func (m *Module) SetTraining(train bool) error {
 	return m.use(func(h native.Module) error { return h.SetTrain(train) })
 }
 
+// OptimizeForInference replaces a CPU module by its frozen,
+// inference-optimized form, what PyTorch's
+// torch.jit.optimize_for_inference(torch.jit.freeze(m.eval())) returns:
+// parameters become constants, convolutions run on oneDNN with weights
+// reordered once (batch norms folded into them), linear layers keep
+// pre-transposed weights. Forward's inputs and outputs are unchanged;
+// values may differ from the original module's by float rounding. The
+// module is then for inference only: it stays in eval mode and cannot be
+// trained, moved to another device or saved as the original. On error (a
+// module on a CUDA device: InvalidArgument; one freezing refuses) it is
+// left as it was.
+func (m *Module) OptimizeForInference() error {
+	return m.use(func(h native.Module) error { return h.OptimizeForInference() })
+}
+
 // Close releases the module. Closing twice is a no-op.
 func (m *Module) Close() error {
 	if m == nil {

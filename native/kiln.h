@@ -165,6 +165,18 @@ kiln_error kiln_module_save(kiln_module* m, const char* path);
 /* Switches training mode (train != 0) or eval mode (train == 0). */
 kiln_error kiln_module_set_train(kiln_module* m, int train);
 
+/* Replaces a CPU module by its frozen, inference-optimized form, as
+ * torch.jit.optimize_for_inference(torch.jit.freeze(m.eval())) does:
+ * parameters and attributes become constants, convolutions run on oneDNN
+ * with weights reordered once (and batch norms are folded into them),
+ * linear layers keep pre-transposed weights. Only forward is kept, the
+ * module is in eval mode, and it can no longer be trained or saved as the
+ * original. Outputs may differ from the original's by float rounding
+ * (oneDNN's kernels against im2col + BLAS). On error (a CUDA module:
+ * INVALID_ARGUMENT; a module freezing or an optimization pass refuses)
+ * the module is left as it was. */
+kiln_error kiln_module_optimize_for_inference(kiln_module* m);
+
 /* Runs forward with n input tensors under inference mode (no autograd
  * graph). The result may be a tensor, or a tuple/list of tensors (nested
  * ones flattened in order). On success *outs is a malloc'd array of *nouts

@@ -105,6 +105,21 @@ kiln_error kiln_module_set_train(kiln_module* m, int train) {
   KILN_GUARD_END
 }
 
+kiln_error kiln_module_optimize_for_inference(kiln_module* m) {
+  KILN_CHECK_ARG(m != nullptr, "module is NULL");
+  KILN_GUARD_BEGIN
+  if (m->device.is_cuda()) {
+    return kiln::make_error(KILN_ERROR_INVALID_ARGUMENT,
+                            "optimize_for_inference: the module is on " + m->device.str() + ", not the CPU");
+  }
+  // Freezing clones the module: m->m is only replaced once every pass ran.
+  torch::jit::Module eval = m->m.clone();
+  eval.eval();
+  torch::jit::Module frozen = torch::jit::freeze(eval);
+  m->m = torch::jit::optimize_for_inference(frozen);
+  KILN_GUARD_END
+}
+
 kiln_error kiln_module_forward(kiln_module* m, kiln_tensor* const* inputs, int n,
                                kiln_tensor*** outs, int* nouts) {
   KILN_CHECK_ARG(m != nullptr && outs != nullptr && nouts != nullptr, "NULL argument");

@@ -274,6 +274,13 @@ func (m Module) SetTrain(train bool) error {
 	return takeErr(C.kiln_module_set_train(m.p, C.int(t)))
 }
 
+// OptimizeForInference replaces a CPU module by its frozen,
+// inference-optimized form (kiln_module_optimize_for_inference); on error
+// the module is unchanged.
+func (m Module) OptimizeForInference() error {
+	return takeErr(C.kiln_module_optimize_for_inference(m.p))
+}
+
 // Forward runs the module under inference mode. Each returned tensor is a
 // new handle the caller must Free.
 func (m Module) Forward(inputs []Tensor) ([]Tensor, error) {

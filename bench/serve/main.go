@@ -448,6 +448,7 @@ func main() {
 	for _, m := range models {
 		mod, err := core.LoadModule(filepath.Join(*out, "repo", m.name, "1", "model.pt"))
 		must(err)
+		must(mod.OptimizeForInference()) // what the server runs (optimize_for_inference, its default)
 		modules = append(modules, mod)
 		for _, c := range concs {
 			for _, s := range servers {
@@ -644,7 +645,8 @@ func main() {
 		*dur, runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, *nconns)
 	fmt.Printf("Kiln: libtorch %s, %d instances × %d intra-op (and OpenBLAS) threads, dynamic batching max_batch_size 64, max_queue_delay_us 100.\n",
 		core.TorchVersion(), instances, threads)
-	fmt.Printf("ceiling: raw core.Module.Forward, no server and no load generator, with the server's resources (%d goroutines × %d intra-op threads), at the batch size Kiln's first run of that cell formed (rounded), right after it; req/s = rows/s; server CPU µs/req = the process's CPU time per row forwarded.\n",
+	fmt.Printf("Kiln serves each model frozen and optimized for inference (config optimize_for_inference, on by default: torch.jit.optimize_for_inference(torch.jit.freeze(m)), oneDNN convolutions with weights reordered once); TorchServe and MLServer run the TorchScript files as they are, as their handlers do.\n")
+	fmt.Printf("ceiling: raw core.Module.Forward of the optimized module, no server and no load generator, with the server's resources (%d goroutines × %d intra-op threads), at the batch size Kiln's first run of that cell formed (rounded), right after it; req/s = rows/s; server CPU µs/req = the process's CPU time per row forwarded.\n",
 		instances, threads)
 	fmt.Printf("server CPU µs/req: the server processes' CPU time (user+system) per answered request (Kiln: its child process; TorchServe: its JVM and Python workers; MLServer: its main process and parallel workers); overhead = server CPU less the ceiling's forward CPU per row; client CPU µs/req: the load generator's (this process).\n")
 	fmt.Printf("grpc-go floor: a plain grpc.NewServer (default options, no interceptors) in its own child process whose ModelInfer and ModelStreamInfer answer every request with a prebuilt 10-float response and run no model: what grpc-go and protobuf alone cost per request, the part of Kiln's overhead that no serving code on top of grpc-go can remove.\n")

@@ -602,6 +602,12 @@ func (m *Manager) loadVersion(rm *repository.Model, v int64, ident string) (*Ver
 			mod.Close()
 			return nil, err
 		}
+	} else if cfg.OptimizeForInferenceEnabled() {
+		// Frozen and optimized once, before warmup; a model the passes
+		// refuse is served as it is.
+		if err := mod.OptimizeForInference(); err != nil {
+			m.log.Warn("serving the model without optimize_for_inference", "model", rm.Name, "version", v, "error", err)
+		}
 	}
 	wantArgs := len(cfg.Inputs)
 	if cfg.Columns {

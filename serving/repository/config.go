@@ -70,6 +70,7 @@ type configFile struct {
 	// DefaultModelFilename is Triton's model_file.
 	DefaultModelFilename string `json:"default_model_filename" yaml:"default_model_filename"`
 	Warmup               *bool  `json:"warmup" yaml:"warmup"`
+	OptimizeForInference *bool  `json:"optimize_for_inference" yaml:"optimize_for_inference"`
 	Columns              bool   `json:"columns" yaml:"columns"`
 	// Rollout is Kiln's rollout policy of the model (see Config.Rollout).
 	Rollout rawBlock `json:"rollout" yaml:"rollout"`
@@ -303,7 +304,8 @@ func oneOf[T comparable](kilnKey string, kiln T, tritonKey string, triton T) (T,
 // config merges the two spellings into a Config (not yet validated).
 func (f *configFile) config() (*Config, error) {
 	c := &Config{Name: f.Name, MaxBatchSize: f.MaxBatchSize, InstanceCount: f.InstanceCount, Warmup: f.Warmup, Device: f.Device, Columns: f.Columns,
-		Rollout: []byte(f.Rollout)}
+		OptimizeForInference: f.OptimizeForInference,
+		Rollout:              []byte(f.Rollout)}
 	var err error
 	if c.Platform, err = platformOf(f.Platform, f.Backend); err != nil {
 		return nil, err

@@ -166,6 +166,16 @@ type Config struct {
 	// Warmup, when true (the default), runs one forward pass on zeros before
 	// a version takes traffic, and checks its outputs against Outputs.
 	Warmup *bool `json:"warmup,omitempty" yaml:"warmup,omitempty"`
+	// OptimizeForInference, when true (the default), serves each CPU
+	// version frozen and optimized for inference, as PyTorch's
+	// torch.jit.optimize_for_inference(torch.jit.freeze(model)) does
+	// (core.Module.OptimizeForInference): convolutions on oneDNN with
+	// weights reordered once, batch norms folded, parameters constant.
+	// Answers may then differ from the file's own forward by float
+	// rounding; false serves the file as it is. A model the passes refuse
+	// is served as it is, with a warning in the log. CUDA models are
+	// never optimized.
+	OptimizeForInference *bool `json:"optimize_for_inference,omitempty" yaml:"optimize_for_inference,omitempty"`
 	// Rollout is the model's rollout policy as written in its config's
 	// "rollout" block (YAML or JSON text; package serving/rollout reads it:
 	// steps, window, thresholds, shadow share, sticky key), nil when the
@@ -187,6 +197,12 @@ func (c *Config) Instances() int { return max(c.InstanceCount, 1) }
 
 // WarmupEnabled reports whether versions are warmed up before serving.
 func (c *Config) WarmupEnabled() bool { return c.Warmup == nil || *c.Warmup }
+
+// OptimizeForInferenceEnabled reports whether CPU versions are served
+// frozen and optimized for inference (OptimizeForInference, default true).
+func (c *Config) OptimizeForInferenceEnabled() bool {
+	return c.OptimizeForInference == nil || *c.OptimizeForInference
+}
 
 // Model is a model's directory in a repository, read and validated.
 type Model struct {

@@ -46,18 +46,20 @@ func TestParseConfigYAML(t *testing.T) {
 	assert.Equal(t, 2, c.Instances())
 	assert.Equal(t, 2, c.VersionPolicy.Latest)
 	assert.True(t, c.WarmupEnabled())
+	assert.True(t, c.OptimizeForInferenceEnabled(), "on by default")
 }
 
 func TestParseConfigJSON(t *testing.T) {
 	c, err := ParseConfig([]byte(`{"name":"ids","max_batch_size":0,
 		"inputs":[{"name":"ids","datatype":"INT64","dims":[2,3]}],
 		"outputs":[{"name":"emb","datatype":"FP32","dims":[2,3,3]}],
-		"version_policy":{"specific":[1,3]}, "warmup": false}`), true)
+		"version_policy":{"specific":[1,3]}, "warmup": false, "optimize_for_inference": false}`), true)
 	require.NoError(t, err)
 	assert.Equal(t, Int64, c.Inputs[0].DataType)
 	assert.Equal(t, []int64{1, 3}, c.VersionPolicy.Specific)
 	assert.Equal(t, 1, c.Instances())
 	assert.False(t, c.WarmupEnabled())
+	assert.False(t, c.OptimizeForInferenceEnabled())
 	assert.Nil(t, c.DynamicBatching)
 }
 
