@@ -3,7 +3,8 @@
 // MLP and a small CNN, over gRPC (ModelInfer, and ModelStreamInfer with one
 // stream per worker) and HTTP, next to
 //
-//   - the ceiling: raw core.Module.Forward, no server and no load
+//   - the ceiling: raw core.Module.Forward of the module optimized as the
+//     server optimizes it (OptimizeForInference), no server and no load
 //     generator, at the batch size the server's dynamic batcher formed on
 //     average in that cell, on as many goroutines as the model has
 //     instances, with the same intra-op threads, on the same CPUs;
@@ -17,6 +18,11 @@
 //     (max_batch_size 64, max_batch_time 1 ms), 2 parallel workers of 1
 //     thread, loaded over unary gRPC with the same ModelInfer messages as
 //     Kiln's gRPC rows.
+//   - the grpc-go floor (-servers floor, serveFloor): a plain grpc-go
+//     server in its own child process that answers ModelInfer and
+//     ModelStreamInfer with a prebuilt response and runs no model, so
+//     that the table shows what grpc-go and protobuf alone cost per
+//     request; Kiln's overhead cannot go under it.
 //
 // The load generator runs in this process; Kiln's server runs in a child
 // process (this program again, with -serve-child: serving.New on loopback
@@ -32,7 +38,7 @@
 // ceiling row's figure). One run, one table.
 //
 //	go run ./bench/serve [-duration 5s] [-concurrency 1,8,64] [-models mlp,cnn]
-//	    [-servers grpc,stream,http,single,torchserve,mlserver] [-conns 1] [-torchserve DIR] [-mlserver DIR] [-cpuprofile FILE]
+//	    [-servers grpc,stream,http,single,floor,torchserve,mlserver] [-conns 1] [-torchserve DIR] [-mlserver DIR] [-cpuprofile FILE]
 //
 // "single" is ModelInfer over the HTTP port with serving.Config.SinglePort
 // (gRPC through net/http's HTTP/2 server and grpc-go's ServeHTTP) next to
@@ -610,14 +616,14 @@ func main() {
 				}
 				if haveCeil && ceil.rows > 0 {
 					ofCeil = fmt.Sprintf("%.0f%%", 100*r.RPS()/ceil.rows)
-					if !isPeer(server) && !strings.HasPrefix(server, "grpc-go") {
+					if isKiln(server) {
 						over = fmt.Sprintf("%.0f", r.serverPerReq()-ceil.cpuPerRow)
 					}
 				}
-				if haveTS && ts.RPS() > 0 && !isPeer(server) && !strings.HasPrefix(server, "grpc-go") {
+				if haveTS && ts.RPS() > 0 && isKiln(server) {
 					vsTS = fmt.Sprintf("%.1f×", r.RPS()/ts.RPS())
 				}
-				if haveMLS && mls.RPS() > 0 && !isPeer(server) && !strings.HasPrefix(server, "grpc-go") {
+				if haveMLS && mls.RPS() > 0 && isKiln(server) {
 					vsMLS = fmt.Sprintf("%.1f×", r.RPS()/mls.RPS())
 				}
 				errs := strconv.Itoa(r.Errors)
@@ -657,6 +663,9 @@ func main() {
 
 // isPeer tells a peer's row (TorchServe, MLServer) from Kiln's.
 func isPeer(server string) bool { return server == "TorchServe" || server == "MLServer" }
+
+// isKiln tells Kiln's rows from the peers' and the grpc-go floor's.
+func isKiln(server string) bool { return !isPeer(server) && !strings.HasPrefix(server, "grpc-go") }
 
 // torchServeVersion is the PyPI release of torchserve and
 // torch-model-archiver the benchmark installs.
