@@ -478,31 +478,22 @@ class Model:
             fast = self._fast.get(key)
         except (AttributeError, TypeError):  # not arrays; unhashable
             key = fast = None
-        if fast is not None and h is not None:
+        # Several inputs or outputs: their addresses in one array. (A
+        # single-input, single-output signature got here only because its
+        # array is not a C-contiguous, aligned ndarray: the general path.)
+        if (fast is not None and h is not None and not fast.single
+                and all(type(x) is np.ndarray and x.flags.c_contiguous and x.flags.aligned for x in inputs)):
             results = [np.empty(shape, dtype) for shape, dtype in fast.outs]
+            addrs = np.array([_addr(a) for a in (*inputs, *results)], dtype=np.uint64)
             try:
-                if fast.single:
-                    x, y = inputs[0], results[0]
-                    flags = x.flags
-                    if type(x) is np.ndarray and flags.c_contiguous and flags.aligned:
-                        xa = _addressof(_byte.from_buffer(x)) if flags.writeable and x.nbytes else x.ctypes.data
-                        ya = _addressof(_byte.from_buffer(y)) if y.nbytes else y.ctypes.data
-                        rc = _go.bindings_Model_PredictInto(h.handle, fast.addr, xa, ya)
-                    else:
-                        rc = -1
-                elif all(type(x) is np.ndarray and x.flags.c_contiguous and x.flags.aligned for x in inputs):
-                    addrs = np.array([_addr(a) for a in (*inputs, *results)], dtype=np.uint64)
-                    rc = _go.bindings_Model_PredictInto(h.handle, fast.addr, addrs.ctypes.data, 0)
-                else:
-                    rc = -1
+                rc = _predict_into(h.handle, fast.addr, addrs.ctypes.data, 0)
             except RuntimeError as e:
                 raise translate(e, InferenceError) from None
             if rc == _DONE:
                 return results[0] if len(results) == 1 else tuple(results)
-            if rc != -1:
-                # The outputs differ from last time (or alias an input
-                # now): relearn from the general path.
-                self._fast.pop(key, None)
+            # The outputs differ from last time (or alias an input now):
+            # relearn from the general path.
+            self._fast.pop(key, None)
         return self._predict_general(inputs, key)
 
     __call__ = predict
