@@ -280,21 +280,22 @@ func serveChild(repo, cpuProfile string, single bool) {
 	must(srv.Shutdown(context.Background()))
 }
 
-// kilnChild is a running -serve-child process.
-type kilnChild struct {
+// serverChild is a running -serve-child process: Kiln's server or the
+// grpc-go floor.
+type serverChild struct {
 	cmd                *exec.Cmd
 	stdin              io.WriteCloser
 	grpcAddr, httpAddr string
 	threads, instances int
 }
 
-func startKiln(repo, cpuProfile string, single bool) (*kilnChild, error) {
+func startKiln(repo, cpuProfile string, single bool) (*serverChild, error) {
 	return startChild("-serve-child", "-out", filepath.Dir(repo), "-cpuprofile", cpuProfile, "-servers", map[bool]string{true: "single", false: "grpc"}[single])
 }
 
 // startChild starts this program again with args and reads the line the
 // child prints once it serves.
-func startChild(args ...string) (*kilnChild, error) {
+func startChild(args ...string) (*serverChild, error) {
 	exe, err := os.Executable()
 	if err != nil {
 		return nil, err
@@ -312,7 +313,7 @@ func startChild(args ...string) (*kilnChild, error) {
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
-	k := &kilnChild{cmd: cmd, stdin: stdin}
+	k := &serverChild{cmd: cmd, stdin: stdin}
 	if _, err := fmt.Fscan(stdout, &k.grpcAddr, &k.httpAddr, &k.threads, &k.instances); err != nil {
 		cmd.Process.Kill()
 		cmd.Wait()
@@ -321,9 +322,9 @@ func startChild(args ...string) (*kilnChild, error) {
 	return k, nil
 }
 
-func (k *kilnChild) cpu() time.Duration { return pidCPU(k.cmd.Process.Pid) }
+func (k *serverChild) cpu() time.Duration { return pidCPU(k.cmd.Process.Pid) }
 
-func (k *kilnChild) stop() error {
+func (k *serverChild) stop() error {
 	k.stdin.Close()
 	return k.cmd.Wait()
 }
@@ -420,7 +421,7 @@ func main() {
 	kiln, err := startKiln(filepath.Join(outAbs, "repo"), *cpuProfile, single)
 	must(err)
 	threads, instances := kiln.threads, kiln.instances
-	var floor *kilnChild
+	var floor *serverChild
 	var floorConns []*grpc.ClientConn
 	if slices.Contains(servers, "floor") {
 		floor, err = startChild("-serve-child", "-servers", "floor")
